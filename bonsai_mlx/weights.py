@@ -1,0 +1,269 @@
+"""Reading and writing model files: safetensors (single or sharded), JSON, Hub download.
+
+Only safetensors and JSON are ever read from a model folder: never pickle, never remote
+code. Every model module loads its tensors through here, so file errors read the same
+everywhere: they name the file and say what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import mlx.core as mx
+
+from bonsai_mlx.errors import BonsaiError
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+_MAX_HEADER = 100 * 1024 * 1024
+_SAFETENSORS_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
+def parse_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
+    """`"bfloat16" | "float16" | "float32"` (or an `mx.Dtype`) -> `mx.Dtype`."""
+    if isinstance(dtype, mx.Dtype):
+        if dtype not in DTYPES.values():
+            raise BonsaiError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
+        return dtype
+    try:
+        return DTYPES[str(dtype)]
+    except KeyError:
+        raise BonsaiError(
+            f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}"
+        ) from None
+
+
+def read_json(path: str | Path) -> dict:
+    """Read a JSON object, with errors that name the file."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise BonsaiError(f"{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BonsaiError(f"{path} is not valid JSON ({e}); re-download or fix the file") from e
+    if not isinstance(data, dict):
+        raise BonsaiError(f"{path} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def write_json(path: str | Path, data: Mapping) -> None:
+    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    _atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode() + b"\n"))
+
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """The header of a safetensors file, checked against the file's size.
+
+    Raises BonsaiError for a file that is not safetensors or is truncated, before MLX
+    ever sees it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BonsaiError(f"{path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise BonsaiError(f"{path} is not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise BonsaiError(
+                f"{path} is not a safetensors file or is truncated (header length {n}, "
+                f"file {size} bytes); re-download or re-convert it"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BonsaiError(f"{path} is not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise BonsaiError(f"{path} is not a safetensors file (header is not an object)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, stop = info["data_offsets"]
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            nbytes = count * _SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 0)
+        except (KeyError, TypeError, ValueError):
+            raise BonsaiError(f"{path}: malformed entry for tensor {name!r}") from None
+        if info["dtype"] in _SAFETENSORS_DTYPE_BYTES and stop - start != nbytes:
+            raise BonsaiError(f"{path}: tensor {name!r} has inconsistent byte offsets")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise BonsaiError(
+            f"{path} is truncated ({size} bytes, needs {8 + n + end}); "
+            "re-download or re-convert it"
+        )
+    return header
+
+
+def load_safetensors(path: str | Path) -> dict[str, mx.array]:
+    """All tensors of one safetensors file as MLX arrays (checked first)."""
+    read_safetensors_header(path)
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # MLX's own message lacks the file's name
+        raise BonsaiError(f"could not read {path}: {e}") from e
+
+
+def safetensors_files(folder: str | Path, stem: str | None = None) -> list[Path]:
+    """The weight files of one component folder.
+
+    Looks for `<stem>.safetensors.index.json` (sharded) or `<stem>.safetensors`; with no
+    stem, any single index or any `*.safetensors`. Sorted, so loading is deterministic.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BonsaiError(f"{folder} is not a folder")
+    indexes = (
+        [folder / f"{stem}.safetensors.index.json"]
+        if stem
+        else sorted(folder.glob("*.safetensors.index.json"))
+    )
+    indexes = [p for p in indexes if p.is_file()]
+    if len(indexes) > 1:
+        raise BonsaiError(f"{folder} has several shard indexes: {[p.name for p in indexes]}")
+    if indexes:
+        index = read_json(indexes[0])
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise BonsaiError(f"{indexes[0]} has no 'weight_map'")
+        files = sorted({folder / name for name in weight_map.values()})
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise BonsaiError(
+                f"{folder} is missing shards listed in {indexes[0].name}: {missing}; "
+                "the download is incomplete"
+            )
+        return files
+    files = [folder / f"{stem}.safetensors"] if stem else sorted(folder.glob("*.safetensors"))
+    files = [p for p in files if p.is_file()]
+    if not files:
+        what = f"{stem}.safetensors" if stem else "*.safetensors"
+        raise BonsaiError(f"no {what} in {folder}; is this the right folder?")
+    return files
+
+
+def load_weights(folder_or_file: str | Path, stem: str | None = None) -> dict[str, mx.array]:
+    """Tensors of a component: a folder (single file or shards) or one .safetensors file."""
+    p = Path(folder_or_file)
+    files = [p] if p.is_file() else safetensors_files(p, stem)
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        for k, v in load_safetensors(f).items():
+            if k in weights:
+                raise BonsaiError(f"tensor {k!r} appears in more than one shard ({f})")
+            weights[k] = v
+    return weights
+
+
+def check_weights(
+    weights: Mapping[str, mx.array],
+    expected: Mapping[str, tuple[int, ...]],
+    source: str | Path,
+) -> None:
+    """Raise one BonsaiError listing every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    misshaped = [
+        f"{k}: file {tuple(weights[k].shape)}, model {tuple(expected[k])}"
+        for k in sorted(set(weights) & set(expected))
+        if tuple(weights[k].shape) != tuple(expected[k])
+    ]
+    if not (missing or unexpected or misshaped):
+        return
+    lines = [f"{source} does not match the model:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("wrong shape", misshaped)):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
+    raise BonsaiError("\n".join(lines))
+
+
+def save_safetensors(
+    path: str | Path, weights: Mapping[str, mx.array], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write a safetensors file atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        mx.save_safetensors(tmp, dict(weights), metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_model_path(
+    path_or_repo_id: str | Path,
+    *,
+    revision: str | None = None,
+    allow_patterns: Iterable[str] | None = None,
+) -> Path:
+    """A local folder as is, or a Hugging Face repo id downloaded to (or found in) the cache.
+
+    Respects HF_HUB_OFFLINE and the local cache; offline and not cached is a clear error.
+    """
+    p = Path(path_or_repo_id).expanduser()
+    if p.exists():
+        return p
+    name = str(path_or_repo_id)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise BonsaiError(
+            f"{name} is neither an existing folder nor a Hugging Face repo id "
+            "(owner/name); check the path"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(
+            snapshot_download(
+                name, revision=revision,
+                allow_patterns=list(allow_patterns) if allow_patterns else None,
+            )
+        )
+    except LocalEntryNotFoundError as e:
+        raise BonsaiError(
+            f"{name} is not in the local Hugging Face cache and cannot be downloaded "
+            f"(offline or HF_HUB_OFFLINE=1); connect and run `bonsai-mlx download {name}`"
+        ) from e
+    except GatedRepoError as e:
+        raise BonsaiError(
+            f"{name} is gated: accept its licence on huggingface.co and log in "
+            "(`hf auth login`)"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise BonsaiError(f"no Hugging Face repo named {name}; check the id") from e

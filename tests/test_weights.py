@@ -1,0 +1,93 @@
+import json
+import struct
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.weights import (
+    check_weights,
+    load_weights,
+    parse_dtype,
+    read_json,
+    resolve_model_path,
+    save_safetensors,
+)
+
+
+def test_sharded_folder_loads_every_shard(tmp_path):
+    a = {"x.weight": mx.arange(6, dtype=mx.float32).reshape(2, 3)}
+    b = {"y.weight": mx.ones((4,), dtype=mx.bfloat16)}
+    save_safetensors(tmp_path / "m-00001-of-00002.safetensors", a)
+    save_safetensors(tmp_path / "m-00002-of-00002.safetensors", b)
+    index = {"weight_map": {"x.weight": "m-00001-of-00002.safetensors",
+                            "y.weight": "m-00002-of-00002.safetensors"}}
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps(index))
+    w = load_weights(tmp_path)
+    assert sorted(w) == ["x.weight", "y.weight"]
+    assert w["y.weight"].dtype == mx.bfloat16
+    np.testing.assert_array_equal(np.array(w["x.weight"]), np.arange(6).reshape(2, 3))
+
+
+def test_missing_shard_is_named(tmp_path):
+    index = {"weight_map": {"x": "gone.safetensors"}}
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(BonsaiError, match="gone.safetensors"):
+        load_weights(tmp_path)
+
+
+def test_truncated_file_gives_clear_error(tmp_path):
+    f = tmp_path / "w.safetensors"
+    save_safetensors(f, {"w": mx.ones((64, 64))})
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(BonsaiError, match="truncated"):
+        load_weights(f)
+
+
+def test_non_safetensors_file_gives_clear_error(tmp_path):
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(struct.pack("<Q", 10**12) + b"garbage")
+    with pytest.raises(BonsaiError, match="not a safetensors file"):
+        load_weights(f)
+    f.write_bytes(b"abc")
+    with pytest.raises(BonsaiError, match="not a safetensors file"):
+        load_weights(f)
+
+
+def test_check_weights_lists_every_problem():
+    w = {"a": mx.zeros((2, 2)), "b": mx.zeros((3,)), "extra": mx.zeros((1,))}
+    with pytest.raises(BonsaiError) as e:
+        check_weights(w, {"a": (2, 2), "b": (4,), "c": (1,)}, "model.safetensors")
+    msg = str(e.value)
+    assert "missing (1): c" in msg and "unexpected (1): extra" in msg and "b: file (3,)" in msg
+    check_weights(w, {"a": (2, 2), "b": (3,), "extra": (1,)}, "ok")  # no error
+
+
+def test_bad_json_names_the_file(tmp_path):
+    f = tmp_path / "config.json"
+    f.write_text("{nope")
+    with pytest.raises(BonsaiError, match="config.json"):
+        read_json(f)
+
+
+def test_parse_dtype():
+    assert parse_dtype("float32") == mx.float32
+    with pytest.raises(BonsaiError, match="float64"):
+        parse_dtype("float64")
+
+
+def test_offline_uncached_repo_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BonsaiError, match="not in the local Hugging Face cache"):
+        resolve_model_path("someone/not-cached-model")
+
+
+def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
+    save_safetensors(tmp_path / "a.safetensors", {"w": mx.ones((2,))})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
