@@ -1,6 +1,10 @@
-import bonsai_mlx  # noqa: F401  (first: preloads OpenBLAS before mlx.core on Linux)
-import pytest
+# conftest is imported before any test module; importing bonsai_mlx here preloads OpenBLAS
+# before anything imports mlx.core (see bonsai_mlx/_blas.py).
 from pathlib import Path
+
+import pytest
+
+import bonsai_mlx  # noqa: F401
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
