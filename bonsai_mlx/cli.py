@@ -1,0 +1,774 @@
+"""The `bonsai-mlx` command line: gen, download, info, convert, bench.
+
+A thin layer over the Python API. Errors a user can cause (BonsaiError, bad options) print
+one line, `error: ...`, and exit with status 2; `--verbose` shows the traceback as well.
+Written files go to stdout, one path a line; progress bars and the summary go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+import inspect
+import json
+import os
+import re
+import secrets
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from bonsai_mlx import __version__
+from bonsai_mlx.errors import BonsaiError
+
+ALIASES = {
+    "ternary": "prism-ml/bonsai-image-ternary-4B-mlx-2bit",
+    "binary": "prism-ml/bonsai-image-binary-4B-mlx-1bit",
+    "klein-4b": "black-forest-labs/FLUX.2-klein-4B",
+    "klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+}
+DEFAULT_MODEL = "ternary"
+DEFAULT_SIZE = "1024x1024"
+
+# What `download` fetches when the pipeline does not say: the diffusers / Bonsai component
+# folders and the top-level index, never the single-file checkpoints beside them.
+_FALLBACK_ALLOW_PATTERNS = [
+    "model_index.json", "manifest.json",
+    "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.jinja", "*/*.model",
+]
+
+_EXIT_USER_ERROR = 2
+_EXIT_INTERRUPTED = 130
+
+
+# ----------------------------------------------------------------------------------------
+# Errors: one line and exit 2 for anything the user can fix
+
+
+_verbose = False
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    global _verbose
+    _verbose = _verbose or value
+
+
+def _report(message: str, exc: BaseException | None = None) -> None:
+    if _verbose and exc is not None:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    click.echo(f"error: {message}", err=True)
+
+
+def _usage_message(e: click.ClickException) -> str:
+    message = e.format_message()
+    message = message[:1].lower() + message[1:]
+    ctx = getattr(e, "ctx", None)
+    if isinstance(e, click.UsageError) and ctx is not None:
+        message = f"{message.rstrip('.')}; see `{ctx.command_path} --help`"
+    return message
+
+
+class _Cli(click.Group):
+    """A group whose errors are one line on stderr (exit 2), not click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        global _verbose
+        _verbose = False
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except BonsaiError as e:
+            _report(str(e), e)
+            sys.exit(_EXIT_USER_ERROR)
+        except click.exceptions.NoArgsIsHelpError as e:
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
+        except click.ClickException as e:
+            _report(_usage_message(e), e)
+            sys.exit(_EXIT_USER_ERROR)
+        except click.Abort as e:
+            _report("interrupted", e)
+            sys.exit(_EXIT_INTERRUPTED)
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+verbose_option = click.option(
+    "-v", "--verbose", is_flag=True, expose_value=False, is_eager=True, callback=_set_verbose,
+    help="Show the full traceback of errors.",
+)
+quiet_option = click.option(
+    "-q", "--quiet", is_flag=True, help="No progress bars and no summary on stderr."
+)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bonsai-mlx")
+@verbose_option
+def cli() -> None:
+    """FLUX.2 [klein] 4B and its 1-bit / ternary Bonsai compressions on MLX.
+
+    \b
+    First image:  bonsai-mlx gen -p "a bonsai tree in a misty forest, morning light"
+    Models:       ternary (default), binary, klein-4b, klein-base-4b,
+                  any Hugging Face repo id or a local folder
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point (`bonsai-mlx`)."""
+    cli.main(args=argv, prog_name="bonsai-mlx")
+
+
+# ----------------------------------------------------------------------------------------
+# Models: aliases, repo ids, local folders
+
+
+def resolve_model(model: str) -> str:
+    """An alias -> its repo id; a repo id or an existing folder as is; else BonsaiError."""
+    if model in ALIASES:
+        return ALIASES[model]
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BonsaiError(f"{model} is a file, not a model folder; give the folder holding "
+                              "model_index.json")
+        return str(path)
+    looks_like_path = (
+        model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or os.sep in model
+        and os.sep != "/"
+    )
+    if looks_like_path:
+        raise BonsaiError(f"folder {model} does not exist; check the path")
+    if "/" not in model:
+        close = difflib.get_close_matches(model, list(ALIASES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise BonsaiError(
+            f"unknown model {model!r}; {hint}use an alias ({', '.join(ALIASES)}), "
+            "a Hugging Face repo id (owner/name) or a local folder"
+        )
+    return model
+
+
+def _is_local(model: str) -> bool:
+    return Path(model).expanduser().is_dir()
+
+
+def _allow_patterns() -> list[str]:
+    """The files the pipeline reads, so `download` fetches nothing more."""
+    try:
+        from bonsai_mlx import pipeline
+    except ImportError:
+        return list(_FALLBACK_ALLOW_PATTERNS)
+    patterns = getattr(pipeline, "ALLOW_PATTERNS", None)
+    return list(patterns) if patterns else list(_FALLBACK_ALLOW_PATTERNS)
+
+
+def _cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot of a cached repo, without touching the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise BonsaiError(
+            f"{repo_id} is not in the local Hugging Face cache; run `bonsai-mlx download "
+            f"{repo_id}` first, or give a local folder"
+        ) from None
+
+
+@contextlib.contextmanager
+def _hub_progress(enabled: bool) -> Iterator[None]:
+    """huggingface_hub's download bars on or off for the duration."""
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    was_disabled = are_progress_bars_disabled()
+    (enable_progress_bars if enabled else disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (disable_progress_bars if was_disabled else enable_progress_bars)()
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+# ----------------------------------------------------------------------------------------
+# gen
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """`"WxH"` -> (width, height), both positive multiples of 16, else BonsaiError."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX×*]\s*(\d+)\s*", text)
+    if not m:
+        raise BonsaiError(
+            f"--size {text!r} is not WIDTHxHEIGHT; write it like 1024x1024 or 512x768"
+        )
+    width, height = int(m.group(1)), int(m.group(2))
+    for name, v in (("width", width), ("height", height)):
+        if v < 16:
+            raise BonsaiError(f"--size {text}: {name} {v} is too small; use at least 16")
+        if v % 16:
+            lo, hi = v // 16 * 16, v // 16 * 16 + 16
+            options = f"{lo} or {hi}" if lo >= 16 else f"{hi}"
+            raise BonsaiError(
+                f"--size {text}: {name} {v} is not a multiple of 16; use {options} "
+                f"(e.g. --size {_round16(width)}x{_round16(height)})"
+            )
+    return width, height
+
+
+def _round16(v: int) -> int:
+    return max(16, int(round(v / 16)) * 16)
+
+
+def default_dtype() -> str:
+    """bfloat16 where MLX runs on a GPU (Metal, CUDA); float32 on the CPU, where bfloat16
+    matmuls are many times slower."""
+    import mlx.core as mx
+
+    return "bfloat16" if mx.default_device().type == mx.DeviceType.gpu else "float32"
+
+
+def _check_image(path: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        raise BonsaiError(f"--image {path} does not exist; check the path") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BonsaiError(
+            f"--image {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"
+        ) from None
+
+
+@dataclass
+class OutputPlan:
+    """Where images go: one file name (numbered for several images) or a folder."""
+
+    folder: Path
+    stem: str | None  # None: names come from the prompt and seed
+
+    @classmethod
+    def from_option(cls, output: str | None) -> OutputPlan:
+        if output is None:
+            return cls(Path("."), None)
+        p = Path(output).expanduser()
+        if p.is_dir() or output.endswith(("/", os.sep)):
+            return cls(p, None)
+        if p.suffix.lower() == ".png":
+            return cls(p.parent, p.stem)
+        if p.suffix:
+            raise BonsaiError(
+                f"-o {output}: only PNG is written (it carries the metadata); "
+                f"use {p.with_suffix('.png')} or a folder"
+            )
+        return cls(p, None)  # no suffix: a folder, created
+
+    def name(self, prompt: str, seed: int) -> str:
+        if self.stem is not None:
+            return f"{self.stem}.png"
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-")
+        return f"{slug or 'image'}-{seed}.png"
+
+
+def write_png_exclusive(image, target: Path, info) -> Path:
+    """Save `image` at `target`, or `stem-1.png`, `stem-2.png`, ... when taken. Never
+    overwrites: the PNG is written to a temporary file and linked to a name that must not
+    exist yet (atomic on POSIX), so concurrent runs do not clobber each other either."""
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".bonsai-", suffix=".png", dir=folder)
+    except OSError as e:
+        raise BonsaiError(f"cannot write to {folder} ({e.strerror}); choose another -o") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        for i in range(100_000):
+            path = target if i == 0 else target.with_name(f"{target.stem}-{i}{target.suffix}")
+            if _claim(tmp, path):
+                return path
+        raise BonsaiError(f"too many numbered files beside {target}; choose another -o")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _claim(tmp: str, path: Path) -> bool:
+    """Give the finished file `tmp` the name `path` if nothing has that name yet."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # file systems without hard links: reserve the name, then replace it
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return False
+        os.replace(tmp, path)
+        return True
+
+
+def png_metadata(fields: dict[str, object]):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in fields.items():
+        if value is not None:
+            info.add_itxt(key, str(value))
+    return info
+
+
+@dataclass
+class _Progress:
+    """tqdm bars on stderr for one image: encoding, each denoising step, decoding."""
+
+    enabled: bool
+    label: str = ""
+    _bar: object = None
+    _stage: str = ""
+    steps_total: int | None = field(default=None)
+
+    def _open(self, stage: str, total: int, unit: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.close()
+        self._stage = stage
+        self._bar = tqdm(total=total, desc=f"{self.label}{stage}", unit=unit, file=sys.stderr,
+                         leave=False, disable=not self.enabled, dynamic_ncols=True)
+
+    def start(self) -> None:
+        self._open("encoding", 1, "prompt")
+
+    def callback(self, step: int, total: int, latents=None) -> None:
+        self.steps_total = total
+        if self._stage != "denoising":
+            self._open("denoising", total, "step")
+        done = min(int(step), total)
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self._open("decoding", 1, "image")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.update(self._bar.total - self._bar.n)
+            self._bar.close()
+            self._bar = None
+            self._stage = ""
+
+
+def _seconds(v) -> str:
+    return f"{v:.2f} s"
+
+
+def format_summary(timings, peak_memory, load_seconds: float | None = None) -> str:
+    """One line: seconds per stage and peak memory, from the pipeline's last_timings."""
+    parts = []
+    if load_seconds is not None:
+        parts.append(f"load {_seconds(load_seconds)}")
+    if isinstance(timings, dict):
+        for stage, value in timings.items():
+            if isinstance(value, (list, tuple)) and value:
+                total, n = sum(value), len(value)
+                parts.append(f"{stage} {_seconds(total)} ({n} x {total / n:.2f} s)")
+            elif isinstance(value, (int, float)):
+                parts.append(f"{stage} {_seconds(value)}")
+    if peak_memory:
+        parts.append(f"peak memory {peak_memory / 1e9:.2f} GB")
+    return ", ".join(parts)
+
+
+def _call_with_supported(fn: Callable, kwargs: dict) -> object:
+    """Call `fn` with the keyword arguments it accepts; None values are left out."""
+    params = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return fn(**{k: v for k, v in kwargs.items()
+                 if v is not None and (takes_any or k in params)})
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-p", "--prompt", required=True, help="What to draw (or, with --image, the edit).")
+@click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
+              help=f"Alias ({', '.join(ALIASES)}), Hugging Face repo id or local folder.")
+@click.option("--size", default=DEFAULT_SIZE, show_default=True,
+              help="WIDTHxHEIGHT in pixels, multiples of 16.")
+@click.option("--seed", "seeds", type=int, multiple=True,
+              help="Random seed; repeat for several images.")
+@click.option("--seeds", "n_random", type=click.IntRange(min=1), default=None,
+              help="Make N images with random seeds.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Denoising steps [model default: 4 distilled, 50 base].")
+@click.option("--guidance", type=float, default=None,
+              help="Guidance scale (base models) [model default].")
+@click.option("--negative-prompt", default=None, help="What to avoid (base models, CFG).")
+@click.option("-o", "--output", default=None,
+              help="PNG file or folder [default: current folder]. Never overwrites.")
+@click.option("--image", "images", multiple=True, metavar="PATH",
+              help="Reference image for editing; repeat for several.")
+@click.option("--strength", type=float, default=None,
+              help="Image-to-image from one --image: 0 < strength <= 1 (1 = ignore the image).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              default="auto", show_default=True,
+              help="Compute dtype; auto is bfloat16 on a GPU, float32 on the CPU.")
+@click.option("--no-offload", is_flag=True,
+              help="Keep the text encoder loaded after encoding (more memory, faster reruns).")
+@click.option("--tile-vae/--no-tile-vae", default=None,
+              help="Decode in tiles (less memory) [default: automatic by size].")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@quiet_option
+@verbose_option
+def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
+        images, strength, dtype, no_offload, tile_vae, revision, quiet) -> None:
+    """Generate images from a prompt (text-to-image, editing, image-to-image).
+
+    \b
+    bonsai-mlx gen -p "a red fox in the snow"
+    bonsai-mlx gen -m binary -p "a red fox" --size 768x512 --seed 1 --seed 2 -o fox.png
+    bonsai-mlx gen -p "make it night" --image photo.png
+    bonsai-mlx gen -p "an oil painting" --image photo.png --strength 0.6
+    """
+    # Every check that needs no model comes first, so mistakes fail in milliseconds.
+    width, height = parse_size(size)
+    model_id = resolve_model(model)
+    if strength is not None:
+        if not 0.0 < strength <= 1.0:
+            raise BonsaiError(f"--strength {strength} is out of range; use 0 < strength <= 1 "
+                              "(lower keeps more of the input image)")
+        if len(images) != 1:
+            raise BonsaiError("--strength (image-to-image) needs exactly one --image; "
+                              f"got {len(images)}")
+    for path in images:
+        _check_image(path)
+    plan = OutputPlan.from_option(output)
+    seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
+    if not seed_list:
+        seed_list = [secrets.randbelow(2**32)]
+    show = _show_progress(quiet)
+    compute_dtype = default_dtype() if dtype == "auto" else dtype
+
+    from bonsai_mlx.pipeline import Pipeline
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        t0 = time.perf_counter()
+        with _hub_progress(show):
+            pipe = _call_with_supported(Pipeline.from_pretrained, {
+                "path_or_repo_id": model_id, "dtype": compute_dtype, "revision": revision,
+                "keep_text_encoder": no_offload or None,
+            })
+        load_seconds = time.perf_counter() - t0
+
+        for i, seed in enumerate(seed_list):
+            label = f"[{i + 1}/{len(seed_list)}] " if len(seed_list) > 1 else ""
+            progress = _Progress(show, label)
+            progress.start()
+            try:
+                image = _call_with_supported(pipe.generate, {
+                    "prompt": prompt, "width": width, "height": height, "steps": steps,
+                    "guidance": guidance, "seed": seed, "negative_prompt": negative_prompt,
+                    "images": list(images) or None, "strength": strength,
+                    "tiled_vae": tile_vae, "output_type": "pil", "callback": progress.callback,
+                })
+            finally:
+                progress.close()
+            if isinstance(image, list):
+                image = image[0]
+            used_steps = steps or progress.steps_total or _model_default(pipe, "steps")
+            meta = {
+                "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+                "steps": used_steps,
+                "guidance": guidance if guidance is not None else _model_default(pipe, "guidance"),
+                "size": f"{width}x{height}", "model": model_id, "strength": strength,
+                "images": ", ".join(Path(p).name for p in images) or None,
+                "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
+            }
+            path = write_png_exclusive(image, plan.folder / plan.name(prompt, seed),
+                                       png_metadata(meta))
+            click.echo(str(path))
+            if not quiet:
+                summary = format_summary(getattr(pipe, "last_timings", None),
+                                         getattr(pipe, "last_peak_memory", None),
+                                         load_seconds if i == 0 else None)
+                click.echo(f"{label}seed {seed}: {summary}", err=True)
+
+
+def _model_default(pipe, what: str):
+    """steps / guidance the pipeline used when the user gave none (None if it does not say)."""
+    for name in (f"default_{what}", f"last_{what}"):
+        value = getattr(pipe, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+# ----------------------------------------------------------------------------------------
+# download
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _by_component(files: dict[str, int]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for name, size in sorted(files.items()):
+        top = name.split("/", 1)[0] if "/" in name else "(top level)"
+        sizes[top] = sizes.get(top, 0) + size
+    return sizes
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.option("--revision", default=None, help="Branch, tag or commit.")
+@quiet_option
+@verbose_option
+def download(model, revision, quiet) -> None:
+    """Download MODEL (alias or repo id) into the Hugging Face cache.
+
+    Fetches only the files the pipeline reads; an interrupted download resumes. Prints the
+    local folder on stdout.
+    """
+    from bonsai_mlx.weights import resolve_model_path
+
+    repo_id = resolve_model(model)
+    if _is_local(repo_id):
+        raise BonsaiError(f"{model} is a local folder; there is nothing to download")
+    patterns = _allow_patterns()
+    if not quiet:
+        remote = _remote_sizes(repo_id, revision, patterns)
+        if remote:
+            for comp, size in _by_component(remote).items():
+                click.echo(f"  {comp:<32} {_human(size):>10}", err=True)
+            click.echo(f"  {'total':<32} {_human(sum(remote.values())):>10}  "
+                       f"({len(remote)} files, {repo_id})", err=True)
+    with _hub_progress(not quiet):
+        path = resolve_model_path(repo_id, revision=revision, allow_patterns=patterns)
+    click.echo(str(path))
+
+
+def _remote_sizes(repo_id: str, revision: str | None, patterns: list[str]) -> dict[str, int]:
+    """File sizes on the Hub for the files `download` fetches; {} when offline."""
+    from huggingface_hub import HfApi
+
+    try:
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    except Exception:  # offline, gated, not found: the download itself says what is wrong
+        return {}
+    return {
+        s.rfilename: s.size or 0
+        for s in info.siblings or []
+        if any(fnmatch.fnmatch(s.rfilename, p) for p in patterns)
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# info
+
+_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}
+
+
+@dataclass
+class Component:
+    name: str
+    files: int = 0
+    bytes: int = 0
+    tensors: int = 0
+    format: str = ""
+    dtype_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    """Every file below `folder`, hidden ones (.cache, .git) left out."""
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
+            yield p
+
+
+def describe_folder(folder: Path) -> list[Component]:
+    """Components of a model folder: files, bytes (sum of file sizes), tensor dtypes from
+    safetensors headers only, and the storage format."""
+    from bonsai_mlx.weights import read_json, read_safetensors_header
+
+    comps: dict[str, Component] = {}
+    for path in _files(folder):
+        rel = path.relative_to(folder)
+        name = rel.parts[0] if len(rel.parts) > 1 else "(top level)"
+        c = comps.setdefault(name, Component(name))
+        c.files += 1
+        c.bytes += path.stat().st_size
+        if path.suffix == ".safetensors":
+            for key, t in read_safetensors_header(path).items():
+                if key == "__metadata__":
+                    continue
+                c.tensors += 1
+                dt = _DTYPE_NAMES.get(t["dtype"], t["dtype"])
+                start, stop = t["data_offsets"]
+                c.dtype_bytes[dt] = c.dtype_bytes.get(dt, 0) + stop - start
+    for c in comps.values():
+        base = folder if c.name == "(top level)" else folder / c.name
+        c.format = _format_of(base, c, read_json)
+    order = sorted(comps.values(), key=lambda c: (c.name == "(top level)", c.name))
+    return order
+
+
+def _format_of(folder: Path, c: Component, read_json) -> str:
+    dense = [d for d in sorted(c.dtype_bytes, key=lambda d: -c.dtype_bytes[d])
+             if d.startswith(("float", "bfloat"))]
+    qpath = folder / "quantization_config.json"
+    if c.name != "(top level)" and qpath.is_file():
+        q = read_json(qpath)
+        kind = next((str(q[k]) for k in ("format", "quant_method", "mode", "type")
+                     if str(q.get(k, "")).lower() in ("binary", "ternary")), None)
+        group = q.get("group_size")
+        group_text = f", group {group}" if group else ""
+        if kind:
+            text = f"{kind.lower()} packed (bonsai-mlx){group_text}"
+        elif "bits" in q:
+            bits = q["bits"]
+            meaning = {1: " (binary)", 2: " (ternary)"}.get(bits, "")
+            text = f"MLX affine {bits}-bit{meaning}{group_text}"
+        else:
+            text = "quantized (unrecognised quantization_config.json)"
+        return text + (f" + {dense[0]} dense layers" if dense else "")
+    cpath = folder / "config.json"
+    if c.name != "(top level)" and cpath.is_file():
+        quant = read_json(cpath).get("quantization") or read_json(cpath).get(
+            "quantization_config")
+        if isinstance(quant, dict) and "bits" in quant:
+            return f"MLX affine {quant['bits']}-bit, group {quant.get('group_size', '?')}"
+    if dense:
+        return "dense " + " + ".join(dense)
+    if c.tensors:
+        return " + ".join(sorted(c.dtype_bytes))
+    return "config" if c.name != "tokenizer" else "tokenizer"
+
+
+def _model_folder(model: str, revision: str | None) -> tuple[Path, str]:
+    resolved = resolve_model(model)
+    if _is_local(resolved):
+        return Path(resolved).expanduser(), resolved
+    return _cached_snapshot(resolved, revision), resolved
+
+
+@cli.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.option("--revision", default=None, help="Branch, tag or commit (cached repos).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@verbose_option
+def info(model, revision, as_json) -> None:
+    """Components, storage formats and sizes of MODEL (a folder, or a cached alias / repo).
+
+    Reads only safetensors headers and file sizes: no weights are loaded, nothing is
+    downloaded.
+    """
+    folder, name = _model_folder(model, revision)
+    comps = describe_folder(folder)
+    if not comps:
+        raise BonsaiError(f"{folder} holds no files; is this the right folder?")
+    total = sum(c.bytes for c in comps)
+    pipeline_class = None
+    if (folder / "model_index.json").is_file():
+        from bonsai_mlx.weights import read_json
+
+        pipeline_class = read_json(folder / "model_index.json").get("_class_name")
+    if as_json:
+        click.echo(json.dumps({
+            "model": name, "folder": str(folder), "pipeline": pipeline_class,
+            "components": [
+                {"name": c.name, "format": c.format, "files": c.files, "bytes": c.bytes,
+                 "tensors": c.tensors, "dtype_bytes": c.dtype_bytes} for c in comps
+            ],
+            "total_bytes": total,
+        }, indent=2))
+        return
+    click.echo(f"{name}" + (f"  ({pipeline_class})" if pipeline_class else ""))
+    if name != str(folder):
+        click.echo(f"  {folder}")
+    width = max(len(c.name) for c in comps + [Component("component")])
+    fwidth = max(len(c.format) for c in comps + [Component("", format="format")])
+    click.echo(f"{'component':<{width}}  {'format':<{fwidth}}  {'bytes':>15}")
+    for c in comps:
+        click.echo(f"{c.name:<{width}}  {c.format:<{fwidth}}  {c.bytes:>15,}  {_human(c.bytes)}")
+    click.echo(f"{'total':<{width}}  {'':<{fwidth}}  {total:>15,}  {_human(total)}")
+
+
+# ----------------------------------------------------------------------------------------
+# convert and bench: thin wrappers over their modules
+
+
+def _run_module_cli(module_name: str, what: str, args: tuple[str, ...]) -> None:
+    import importlib
+
+    try:
+        module = importlib.import_module(f"bonsai_mlx.{module_name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"bonsai_mlx.{module_name}":
+            raise
+        raise BonsaiError(
+            f"`bonsai-mlx {module_name}` ({what}) is not available yet in this version "
+            f"of bonsai-mlx ({__version__}); update bonsai-mlx"
+        ) from None
+    command = getattr(module, "cli", None) or getattr(module, "command", None)
+    if isinstance(command, click.Command):
+        command.main(args=list(args), prog_name=f"bonsai-mlx {module_name}",
+                     standalone_mode=False)
+        return
+    entry = getattr(module, "main", None)
+    if callable(entry):
+        entry(list(args))
+        return
+    raise BonsaiError(f"bonsai_mlx.{module_name} has no command-line entry yet; "
+                      "use its Python API")
+
+
+_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True,
+                 "help_option_names": []}
+
+
+@cli.command(context_settings=_PASS_THROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@verbose_option
+def convert(args) -> None:
+    """Convert a model to bonsai-mlx's packed binary / ternary format (`convert --help`)."""
+    _run_module_cli("convert", "packed-weights conversion", args)
+
+
+@cli.command(context_settings=_PASS_THROUGH, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@verbose_option
+def bench(args) -> None:
+    """Benchmark speed and memory (`bench --help`)."""
+    _run_module_cli("bench", "benchmarks", args)
+
+
+if __name__ == "__main__":
+    main()
