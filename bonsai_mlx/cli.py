@@ -36,7 +36,6 @@ ALIASES = {
     "klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
 }
 DEFAULT_MODEL = "ternary"
-DEFAULT_SIZE = "1024x1024"
 
 # What `download` fetches when the pipeline does not say: the diffusers / Bonsai component
 # folders and the top-level index, never the single-file checkpoints beside them.
@@ -110,7 +109,7 @@ quiet_option = click.option(
 )
 
 
-@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group("bonsai-mlx", cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bonsai-mlx")
 @verbose_option
 def cli() -> None:
@@ -391,7 +390,7 @@ def format_summary(timings, peak_memory, load_seconds: float | None = None) -> s
             elif isinstance(value, (int, float)):
                 parts.append(f"{stage} {_seconds(value)}")
     if peak_memory:
-        parts.append(f"peak memory {peak_memory / 1e9:.2f} GB")
+        parts.append(f"peak memory {_human(peak_memory)}")
     return ", ".join(parts)
 
 
@@ -411,8 +410,9 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 @click.option("-p", "--prompt", required=True, help="What to draw (or, with --image, the edit).")
 @click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
               help=f"Alias ({', '.join(ALIASES)}), Hugging Face repo id or local folder.")
-@click.option("--size", default=DEFAULT_SIZE, show_default=True,
-              help="WIDTHxHEIGHT in pixels, multiples of 16.")
+@click.option("--size", default=None,
+              help="WIDTHxHEIGHT in pixels, multiples of 16 [default: 1024x1024, or the "
+                   "first --image's size].")
 @click.option("--seed", "seeds", type=int, multiple=True,
               help="Random seed; repeat for several images.")
 @click.option("--seeds", "n_random", type=click.IntRange(min=1), default=None,
@@ -449,7 +449,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     bonsai-mlx gen -p "an oil painting" --image photo.png --strength 0.6
     """
     # Every check that needs no model comes first, so mistakes fail in milliseconds.
-    width, height = parse_size(size)
+    width, height = parse_size(size) if size else (None, None)
     model_id = resolve_model(model)
     if strength is not None:
         if not 0.0 < strength <= 1.0:
@@ -494,12 +494,12 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                 progress.close()
             if isinstance(image, list):
                 image = image[0]
-            used_steps = steps or progress.steps_total or _model_default(pipe, "steps")
             meta = {
                 "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
-                "steps": used_steps,
-                "guidance": guidance if guidance is not None else _model_default(pipe, "guidance"),
-                "size": f"{width}x{height}", "model": model_id, "strength": strength,
+                "steps": steps or progress.steps_total or _model_default(pipe, "steps"),
+                "guidance": _effective_guidance(pipe, guidance),
+                "size": f"{image.width}x{image.height}", "model": model_id,
+                "strength": strength,
                 "images": ", ".join(Path(p).name for p in images) or None,
                 "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
             }
@@ -511,6 +511,13 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                                          getattr(pipe, "last_peak_memory", None),
                                          load_seconds if i == 0 else None)
                 click.echo(f"{label}seed {seed}: {summary}", err=True)
+
+
+def _effective_guidance(pipe, guidance: float | None):
+    """The guidance scale that shaped the image: distilled models ignore the option."""
+    if guidance is None or getattr(pipe, "is_distilled", False):
+        return _model_default(pipe, "guidance")
+    return guidance
 
 
 def _model_default(pipe, what: str):
