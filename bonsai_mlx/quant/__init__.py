@@ -16,6 +16,13 @@ from bonsai_mlx.quant.formats import (
     unpack_ternary,
 )
 from bonsai_mlx.quant.layers import PACKED_LINEAR, BinaryLinear, TernaryLinear
+from bonsai_mlx.quant.loading import (
+    load_packed_transformer_weights,
+    packed_layout,
+    packed_quantization_config,
+    prepare_packed_transformer,
+    save_packed_transformer_weights,
+)
 from bonsai_mlx.quant.model import (
     PACKED_LAYERS,
     model_packed_layer_paths,
@@ -34,4 +41,6 @@ __all__ = [
     "quantize_binary", "quantize_ternary",
     "model_packed_layer_paths", "packed_layer_paths",
     "quantize_model", "use_packed_layers", "quantize_dense_layers",
+    "load_packed_transformer_weights", "prepare_packed_transformer", "packed_layout",
+    "packed_quantization_config", "save_packed_transformer_weights",
 ]

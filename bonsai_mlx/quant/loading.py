@@ -1,0 +1,218 @@
+"""Loading and saving packed transformers: our layout and the Bonsai MLX affine packs.
+
+Two folder layouts carry a `quantization_config.json` beside the transformer's config.json:
+
+- ours (`"quant_method": "bonsai-mlx"`, docs/formats.md): packed `<layer>.weight` +
+  `<layer>.scales` for the listed layers, everything else dense (or MLX affine 8-bit);
+- Bonsai's `transformer-packed-mflux/` (`"bits": 1 | 2`, `"group_size": 128`,
+  `"skip_patterns"`): every packed layer an MLX affine triple `<layer>.weight` (uint32),
+  `.scales`, `.biases`. These convert exactly to BinaryLinear / TernaryLinear (checked group
+  by group), or with `affine_baseline=True` load as they are into stock `nn.QuantizedLinear`.
+
+The model is any nn.Module with diffusers' layer names whose packed layers are still dense
+`nn.Linear`s (a freshly built `Flux2Transformer`); its layers are swapped in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.quant import formats
+from bonsai_mlx.quant.layers import PACKED_LINEAR, BinaryLinear, TernaryLinear
+from bonsai_mlx.quant.model import (
+    DENSE_GROUP_SIZE,
+    get_module,
+    model_packed_layer_paths,
+    quantize_dense_layers,
+    set_module,
+    use_packed_layers,
+)
+from bonsai_mlx.weights import (
+    check_weights,
+    load_weights,
+    read_json,
+    save_safetensors,
+    write_json,
+)
+
+QUANT_CONFIG = "quantization_config.json"
+WEIGHTS_STEM = "diffusion_pytorch_model"
+QUANT_METHOD = "bonsai-mlx"
+
+
+def packed_layout(folder: str | Path) -> str | None:
+    """`"bonsai-mlx"` (ours), `"mlx-affine"` (a Bonsai MLX pack), or None (dense)."""
+    path = Path(folder) / QUANT_CONFIG
+    if not path.is_file():
+        return None
+    cfg = read_json(path)
+    if cfg.get("quant_method") == QUANT_METHOD:
+        return QUANT_METHOD
+    if "bits" in cfg:
+        return "mlx-affine"
+    raise BonsaiError(f"{path} is neither a bonsai-mlx nor a Bonsai MLX quantization config "
+                      "(no 'quant_method': 'bonsai-mlx' and no 'bits')")
+
+
+def _weights(folder: Path) -> dict[str, mx.array]:
+    has_stem = any((folder / f"{WEIGHTS_STEM}{s}").is_file()
+                   for s in (".safetensors", ".safetensors.index.json"))
+    return load_weights(folder, WEIGHTS_STEM if has_stem else None)
+
+
+def _triples(weights: Mapping[str, mx.array], source: Path) -> list[str]:
+    """Layer paths that are MLX affine triples, each checked complete."""
+    layers = sorted(k.removesuffix(".scales") for k in weights if k.endswith(".scales"))
+    for layer in layers:
+        missing = [f"{layer}.{p}" for p in ("weight", "biases") if f"{layer}.{p}" not in weights]
+        if missing:
+            raise BonsaiError(f"{source}: {missing[0]} is missing (an MLX affine layer needs "
+                              "weight, scales and biases); the file is incomplete")
+    return layers
+
+
+def prepare_packed_transformer(model: nn.Module, folder: str | Path, *,
+                               affine_baseline: bool = False) -> dict[str, mx.array]:
+    """Swap `model`'s layers for the packed ones `folder` holds and return the tensors to
+    load into it (converted to our format for a Bonsai pack, unless `affine_baseline`)."""
+    folder = Path(folder)
+    layout = packed_layout(folder)
+    if layout is None:
+        raise BonsaiError(f"{folder} has no {QUANT_CONFIG}; it is not a packed transformer")
+    cfg = read_json(folder / QUANT_CONFIG)
+    weights = _weights(folder)
+    if hasattr(model, "sanitize"):  # checkpoint names -> diffusers names (BFL single file)
+        weights = model.sanitize(weights)
+    if layout == QUANT_METHOD:
+        if affine_baseline:
+            raise BonsaiError(f"{folder} is in the bonsai-mlx layout, not MLX affine; "
+                              "the affine baseline needs a Bonsai MLX pack")
+        return _prepare_ours(model, cfg, weights, folder)
+    return _prepare_affine(model, cfg, weights, folder, affine_baseline)
+
+
+def _prepare_ours(model, cfg, weights, folder):
+    fmt = formats.check_format(cfg.get("format"))
+    if cfg.get("group_size") != formats.GROUP_SIZE:
+        raise BonsaiError(f"{folder / QUANT_CONFIG}: group_size {cfg.get('group_size')}, "
+                          f"only {formats.GROUP_SIZE} is supported")
+    paths = cfg.get("packed_layers")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise BonsaiError(f"{folder / QUANT_CONFIG}: 'packed_layers' must be a list of names")
+    use_packed_layers(model, fmt, paths=paths)
+    dense_bits = cfg.get("dense_bits", 16)
+    if dense_bits == 8:
+        quantize_dense_layers(model, 8, cfg.get("dense_group_size", DENSE_GROUP_SIZE))
+    elif dense_bits != 16:
+        raise BonsaiError(f"{folder / QUANT_CONFIG}: dense_bits {dense_bits}; use 16 or 8")
+    return weights
+
+
+def _prepare_affine(model, cfg, weights, folder, affine_baseline):
+    bits, group_size = cfg.get("bits"), cfg.get("group_size")
+    if bits not in (1, 2):
+        raise BonsaiError(f"{folder / QUANT_CONFIG}: bits {bits!r}; a Bonsai pack is 1-bit "
+                          "(binary) or 2-bit (ternary)")
+    if group_size != formats.GROUP_SIZE:
+        raise BonsaiError(f"{folder / QUANT_CONFIG}: group_size {group_size!r}, expected "
+                          f"{formats.GROUP_SIZE}")
+    out = dict(weights)
+    for layer in _triples(weights, folder):
+        wq, scales, biases = (out.pop(f"{layer}.{p}") for p in ("weight", "scales", "biases"))
+        current = get_module(model, layer)
+        if not isinstance(current, nn.Linear) or "bias" in current:
+            raise BonsaiError(f"{folder}: {layer} is quantised in the file but is "
+                              f"{type(current).__name__} in the model, not a bias-free Linear")
+        n, k = current.weight.shape
+        if wq.shape != (n, k * bits // 32):
+            raise BonsaiError(f"{folder}: {layer}.weight is {tuple(wq.shape)}, the model's "
+                              f"({n}, {k}) layer needs {(n, k * bits // 32)} at {bits} bits")
+        if affine_baseline:
+            new = nn.QuantizedLinear(k, n, bias=False, group_size=group_size, bits=bits)
+            new.update({"weight": wq, "scales": scales, "biases": biases})
+        else:
+            cls = BinaryLinear if bits == 1 else TernaryLinear
+            new = cls.from_affine(wq, scales, biases, group_size=group_size, name=layer)
+        set_module(model, layer, new)
+        out.update({f"{layer}.{p}": v for p, v in new.parameters().items()})
+    return out
+
+
+def load_packed_transformer_weights(model: nn.Module, folder: str | Path, *,
+                                    affine_baseline: bool = False) -> nn.Module:
+    """Load a packed transformer folder (ours or a Bonsai MLX pack) into a freshly built
+    dense `model`, in place: packed layers are swapped in and every tensor is checked
+    (names, shapes) and loaded; float tensors take the dtype of the model's parameter.
+    Returns the model."""
+    weights = prepare_packed_transformer(model, folder, affine_baseline=affine_baseline)
+    if hasattr(model, "load_checked_weights"):  # Flux2Transformer: its own checked loader
+        model.load_checked_weights(weights, folder)
+        return model
+    params = dict(tree_flatten(model.parameters()))
+    check_weights(weights, {k: tuple(v.shape) for k, v in params.items()}, folder)
+    model.load_weights([(k, v.astype(params[k].dtype) if mx.issubdtype(v.dtype, mx.floating)
+                         else v) for k, v in weights.items()])
+    mx.eval(model.parameters())
+    return model
+
+
+def packed_quantization_config(model: nn.Module) -> dict:
+    """The `quantization_config.json` describing a model whose layers are packed."""
+    packed = [(p, m) for p, m in model.named_modules() if isinstance(m, tuple(
+        PACKED_LINEAR.values()))]
+    if not packed:
+        raise BonsaiError("the model has no packed layers; run quantize_model first")
+    fmts = {m.format for _, m in packed}
+    if len(fmts) != 1:
+        raise BonsaiError(f"the model mixes packed formats {sorted(fmts)}")
+    affine = [m for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    dense = [v.dtype for k, v in tree_flatten(model.parameters())
+             if mx.issubdtype(v.dtype, mx.floating) and not k.endswith(".scales")]
+    dense_dtype = {mx.bfloat16: "bfloat16", mx.float16: "float16"}.get(
+        dense[0] if dense else mx.bfloat16, "float32")
+    cfg = {
+        "quant_method": QUANT_METHOD,
+        "format": fmts.pop(),
+        "group_size": formats.GROUP_SIZE,
+        "packed_layers": _canonical_order(model, [p for p, _ in packed]),
+        "dense_dtype": dense_dtype,
+        "dense_bits": 8 if affine else 16,
+    }
+    if affine:
+        if {(m.bits, m.group_size) for m in affine} != {(8, affine[0].group_size)}:
+            raise BonsaiError("the dense layers must all be MLX affine 8-bit with one group size")
+        cfg["dense_group_size"] = affine[0].group_size
+    return cfg
+
+
+def _canonical_order(model: nn.Module, paths: list[str]) -> list[str]:
+    """In `packed_layer_paths` order (block by block), any other path after it."""
+    try:
+        order = {p: i for i, p in enumerate(model_packed_layer_paths(model))}
+    except BonsaiError:
+        order = {}
+
+    def key(path: str):
+        return (order.get(path, len(order)), [(0, int(p)) if p.isdigit() else (1, p)
+                                              for p in path.split(".")])
+
+    return sorted(paths, key=key)
+
+
+def save_packed_transformer_weights(model: nn.Module, folder: str | Path) -> dict:
+    """Write `diffusion_pytorch_model.safetensors` and `quantization_config.json` of a
+    packed model into `folder` (each file atomically; the caller writes config.json and
+    makes the whole folder atomic). Returns the quantization config."""
+    folder = Path(folder)
+    cfg = packed_quantization_config(model)
+    save_safetensors(folder / f"{WEIGHTS_STEM}.safetensors",
+                     dict(tree_flatten(model.parameters())),
+                     metadata={"format": "mlx", "bonsai_mlx_format": cfg["format"]})
+    write_json(folder / QUANT_CONFIG, cfg)
+    return cfg
