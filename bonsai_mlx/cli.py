@@ -648,18 +648,26 @@ def describe_folder(folder: Path) -> list[Component]:
 
 
 def _format_of(folder: Path, c: Component, read_json) -> str:
+    """Storage format of a component: our packed format or MLX affine bits from
+    quantization_config.json / config.json (docs/formats.md), else the dense dtypes."""
     dense = [d for d in sorted(c.dtype_bytes, key=lambda d: -c.dtype_bytes[d])
              if d.startswith(("float", "bfloat"))]
+    if c.name == "(top level)":
+        return "index" if not c.tensors else "dense " + " + ".join(dense)
     qpath = folder / "quantization_config.json"
-    if c.name != "(top level)" and qpath.is_file():
+    if qpath.is_file():
         q = read_json(qpath)
-        kind = next((str(q[k]) for k in ("format", "quant_method", "mode", "type")
-                     if str(q.get(k, "")).lower() in ("binary", "ternary")), None)
         group = q.get("group_size")
         group_text = f", group {group}" if group else ""
-        if kind:
-            text = f"{kind.lower()} packed (bonsai-mlx){group_text}"
-        elif "bits" in q:
+        kind = str(q.get("format", "")).lower()
+        if kind in ("binary", "ternary"):  # bonsai-mlx's own packs
+            n = len(q.get("packed_layers") or [])
+            text = f"{kind} packed (bonsai-mlx){group_text}" + (f", {n} layers" if n else "")
+            if q.get("dense_bits") == 8:
+                return text + f" + MLX affine 8-bit dense layers ({q.get('dense_dtype', '?')})"
+            dense_dtype = q.get("dense_dtype") or (dense[0] if dense else None)
+            return text + (f" + {dense_dtype} dense layers" if dense_dtype else "")
+        if "bits" in q:  # the Bonsai MLX packs (mflux layout)
             bits = q["bits"]
             meaning = {1: " (binary)", 2: " (ternary)"}.get(bits, "")
             text = f"MLX affine {bits}-bit{meaning}{group_text}"
@@ -667,16 +675,16 @@ def _format_of(folder: Path, c: Component, read_json) -> str:
             text = "quantized (unrecognised quantization_config.json)"
         return text + (f" + {dense[0]} dense layers" if dense else "")
     cpath = folder / "config.json"
-    if c.name != "(top level)" and cpath.is_file():
-        quant = read_json(cpath).get("quantization") or read_json(cpath).get(
-            "quantization_config")
+    if cpath.is_file():
+        config = read_json(cpath)
+        quant = config.get("quantization") or config.get("quantization_config")
         if isinstance(quant, dict) and "bits" in quant:
             return f"MLX affine {quant['bits']}-bit, group {quant.get('group_size', '?')}"
     if dense:
         return "dense " + " + ".join(dense)
     if c.tensors:
         return " + ".join(sorted(c.dtype_bytes))
-    return "config" if c.name != "tokenizer" else "tokenizer"
+    return "tokenizer" if c.name == "tokenizer" else "config"
 
 
 def _model_folder(model: str, revision: str | None) -> tuple[Path, str]:

@@ -264,11 +264,14 @@ def test_info_table_shows_components_and_total(tmp_path):
 
 def test_info_recognises_bonsai_mlx_packed_format(tmp_path):
     t = tmp_path / "m" / "transformer"
-    write_json(t / "quantization_config.json", {"format": "ternary", "group_size": 128})
+    write_json(t / "quantization_config.json", {
+        "quant_method": "bonsai-mlx", "format": "ternary", "group_size": 128,
+        "packed_layers": ["a", "b"], "dense_dtype": "bfloat16", "dense_bits": 16})
     save_safetensors(t / "model.safetensors", {"a.weight": mx.zeros((2, 26), dtype=mx.uint8)})
     result = run("info", str(tmp_path / "m"), "--json")
     comp = json.loads(result.stdout)["components"][0]
-    assert comp["format"] == "ternary packed (bonsai-mlx), group 128"
+    assert comp["format"] == (
+        "ternary packed (bonsai-mlx), group 128, 2 layers + bfloat16 dense layers")
 
 
 def test_info_on_a_truncated_safetensors_is_a_user_error(tmp_path):
