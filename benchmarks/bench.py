@@ -1,0 +1,19 @@
+"""Run the benchmark without installing the CLI: same code as `bonsai-mlx bench`.
+
+    python benchmarks/bench.py --tiny
+    python benchmarks/bench.py --synthetic ternary --size 512x512
+    python benchmarks/bench.py ternary --size 1024x1024 --json results.jsonl
+
+Options: `python benchmarks/bench.py --help`; what each benchmark measures: README.md here.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, not installed
+
+import bonsai_mlx  # noqa: E402, F401  (first: loads OpenBLAS on Linux before mlx.core)
+from bonsai_mlx.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
