@@ -2,11 +2,17 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from bonsai_mlx import bench
+
+_PACKAGE = Path(bench.__file__).parent
+if not all((_PACKAGE / f).is_file() for f in ("pipeline.py", "models/vae.py",
+                                              "models/text_encoder.py")):
+    pytest.skip("the pipeline, VAE and text encoder have not landed yet", allow_module_level=True)
 
 RUN_FIELDS = {
     "schema", "kind", "timestamp", "command", "model", "precision", "dtype", "tiny", "width",
