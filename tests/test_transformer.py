@@ -73,6 +73,16 @@ def test_half_precision_within_stated_bound(name, layout, dtype, bound):
     assert rel_error(np.array(out.astype(mx.float32)), ref["output"]) <= bound
 
 
+@pytest.mark.slow
+def test_compiled_path_matches_diffusers(tiny_a, monkeypatch):
+    """mx.compile is used on GPUs only; force it here so the fused path is checked too."""
+    from bonsai_mlx.models import transformer
+
+    monkeypatch.setattr(transformer, "COMPILE", True)
+    ref = reference("tiny_a")
+    assert rel_error(run(tiny_a, ref), ref["output"]) <= FLOAT32_BOUND
+
+
 def test_default_dtype_is_bfloat16():
     model = Flux2Transformer.from_pretrained(HERE / "tiny_a" / "transformer")
     assert model.dtype == mx.bfloat16

@@ -84,15 +84,18 @@ class Flux2TransformerConfig:
 
 
 # ---------------------------------------------------------------------------------------
-# Small pure functions (compiled on a GPU; on the CPU backend compiling costs seconds of
-# C++ compilation per shape and gains little, so they run eagerly there).
+# Small pure functions, fused with mx.compile on a GPU. On the CPU backend compiling means
+# seconds of C++ compilation per new kernel for little gain, so they run eagerly there.
+# COMPILE: None = on a GPU only; True / False forces it (tests compare both paths).
+COMPILE: bool | None = None
 
 
 def _maybe_compiled(fn):
     compiled = mx.compile(fn)
 
     def call(*args):
-        return compiled(*args) if mx.default_device() == mx.gpu else fn(*args)
+        use = COMPILE if COMPILE is not None else mx.default_device() == mx.gpu
+        return compiled(*args) if use else fn(*args)
 
     call.__name__ = fn.__name__
     call.__doc__ = fn.__doc__
