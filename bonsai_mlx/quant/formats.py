@@ -24,6 +24,8 @@ GROUP_SIZE = 128
 FORMATS = ("binary", "ternary")
 
 _POW3 = 3 ** np.arange(5, dtype=np.uint16)  # (5,)
+# byte of 2-bit codes -> its 4 codes as the 4 bytes of one little-endian word (a fast lookup)
+_CODES_2BIT = (np.arange(256)[:, None] >> 2 * np.arange(4) & 3).astype(np.uint8).view("<u4")
 _TRITS = (np.arange(243)[:, None] // 3 ** np.arange(5) % 3 - 1).astype(np.int8)  # (243, 5)
 
 
@@ -87,11 +89,16 @@ def pack_ternary(q):
             t = mx.concatenate([t, mx.ones((*t.shape[:-1], pad), mx.uint16)], axis=-1)
         t = t.reshape(*t.shape[:-1], -1, 5)
         return (t * mx.array(_POW3)).sum(axis=-1).astype(mx.uint8)
-    t = (np.asarray(q).astype(np.int16) + 1).astype(np.uint16)
+    return _pack_digits((np.asarray(q) + 1).astype(np.uint8))
+
+
+def _pack_digits(t: np.ndarray) -> np.ndarray:
+    """Base-3 digits t = q + 1, uint8 (N, K) -> bytes (N, ceil(K/5)), all in uint8 (<= 242)."""
+    pad = -t.shape[-1] % 5
     if pad:
-        t = np.concatenate([t, np.ones((*t.shape[:-1], pad), np.uint16)], axis=-1)
+        t = np.concatenate([t, np.ones((*t.shape[:-1], pad), np.uint8)], axis=-1)
     t = t.reshape(*t.shape[:-1], -1, 5)
-    return (t * _POW3).sum(axis=-1, dtype=np.uint16).astype(np.uint8)
+    return t[..., 0] + 3 * t[..., 1] + 9 * t[..., 2] + 27 * t[..., 3] + 81 * t[..., 4]
 
 
 def unpack_ternary(packed, k: int):
@@ -195,11 +202,10 @@ def _affine_values(scales, biases, bits: int, name: str):
     return s[..., None] * np.arange(2**bits, dtype=np.float32) + b[..., None]
 
 
-def _affine_codes(wq: np.ndarray, bits: int) -> np.ndarray:
-    """MLX affine uint32 words (N, K*bits/32) -> codes uint8 (N, K), LSB first."""
-    shifts = np.arange(0, 32, bits, dtype=np.uint32)
-    codes = (wq[..., None] >> shifts) & np.uint32(2**bits - 1)
-    return codes.astype(np.uint8).reshape(wq.shape[0], -1)
+def _codes_2bit(wq: np.ndarray) -> np.ndarray:
+    """MLX affine 2-bit uint32 words (N, K/16) -> codes uint8 (N, K), LSB first."""
+    b = np.ascontiguousarray(wq, dtype="<u4").view(np.uint8)  # 4 codes per byte
+    return _CODES_2BIT[b, 0].view(np.uint8).reshape(wq.shape[0], -1)
 
 
 def _check_affine_shapes(wq, scales, bits: int, group_size: int, name: str) -> int:
@@ -260,7 +266,12 @@ def ternary_from_affine(wq, scales, biases, *, group_size: int = GROUP_SIZE,
     wq = _to_numpy(wq)
     _check_affine_shapes(wq, _to_numpy(scales), 2, group_size, name)
     v = _affine_values(scales, biases, 2, name)  # (N, G, 4)
-    codes = _affine_codes(wq, 2)  # (N, K)
+    codes = _codes_2bit(wq)  # (N, K)
+    if np.all(v[..., 0] == -v[..., 2]) and np.all(v[..., 1] == 0) and np.all(v[..., 2] >= 0) \
+            and codes.max() <= 2:
+        # Bonsai's convention (scale = s, bias = -s): code c means (c - 1) * s, so the codes
+        # are the base-3 digits already.
+        return _pack_digits(codes), _scales_f16(v[..., 2], name, exact=True)
     n, k = codes.shape
     cg = codes.reshape(n, -1, GROUP_SIZE)
     used = np.stack([np.any(cg == c, axis=-1) for c in range(4)], axis=-1)  # (N, G, 4)
