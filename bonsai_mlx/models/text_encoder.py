@@ -1,0 +1,401 @@
+"""Prompt encoding for FLUX.2 [klein]: hidden states of Qwen3, as Flux2KleinPipeline takes them.
+
+    prompt -> chat template (enable_thinking=False) -> 512 tokens, right-padded
+           -> Qwen3 decoder layers 1..27 with a causal + key-padding mask
+           -> [h9 | h18 | h27] per token: (B, 512, 3 * hidden)
+
+The model is mlx-lm's Qwen3 (`mlx_lm.models.qwen3`), cut after the deepest layer used: the
+final norm, the lm_head and layers 28..35 are never built, loaded or run. It reads the
+diffusers `text_encoder/` folder (transformers Qwen3ForCausalLM safetensors, possibly
+sharded) and the mlx-lm layout of Bonsai's `text_encoder-mlx-4bit/` (affine-quantized, with
+"quantization" in config.json).
+
+`PromptEncoder` loads the weights on the first prompt it has not seen, frees them after
+encoding (unless keep_loaded=True), and caches embeddings in memory and optionally on disk,
+so a seed sweep over one prompt runs Qwen3 once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.models import qwen3
+
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.weights import (
+    check_weights,
+    load_safetensors,
+    load_weights,
+    parse_dtype,
+    read_json,
+    read_safetensors_header,
+    safetensors_files,
+    save_safetensors,
+)
+
+DEFAULT_OUT_LAYERS = (9, 18, 27)
+QUANTIZE_GROUP_SIZE = 64  # for quantize_bits at load time, as mlx-lm converts
+
+
+def attention_mask_4d(attention_mask: mx.array) -> mx.array:
+    """(B, L) 1 = token, 0 = pad -> (B, 1, L, L) bool: causal and key not padding.
+
+    The mask transformers builds for Qwen3 from an attention_mask (sdpa and eager alike):
+    query i sees key j iff j <= i and j is a token. Padded queries are not masked, so with
+    right padding they see every real token; the DiT attends to them, so they must match.
+    """
+    length = attention_mask.shape[1]
+    idx = mx.arange(length)
+    causal = idx[:, None] >= idx[None, :]  # (L, L)
+    keys = attention_mask.astype(mx.bool_)[:, None, None, :]  # (B, 1, 1, L)
+    return causal[None, None] & keys
+
+
+class Qwen3Encoder(qwen3.Model):
+    """mlx-lm's Qwen3 cut after `args.num_hidden_layers` layers, returning hidden states.
+
+    Keeps mlx-lm's module tree and names (`model.embed_tokens`, `model.layers.N...`), so
+    transformers and mlx-lm checkpoints load unchanged. Drops the lm_head, and the final
+    norm unless `final_norm`: transformers' last hidden state (index num_hidden_layers of
+    the full model) is taken after the final norm, so asking for it needs the norm.
+    """
+
+    def __init__(self, args: qwen3.ModelArgs, final_norm: bool = False):
+        super().__init__(args)
+        if not final_norm:
+            del self.model.norm
+        if "lm_head" in self:
+            del self.lm_head
+
+    def __call__(
+        self, input_ids: mx.array, attention_mask: mx.array, out_layers: Sequence[int]
+    ) -> mx.array:
+        """(B, L) token ids and mask -> (B, L, len(out_layers) * hidden).
+
+        Layer k is `hidden_states[k]` of transformers: 0 the embeddings, k the output of
+        decoder layer k (1-based).
+        """
+        mask = attention_mask_4d(attention_mask)
+        h = self.model.embed_tokens(input_ids)
+        kept = {0: h}
+        for k, layer in enumerate(self.model.layers, start=1):
+            h = layer(h, mask)
+            if k in out_layers:
+                kept[k] = h
+        if "norm" in self.model and len(self.model.layers) in out_layers:
+            kept[len(self.model.layers)] = self.model.norm(h)
+        return mx.concatenate([kept[k] for k in out_layers], axis=-1)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """mlx-lm's Qwen3 name mapping, minus the tensors of parts this model never runs."""
+        weights = super().sanitize(weights)
+        n = self.args.num_hidden_layers
+        layer_index = re.compile(r"model\.layers\.(\d+)\.")
+
+        skip = ("lm_head.",) if "norm" in self.model else ("lm_head.", "model.norm.")
+
+        def needed(name: str) -> bool:
+            if name.startswith(skip):
+                return False
+            m = layer_index.match(name)
+            return m is None or int(m.group(1)) < n
+
+        return {k: v for k, v in weights.items() if needed(k)}
+
+
+def load_qwen3_encoder(
+    folder: str | Path,
+    num_layers: int,
+    dtype: str | mx.Dtype = "bfloat16",
+    quantize_bits: int | None = None,
+) -> Qwen3Encoder:
+    """The first `num_layers` layers of the Qwen3 in `folder`, weights evaluated.
+
+    `folder` is a transformers Qwen3ForCausalLM folder or an mlx-lm (quantized) one.
+    `quantize_bits` (4 or 8) quantizes a float checkpoint's linears and embedding as
+    mlx-lm does (affine, group 64); for a quantized checkpoint it must match its bits.
+    """
+    folder = Path(folder)
+    dtype = parse_dtype(dtype)
+    config_path = folder / "config.json"
+    config = read_json(config_path)
+    args = qwen3_args(config, config_path)
+    if num_layers > args.num_hidden_layers:
+        raise BonsaiError(
+            f"{config_path} has {args.num_hidden_layers} layers; layer {num_layers} "
+            "was requested"
+        )
+    final_norm = num_layers == args.num_hidden_layers
+    args.num_hidden_layers = num_layers
+    model = Qwen3Encoder(args, final_norm=final_norm)
+
+    # mx.load is lazy: the tensors of skipped layers are never read from disk.
+    weights = model.sanitize(load_weights(folder))
+    quantization = config.get("quantization")
+    if quantization is not None:
+        bits = quantization.get("bits")
+        if quantize_bits is not None and quantize_bits != bits:
+            raise BonsaiError(
+                f"{folder} is already quantized to {bits} bits; "
+                f"quantize_bits={quantize_bits} cannot change that (leave it unset)"
+            )
+
+        quantized_paths = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
+
+        def quantized_here(path: str, module: nn.Module) -> bool | dict:
+            if path not in quantized_paths:
+                return False
+            per_layer = quantization.get(path)  # mlx-lm's per-layer overrides
+            return per_layer if isinstance(per_layer, dict) else True
+
+        nn.quantize(
+            model,
+            group_size=quantization.get("group_size", 64),
+            bits=bits,
+            mode=quantization.get("mode", "affine"),
+            class_predicate=quantized_here,
+        )
+    weights = {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+        for k, v in weights.items()
+    }
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    check_weights(weights, expected, folder)
+    model.load_weights(list(weights.items()))
+    del weights
+
+    if quantize_bits is not None and quantization is None:
+        if quantize_bits not in (4, 8):
+            raise BonsaiError(f"quantize_bits must be 4 or 8, not {quantize_bits}")
+        nn.quantize(
+            model,
+            group_size=QUANTIZE_GROUP_SIZE,
+            bits=quantize_bits,
+            class_predicate=lambda _, m: (
+                hasattr(m, "to_quantized") and m.weight.shape[-1] % QUANTIZE_GROUP_SIZE == 0
+            ),
+        )
+    # One layer at a time, so quantizing at load never holds all the float weights at once.
+    mx.eval(model.model.embed_tokens.parameters())
+    for layer in model.model.layers:
+        mx.eval(layer.parameters())
+    model.eval()
+    return model
+
+
+def qwen3_args(config: dict, source: str | Path) -> qwen3.ModelArgs:
+    """mlx-lm's ModelArgs from a transformers or mlx-lm Qwen3 config.json."""
+    if config.get("model_type") != "qwen3":
+        raise BonsaiError(
+            f"{source}: model_type is {config.get('model_type')!r}, expected 'qwen3' "
+            "(the FLUX.2 [klein] text encoder); is this the text_encoder folder?"
+        )
+    try:
+        return qwen3.ModelArgs.from_dict(config)
+    except (TypeError, ValueError) as e:
+        raise BonsaiError(f"{source} is not a complete Qwen3 config: {e}") from e
+
+
+class PromptEncoder:
+    """Prompts -> FLUX.2 [klein] prompt embeddings (B, L, len(out_layers) * hidden).
+
+    Matches diffusers' `Flux2KleinPipeline.encode_prompt`. Qwen3 is loaded on the first
+    prompt not found in a cache and released after each encode unless `keep_loaded`.
+    Embeddings are cached per prompt: the last `cache_size` in memory (this encoder's model,
+    layers and length), and all of them under `cache_dir` if given, keyed by a hash of the
+    model and tokenizer files, dtype, quantization, layers, length and prompt.
+    """
+
+    def __init__(
+        self,
+        text_encoder_dir: str | Path,
+        tokenizer_dir: str | Path,
+        *,
+        dtype: str | mx.Dtype = "bfloat16",
+        out_layers: Sequence[int] = DEFAULT_OUT_LAYERS,
+        max_sequence_length: int = 512,
+        quantize_bits: int | None = None,
+        keep_loaded: bool = False,
+        cache_dir: str | Path | None = None,
+        cache_size: int = 8,
+    ):
+        self.text_encoder_dir = Path(text_encoder_dir)
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.dtype = parse_dtype(dtype)
+        self.out_layers = tuple(int(k) for k in out_layers)
+        self.max_sequence_length = int(max_sequence_length)
+        self.quantize_bits = quantize_bits
+        self.keep_loaded = keep_loaded
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.cache_size = cache_size
+
+        config_path = self.text_encoder_dir / "config.json"
+        args = qwen3_args(read_json(config_path), config_path)
+        if not self.out_layers or not all(
+            0 <= k <= args.num_hidden_layers for k in self.out_layers
+        ):
+            raise BonsaiError(
+                f"out_layers {self.out_layers} must be non-empty hidden-state indices in "
+                f"0..{args.num_hidden_layers} ({config_path})"
+            )
+        if self.max_sequence_length < 1:
+            raise BonsaiError(f"max_sequence_length must be positive, not {max_sequence_length}")
+        if quantize_bits not in (None, 4, 8):
+            raise BonsaiError(f"quantize_bits must be 4, 8 or None, not {quantize_bits}")
+        if not self.tokenizer_dir.is_dir():
+            raise BonsaiError(f"{self.tokenizer_dir} is not a folder (the tokenizer/ folder)")
+        self.hidden_size = args.hidden_size
+
+        self.model: Qwen3Encoder | None = None
+        self.loads = 0  # how many times Qwen3 was loaded (tests, benchmarks)
+        self._tokenizer = None
+        self._identity: str | None = None
+        self._memory: OrderedDict[str, mx.array] = OrderedDict()
+
+    @classmethod
+    def from_pretrained(
+        cls, text_encoder_dir: str | Path, tokenizer_dir: str | Path, **kwargs
+    ) -> PromptEncoder:
+        """Same arguments as the constructor; nothing heavy is loaded until `encode`."""
+        return cls(text_encoder_dir, tokenizer_dir, **kwargs)
+
+    # -- public -------------------------------------------------------------------------
+
+    def encode(self, prompt: str | Sequence[str]) -> mx.array:
+        """One prompt or a list -> (B, max_sequence_length, len(out_layers) * hidden)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise BonsaiError("prompt must be a string or a non-empty list of strings")
+        found = {p: self._cached(p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, e in found.items() if e is None]
+        if missing:
+            embeds = self._run_model(missing)
+            for i, p in enumerate(missing):
+                found[p] = embeds[i : i + 1]
+                self._remember(p, found[p])
+        return mx.concatenate([found[p] for p in prompts], axis=0)
+
+    def tokenize(self, prompts: Sequence[str]) -> tuple[mx.array, mx.array]:
+        """Prompts -> (input_ids, attention_mask), each (B, max_sequence_length) int32.
+
+        Warns for each prompt longer than the limit, with the number of tokens dropped.
+        """
+        tokenizer = self.tokenizer
+        ids, masks = [], []
+        for p in prompts:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False,
+                add_generation_prompt=True, enable_thinking=False,
+            )
+            n = len(tokenizer(text)["input_ids"])
+            if n > self.max_sequence_length:
+                short = p if len(p) <= 60 else p[:57] + "..."
+                warnings.warn(
+                    f"prompt {short!r} is {n} tokens with the chat template; truncated to "
+                    f"{self.max_sequence_length}, {n - self.max_sequence_length} tokens "
+                    "dropped",
+                    stacklevel=2,
+                )
+            out = tokenizer(
+                text, padding="max_length", truncation=True,
+                max_length=self.max_sequence_length,
+            )
+            ids.append(out["input_ids"])
+            masks.append(out["attention_mask"])
+        return mx.array(np.array(ids, np.int32)), mx.array(np.array(masks, np.int32))
+
+    def unload(self) -> None:
+        """Release Qwen3's weights now (the next uncached prompt loads them again)."""
+        self.model = None
+        mx.clear_cache()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+            except Exception as e:
+                raise BonsaiError(
+                    f"could not load the tokenizer from {self.tokenizer_dir}: {e}"
+                ) from e
+        return self._tokenizer
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _run_model(self, prompts: list[str]) -> mx.array:
+        input_ids, attention_mask = self.tokenize(prompts)
+        if self.model is None:
+            self.model = load_qwen3_encoder(
+                self.text_encoder_dir, max(self.out_layers), self.dtype, self.quantize_bits
+            )
+            self.loads += 1
+        try:
+            embeds = self.model(input_ids, attention_mask, self.out_layers).astype(self.dtype)
+            mx.eval(embeds)
+        finally:
+            if not self.keep_loaded:
+                self.unload()
+        return embeds
+
+    def _cached(self, prompt: str) -> mx.array | None:
+        if prompt in self._memory:
+            self._memory.move_to_end(prompt)
+            return self._memory[prompt]
+        if self.cache_dir is None:
+            return None
+        path = self._disk_path(prompt)
+        if not path.is_file():
+            return None
+        try:
+            embeds = load_safetensors(path)["prompt_embeds"]
+        except (BonsaiError, KeyError):
+            return None  # an unreadable cache entry is recomputed and rewritten
+        expected = (1, self.max_sequence_length, len(self.out_layers) * self.hidden_size)
+        if tuple(embeds.shape) != expected or embeds.dtype != self.dtype:
+            return None
+        self._remember(prompt, embeds, to_disk=False)
+        return embeds
+
+    def _remember(self, prompt: str, embeds: mx.array, to_disk: bool = True) -> None:
+        if self.cache_size > 0:
+            self._memory[prompt] = embeds
+            self._memory.move_to_end(prompt)
+            while len(self._memory) > self.cache_size:
+                self._memory.popitem(last=False)
+        if to_disk and self.cache_dir is not None:
+            save_safetensors(self._disk_path(prompt), {"prompt_embeds": embeds})
+
+    def _disk_path(self, prompt: str) -> Path:
+        key = hashlib.sha256()
+        for part in (self._model_identity(), repr(self.out_layers),
+                     str(self.max_sequence_length), prompt):
+            key.update(part.encode("utf-8") + b"\0")
+        return self.cache_dir / f"{key.hexdigest()}.safetensors"
+
+    def _model_identity(self) -> str:
+        """A hash of what determines the embeddings, cheap to compute for 8 GB of weights:
+        config, tokenizer files, weight file names, sizes and headers, dtype, quantization."""
+        if self._identity is None:
+            h = hashlib.sha256()
+            h.update((self.text_encoder_dir / "config.json").read_bytes())
+            for f in safetensors_files(self.text_encoder_dir):
+                header = read_safetensors_header(f)
+                h.update(f.name.encode() + str(f.stat().st_size).encode())
+                h.update(repr(sorted(header.items(), key=lambda kv: kv[0])).encode())
+            for f in sorted(self.tokenizer_dir.iterdir()):
+                if f.is_file():
+                    h.update(f.name.encode() + b"\0" + f.read_bytes())
+            h.update(f"{self.dtype} {self.quantize_bits}".encode())
+            self._identity = h.hexdigest()
+        return self._identity
