@@ -75,8 +75,29 @@ def _usage_message(e: click.ClickException) -> str:
     return message
 
 
+_LAZY_COMMANDS = {
+    "bench": "Benchmark seconds per stage, memory and footprint (`bench --help`)",
+    "convert": "Convert a model to packed binary / ternary weights (`convert --help`)",
+}
+
+
 class _Cli(click.Group):
-    """A group whose errors are one line on stderr (exit 2), not click's usage block."""
+    """A group whose errors are one line on stderr (exit 2), not click's usage block, and
+    whose heavier subcommands (bench, convert) are imported only when run."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in _LAZY_COMMANDS and name not in self.commands:
+            return _lazy_command(name)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, self.commands[name].get_short_help_str(60) if name in self.commands
+                 else _LAZY_COMMANDS[name]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         global _verbose
@@ -737,52 +758,35 @@ def info(model, revision, as_json) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# convert and bench: thin wrappers over their modules
+# convert and bench: their modules own their click commands; loaded only when used
 
 
-def _run_module_cli(module_name: str, what: str, args: tuple[str, ...]) -> None:
+def _lazy_command(name: str) -> click.Command:
+    """The click command `bonsai_mlx.<name>` defines, or one that says it is missing."""
     import importlib
 
+    what = _LAZY_COMMANDS[name]
     try:
-        module = importlib.import_module(f"bonsai_mlx.{module_name}")
+        module = importlib.import_module(f"bonsai_mlx.{name}")
     except ModuleNotFoundError as e:
-        if e.name != f"bonsai_mlx.{module_name}":
+        if e.name != f"bonsai_mlx.{name}":
             raise
-        raise BonsaiError(
-            f"`bonsai-mlx {module_name}` ({what}) is not available yet in this version "
-            f"of bonsai-mlx ({__version__}); update bonsai-mlx"
-        ) from None
-    command = getattr(module, "cli", None) or getattr(module, "command", None)
-    if isinstance(command, click.Command):
-        command.main(args=list(args), prog_name=f"bonsai-mlx {module_name}",
-                     standalone_mode=False)
-        return
-    entry = getattr(module, "main", None)
-    if callable(entry):
-        entry(list(args))
-        return
-    raise BonsaiError(f"bonsai_mlx.{module_name} has no command-line entry yet; "
-                      "use its Python API")
+        module = None
+    commands = [c for c in vars(module).values()
+                if isinstance(c, click.Command) and c.name == name] if module else []
+    if commands:
+        return commands[0]
+    reason = ("is not available yet in this version" if module is None
+              else "has no command-line entry yet in this version")
 
+    @click.command(name, help=f"{what} (not available yet).", add_help_option=False,
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def missing(args) -> None:
+        raise BonsaiError(f"`bonsai-mlx {name}` {reason} of bonsai-mlx ({__version__}); "
+                          "update bonsai-mlx")
 
-_PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True,
-                 "help_option_names": []}
-
-
-@cli.command(context_settings=_PASS_THROUGH, add_help_option=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@verbose_option
-def convert(args) -> None:
-    """Convert a model to bonsai-mlx's packed binary / ternary format (`convert --help`)."""
-    _run_module_cli("convert", "packed-weights conversion", args)
-
-
-@cli.command(context_settings=_PASS_THROUGH, add_help_option=False)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@verbose_option
-def bench(args) -> None:
-    """Benchmark speed and memory (`bench --help`)."""
-    _run_module_cli("bench", "benchmarks", args)
+    return missing
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import socket
 from pathlib import Path
 
+import click
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -172,14 +173,15 @@ def test_convert_and_bench_are_wired_or_say_why(command):
         module = importlib.import_module(f"bonsai_mlx.{command}")
     except ModuleNotFoundError:
         module = None
+    wired = module is not None and any(
+        isinstance(c, click.Command) and c.name == command for c in vars(module).values())
     result = run(command, "--help")
-    entry = module and (getattr(module, "cli", None) or getattr(module, "main", None))
-    if entry is None:
-        why = "not available yet" if module is None else "no command-line entry"
-        assert_user_error(result, f"bonsai-mlx {command}" if module is None else command, why)
-    else:
+    if wired:
         assert result.exit_code == 0, result.output
-        assert "Usage" in result.output
+        assert result.stdout.startswith(f"Usage: bonsai-mlx {command}")
+    else:
+        assert_user_error(result, f"`bonsai-mlx {command}`", "not available yet"
+                          if module is None else "no command-line entry")
 
 
 def test_progress_bars_cover_encoding_steps_and_decoding(capsys):
