@@ -12,6 +12,7 @@ float32 (the RoPE angles in float64, once per id set), everything else in the mo
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -135,10 +136,17 @@ def _apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
     """Sinusoidal embedding (B,) -> (B, dim) in float32, [cos | sin] order (diffusers'
     `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`)."""
-    half = dim // 2
-    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
-    args = t.astype(mx.float32)[:, None] * freqs[None]
+    args = t.astype(mx.float32)[:, None] * _timestep_freqs(dim // 2, max_period)[None]
     return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _timestep_freqs(half: int, max_period: float) -> mx.array:
+    """exp(-ln(max_period) * i / half) as float32: the exponent in float32 like diffusers,
+    the exp correctly rounded (via float64). Arguments reach 1000 rad, so a 1-ulp
+    difference in a frequency (MLX's float32 exp vs torch's) moves them by ~1e-4 rad."""
+    exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / np.float32(half)
+    return mx.array(np.exp(exponent.astype(np.float32).astype(np.float64)).astype(np.float32))
 
 
 def rope_tables(
