@@ -226,6 +226,15 @@ def test_text_projection_reuse_never_returns_a_stale_result():
     second = run(model, ref, encoder_hidden_states=c2)
     np.testing.assert_array_equal(second, run(model, ref, encoder_hidden_states=np.array(c2)))
     assert rel_error(second, first) > 1e-2
+    np.testing.assert_array_equal(run(model, ref, encoder_hidden_states=c1), first)  # CFG
+    assert model._context_memo.get(c1, model.context_embedder.weight) is not None
+
+
+def test_folder_without_config_json_infers_it(tmp_path):
+    ref = reference("tiny_a")
+    shutil.copy(HERE / "tiny_a/transformer/diffusion_pytorch_model.safetensors", tmp_path)
+    model = Flux2Transformer.from_pretrained(tmp_path, dtype="float32")
+    assert rel_error(run(model, ref), ref["output"]) <= FLOAT32_BOUND
 
 
 # -- loading errors -------------------------------------------------------------------------

@@ -365,9 +365,21 @@ class NormOut(nn.Module):
 
 
 class _ContextMemo:
-    """Holder kept out of the parameter tree (an nn.Module stores tuples as children)."""
+    """The last two text projections, keyed by the identity of the (immutable) input array
+    and of the projection weight: with CFG the two prompts alternate every step. A plain
+    object, kept out of the parameter tree (an nn.Module adopts lists and tuples)."""
 
-    source = weight = value = None
+    def __init__(self) -> None:
+        self.entries: list[tuple[mx.array, mx.array, mx.array]] = []
+
+    def get(self, source, weight) -> mx.array | None:
+        for s, w, value in self.entries:
+            if s is source and w is weight:
+                return value
+        return None
+
+    def put(self, source: mx.array, weight: mx.array, value: mx.array) -> None:
+        self.entries = [(source, weight, value), *self.entries[:1]]
 
 
 class Flux2Transformer(nn.Module):
@@ -419,12 +431,12 @@ class Flux2Transformer(nn.Module):
         )
 
     def _embed_context(self, encoder_hidden_states) -> mx.array:
-        memo, weight = self._context_memo, self.context_embedder.weight
-        if memo.source is encoder_hidden_states and memo.weight is weight:
-            return memo.value
-        out = self.context_embedder(_as_mx(encoder_hidden_states, self.dtype))
-        if isinstance(encoder_hidden_states, mx.array):  # immutable, so safe to memoise
-            memo.source, memo.weight, memo.value = encoder_hidden_states, weight, out
+        weight = self.context_embedder.weight
+        out = self._context_memo.get(encoder_hidden_states, weight)
+        if out is None:
+            out = self.context_embedder(_as_mx(encoder_hidden_states, self.dtype))
+            if isinstance(encoder_hidden_states, mx.array):  # immutable, so safe to reuse
+                self._context_memo.put(encoder_hidden_states, weight, out)
         return out
 
     def __call__(
