@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import json
 import socket
@@ -358,3 +359,50 @@ def test_image_to_image_with_strength(tmp_path):
     text = png_text(out)
     assert text["strength"] == "0.5"
     assert text["images"] == REFERENCE_IMAGE.name
+
+
+def test_info_reads_a_cached_repo_without_network(no_network, empty_hub_cache):
+    # The Hugging Face cache layout: models--owner--name/{refs/main, snapshots/<commit>/...}
+    repo = empty_hub_cache / "models--someone--tiny-pack"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = _tiny_bonsai_pack(repo / "snapshots" / commit)
+    result = run("info", "someone/tiny-pack", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model"] == "someone/tiny-pack"
+    assert report["total_bytes"] == _sizes(snapshot)
+
+
+def test_download_fetches_only_what_the_pipeline_reads(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    result = run("download", "binary", "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(tmp_path)
+    (repo_id, kwargs), = calls
+    assert repo_id == "prism-ml/bonsai-image-binary-4B-mlx-1bit"
+    patterns = kwargs["allow_patterns"]
+
+    def fetched(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+    for name in ("model_index.json", "scheduler/scheduler_config.json",
+                 "tokenizer/tokenizer.json", "vae/diffusion_pytorch_model.safetensors",
+                 "transformer-packed-mflux/diffusion_pytorch_model.safetensors",
+                 "text_encoder-mlx-4bit/model.safetensors", "transformer/config.json"):
+        assert fetched(name), name
+    # never the single-file checkpoints beside the diffusers folders
+    assert not fetched("flux-2-klein-4b.safetensors")
+
+
+def test_download_of_a_local_folder_is_a_user_error(tmp_path):
+    assert_user_error(run("download", str(tmp_path)), "local folder", "nothing to download")
