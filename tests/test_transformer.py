@@ -216,6 +216,16 @@ def test_scalar_timestep_broadcasts_over_the_batch(tiny_a):
     np.testing.assert_array_equal(out, run(tiny_a, ref, timestep=np.full(2, t, np.float32)))
 
 
+@pytest.mark.parametrize("arg,value,match", [
+    ("hidden_states", np.zeros((2, 20, 7), np.float32), "hidden_states must be"),
+    ("encoder_hidden_states", np.zeros((2, 8, 25), np.float32), "encoder_hidden_states must be"),
+    ("timestep", np.zeros(3, np.float32), "timestep must be"),
+])
+def test_wrong_input_shapes_are_clear_errors(tiny_a, arg, value, match):
+    with pytest.raises(BonsaiError, match=match):
+        run(tiny_a, reference("tiny_a"), **{arg: value})
+
+
 def test_text_projection_reuse_never_returns_a_stale_result():
     ref = reference("tiny_a")
     model = Flux2Transformer.from_pretrained(HERE / "tiny_a" / "transformer", dtype="float32")

@@ -182,6 +182,14 @@ def _as_numpy(a: np.ndarray | mx.array) -> np.ndarray:
     return np.asarray(a)
 
 
+def _per_sample(v, batch: int, name: str) -> mx.array:
+    """A scalar or (B,) value -> (B,) float32."""
+    v = _as_mx(v, mx.float32).reshape(-1)
+    if v.size not in (1, batch):
+        raise BonsaiError(f"{name} must be a scalar or have {batch} values, got {v.size}")
+    return mx.broadcast_to(v, (batch,))
+
+
 def _as_mx(a: np.ndarray | mx.array, dtype: mx.Dtype) -> mx.array:
     if not isinstance(a, mx.array):
         a = mx.array(np.ascontiguousarray(a, dtype=np.float32))
@@ -454,9 +462,18 @@ class Flux2Transformer(nn.Module):
         timestep (B,) or scalar sigma in [0, 1], img_ids (N, 4) | (B, N, 4), txt_ids (L, 4) |
         (B, L, 4) (not needed when `rope` is given). Returns (B, N, out_channels) in the
         model dtype."""
+        cfg = self.config
         x = _as_mx(hidden_states, self.dtype)
-        c = self._embed_context(encoder_hidden_states)
+        if x.ndim != 3 or x.shape[-1] != cfg.in_channels:
+            raise BonsaiError(
+                f"hidden_states must be (B, N, {cfg.in_channels}), got {tuple(x.shape)}")
         b, n, _ = x.shape
+        ctx_shape = tuple(encoder_hidden_states.shape)
+        if len(ctx_shape) != 3 or ctx_shape[0] != b or ctx_shape[2] != cfg.joint_attention_dim:
+            raise BonsaiError(
+                f"encoder_hidden_states must be ({b}, L, {cfg.joint_attention_dim}), "
+                f"got {ctx_shape}")
+        c = self._embed_context(encoder_hidden_states)
         n_txt = c.shape[1]
         if rope is None:
             if img_ids is None or txt_ids is None:
@@ -468,10 +485,8 @@ class Flux2Transformer(nn.Module):
                 f"{n} image tokens; build them from this input's ids"
             )
 
-        t = mx.broadcast_to(_as_mx(timestep, mx.float32).reshape(-1), (b,)) * 1000
-        g = None
-        if guidance is not None:
-            g = mx.broadcast_to(_as_mx(guidance, mx.float32).reshape(-1), (b,)) * 1000
+        t = _per_sample(timestep, b, "timestep") * 1000
+        g = None if guidance is None else _per_sample(guidance, b, "guidance") * 1000
         temb = self.time_guidance_embed(t, g, self.dtype)  # (B, dim)
         mod_img = self.double_stream_modulation_img(temb)
         mod_txt = self.double_stream_modulation_txt(temb)
