@@ -416,7 +416,7 @@ class Flux2Transformer(nn.Module):
         )
         self._dtype = parse_dtype(dtype)
         self.set_dtype(self._dtype)
-        # Last text projection, reused while the same encoder_hidden_states array comes back
+        # Text projections reused while the same encoder_hidden_states arrays come back
         # (every denoising step of one generation).
         self._context_memo = _ContextMemo()
 
