@@ -434,7 +434,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 @click.option("--size", default=None,
               help="WIDTHxHEIGHT in pixels, multiples of 16 [default: 1024x1024, or the "
                    "first --image's size].")
-@click.option("--seed", "seeds", type=int, multiple=True,
+@click.option("--seed", "seeds", type=click.IntRange(0, 2**64 - 1), multiple=True,
               help="Random seed; repeat for several images.")
 @click.option("--seeds", "n_random", type=click.IntRange(min=1), default=None,
               help="Make N images with random seeds.")
@@ -517,7 +517,8 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                 image = image[0]
             meta = {
                 "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
-                "steps": steps or progress.steps_total or _model_default(pipe, "steps"),
+                # the schedule's length (image-to-image runs only its last part)
+                "steps": steps or _model_default(pipe, "steps") or progress.steps_total,
                 "guidance": _effective_guidance(pipe, guidance),
                 "size": f"{image.width}x{image.height}", "model": model_id,
                 "strength": strength,

@@ -135,6 +135,7 @@ def test_write_png_exclusive_numbers_names_and_keeps_existing_files(tmp_path):
     (["--image", "NOT_AN_IMAGE"], ["is not a readable image"]),
     (["-o", "out.jpg"], ["only PNG is written", "out.png"]),
     (["--steps", "0"], ["'--steps'", "bonsai-mlx gen --help"]),
+    (["--seed", "-3"], ["'--seed'", "-3 is not in the range"]),
 ])
 def test_gen_user_errors_exit_2_with_one_line(tmp_path, monkeypatch, args, phrases):
     good, bad = tmp_path / "photo.png", tmp_path / "notes.png"
@@ -358,6 +359,7 @@ def test_image_to_image_with_strength(tmp_path):
     assert result.exit_code == 0, (result.output, result.exception)
     text = png_text(out)
     assert text["strength"] == "0.5"
+    assert text["steps"] == "2"  # the schedule's length, of which the last half ran
     assert text["images"] == REFERENCE_IMAGE.name
 
 
