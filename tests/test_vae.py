@@ -182,3 +182,10 @@ def test_decode_tiles_automatically_above_the_threshold(monkeypatch):
     monkeypatch.setattr(vae_module, "AUTO_TILE_PIXELS", 32 * 32 - 1)
     vae.decode(mx.zeros((1, 4, 4, 32)), tile_size=16, tile_overlap=8)
     assert calls == [{"tile_size": 16, "tile_overlap": 8}]
+
+
+def test_pipeline_folder_with_vae_subfolder_loads(tmp_path):
+    shutil.copytree(VAE_DIR / "small", tmp_path / "vae")
+    (tmp_path / "model_index.json").write_text("{}")
+    vae = VAE.from_pretrained(tmp_path, dtype="float32")
+    assert vae.config.block_out_channels == (16, 16, 32, 32)

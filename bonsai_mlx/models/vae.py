@@ -297,12 +297,15 @@ class VAE(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: str | mx.Dtype = "bfloat16") -> VAE:
         """Load a diffusers `vae/` folder or a Black Forest Labs `ae.safetensors` file.
 
-        `path` is a folder (diffusers `config.json` + safetensors, or a folder holding
-        `ae.safetensors`) or a single `.safetensors` file. Without a config.json, the
+        `path` is a folder (diffusers `config.json` + safetensors, a folder holding
+        `ae.safetensors`, or a pipeline folder / Hub repo id with a `vae/` subfolder) or a
+        single `.safetensors` file. Without a config.json, the
         config is inferred from tensor shapes (GroupNorm groups: 32, as FLUX.2).
         """
         dtype = parse_dtype(dtype)
-        path = resolve_model_path(path)
+        path = resolve_model_path(path, allow_patterns=["vae/*"])
+        if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
+            path = path / "vae"  # a whole pipeline folder or Hub repo
         source, stem = path, None
         if path.is_dir():
             for candidate in ("diffusion_pytorch_model", "ae"):
