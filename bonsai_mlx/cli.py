@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
-import inspect
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,15 +36,10 @@ ALIASES = {
 }
 DEFAULT_MODEL = "ternary"
 
-# What `download` fetches when the pipeline does not say: the diffusers / Bonsai component
-# folders and the top-level index, never the single-file checkpoints beside them.
-_FALLBACK_ALLOW_PATTERNS = [
-    "model_index.json", "manifest.json",
-    "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.jinja", "*/*.model",
-]
-
 _EXIT_USER_ERROR = 2
 _EXIT_INTERRUPTED = 130
+# click >= 8.2 raises this for a bare `bonsai-mlx`; older versions print the help themselves
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 # ----------------------------------------------------------------------------------------
@@ -107,7 +101,7 @@ class _Cli(click.Group):
         except BonsaiError as e:
             _report(str(e), e)
             sys.exit(_EXIT_USER_ERROR)
-        except click.exceptions.NoArgsIsHelpError as e:
+        except _NO_ARGS_IS_HELP as e:
             click.echo(e.ctx.get_help())
             sys.exit(0)
         except click.ClickException as e:
@@ -180,16 +174,6 @@ def resolve_model(model: str) -> str:
 
 def _is_local(model: str) -> bool:
     return Path(model).expanduser().is_dir()
-
-
-def _allow_patterns() -> list[str]:
-    """The files the pipeline reads, so `download` fetches nothing more."""
-    try:
-        from bonsai_mlx import pipeline
-    except ImportError:
-        return list(_FALLBACK_ALLOW_PATTERNS)
-    patterns = getattr(pipeline, "ALLOW_PATTERNS", None)
-    return list(patterns) if patterns else list(_FALLBACK_ALLOW_PATTERNS)
 
 
 def _cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
@@ -364,7 +348,6 @@ class _Progress:
     label: str = ""
     _bar: object = None
     _stage: str = ""
-    steps_total: int | None = field(default=None)
 
     def _open(self, stage: str, total: int, unit: str) -> None:
         from tqdm.auto import tqdm
@@ -378,7 +361,6 @@ class _Progress:
         self._open("encoding", 1, "prompt")
 
     def callback(self, step: int, total: int, latents=None) -> None:
-        self.steps_total = total
         if self._stage != "denoising":
             self._open("denoising", total, "step")
         done = min(int(step), total)
@@ -413,14 +395,6 @@ def format_summary(timings, peak_memory, load_seconds: float | None = None) -> s
     if peak_memory:
         parts.append(f"peak memory {_human(peak_memory)}")
     return ", ".join(parts)
-
-
-def _call_with_supported(fn: Callable, kwargs: dict) -> object:
-    """Call `fn` with the keyword arguments it accepts; None values are left out."""
-    params = inspect.signature(fn).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return fn(**{k: v for k, v in kwargs.items()
-                 if v is not None and (takes_any or k in params)})
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -494,10 +468,8 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         warnings.showwarning = _print_warning
         t0 = time.perf_counter()
         with _hub_progress(show):
-            pipe = _call_with_supported(Pipeline.from_pretrained, {
-                "path_or_repo_id": model_id, "dtype": compute_dtype, "revision": revision,
-                "keep_text_encoder": no_offload or None,
-            })
+            pipe = Pipeline.from_pretrained(model_id, dtype=compute_dtype, revision=revision,
+                                            keep_text_encoder=no_offload)
         load_seconds = time.perf_counter() - t0
 
         for i, seed in enumerate(seed_list):
@@ -505,21 +477,20 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
             progress = _Progress(show, label)
             progress.start()
             try:
-                image = _call_with_supported(pipe.generate, {
-                    "prompt": prompt, "width": width, "height": height, "steps": steps,
-                    "guidance": guidance, "seed": seed, "negative_prompt": negative_prompt,
-                    "images": list(images) or None, "strength": strength,
-                    "tiled_vae": tile_vae, "output_type": "pil", "callback": progress.callback,
-                })
+                image = pipe.generate(
+                    prompt, width=width, height=height, steps=steps, guidance=guidance,
+                    seed=seed, negative_prompt=negative_prompt, images=list(images) or None,
+                    strength=strength, tiled_vae=tile_vae, callback=progress.callback,
+                )
             finally:
                 progress.close()
-            if isinstance(image, list):
-                image = image[0]
             meta = {
                 "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
                 # the schedule's length (image-to-image runs only its last part)
-                "steps": steps or _model_default(pipe, "steps") or progress.steps_total,
-                "guidance": _effective_guidance(pipe, guidance),
+                "steps": steps or pipe.default_steps,
+                # distilled models ignore --guidance (the pipeline warns)
+                "guidance": pipe.default_guidance if guidance is None or pipe.is_distilled
+                else guidance,
                 "size": f"{image.width}x{image.height}", "model": model_id,
                 "strength": strength,
                 "images": ", ".join(Path(p).name for p in images) or None,
@@ -529,26 +500,9 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                                        png_metadata(meta))
             click.echo(str(path))
             if not quiet:
-                summary = format_summary(getattr(pipe, "last_timings", None),
-                                         getattr(pipe, "last_peak_memory", None),
+                summary = format_summary(pipe.last_timings, pipe.last_peak_memory,
                                          load_seconds if i == 0 else None)
                 click.echo(f"{label}seed {seed}: {summary}", err=True)
-
-
-def _effective_guidance(pipe, guidance: float | None):
-    """The guidance scale that shaped the image: distilled models ignore the option."""
-    if guidance is None or getattr(pipe, "is_distilled", False):
-        return _model_default(pipe, "guidance")
-    return guidance
-
-
-def _model_default(pipe, what: str):
-    """steps / guidance the pipeline used when the user gave none (None if it does not say)."""
-    for name in (f"default_{what}", f"last_{what}"):
-        value = getattr(pipe, name, None)
-        if value is not None:
-            return value
-    return None
 
 
 # ----------------------------------------------------------------------------------------
@@ -587,7 +541,8 @@ def download(model, revision, quiet) -> None:
     repo_id = resolve_model(model)
     if _is_local(repo_id):
         raise BonsaiError(f"{model} is a local folder; there is nothing to download")
-    patterns = _allow_patterns()
+    from bonsai_mlx.pipeline import ALLOW_PATTERNS as patterns  # only the files it reads
+
     if not quiet:
         remote = _remote_sizes(repo_id, revision, patterns)
         if remote:
