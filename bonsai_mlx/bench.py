@@ -575,16 +575,21 @@ def _model_precision(root: Path) -> str:
 
 
 def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: str,
-             seed: int) -> dict[str, Any]:
+             seed: int, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """One timed image: stage seconds (from the pipeline), wall total, memory."""
     pipe = target.pipeline
+
+    def progress(step: int, total: int, latents) -> None:
+        if log is not None:
+            log(f"  step {step}/{total} done")
+
     mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
     with MemorySampler() as sampler:
         t0 = time.perf_counter()
         image = pipe.generate(prompt, width=width, height=height, steps=steps, seed=seed,
-                              output_type="mx")
+                              output_type="mx", callback=progress)
         mx.eval(image)
         wall = time.perf_counter() - t0
     timings = dict(pipe.last_timings)
@@ -669,10 +674,10 @@ def run_bench(
         flops = transformer_flops(config, h, w, target.text_tokens)
         for i in range(warmup):
             log(f"{w}x{h}: warm-up {i + 1}/{warmup}")
-            run_once(target, w, h, steps, f"{prompt} (warm-up {i})", seed)
+            run_once(target, w, h, steps, f"{prompt} (warm-up {i})", seed, log)
         for i in range(repeats):
             # A new prompt each run: the prompt encoder caches embeddings per prompt.
-            result = run_once(target, w, h, steps, f"{prompt} (run {i})", seed + i)
+            result = run_once(target, w, h, steps, f"{prompt} (run {i})", seed + i, log)
             record = {
                 "schema": SCHEMA,
                 "kind": "run",
@@ -1061,8 +1066,18 @@ command = bench_command  # what `bonsai-mlx bench` looks up
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    bench_command.main(args=list(argv) if argv is not None else None,
-                       prog_name="bonsai-mlx bench")
+    """`python -m bonsai_mlx.bench` / benchmarks/bench.py: user errors print one line, exit 2."""
+    try:
+        bench_command.main(args=list(argv) if argv is not None else None,
+                           prog_name="bonsai-mlx bench", standalone_mode=False)
+    except BonsaiError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
