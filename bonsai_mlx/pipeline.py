@@ -106,21 +106,19 @@ class Pipeline:
         root = resolve_model_path(path_or_repo_id, revision=revision,
                                   allow_patterns=ALLOW_PATTERNS)
         layout = detect_layout(root)
-        if layout == "bonsai-mlx-pack":
-            raise BonsaiError(
-                f"{root} is a Bonsai MLX pack (transformer-packed-mflux/): loading packed "
-                "transformers is not supported yet; use the matching `*-unpacked` repo for now"
-            )
-        index = read_json(root / "model_index.json")
+        dirs = LAYOUTS[layout]
+        index_path = root / "model_index.json"
+        index = read_json(index_path) if index_path.is_file() else {}
         scheduler = SchedulerConfig.from_pretrained(root / "scheduler")
-        transformer = Flux2Transformer.from_pretrained(root / "transformer", dtype=dtype)
+        transformer = load_transformer(root / dirs["transformer"], dtype)
         vae = VAE.from_pretrained(root / "vae", dtype=dtype)
         prompt_encoder = PromptEncoder.from_pretrained(
-            root / "text_encoder", root / "tokenizer", dtype=dtype,
+            root / dirs["text_encoder"], root / "tokenizer", dtype=dtype,
             keep_loaded=keep_text_encoder, cache_dir=prompt_cache_dir,
         )
-        return cls(transformer, vae, prompt_encoder, scheduler,
-                   is_distilled=bool(index.get("is_distilled", False)))
+        # Bonsai packs are compressions of the distilled FLUX.2 [klein] 4B.
+        distilled = index.get("is_distilled", layout == "bonsai-mlx-pack")
+        return cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled))
 
     # ---- prompts --------------------------------------------------------------------
 
@@ -346,6 +344,13 @@ class Pipeline:
 
 # ---- layout ---------------------------------------------------------------------------
 
+# Folder of each model per layout (tokenizer/, vae/ and scheduler/ are shared).
+LAYOUTS = {
+    "diffusers": {"transformer": "transformer", "text_encoder": "text_encoder"},
+    "bonsai-mlx-pack": {"transformer": "transformer-packed-mflux",
+                        "text_encoder": "text_encoder-mlx-4bit"},
+}
+
 
 def detect_layout(root: Path) -> str:
     """'diffusers' or 'bonsai-mlx-pack'; anything else is an explained BonsaiError."""
@@ -353,6 +358,13 @@ def detect_layout(root: Path) -> str:
     if not root.is_dir():
         raise BonsaiError(f"{root} is not a folder")
     if (root / "transformer-packed-mflux").is_dir():
+        missing = [d for d in ("text_encoder-mlx-4bit", "tokenizer", "vae", "scheduler")
+                   if not (root / d).is_dir()]
+        if missing:
+            raise BonsaiError(
+                f"{root} is a Bonsai MLX pack but lacks {', '.join(missing)}/; the download "
+                "is incomplete or the folder was copied partly"
+            )
         return "bonsai-mlx-pack"
     index_path = root / "model_index.json"
     if index_path.is_file():
@@ -377,6 +389,17 @@ def detect_layout(root: Path) -> str:
         f"a Bonsai MLX pack (transformer-packed-mflux/, text_encoder-mlx-4bit/, vae/); found "
         f"{found}"
     )
+
+
+def load_transformer(folder: Path, dtype: mx.Dtype) -> Flux2Transformer:
+    """A dense diffusers `transformer/` folder, or a packed one (quantization_config.json:
+    our bonsai-mlx layout or a Bonsai MLX 1-/2-bit pack, converted exactly)."""
+    if not (folder / "quantization_config.json").is_file():
+        return Flux2Transformer.from_pretrained(folder, dtype=dtype)
+    from bonsai_mlx.quant.loading import load_packed_transformer_weights
+
+    model = Flux2Transformer(read_json(folder / "config.json"), dtype)
+    return load_packed_transformer_weights(model, folder)
 
 
 # ---- inputs ---------------------------------------------------------------------------

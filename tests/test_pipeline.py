@@ -230,10 +230,9 @@ def test_unknown_and_unsupported_folder_layouts(tmp_path):
     with pytest.raises(BonsaiError, match="not a FLUX.2 \\[klein\\] model folder"):
         Pipeline.from_pretrained(tmp_path / "random")
     pack = tmp_path / "pack"
-    for d in ("transformer-packed-mflux", "text_encoder-mlx-4bit", "vae"):
+    for d in ("transformer-packed-mflux", "vae"):
         (pack / d).mkdir(parents=True)
-    (pack / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline"}')
-    with pytest.raises(BonsaiError, match="not supported yet"):
+    with pytest.raises(BonsaiError, match="Bonsai MLX pack but lacks text_encoder-mlx-4bit"):
         Pipeline.from_pretrained(pack)
     other = tmp_path / "other"
     other.mkdir()
@@ -255,3 +254,71 @@ def test_no_warnings_for_plain_text_to_image(pipes):
         warnings.simplefilter("error")
         pipes["distilled"].generate("a", width=32, height=32, steps=1, seed=0,
                                     output_type="np")
+
+
+def _write_bonsai_pack_and_dense_twin(tmp_path):
+    """A miniature Bonsai MLX 1-bit pack built from the distilled fixture (its transformer
+    replaced by a random one wide enough to pack: K multiple of 128), and the same model as
+    a dense diffusers folder holding the exactly dequantised weights."""
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    from bonsai_mlx.models.transformer import Flux2Transformer
+    from bonsai_mlx.quant.model import model_packed_layer_paths
+
+    config = dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
+                  attention_head_dim=64, num_attention_heads=2, joint_attention_dim=48,
+                  axes_dims_rope=[16, 16, 16, 16], rope_theta=2000, guidance_embeds=False)
+    model = Flux2Transformer(config, dtype="float32")
+    packed = set(model_packed_layer_paths(model))
+    rng = np.random.default_rng(0)
+    dense, pack = {}, {}
+    for k, v in tree_flatten(model.parameters()):
+        layer = k.removesuffix(".weight")
+        if layer in packed:  # exactly +-s per group of 128: 1-bit affine holds it exactly
+            n, kk = v.shape
+            q = rng.choice([-1.0, 1.0], size=(n, kk // 128, 128))
+            s = rng.uniform(0.05, 0.2, size=(n, kk // 128, 1))
+            w = mx.array((q * s).reshape(n, kk).astype(np.float16))
+            pack[k], pack[f"{layer}.scales"], pack[f"{layer}.biases"] = mx.quantize(
+                w, group_size=128, bits=1)
+            dense[k] = w
+        else:
+            dense[k] = pack[k] = v.astype(mx.float16)
+    src = FIXTURES / "distilled"
+    roots = {}
+    for name, folder, weights in (("pack", "transformer-packed-mflux", pack),
+                                  ("dense", "transformer", dense)):
+        root = tmp_path / name
+        for d in ("tokenizer", "scheduler", "vae"):
+            shutil.copytree(src / d, root / d)
+        shutil.copy(src / "model_index.json", root)
+        te = "text_encoder-mlx-4bit" if name == "pack" else "text_encoder"
+        shutil.copytree(src / "text_encoder", root / te)
+        (root / folder).mkdir()
+        mx.save_safetensors(str(root / folder / "diffusion_pytorch_model.safetensors"), weights)
+        (root / folder / "config.json").write_text(
+            json.dumps({"_class_name": "Flux2Transformer2DModel", **config}))
+        roots[name] = root
+    (roots["pack"] / "model_index.json").unlink()  # a pack is distilled even without it
+    (roots["pack"] / "transformer-packed-mflux" / "quantization_config.json").write_text(
+        json.dumps({"bits": 1, "group_size": 128,
+                    "skip_patterns": ["x_embedder", "context_embedder", "proj_out", "norm_out",
+                                      "time_guidance_embed", "modulation", "norm_q",
+                                      "norm_k"]}))
+    return roots
+
+
+def test_bonsai_mlx_pack_generates_what_its_dense_twin_does(tmp_path, arrays):
+    from bonsai_mlx.quant import BinaryLinear
+
+    roots = _write_bonsai_pack_and_dense_twin(tmp_path)
+    pack = Pipeline.from_pretrained(roots["pack"], dtype="float32")
+    dense = Pipeline.from_pretrained(roots["dense"], dtype="float32")
+    assert pack.is_distilled and pack.default_steps == 4
+    assert isinstance(pack.transformer.transformer_blocks[0].attn.to_q, BinaryLinear)
+    lat = arrays["distilled_t2i/latents"]
+    a = pack.generate("a fox", width=96, height=64, steps=2, latents=lat, output_type="np")
+    b = dense.generate("a fox", width=96, height=64, steps=2, latents=lat, output_type="np")
+    np.testing.assert_allclose(a, b, atol=1e-4)
