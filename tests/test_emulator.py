@@ -330,3 +330,12 @@ def test_unwritten_outputs_are_nan_without_init_value():
         output_dtypes=[mx.float32],
     )
     assert y[0] == 1 and np.isnan(y[1])
+
+
+@pytest.mark.parametrize("order", ["simdgroups", "reverse", "round-robin"])
+def test_every_schedule_runs_barriers_correctly_and_exposes_races(monkeypatch, order):
+    monkeypatch.setenv("BONSAI_EMULATOR_SCHEDULE", order)
+    y, expected = reduce_sums("emulator", BARRIER, "")
+    np.testing.assert_array_equal(y, expected)
+    y, expected = reduce_sums("emulator", "", BARRIER)
+    assert not np.array_equal(y, expected)

@@ -111,6 +111,20 @@ def compiler() -> str | None:
     return shutil.which(cxx)
 
 
+SCHEDULES = {"simdgroups": 0, "reverse": 1, "round-robin": 2}
+
+
+def schedule() -> int:
+    """Fiber schedule from BONSAI_EMULATOR_SCHEDULE: simdgroups (default), reverse, round-robin.
+
+    Every order is a legal GPU execution; a correct kernel gives the same result under each.
+    """
+    name = os.environ.get("BONSAI_EMULATOR_SCHEDULE", "simdgroups")
+    if name not in SCHEDULES:
+        raise ValueError(f"BONSAI_EMULATOR_SCHEDULE={name!r} is not one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
 def cache_dir() -> Path:
     env = os.environ.get("BONSAI_EMULATOR_CACHE")
     if env:
@@ -288,9 +302,9 @@ class MetalKernelEmulator:
             f"  {func_name}{targs}({', '.join(args)});\n"
             "}\n"
             'extern "C" int bonsai_launch(void* const* args, const long* grid, const long* tg,'
-            " char* err, int errlen) {\n"
+            " int schedule, char* err, int errlen) {\n"
             "  bonsai_args = args;\n"
-            "  return bonsai_emu::launch(grid, tg, &bonsai_run_thread, err, errlen);\n"
+            "  return bonsai_emu::launch(grid, tg, schedule, &bonsai_run_thread, err, errlen);\n"
             "}\n"
         )
         return src
@@ -329,6 +343,7 @@ class MetalKernelEmulator:
                 ctypes.POINTER(ctypes.c_void_p),
                 ctypes.POINTER(ctypes.c_long),
                 ctypes.POINTER(ctypes.c_long),
+                ctypes.c_int,
                 ctypes.c_char_p,
                 ctypes.c_int,
             ]
@@ -413,7 +428,7 @@ class MetalKernelEmulator:
         err = ctypes.create_string_buffer(1024)
         if min(grid) > 0:
             with _LOCK:
-                rc = lib.bonsai_launch(argv, g, t, err, len(err))
+                rc = lib.bonsai_launch(argv, g, t, schedule(), err, len(err))
             if rc != 0:
                 raise EmulatorError(f"kernel {self.name!r}: {err.value.decode()}")
         del keep

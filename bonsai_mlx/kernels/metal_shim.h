@@ -756,7 +756,8 @@ using namespace metal;
 // Launch: run every threadgroup of the grid, one after another.
 namespace bonsai_emu {
 
-inline int launch(const long* grid, const long* tg, void (*entry)(Fiber*), char* err, int errlen) {
+inline int launch(const long* grid, const long* tg, int schedule, void (*entry)(Fiber*), char* err,
+                  int errlen) {
   long tgx = std::min(tg[0], grid[0]), tgy = std::min(tg[1], grid[1]),
        tgz = std::min(tg[2], grid[2]);
   long tg_threads = tgx * tgy * tgz;
@@ -841,24 +842,40 @@ inline int launch(const long* grid, const long* tg, void (*entry)(Fiber*), char*
                       unsigned(p & 0xffffffffu), unsigned(p >> 32));
 #endif
         }
+        // Schedule: one SIMD-group at a time, run until all its lanes wait at a
+        // threadgroup_barrier or finish (lanes in order, switching at SIMD-group operations),
+        // then the next. A missing barrier between SIMD-groups then reads stale or poisoned
+        // threadgroup memory. schedule 1 takes SIMD-groups and lanes in reverse order;
+        // schedule 2 is round-robin over all threads.
         int done = 0;
         while (done < n) {
           bool ran = false;
-          done = 0;
-          for (int i = 0; i < n; ++i) {
-            Fiber& f = fibers[i];
-            if (f.state == READY) {
-              R.cur = &f;
+          for (int si = 0; si < nsimd && !R.abort; ++si) {
+            int s = schedule == 1 ? nsimd - 1 - si : si;
+            int lo = schedule == 2 ? 0 : s * kSimdWidth;
+            int hi = schedule == 2 ? n : std::min(n, lo + kSimdWidth);
+            bool progress = true;
+            while (progress && !R.abort) {
+              progress = false;
+              for (int li = lo; li < hi; ++li) {
+                int i = schedule == 1 ? hi - 1 - (li - lo) : li;
+                Fiber& f = fibers[i];
+                if (f.state != READY) continue;
+                R.cur = &f;
 #if defined(__x86_64__)
-              bonsai_ctx_switch(&R.sched_sp, f.sp);
+                bonsai_ctx_switch(&R.sched_sp, f.sp);
 #else
-              swapcontext(&R.sched_ctx, &f.ctx);
+                swapcontext(&R.sched_ctx, &f.ctx);
 #endif
-              ran = true;
-              if (R.abort) break;
+                ran = progress = true;
+                if (R.abort) break;
+                if (schedule == 2) progress = false;  // one pass per round
+              }
             }
-            if (f.state == DONE) done++;
+            if (schedule == 2) break;
           }
+          done = 0;
+          for (int i = 0; i < n; ++i) done += fibers[i].state == DONE;
           if (R.abort) {
             std::snprintf(err, size_t(errlen), "threadgroup (%ld, %ld, %ld): %s", gx, gy, gz,
                           R.error);

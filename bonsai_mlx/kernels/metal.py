@@ -1,0 +1,137 @@
+"""The Metal kernels for packed binary / ternary weights, through `mx.fast.metal_kernel`.
+
+Sources live in `metal/` (repo) or `bonsai_mlx/metal/` (wheel): `packed.h` (formats, tile
+sizes, decode helpers) and one body per kernel:
+
+- `packed_gemm.metal`: fused tiled GEMM, W tiles unpacked into threadgroup memory,
+  `simdgroup_matrix` 8x8 multiply-accumulate (any M; meant for M > 8);
+- `packed_gemv.metal`: small-M kernel (M <= 8), simd_sum reduction over K;
+- `dequantize.metal`: packed -> dense (N, K), for dequantize-then-`mx.matmul`.
+
+Each function takes `backend="metal"` (a real Apple GPU) or `"emulator"` (the CPU emulator in
+`emulator.py`, used by the tests on Linux). Kernels are built once per backend.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import mlx.core as mx
+
+from bonsai_mlx.errors import BonsaiError
+
+GROUP_SIZE = 128
+GEMM_TILE = (64, 64)  # (BM, BN) in packed.h
+GEMM_THREADS = 128
+GEMV_MAX_M = 8
+GEMV_ROWS_PER_THREADGROUP = 8 * 4  # 8 simdgroups x GEMV_ROWS
+ACTIVATION_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+
+def metal_source_dir() -> Path:
+    """`bonsai_mlx/metal/` in a wheel, else the repository's `metal/` (editable install)."""
+    here = Path(__file__).resolve().parent.parent
+    for folder in (here / "metal", here.parent / "metal"):
+        if (folder / "packed.h").is_file():
+            return folder
+    raise BonsaiError(
+        f"Metal kernel sources not found in {here / 'metal'} or {here.parent / 'metal'}; "
+        "reinstall bonsai-mlx"
+    )
+
+
+@functools.cache
+def _kernel(kind: str, backend: str):
+    folder = metal_source_dir()
+    header = (folder / "packed.h").read_text()
+    source = (folder / f"{kind}.metal").read_text()
+    if backend == "metal":
+        factory = mx.fast.metal_kernel
+    elif backend == "emulator":
+        from bonsai_mlx.kernels import emulator
+
+        factory = emulator.metal_kernel
+    else:
+        raise ValueError(f"unknown kernel backend {backend!r}")
+    outputs = ["out"] if kind == "dequantize" else ["y"]
+    inputs = ["w", "scales"] if kind == "dequantize" else ["x", "w", "scales"]
+    return factory(
+        name=f"bonsai_{kind}",
+        input_names=inputs,
+        output_names=outputs,
+        source=source,
+        header=header,
+    )
+
+
+def _check(packed: mx.array, scales: mx.array) -> None:
+    if packed.dtype not in (mx.uint32, mx.uint8) or packed.ndim != 2 or scales.ndim != 2:
+        raise BonsaiError(
+            f"packed weight must be uint32 (binary) or uint8 (ternary) of 2 dimensions, got "
+            f"{packed.dtype} {packed.shape} with scales {scales.shape}"
+        )
+
+
+def packed_k(packed: mx.array, scales: mx.array) -> int:
+    """Input features K of a packed weight."""
+    return packed.shape[1] * 32 if packed.dtype == mx.uint32 else scales.shape[1] * GROUP_SIZE
+
+
+def packed_matmul(
+    x: mx.array, packed: mx.array, scales: mx.array, *, backend: str = "metal"
+) -> mx.array:
+    """x (..., K) @ W.T -> (..., N) in x's dtype; binary (uint32) or ternary (uint8) W.
+
+    M <= 8 rows use the small-M kernel, larger M the fused tiled GEMM.
+    """
+    _check(packed, scales)
+    n, k = packed.shape[0], packed_k(packed, scales)
+    if x.shape[-1] != k:
+        raise BonsaiError(f"input has {x.shape[-1]} features, the packed weight expects {k}")
+    dtype = x.dtype if x.dtype in ACTIVATION_DTYPES else mx.float32
+    lead = x.shape[:-1]
+    m = 1
+    for d in lead:
+        m *= d
+    x2 = x.reshape(m, k).astype(dtype)
+    if m == 0:
+        return mx.zeros((*lead, n), dtype=dtype)
+    if m <= GEMV_MAX_M:
+        groups = -(-n // GEMV_ROWS_PER_THREADGROUP)
+        y = _kernel("packed_gemv", backend)(
+            inputs=[x2, packed, scales],
+            template=[("T", dtype)],
+            grid=(groups * 256, 1, 1),
+            threadgroup=(256, 1, 1),
+            output_shapes=[(m, n)],
+            output_dtypes=[dtype],
+        )[0]
+    else:
+        bm, bn = GEMM_TILE
+        y = _kernel("packed_gemm", backend)(
+            inputs=[x2, packed, scales],
+            template=[("T", dtype)],
+            grid=(-(-n // bn) * GEMM_THREADS, -(-m // bm), 1),
+            threadgroup=(GEMM_THREADS, 1, 1),
+            output_shapes=[(m, n)],
+            output_dtypes=[dtype],
+        )[0]
+    return y.reshape(*lead, n)
+
+
+def dequantize(
+    packed: mx.array, scales: mx.array, dtype: mx.Dtype = mx.float32, *, backend: str = "metal"
+) -> mx.array:
+    """Packed W -> dense (N, K) in `dtype` (bfloat16, float16 or float32)."""
+    _check(packed, scales)
+    n, units = packed.shape
+    k = packed_k(packed, scales)
+    return _kernel("dequantize", backend)(
+        inputs=[packed, scales],
+        template=[("T", dtype)],
+        grid=(units, n, 1),
+        threadgroup=(32, 8, 1),
+        output_shapes=[(n, k)],
+        output_dtypes=[dtype],
+    )[0]
