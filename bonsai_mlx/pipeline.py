@@ -116,6 +116,14 @@ class Pipeline:
             root / dirs["text_encoder"], root / "tokenizer", dtype=dtype,
             keep_loaded=keep_text_encoder, cache_dir=prompt_cache_dir,
         )
+        latent_channels = vae.config.latent_channels
+        in_channels = transformer.config.in_channels
+        if vae.scale_factor * 2 != MULTIPLE or in_channels != 4 * latent_channels:
+            raise BonsaiError(
+                f"{root}: the VAE (factor {vae.scale_factor}, {latent_channels} latent channels) "
+                f"does not fit the transformer ({in_channels} input channels); "
+                "FLUX.2 [klein] needs factor 8 and 4 x latent channels"
+            )
         # Bonsai packs are compressions of the distilled FLUX.2 [klein] 4B.
         distilled = index.get("is_distilled", layout == "bonsai-mlx-pack")
         return cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled))
