@@ -73,15 +73,7 @@ GEMV_SHAPES = [(1, 70, 384), (3, 33, 128), (8, 64, 640)]
 def test_fused_gemm_matches_exact_math(backend, fmt, dtype, m, n, k):
     packed, scales, dense = make_weight(fmt, n, k)
     x, x64 = make_input((m, k), dtype)
-    # Call the GEMM kernel directly (packed_matmul would pick the small-M kernel for M <= 8).
-    y = metal._kernel("packed_gemm", backend)(
-        inputs=[x, packed, scales],
-        template=[("T", dtype)],
-        grid=(-(-n // 64) * 128, -(-m // 64), 1),
-        threadgroup=(128, 1, 1),
-        output_shapes=[(m, n)],
-        output_dtypes=[dtype],
-    )[0]
+    y = metal.packed_matmul(x, packed, scales, backend=backend, kernel="gemm")
     assert_matches(y, x64 @ dense.T, np.abs(x64) @ np.abs(dense).T, dtype)
 
 
@@ -177,3 +169,12 @@ def test_gemm_without_its_barrier_fails_in_the_emulator():
     )[0]
     with pytest.raises(AssertionError):
         assert_matches(y, x64 @ dense.T, np.abs(x64) @ np.abs(dense).T, mx.float32)
+
+
+def test_tiny_weights_are_padded_out_of_the_constant_address_space():
+    # MLX passes inputs of < 8 elements as `constant`; the kernels' helpers take `device`.
+    packed, scales, _ = make_weight("binary", 1, 128)
+    assert packed.size < 8 and scales.size < 8
+    p, s = metal._pad_rows(packed, scales)
+    assert p.size >= 8 and s.size >= 8 and p.shape[1] == 4 and s.shape[1] == 1
+    np.testing.assert_array_equal(np.array(p[:1]), np.array(packed))

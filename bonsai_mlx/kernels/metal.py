@@ -73,17 +73,38 @@ def _check(packed: mx.array, scales: mx.array) -> None:
         )
 
 
+def _pad_rows(packed: mx.array, scales: mx.array) -> tuple[mx.array, mx.array]:
+    """Add zero rows so both arrays have >= 8 elements.
+
+    MLX passes inputs of fewer than 8 elements in the `constant` address space, and the
+    helpers in packed.h take `const device` pointers; tiny weights only occur in tests.
+    """
+    rows = max(packed.shape[0], -(-8 // min(packed.shape[1], scales.shape[1])))
+    if rows == packed.shape[0]:
+        return packed, scales
+    extra = rows - packed.shape[0]
+    packed = mx.concatenate([packed, mx.zeros((extra, packed.shape[1]), dtype=packed.dtype)])
+    scales = mx.concatenate([scales, mx.zeros((extra, scales.shape[1]), dtype=scales.dtype)])
+    return packed, scales
+
+
 def packed_k(packed: mx.array, scales: mx.array) -> int:
     """Input features K of a packed weight."""
     return packed.shape[1] * 32 if packed.dtype == mx.uint32 else scales.shape[1] * GROUP_SIZE
 
 
 def packed_matmul(
-    x: mx.array, packed: mx.array, scales: mx.array, *, backend: str = "metal"
+    x: mx.array,
+    packed: mx.array,
+    scales: mx.array,
+    *,
+    backend: str = "metal",
+    kernel: str | None = None,
 ) -> mx.array:
     """x (..., K) @ W.T -> (..., N) in x's dtype; binary (uint32) or ternary (uint8) W.
 
-    M <= 8 rows use the small-M kernel, larger M the fused tiled GEMM.
+    M <= 8 rows use the small-M kernel ("gemv"), larger M the fused tiled GEMM ("gemm");
+    `kernel` forces one (the GEMV handles at most 8 rows).
     """
     _check(packed, scales)
     n, k = packed.shape[0], packed_k(packed, scales)
@@ -97,14 +118,19 @@ def packed_matmul(
     x2 = x.reshape(m, k).astype(dtype)
     if m == 0:
         return mx.zeros((*lead, n), dtype=dtype)
-    if m <= GEMV_MAX_M:
-        groups = -(-n // GEMV_ROWS_PER_THREADGROUP)
+    packed, scales = _pad_rows(packed, scales)
+    rows = packed.shape[0]
+    kernel = kernel or ("gemv" if m <= GEMV_MAX_M else "gemm")
+    if kernel == "gemv" and m > GEMV_MAX_M:
+        raise ValueError(f"the small-M kernel handles at most {GEMV_MAX_M} rows, got {m}")
+    if kernel == "gemv":
+        groups = -(-rows // GEMV_ROWS_PER_THREADGROUP)
         y = _kernel("packed_gemv", backend)(
             inputs=[x2, packed, scales],
             template=[("T", dtype)],
             grid=(groups * 256, 1, 1),
             threadgroup=(256, 1, 1),
-            output_shapes=[(m, n)],
+            output_shapes=[(m, rows)],
             output_dtypes=[dtype],
         )[0]
     else:
@@ -112,11 +138,13 @@ def packed_matmul(
         y = _kernel("packed_gemm", backend)(
             inputs=[x2, packed, scales],
             template=[("T", dtype)],
-            grid=(-(-n // bn) * GEMM_THREADS, -(-m // bm), 1),
+            grid=(-(-rows // bn) * GEMM_THREADS, -(-m // bm), 1),
             threadgroup=(GEMM_THREADS, 1, 1),
-            output_shapes=[(m, n)],
+            output_shapes=[(m, rows)],
             output_dtypes=[dtype],
         )[0]
+    if rows != n:
+        y = y[:, :n]
     return y.reshape(*lead, n)
 
 
@@ -125,13 +153,16 @@ def dequantize(
 ) -> mx.array:
     """Packed W -> dense (N, K) in `dtype` (bfloat16, float16 or float32)."""
     _check(packed, scales)
-    n, units = packed.shape
+    n = packed.shape[0]
     k = packed_k(packed, scales)
-    return _kernel("dequantize", backend)(
+    packed, scales = _pad_rows(packed, scales)
+    rows, units = packed.shape
+    w = _kernel("dequantize", backend)(
         inputs=[packed, scales],
         template=[("T", dtype)],
-        grid=(units, n, 1),
+        grid=(units, rows, 1),
         threadgroup=(32, 8, 1),
-        output_shapes=[(n, k)],
+        output_shapes=[(rows, k)],
         output_dtypes=[dtype],
     )[0]
+    return w[:n] if rows != n else w
