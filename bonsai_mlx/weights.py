@@ -267,3 +267,18 @@ def resolve_model_path(
         ) from e
     except RepositoryNotFoundError as e:
         raise BonsaiError(f"no Hugging Face repo named {name}; check the id") from e
+
+
+def checkpoint_float_dtype(folder: str | Path) -> mx.Dtype:
+    """The float dtype holding most bytes in a folder's safetensors (headers only): the
+    dtype to save a lossless copy in."""
+    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+    sizes: dict[str, int] = {}
+    for f in safetensors_files(folder):
+        for k, info in read_safetensors_header(f).items():
+            if k != "__metadata__" and info["dtype"] in names:
+                start, stop = info["data_offsets"]
+                sizes[names[info["dtype"]]] = sizes.get(names[info["dtype"]], 0) + stop - start
+    if not sizes:
+        raise BonsaiError(f"{folder} holds no floating-point tensors")
+    return DTYPES[max(sizes, key=sizes.get)]

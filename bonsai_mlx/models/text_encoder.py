@@ -17,7 +17,9 @@ so a seed sweep over one prompt runs Qwen3 once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import re
 import warnings
 from collections import OrderedDict
@@ -33,6 +35,7 @@ from mlx_lm.models import qwen3
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import (
     check_weights,
+    checkpoint_float_dtype,
     load_safetensors,
     load_weights,
     parse_dtype,
@@ -40,10 +43,17 @@ from bonsai_mlx.weights import (
     read_safetensors_header,
     safetensors_files,
     save_safetensors,
+    write_json,
 )
 
 DEFAULT_OUT_LAYERS = (9, 18, 27)
 QUANTIZE_GROUP_SIZE = 64  # for quantize_bits at load time, as mlx-lm converts
+LOAD_QUANTIZE_BITS = (4, 8)  # quantize_bits at load time
+SAVE_QUANTIZE_BITS = (3, 4, 8)  # MLX affine widths `save_text_encoder` writes
+# config.json key of a text encoder saved by bonsai-mlx with only the layers a pipeline
+# reads: {"source_num_hidden_layers": 36, "out_layers": [9, 18, 27]}. Its last layer's
+# output is then a plain hidden state (no final norm follows it).
+TRUNCATED_KEY = "bonsai_mlx_truncated"
 
 
 def attention_mask_4d(attention_mask: mx.array) -> mx.array:
@@ -134,7 +144,8 @@ def load_qwen3_encoder(
             f"{config_path} has {args.num_hidden_layers} layers; layer {num_layers} "
             "was requested"
         )
-    final_norm = num_layers == args.num_hidden_layers
+    # A truncated copy's last layer is not the model's last: no final norm after it.
+    final_norm = num_layers == args.num_hidden_layers and TRUNCATED_KEY not in config
     args.num_hidden_layers = num_layers
     model = Qwen3Encoder(args, final_norm=final_norm)
 
@@ -174,7 +185,7 @@ def load_qwen3_encoder(
     del weights
 
     if quantize_bits is not None and quantization is None:
-        if quantize_bits not in (4, 8):
+        if quantize_bits not in LOAD_QUANTIZE_BITS:
             raise BonsaiError(f"quantize_bits must be 4 or 8, not {quantize_bits}")
         nn.quantize(
             model,
@@ -239,7 +250,17 @@ class PromptEncoder:
         self.cache_size = cache_size
 
         config_path = self.text_encoder_dir / "config.json"
-        args = qwen3_args(read_json(config_path), config_path)
+        config = read_json(config_path)
+        args = qwen3_args(config, config_path)
+        truncated = config.get(TRUNCATED_KEY)
+        too_deep = [k for k in self.out_layers if k > args.num_hidden_layers]
+        if isinstance(truncated, dict) and self.out_layers and too_deep:
+            raise BonsaiError(
+                f"{self.text_encoder_dir} holds only the first {args.num_hidden_layers} of "
+                f"Qwen3's {truncated.get('source_num_hidden_layers', '?')} layers (saved by "
+                f"bonsai-mlx for hidden-state layers {truncated.get('out_layers')}); layer "
+                f"{too_deep[0]} is requested: use the original, untruncated text encoder"
+            )
         if not self.out_layers or not all(
             0 <= k <= args.num_hidden_layers for k in self.out_layers
         ):
@@ -249,7 +270,7 @@ class PromptEncoder:
             )
         if self.max_sequence_length < 1:
             raise BonsaiError(f"max_sequence_length must be positive, not {max_sequence_length}")
-        if quantize_bits not in (None, 4, 8):
+        if quantize_bits not in (None, *LOAD_QUANTIZE_BITS):
             raise BonsaiError(f"quantize_bits must be 4, 8 or None, not {quantize_bits}")
         if not self.tokenizer_dir.is_dir():
             raise BonsaiError(f"{self.tokenizer_dir} is not a folder (the tokenizer/ folder)")
@@ -312,6 +333,11 @@ class PromptEncoder:
             ids.append(out["input_ids"])
             masks.append(out["attention_mask"])
         return mx.array(np.array(ids, np.int32)), mx.array(np.array(masks, np.int32))
+
+    def save_pretrained(self, folder: str | Path, *, bits: int = 4) -> dict:
+        """Write this encoder's Qwen3, cut after its deepest `out_layers`, into `folder`
+        (see `save_text_encoder`). Returns the config written."""
+        return save_text_encoder(self.text_encoder_dir, folder, self.out_layers, bits=bits)
 
     def unload(self) -> None:
         """Release Qwen3's weights now (the next uncached prompt loads them again)."""
@@ -399,3 +425,73 @@ class PromptEncoder:
             h.update(f"{self.dtype} {self.quantize_bits}".encode())
             self._identity = h.hexdigest()
         return self._identity
+
+
+# ---- saving ---------------------------------------------------------------------------
+
+
+def save_text_encoder(
+    source: str | Path,
+    folder: str | Path,
+    out_layers: Sequence[int] = DEFAULT_OUT_LAYERS,
+    *,
+    bits: int = 4,
+) -> dict:
+    """Write the Qwen3 of `source` with only the layers up to max(out_layers) into `folder`
+    (mlx-lm layout: config.json + model.safetensors), for a smaller payload.
+
+    - `bits` 3, 4 or 8: MLX affine, group 64, quantised by mlx-lm (`quantize_model`) in the
+      checkpoint's own float dtype; 16: float weights as stored. A checkpoint already
+      quantised (Bonsai's `text_encoder-mlx-4bit/`) keeps its tensors bit for bit, and
+      must be asked for its own width: re-quantising would not be lossless.
+    - config.json says so: `num_hidden_layers` is the number kept and `bonsai_mlx_truncated`
+      records the source's layer count and `out_layers`, so a pipeline that needs a deeper
+      layer gets a clear error. Prompt embeddings for `out_layers` are bit-identical to the
+      untruncated encoder's at the same width.
+    Each file is written atomically; the caller makes the folder atomic. Returns the config.
+    """
+    source, folder = Path(source), Path(folder)
+    out_layers = sorted({int(k) for k in out_layers})
+    if bits not in (*SAVE_QUANTIZE_BITS, 16):
+        raise BonsaiError(f"text encoder bits must be 3, 4, 8 or 16, not {bits}")
+    config_path = source / "config.json"
+    config = read_json(config_path)
+    args = qwen3_args(config, config_path)
+    if not out_layers or out_layers[0] < 0 or out_layers[-1] > args.num_hidden_layers:
+        raise BonsaiError(f"out_layers {out_layers} must be hidden-state indices in "
+                          f"0..{args.num_hidden_layers} ({config_path})")
+    keep = max(out_layers[-1], 1)
+    quantization = config.get("quantization")
+    if quantization is not None and quantization.get("bits") != bits:
+        raise BonsaiError(
+            f"{source} is already MLX affine {quantization.get('bits')}-bit; saving it at {bits} "
+            f"bits would not be lossless: use {quantization.get('bits')} bits for it"
+        )
+    dtype = checkpoint_float_dtype(source)
+    model = load_qwen3_encoder(source, keep, dtype)
+
+    out = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    if quantization is not None:
+        out["quantization"] = out["quantization_config"] = quantization
+    elif bits != 16:
+        from mlx_lm.utils import quantize_model
+
+        with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints bits per weight
+            model, quantized = quantize_model(model, {}, QUANTIZE_GROUP_SIZE, bits)
+        out["quantization"] = out["quantization_config"] = quantized["quantization"]
+    if keep < args.num_hidden_layers or TRUNCATED_KEY in config:
+        previous = config.get(TRUNCATED_KEY) or {}
+        out[TRUNCATED_KEY] = {
+            "source_num_hidden_layers": previous.get("source_num_hidden_layers",
+                                                     args.num_hidden_layers),
+            "out_layers": out_layers,
+        }
+        out["num_hidden_layers"] = keep
+        if isinstance(out.get("layer_types"), list):
+            out["layer_types"] = out["layer_types"][:keep]
+        if isinstance(out.get("max_window_layers"), int):
+            out["max_window_layers"] = min(out["max_window_layers"], keep)
+    weights = dict(tree_flatten(model.parameters()))
+    save_safetensors(folder / "model.safetensors", weights, metadata={"format": "mlx"})
+    write_json(folder / "config.json", out)
+    return out

@@ -25,7 +25,23 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.weights import check_weights, load_weights, parse_dtype, read_json
+from bonsai_mlx.quant.layers import PACKED_LINEAR
+from bonsai_mlx.quant.loading import (
+    QUANT_CONFIG,
+    WEIGHTS_STEM,
+    load_packed_transformer_weights,
+    packed_layout,
+    packed_quantization_config,
+)
+from bonsai_mlx.weights import (
+    DTYPES,
+    check_weights,
+    load_weights,
+    parse_dtype,
+    read_json,
+    save_safetensors,
+    write_json,
+)
 
 DIFFUSERS_CLASS = "Flux2Transformer2DModel"
 BFL_PREFIX = "model.diffusion_model."
@@ -535,18 +551,35 @@ class Flux2Transformer(nn.Module):
         dtype: str | mx.Dtype = "bfloat16",
         *,
         config: Flux2TransformerConfig | dict | None = None,
+        affine_baseline: bool = False,
     ) -> Flux2Transformer:
         """Load a diffusers `transformer/` folder (single or sharded safetensors; a model
         root holding `transformer/` also works) or a Black Forest Labs single-file
-        checkpoint (with or without the `model.diffusion_model.` prefix).
+        checkpoint (with or without the `model.diffusion_model.` prefix), or a packed
+        transformer folder (a `quantization_config.json` beside config.json: the bonsai-mlx
+        layout, or a Bonsai MLX 1-/2-bit pack `transformer-packed-mflux/`, converted exactly
+        to binary / ternary layers, or run as stock `nn.QuantizedLinear` with
+        `affine_baseline=True`).
 
         The config comes from `config`, else the folder's config.json (for a single file: a
         diffusers config.json beside it), else it is inferred from the tensor shapes.
         """
         path = Path(path).expanduser()
         if path.is_dir():
-            if not (path / "config.json").is_file() and (path / "transformer").is_dir():
-                path = path / "transformer"
+            if not (path / "config.json").is_file():
+                for sub in ("transformer", "transformer-packed-mflux"):
+                    if (path / sub).is_dir():
+                        path = path / sub
+                        break
+            if packed_layout(path) is not None:
+                if config is None:
+                    config = read_json(path / "config.json")
+                model = cls(config, dtype)
+                return load_packed_transformer_weights(model, path,
+                                                       affine_baseline=affine_baseline)
+            if affine_baseline:
+                raise BonsaiError(f"{path} is not a Bonsai MLX pack (no {QUANT_CONFIG}); "
+                                  "affine_baseline needs one")
             stem = "diffusion_pytorch_model"
             has_stem = (path / f"{stem}.safetensors").is_file() or (
                 path / f"{stem}.safetensors.index.json"
@@ -568,6 +601,47 @@ class Flux2Transformer(nn.Module):
         model = cls(config, dtype)
         model.load_checked_weights(weights, path)
         return model
+
+    # -- saving ---------------------------------------------------------------------------
+
+    @property
+    def is_packed(self) -> bool:
+        """Whether binary / ternary layers replace the dense ones."""
+        packed_types = tuple(PACKED_LINEAR.values())
+        return any(isinstance(m, packed_types) for _, m in self.named_modules())
+
+    def save_pretrained(self, folder: str | Path, *, dtype: str | mx.Dtype | None = None) -> dict:
+        """Write a diffusers-style `transformer/` folder: config.json and
+        diffusion_pytorch_model.safetensors, plus quantization_config.json when the model is
+        packed (docs/formats.md). Packed weights and their float16 scales are written as they
+        are; every other float tensor in `dtype` (default: the model's dtype; use the
+        checkpoint's own dtype for a lossless copy). Returns the quantization config ({} for
+        a dense model). Each file is written atomically; the caller makes the folder atomic.
+        """
+        folder = Path(folder)
+        dense_dtype = self.dtype if dtype is None else parse_dtype(dtype)
+        packed_types = tuple(PACKED_LINEAR.values())
+        packed = {p for p, m in self.named_modules() if isinstance(m, packed_types)}
+
+        def stored(name: str, v: mx.array) -> mx.array:
+            # packed scales are float16 by the format; integer codes stay as they are
+            if name.rpartition(".")[0] in packed or not mx.issubdtype(v.dtype, mx.floating):
+                return v
+            return v.astype(dense_dtype)
+
+        tensors = {k: stored(k, v) for k, v in tree_flatten(self.parameters())}
+        quant = {}
+        if packed:
+            quant = packed_quantization_config(self)
+            quant["dense_dtype"] = next(n for n, d in DTYPES.items() if d == dense_dtype)
+        save_safetensors(folder / f"{WEIGHTS_STEM}.safetensors", tensors,
+                         metadata={"format": "mlx"} if packed else {"format": "pt"})
+        write_json(folder / "config.json", self.config.to_dict())
+        if quant:
+            write_json(folder / QUANT_CONFIG, quant)
+        elif (folder / QUANT_CONFIG).exists():
+            (folder / QUANT_CONFIG).unlink()
+        return quant
 
 
 # ---------------------------------------------------------------------------------------
