@@ -146,9 +146,12 @@ def test_unknown_kernel_path_is_a_user_error(monkeypatch):
             kernels.kernel_path(1)
 
 
-def test_gemm_without_its_barrier_fails_in_the_emulator():
+@pytest.mark.parametrize("order", ["simdgroups", "reverse"])
+def test_gemm_without_its_barrier_fails_in_the_emulator(monkeypatch, order):
     # Guards the emulator's strength: the fused GEMM with the barrier that ends each K step
-    # removed (next tiles overwrite threadgroup memory still being read) must go wrong.
+    # removed (next tiles overwrite threadgroup memory still being read) must go wrong under
+    # the SIMD-group-at-a-time schedules (round-robin keeps SIMD-groups in step and misses it).
+    monkeypatch.setenv("BONSAI_EMULATOR_SCHEDULE", order)
     folder = metal.metal_source_dir()
     source = (folder / "packed_gemm.metal").read_text()
     step_end = "        threadgroup_barrier(mem_flags::mem_threadgroup);\n    }\n\n    // Epilogue"
