@@ -380,27 +380,40 @@ def _quantized_random(module: nn.Module, dtype: mx.Dtype, key) -> None:
 
 class SyntheticPromptEncoder:
     """Qwen3-4B's first 27 layers, 4-bit, random weights: `encode(prompt)` runs the real
-    `Qwen3Encoder` on `length` token ids derived from the prompt (no tokenizer download).
+    `Qwen3Encoder` on token ids derived from the prompt's bytes (no tokenizer download).
 
     Duck-types `PromptEncoder.encode`. Unlike the real one it keeps its weights loaded and
     caches nothing, so each call costs the encoder forward and not a reload from disk.
+    `run=False` builds nothing (the footprint is computed from the shapes) and `encode`
+    returns zeros of the right shape: for machines where the 4-bit encoder is too slow
+    to wait for (MLX's CPU backend).
     """
 
-    def __init__(self, dtype: mx.Dtype, tiny: bool = False, seed: int = 0):
+    def __init__(self, dtype: mx.Dtype, tiny: bool = False, seed: int = 0, run: bool = True):
         from bonsai_mlx.models.text_encoder import DEFAULT_OUT_LAYERS, Qwen3Encoder, qwen3_args
 
         config = TINY_QWEN3 if tiny else QWEN3_4B
         self.out_layers = TINY_OUT_LAYERS if tiny else DEFAULT_OUT_LAYERS
         self.max_sequence_length = TINY_TEXT_TOKENS if tiny else 512
         self.dtype = dtype
+        self.runs = run
         args = qwen3_args(dict(config), "synthetic Qwen3 config")
         self.hidden_size = args.hidden_size
         full_layers = args.num_hidden_layers
         args.num_hidden_layers = max(self.out_layers)
         mx.random.seed(seed)
-        model = Qwen3Encoder(args)
+        model = Qwen3Encoder(args)  # lazy: nothing computed until evaluated
         model.set_dtype(dtype)
         nn.quantize(model, group_size=TEXT_GROUP_SIZE, bits=TEXT_BITS)
+        # On disk the pack holds all layers (and the final norm): count what is not built.
+        self.footprint_bytes = (
+            shipped_bytes(model)
+            + (full_layers - len(model.model.layers)) * shipped_bytes(model.model.layers[0])
+            + args.hidden_size * 2
+        )
+        self.model = None
+        if not run:
+            return
         key = mx.random.key(seed + 1)
         for _, m in model.named_modules():
             if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
@@ -409,17 +422,14 @@ class SyntheticPromptEncoder:
         mx.eval(model.model.embed_tokens.parameters())
         _eval_in_parts(model.model)
         self.model = model
-        # On disk the pack holds all layers (and the final norm): count what is not built.
-        per_layer = _tree_bytes(model.model.layers[0])
-        self.footprint_bytes = (
-            _tree_bytes(model) + (full_layers - len(model.model.layers)) * per_layer
-            + args.hidden_size * dtype.size
-        )
 
     def encode(self, prompt: str | Sequence[str]) -> mx.array:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        vocab = self.model.args.vocab_size
         n = self.max_sequence_length
+        if self.model is None:
+            shape = (len(prompts), n, len(self.out_layers) * self.hidden_size)
+            return mx.zeros(shape, self.dtype)
+        vocab = self.model.args.vocab_size
         rows, masks = [], []
         for p in prompts:
             ids = [b % vocab for b in p.encode("utf-8")][:n]
@@ -444,17 +454,23 @@ def synthetic_vae(dtype: mx.Dtype, tiny: bool = False, seed: int = 0):
     return vae
 
 
-def _tree_bytes(module: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+def shipped_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters as the release stores them: float tensors in 16 bits
+    (bf16 / fp16, whatever the compute dtype), packed and quantized codes as they are.
+    Works on unevaluated arrays (only shapes and dtypes are read)."""
+    return sum(v.size * 2 if mx.issubdtype(v.dtype, mx.floating) else v.nbytes
+               for _, v in tree_flatten(module.parameters()))
 
 
 SYNTHETIC_SCHEDULER = {"use_dynamic_shifting": True, "shift": 3.0}  # Klein's scheduler
 
 
-def synthetic_pipeline(kind: str, dtype: str | mx.Dtype = "bfloat16", tiny: bool = False):
+def synthetic_pipeline(kind: str, dtype: str | mx.Dtype = "bfloat16", tiny: bool = False,
+                       encode: bool = True):
     """A `Pipeline` of synthetic Klein 4B components (or miniatures): the transformer in
     `kind` ('binary', 'ternary' or 'bf16' = all dense in `dtype`), the 4-bit Qwen3 encoder
-    and the VAE. Returns (pipeline, footprint bytes per component)."""
+    (zeros instead when `encode` is False) and the VAE. Returns (pipeline, footprint bytes
+    per component as the release would store them)."""
     from bonsai_mlx.pipeline import Pipeline
     from bonsai_mlx.scheduler import SchedulerConfig
 
@@ -463,11 +479,11 @@ def synthetic_pipeline(kind: str, dtype: str | mx.Dtype = "bfloat16", tiny: bool
     dtype = parse_dtype(dtype)
     transformer = synthetic_transformer(kind, dtype, tiny)
     vae = synthetic_vae(dtype, tiny)
-    prompt_encoder = SyntheticPromptEncoder(dtype, tiny)
+    prompt_encoder = SyntheticPromptEncoder(dtype, tiny, run=encode)
     pipe = Pipeline(transformer, vae, prompt_encoder, SchedulerConfig(**SYNTHETIC_SCHEDULER),
                     is_distilled=True)
     footprint = {
-        "transformer": _tree_bytes(transformer),
+        "transformer": shipped_bytes(transformer),
         "text_encoder": prompt_encoder.footprint_bytes,
         "vae": _vae_file_bytes(vae),
     }
@@ -482,7 +498,7 @@ def _vae_file_bytes(vae) -> int:
     encoder = Encoder(vae.config)  # lazy init: shapes only, nothing computed
     n = 2 * vae.config.latent_channels
     extra = sum(v.size for _, v in tree_flatten(encoder.parameters())) + n * n + n
-    return _tree_bytes(vae) + extra * vae.dtype.size
+    return shipped_bytes(vae) + extra * 2
 
 
 COMPONENT_DIRS = {  # folder-name prefix -> component
@@ -522,6 +538,7 @@ class BenchTarget:
     footprint_source: str
     text_tokens: int
     tiny: bool
+    encodes: bool = True  # False: the synthetic text encoder was replaced by zeros
 
 
 def load_target(
@@ -529,19 +546,21 @@ def load_target(
     synthetic: str | None = None,
     dtype: str = "bfloat16",
     tiny: bool = False,
+    skip_encode: bool = False,
 ) -> BenchTarget:
     """Build the synthetic pipeline or load `model` (alias, repo id or folder)."""
     if (model is None) == (synthetic is None):
         raise BonsaiError("pass a model (alias, Hub repo or folder) or --synthetic, not both")
     if synthetic is not None:
         kind = synthetic.lower()
-        pipe, footprint = synthetic_pipeline(kind, dtype, tiny)
+        pipe, footprint = synthetic_pipeline(kind, dtype, tiny, encode=not skip_encode)
         return BenchTarget(
             pipe, f"synthetic-{kind}" + ("-tiny" if tiny else ""), kind, _dtype_name(dtype),
             footprint, "computed", pipe.prompt_encoder.max_sequence_length, tiny,
+            not skip_encode,
         )
-    if tiny:
-        raise BonsaiError("--tiny builds a miniature synthetic model; use it with --synthetic")
+    if tiny or skip_encode:
+        raise BonsaiError("--tiny and --skip-encode apply to --synthetic models only")
     from bonsai_mlx.pipeline import ALLOW_PATTERNS, Pipeline
     from bonsai_mlx.weights import resolve_model_path
 
@@ -596,7 +615,7 @@ def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: s
     step_times = [float(s) for s in timings.get("steps", [])]
     return {
         "seconds": {
-            "encode": float(timings.get("encode", 0.0)),
+            "encode": float(timings.get("encode", 0.0)) if target.encodes else None,
             "steps": step_times,
             "denoise": sum(step_times),
             "decode": float(timings.get("decode", 0.0)),
@@ -642,6 +661,7 @@ def run_bench(
     warmup: int = 1,
     dtype: str = "bfloat16",
     tiny: bool = False,
+    skip_encode: bool = False,
     compare: bool = False,
     prompt: str = DEFAULT_PROMPT,
     seed: int = 0,
@@ -651,7 +671,9 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Benchmark and return the records: one `"kind": "run"` record per timed run, and with
     `compare` one `"kind": "compare"` record per size and framework. `json_path` appends
-    them as JSON lines. `log` receives progress lines (default: stderr)."""
+    them as JSON lines. `log` receives progress lines (default: stderr). `skip_encode`
+    (synthetic only) feeds zeros instead of running the text encoder; encode seconds are
+    then None."""
     log = log or (lambda s: click.echo(s, err=True))
     if sizes is None:
         sizes = TINY_SIZES if tiny else DEFAULT_SIZES
@@ -665,7 +687,7 @@ def run_bench(
     machine = machine_info()
     log(f"machine: {machine['chip']} ({machine['backend']}), MLX {machine['mlx_version']}")
     t0 = time.perf_counter()
-    target = load_target(model, synthetic, dtype, tiny)
+    target = load_target(model, synthetic, dtype, tiny, skip_encode)
     log(f"loaded {target.model} in {time.perf_counter() - t0:.1f} s")
     config = target.pipeline.transformer.config
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -687,6 +709,7 @@ def run_bench(
                 "precision": target.precision,
                 "dtype": target.dtype,
                 "tiny": target.tiny,
+                "text_encoder_ran": target.encodes,
                 "width": w,
                 "height": h,
                 "steps": steps,
@@ -735,8 +758,8 @@ def compare_frameworks(target, synthetic, model, width, height, steps, repeats, 
             records.append({**base, "available": False, "reason": str(e)})
             continue
         mine = _median_seconds([r["seconds"] for r in ours])
-        ratios = {k: (mine[k] / v if v else None) for k, v in theirs["seconds"].items()
-                  if k in mine}
+        ratios = {k: (mine[k] / v if v and mine[k] is not None else None)
+                  for k, v in theirs["seconds"].items() if k in mine}
         records.append({**base, "available": True, **theirs, "ours_seconds": mine,
                         "ratio_ours_over_theirs": ratios})
     return records
@@ -751,8 +774,9 @@ def _median_seconds(runs: list[dict[str, Any]]) -> dict[str, float]:
     if not runs:
         return {}
     step = [statistics.median(r["steps"]) for r in runs if r["steps"]]
+    encode = [r["encode"] for r in runs if r["encode"] is not None]
     return {
-        "encode": statistics.median(r["encode"] for r in runs),
+        "encode": statistics.median(encode) if encode else None,
         "step": statistics.median(step) if step else 0.0,
         "decode": statistics.median(r["decode"] for r in runs),
         "total": statistics.median(r["total"] for r in runs),
@@ -974,7 +998,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
              "image_tokens": 0, "text_tokens": 0}, step_all, rs[0]["machine"])
         frac = roof["fraction_of_peak"]
         lines.append(
-            f"{model:<22} {f'{w}x{h}':>9} {steps:>5} {len(rs):>4} {sec['encode']:>9.3f} "
+            f"{model:<22} {f'{w}x{h}':>9} {steps:>5} {len(rs):>4} "
+            f"{_num(sec['encode'], '.3f'):>9} "
             f"{sec['step']:>8.3f} {sec['decode']:>9.3f} {sec['total']:>8.3f} "
             f"{_gb(mem['peak_bytes']):>8} {_gb(mem['active_mean_bytes']):>8} "
             f"{_gb(mem['active_max_bytes']):>8} "
@@ -985,6 +1010,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         peak = runs[0]["roofline"]
         lines.append(f"peak: {_num(peak['peak_tflops'], '.1f')} TFLOP/s ({peak['peak_source']}); "
                      "step = median step; GB = 1e9 bytes")
+        if any(not r.get("text_encoder_ran", True) for r in runs):
+            lines.append("encode n/a: text encoder skipped (--skip-encode); totals exclude it")
         fp = runs[0]["footprint_bytes"]
         lines.append(f"footprint ({runs[0]['footprint_source']}): " + ", ".join(
             f"{k} {_human(v)}" for k, v in fp.items()))
@@ -1026,12 +1053,15 @@ def parse_size(text: str) -> tuple[int, int]:
 @click.option("--dtype", default="bfloat16", show_default=True,
               help="Compute dtype (float32 is fastest on MLX's CPU backend).")
 @click.option("--tiny", is_flag=True, help="Miniature synthetic model: a smoke run in seconds.")
+@click.option("--skip-encode", is_flag=True,
+              help="Synthetic only: zeros instead of the 4-bit text encoder (for MLX's CPU "
+                   "backend, where it is very slow); encode seconds are then n/a.")
 @click.option("--compare", is_flag=True, help="Also time diffusers + torch (and mflux).")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=False)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Append the records to this file as JSON lines.")
-def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, compare,
-                  prompt, json_path) -> None:
+def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, skip_encode,
+                  compare, prompt, json_path) -> None:
     """Benchmark MODEL (alias, Hub repo or folder) or a --synthetic model: seconds per
     stage, memory, footprint and the distance to the chip's peak."""
     if tiny and synthetic is None:
@@ -1039,7 +1069,7 @@ def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, 
     records = run_bench(
         model, synthetic=synthetic, sizes=[parse_size(s) for s in sizes] or None,
         steps=steps, repeats=repeats, warmup=warmup, dtype=dtype, tiny=tiny,
-        compare=compare, prompt=prompt, json_path=json_path,
+        skip_encode=skip_encode, compare=compare, prompt=prompt, json_path=json_path,
         command=_command_line(click.get_current_context().params),
     )
     click.echo(format_table(records))
@@ -1056,7 +1086,8 @@ def _command_line(params: dict[str, Any]) -> str:
         parts += ["--size", s]
     for name in ("steps", "repeats", "warmup", "dtype"):
         parts += [f"--{name}", str(params[name])]
-    parts += [f"--{flag}" for flag in ("tiny", "compare") if params.get(flag)]
+    parts += [f"--{flag.replace('_', '-')}" for flag in ("tiny", "skip_encode", "compare")
+              if params.get(flag)]
     if params.get("prompt") not in (None, DEFAULT_PROMPT):
         parts += ["--prompt", params["prompt"]]
     return shlex.join(parts)

@@ -15,7 +15,8 @@ if not all((_PACKAGE / f).is_file() for f in ("pipeline.py", "models/vae.py",
     pytest.skip("the pipeline, VAE and text encoder have not landed yet", allow_module_level=True)
 
 RUN_FIELDS = {
-    "schema", "kind", "timestamp", "command", "model", "precision", "dtype", "tiny", "width",
+    "schema", "kind", "timestamp", "command", "model", "precision", "dtype", "tiny",
+    "text_encoder_ran", "width",
     "height", "steps", "run", "warmup_runs", "seconds", "memory", "footprint_bytes",
     "footprint_source", "roofline", "machine",
 }
@@ -55,13 +56,14 @@ def packed_bytes(n: int, k: int, fmt: str) -> int:
 
 
 def tiny_transformer_bytes(fmt: str) -> int:
-    """The tiny transformer's parameter bytes in float32, with its 14 packed layers in `fmt`."""
+    """The tiny transformer's bytes as shipped (float tensors in 16 bits), with its 14
+    packed layers in `fmt`."""
     dense = (128 * 128 + 192 * 128 + 256 * 128 + 128 * 128 + 2 * 128 * 768 + 128 * 384
              + 128 * 256 + 128 * 128 + 6 * 32)  # embedders, modulations, out, q/k norms
     packed = [(128, 128)] * 8 + [(768, 128), (128, 384)] * 2 + [(1152, 128), (128, 512)]
     if fmt == "bf16":
-        return 4 * (dense + sum(n * k for n, k in packed))
-    return 4 * dense + sum(packed_bytes(n, k, fmt) for n, k in packed)
+        return 2 * (dense + sum(n * k for n, k in packed))
+    return 2 * dense + sum(packed_bytes(n, k, fmt) for n, k in packed)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +174,12 @@ def test_cli_tiny_prints_table_and_writes_json(tmp_path):
 def test_bad_size_is_a_user_error():
     with pytest.raises(bench.BonsaiError, match="multiple"):
         bench.run_bench(synthetic="binary", tiny=True, sizes=[bench.parse_size("65x64")])
+
+
+def test_skip_encode_reports_no_encode_time(tmp_path):
+    records = bench.run_bench(synthetic="binary", tiny=True, steps=1, repeats=1, warmup=0,
+                              dtype="float32", skip_encode=True, log=lambda s: None)
+    (r,) = records
+    assert r["seconds"]["encode"] is None and r["text_encoder_ran"] is False
+    assert r["seconds"]["decode"] > 0 and r["footprint_bytes"]["text_encoder"] > 0
+    assert "text encoder skipped" in bench.format_table(records)
