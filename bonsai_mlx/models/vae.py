@@ -303,8 +303,8 @@ class VAE(nn.Module):
 
         `path` is a folder (diffusers `config.json` + safetensors, a folder holding
         `ae.safetensors`, or a pipeline folder / Hub repo id with a `vae/` subfolder) or a
-        single `.safetensors` file. Without a config.json, the
-        config is inferred from tensor shapes (GroupNorm groups: 32, as FLUX.2).
+        single `.safetensors` file. Without a config.json the config is inferred from
+        tensor shapes (GroupNorm groups: 32, as in FLUX.2). Only the decoder is read now.
         """
         dtype = parse_dtype(dtype)
         path = resolve_model_path(path, allow_patterns=["vae/*"])
