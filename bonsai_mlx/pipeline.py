@@ -13,8 +13,12 @@ with time coordinate 10 + 10 i; they are never noised.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import secrets
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,7 +37,14 @@ from bonsai_mlx.scheduler import (
     img2img_start_index,
     make_schedule,
 )
-from bonsai_mlx.weights import parse_dtype, read_json, resolve_model_path
+from bonsai_mlx.weights import (
+    load_weights,
+    parse_dtype,
+    read_json,
+    resolve_model_path,
+    save_safetensors,
+    write_json,
+)
 
 MULTIPLE = 16  # VAE factor 8 x 2x2 patch: one token per 16x16 pixels
 MIN_SIZE, MAX_SIZE = 16, 4096  # per side, pixels
@@ -51,6 +62,13 @@ ALLOW_PATTERNS = [
     "text_encoder-mlx-4bit/*.json", "text_encoder-mlx-4bit/*.safetensors",
 ]
 PIPELINE_CLASSES = ("Flux2KleinPipeline",)
+DIFFUSERS_COMPONENTS = {  # model_index.json entries of a saved pipeline
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+    "tokenizer": ["transformers", "Qwen2Tokenizer"],
+    "transformer": ["diffusers", "Flux2Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKLFlux2"],
+}
 
 ImageInput = "PIL.Image.Image | str | Path"
 
@@ -82,6 +100,7 @@ class Pipeline:
         self.last_timings: dict[str, float | list[float]] = {}
         self.last_peak_memory: int | None = None
         self.last_seed: int | None = None
+        self.source: Path | None = None  # the folder from_pretrained read (save_pretrained)
 
     # ---- loading --------------------------------------------------------------------
 
@@ -126,7 +145,95 @@ class Pipeline:
             )
         # Bonsai packs are compressions of the distilled FLUX.2 [klein] 4B.
         distilled = index.get("is_distilled", layout == "bonsai-mlx-pack")
-        return cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled))
+        pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled))
+        pipe.source = root
+        return pipe
+
+    # ---- saving ---------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        path: str | Path,
+        *,
+        overwrite: bool = False,
+        text_encoder_bits: int = 4,
+        transformer_dtype: str | mx.Dtype | None = None,
+        vae_dtype: str | mx.Dtype | None = None,
+    ) -> Path:
+        """Write this pipeline in bonsai-mlx's layout (diffusers-like folders):
+
+        - `model_index.json`, `scheduler/`, `tokenizer/`;
+        - `transformer/`: dense, or packed (binary / ternary, with quantization_config.json,
+          docs/formats.md) as the transformer is in memory (see `bonsai_mlx.convert`); float
+          tensors in `transformer_dtype` (default: the model's dtype);
+        - `text_encoder/`: Qwen3 with only the layers up to the deepest one the pipeline
+          reads (recorded in its config.json), MLX affine `text_encoder_bits` (3, 4, 8;
+          16 keeps float weights);
+        - `vae/`: encoder and decoder, in `vae_dtype` (default: as stored in the source).
+
+        Everything is written into a temporary folder beside `path`, then renamed into place:
+        a failure leaves nothing behind. An existing `path` is an error unless `overwrite`.
+        Returns the folder.
+        """
+        dst = Path(path).expanduser().absolute()
+        if dst.exists():
+            if not overwrite:
+                raise BonsaiError(f"{dst} already exists; choose another folder or pass "
+                                  "overwrite=True (--overwrite) to replace it")
+            if not dst.is_dir():
+                raise BonsaiError(f"{dst} is a file, not a folder; remove it first")
+            if self.source is not None and dst.resolve() == Path(self.source).resolve():
+                raise BonsaiError(f"{dst} is the folder this pipeline was loaded from (its "
+                                  "weights are read lazily); save to another folder")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
+        try:
+            self._write(tmp, text_encoder_bits, transformer_dtype, vae_dtype)
+            if dst.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+                os.replace(dst, old / dst.name)
+                os.replace(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dst
+
+    def _write(self, folder: Path, text_encoder_bits, transformer_dtype, vae_dtype) -> None:
+        source = self.source
+        index_path = source / "model_index.json" if source is not None else None
+        index = read_json(index_path) if index_path is not None and index_path.is_file() else {}
+        index = {k: v for k, v in index.items() if not k.startswith("bonsai_mlx")}
+        index.update({"_class_name": PIPELINE_CLASSES[0], "is_distilled": self.is_distilled})
+        for name, entry in DIFFUSERS_COMPONENTS.items():
+            index.setdefault(name, entry)
+        quant = self.transformer.save_pretrained(folder / "transformer", dtype=transformer_dtype)
+        text = self.prompt_encoder.save_pretrained(folder / "text_encoder",
+                                                   bits=text_encoder_bits)
+        if source is None:
+            raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
+                              "files are unknown; load it from a folder to save it")
+        save_vae_files(source / "vae", folder / "vae", vae_dtype)
+        (folder / "tokenizer").mkdir()
+        for f in sorted(Path(self.prompt_encoder.tokenizer_dir).iterdir()):
+            if f.is_file():
+                shutil.copyfile(f, folder / "tokenizer" / f.name)
+        scheduler_file = source / "scheduler" / "scheduler_config.json" if source else None
+        scheduler = (read_json(scheduler_file) if scheduler_file and scheduler_file.is_file()
+                     else {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                           **dataclasses.asdict(self.scheduler_config)})
+        write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
+        index["bonsai_mlx"] = {
+            "transformer": quant.get("format", "dense"),
+            "text_encoder_bits": (text.get("quantization") or {}).get("bits", 16),
+            "text_encoder_out_layers": list(self.prompt_encoder.out_layers),
+        }
+        write_json(folder / "model_index.json", index)
 
     # ---- prompts --------------------------------------------------------------------
 
@@ -402,12 +509,24 @@ def detect_layout(root: Path) -> str:
 def load_transformer(folder: Path, dtype: mx.Dtype) -> Flux2Transformer:
     """A dense diffusers `transformer/` folder, or a packed one (quantization_config.json:
     our bonsai-mlx layout or a Bonsai MLX 1-/2-bit pack, converted exactly)."""
-    if not (folder / "quantization_config.json").is_file():
-        return Flux2Transformer.from_pretrained(folder, dtype=dtype)
-    from bonsai_mlx.quant.loading import load_packed_transformer_weights
+    return Flux2Transformer.from_pretrained(folder, dtype=dtype)
 
-    model = Flux2Transformer(read_json(folder / "config.json"), dtype)
-    return load_packed_transformer_weights(model, folder)
+
+def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = None) -> None:
+    """Copy a `vae/` folder's config and weights (encoder included: editing and
+    image-to-image need it; text-to-image never loads it). `dtype` None copies the files
+    byte for byte; otherwise float tensors are cast to it."""
+    folder.mkdir(parents=True)
+    files = [f for f in sorted(source.iterdir()) if f.is_file()
+             and (f.suffix == ".safetensors" or f.name.endswith(".json"))]
+    for f in files:
+        if f.suffix != ".safetensors" or dtype is None:
+            shutil.copyfile(f, folder / f.name)
+            continue
+        dt = parse_dtype(dtype)
+        tensors = {k: v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v
+                   for k, v in load_weights(f).items()}
+        save_safetensors(folder / f.name, tensors, metadata={"format": "pt"})
 
 
 # ---- inputs ---------------------------------------------------------------------------
