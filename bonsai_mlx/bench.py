@@ -981,7 +981,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         lines.append(f"machine: {m['chip']} | {m['backend']} | MLX {m['mlx_version']} | "
                      f"{_gb(m['memory_bytes'])} GB | {m['os']} | bonsai-mlx "
                      f"{m['bonsai_mlx_version']} {m['git_revision'] or ''}".rstrip())
-    header = (f"{'model':<22} {'size':>9} {'steps':>5} {'runs':>4} {'encode s':>9} "
+    mw = max([22] + [len(r["model"]) for r in runs])
+    header = (f"{'model':<{mw}} {'size':>9} {'steps':>5} {'runs':>4} {'encode s':>9} "
               f"{'step s':>8} {'decode s':>9} {'total s':>8} {'peak GB':>8} "
               f"{'act mean':>8} {'act max':>8} {'TFLOP/step':>10} {'TFLOP/s':>8} {'% peak':>7}")
     lines += [header, "-" * len(header)]
@@ -998,7 +999,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
              "image_tokens": 0, "text_tokens": 0}, step_all, rs[0]["machine"])
         frac = roof["fraction_of_peak"]
         lines.append(
-            f"{model:<22} {f'{w}x{h}':>9} {steps:>5} {len(rs):>4} "
+            f"{model:<{mw}} {f'{w}x{h}':>9} {steps:>5} {len(rs):>4} "
             f"{_num(sec['encode'], '.3f'):>9} "
             f"{sec['step']:>8.3f} {sec['decode']:>9.3f} {sec['total']:>8.3f} "
             f"{_gb(mem['peak_bytes']):>8} {_gb(mem['active_mean_bytes']):>8} "

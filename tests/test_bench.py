@@ -2,17 +2,11 @@
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from bonsai_mlx import bench
-
-_PACKAGE = Path(bench.__file__).parent
-if not all((_PACKAGE / f).is_file() for f in ("pipeline.py", "models/vae.py",
-                                              "models/text_encoder.py")):
-    pytest.skip("the pipeline, VAE and text encoder have not landed yet", allow_module_level=True)
 
 RUN_FIELDS = {
     "schema", "kind", "timestamp", "command", "model", "precision", "dtype", "tiny",
@@ -183,3 +177,15 @@ def test_skip_encode_reports_no_encode_time(tmp_path):
     assert r["seconds"]["encode"] is None and r["text_encoder_ran"] is False
     assert r["seconds"]["decode"] > 0 and r["footprint_bytes"]["text_encoder"] > 0
     assert "text encoder skipped" in bench.format_table(records)
+
+
+def test_model_folder_footprint_is_its_safetensors_bytes(fixtures_dir):
+    folder = fixtures_dir / "pipeline" / "distilled"  # a tiny diffusers Flux2KleinPipeline
+    (r,) = bench.run_bench(str(folder), sizes=[(64, 64)], steps=1, repeats=1, warmup=0,
+                           dtype="float32", log=lambda s: None)
+    assert RUN_FIELDS <= r.keys() and r["footprint_source"] == "files"
+    assert r["precision"] == "dense" and r["text_encoder_ran"] is True
+    sizes = {c: sum(f.stat().st_size for f in (folder / c).glob("*.safetensors"))
+             for c in ("transformer", "text_encoder", "vae")}
+    assert {k: v for k, v in r["footprint_bytes"].items() if k != "total"} == sizes
+    assert r["seconds"]["encode"] > 0 and len(r["seconds"]["steps"]) == 1
