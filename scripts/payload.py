@@ -1,0 +1,176 @@
+"""Deployment payload of full-size FLUX.2 [klein] 4B per component: the published Bonsai MLX
+packs against what `bonsai-mlx convert` writes (issue 10).
+
+Byte counts are exact tensor bytes from the full-size shapes (nothing is downloaded and no
+weight is materialised: the models are built lazily in MLX and only shapes are read), plus
+an estimated safetensors header per file:
+
+- transformer: scripts/footprint.py's tensors (binary / ternary packed, dense layers 16-bit
+  or MLX affine 8-bit) and the published MLX affine 1-/2-bit packs;
+- text encoder: Qwen3-4B (mlx-lm's model, config of Qwen/Qwen3-4B) quantised as mlx-lm does
+  (affine, group 64, bfloat16 scales and biases, tied embedding): the published
+  `text_encoder-mlx-4bit/` holds all 36 layers and the final norm; ours keeps the 27 layers
+  FLUX.2 reads (hidden states 9, 18, 27), at 4 bits (default), 3 or 8;
+- VAE: FLUX.2's AutoencoderKLFlux2 (encoder + decoder) in float16, as both store it; the
+  decoder alone is what text-to-image loads.
+
+    python scripts/payload.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import footprint  # noqa: E402
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+from mlx_lm.models import qwen3  # noqa: E402
+
+from bonsai_mlx.models.text_encoder import QUANTIZE_GROUP_SIZE, Qwen3Encoder  # noqa: E402
+from bonsai_mlx.models.vae import VAE, Encoder, VAEConfig  # noqa: E402
+
+# Qwen/Qwen3-4B config.json (the FLUX.2 [klein] 4B text encoder)
+QWEN3_4B = {
+    "model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728,
+    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "tie_word_embeddings": True, "max_position_embeddings": 40960,
+}
+OUT_LAYERS = (9, 18, 27)
+PUBLISHED_GB = {"transformer binary": 0.97, "transformer ternary": 1.43, "text encoder": 2.28,
+                "vae": 0.17, "binary": 3.42, "ternary": 3.88}
+GOALS = {"binary": 2.9e9, "ternary": 3.2e9}
+
+
+def _header_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
+    """A safetensors header for these tensors, estimated as footprint.py does (an upper
+    bound of the offsets' digits): 8 + JSON length."""
+    header = {k: {"dtype": "BF16", "shape": list(s), "data_offsets": [0, 10**10]}
+              for k, s in shapes.items()}
+    return 8 + len(json.dumps(header))
+
+
+def _module_bytes(model: nn.Module) -> tuple[int, dict[str, tuple[int, ...]]]:
+    params = dict(tree_flatten(model.parameters()))
+    return sum(v.nbytes for v in params.values()), {k: v.shape for k, v in params.items()}
+
+
+def text_encoder_bytes(config: dict = QWEN3_4B, layers: int | None = None, bits: int = 4,
+                       dtype: mx.Dtype = mx.bfloat16) -> dict[str, int]:
+    """Tensor bytes of a Qwen3 as mlx-lm stores it: `layers` None = the whole model (final
+    norm included), else the first `layers` layers as bonsai-mlx saves them (no final norm,
+    no lm_head). bits 16 = unquantised `dtype`. Returns tensor bytes and the file size
+    (tensors + estimated header)."""
+    args = qwen3.ModelArgs.from_dict(config)
+    if layers is None:
+        model = qwen3.Model(args)
+    else:
+        args.num_hidden_layers = layers
+        model = Qwen3Encoder(args, final_norm=False)
+    model.set_dtype(dtype)  # lazy: nothing is computed, only shapes are read
+    if bits != 16:
+        nn.quantize(model, QUANTIZE_GROUP_SIZE, bits, class_predicate=lambda _, m: (
+            hasattr(m, "to_quantized") and m.weight.shape[-1] % QUANTIZE_GROUP_SIZE == 0))
+    tensors, shapes = _module_bytes(model)
+    return {"tensors": tensors, "file": tensors + _header_bytes(shapes)}
+
+
+def vae_bytes(config: VAEConfig | None = None, dtype: mx.Dtype = mx.float16) -> dict[str, int]:
+    """Tensor bytes of the FLUX.2 VAE: `decoder` (what text-to-image loads: decoder,
+    post_quant_conv, latent BatchNorm statistics), `encoder` (encoder + quant_conv) and the
+    file (both + estimated header)."""
+    config = config or VAEConfig()
+    vae = VAE(config)
+    vae.set_dtype(dtype)
+    encoder = Encoder(config)
+    encoder.set_dtype(dtype)
+    dec, dec_shapes = _module_bytes(vae)
+    enc, enc_shapes = _module_bytes(encoder)
+    if config.use_quant_conv:
+        n = 2 * config.latent_channels
+        enc += (n * n + n) * dtype.size
+        enc_shapes.update({"quant_conv.weight": (n, n, 1, 1), "quant_conv.bias": (n,)})
+    shapes = {**dec_shapes, **{f"encoder.{k}": s for k, s in enc_shapes.items()}}
+    # diffusers also stores the BatchNorm's `num_batches_tracked` (one int64, never used)
+    shapes["bn.num_batches_tracked"] = ()
+    return {"decoder": dec, "encoder": enc, "tensors": dec + enc + 8,
+            "file": dec + enc + 8 + _header_bytes(shapes)}
+
+
+def transformer_bytes(fmt: str, dense_bits: int = 16) -> int:
+    """Our packed transformer file (scripts/footprint.py's tensors + estimated header)."""
+    spec = footprint.tensors(fmt, dense_bits)
+    tensors = sum(footprint.nbytes(s, d) for s, d, _ in spec.values())
+    return tensors + _header_bytes({k: s for k, (s, _, _) in spec.items()})
+
+
+def published_transformer_bytes(bits: int) -> int:
+    """The published MLX affine pack from the same shapes (tensors + estimated header)."""
+    shapes = {k: s for k, (s, _, _) in footprint.tensors("binary", 16).items()
+              if not k.endswith(".scales")}
+    for path in footprint.packed_layer_paths(footprint.NUM_LAYERS, footprint.NUM_SINGLE):
+        n, k = footprint.packed_shape(path)
+        shapes[f"{path}.weight"] = (n, k * bits // 32)
+        shapes[f"{path}.scales"] = shapes[f"{path}.biases"] = (n, k // footprint.GROUP_SIZE)
+    return sum(footprint.affine_bytes(bits).values()) + _header_bytes(shapes)
+
+
+def payload_table(text_encoder_bits: int = 4) -> list[dict]:
+    """One row per (format, variant): bytes per component and the total."""
+    full_te = text_encoder_bytes(QWEN3_4B, None, 4)["file"]
+    vae = vae_bytes()["file"]
+    rows = []
+    for fmt, bits in (("binary", 1), ("ternary", 2)):
+        rows.append({"format": fmt, "variant": "published MLX pack",
+                     "transformer": published_transformer_bytes(bits),
+                     "text_encoder": full_te, "vae": vae})
+        for dense_bits in (16, 8):
+            for te_bits in (4, 3, 8):
+                te = text_encoder_bytes(QWEN3_4B, max(OUT_LAYERS), te_bits)["file"]
+                rows.append({"format": fmt,
+                             "variant": f"bonsai-mlx, dense {dense_bits}-bit, "
+                                        f"text encoder {te_bits}-bit",
+                             "transformer": transformer_bytes(fmt, dense_bits),
+                             "text_encoder": te, "vae": vae})
+    for r in rows:
+        r["total"] = r["transformer"] + r["text_encoder"] + r["vae"]
+    return rows
+
+
+def main() -> None:
+    rows = payload_table()
+    v = vae_bytes()
+    print("FLUX.2 [klein] 4B deployment payload, decimal GB (1 GB = 1e9 bytes); tensor bytes "
+          "from full-size shapes + estimated safetensors headers; tokenizer and configs "
+          "(~0.01 GB, the same everywhere) not counted")
+    head = (f"{'format':<9}{'variant':<48}{'transformer':>12}{'text enc.':>10}{'VAE':>7}"
+            f"{'total':>8}{'goal':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        goal = "" if r["variant"].startswith("published") else (
+            "ok" if r["total"] <= GOALS[r["format"]] else "MISS")
+        print(f"{r['format']:<9}{r['variant']:<48}{r['transformer'] / 1e9:>12.3f}"
+              f"{r['text_encoder'] / 1e9:>10.3f}{r['vae'] / 1e9:>7.3f}{r['total'] / 1e9:>8.3f}"
+              f"{goal:>7}")
+    te_full = text_encoder_bytes(QWEN3_4B, None, 4)["tensors"]
+    te_cut = text_encoder_bytes(QWEN3_4B, max(OUT_LAYERS), 4)["tensors"]
+    print(f"published (whitepaper): transformer {PUBLISHED_GB['transformer binary']} / "
+          f"{PUBLISHED_GB['transformer ternary']}, text encoder {PUBLISHED_GB['text encoder']}, "
+          f"VAE {PUBLISHED_GB['vae']}, payload {PUBLISHED_GB['binary']} / "
+          f"{PUBLISHED_GB['ternary']} GB")
+    print(f"text encoder 4-bit: 36 layers + final norm {te_full:,} B -> 27 layers "
+          f"{te_cut:,} B (-{(te_full - te_cut) / 1e9:.3f} GB); goals: binary <= "
+          f"{GOALS['binary'] / 1e9} GB, ternary <= {GOALS['ternary'] / 1e9} GB")
+    print(f"VAE float16: decoder (loaded for text-to-image) {v['decoder']:,} B, encoder "
+          f"(loaded only to encode images) {v['encoder']:,} B")
+
+
+if __name__ == "__main__":
+    main()
