@@ -631,6 +631,18 @@ def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: s
     }
 
 
+def _kernel_paths(precision: str, flops: dict[str, int]) -> dict[str, str] | None:
+    """Which packed-matmul implementation the packed layers take, per row count M (image
+    stream, text stream, joint sequence); None for dense models."""
+    if precision not in ("binary", "ternary"):
+        return None
+    from bonsai_mlx.kernels import kernel_path
+
+    n_img, n_txt = flops["image_tokens"], flops["text_tokens"]
+    return {"image_tokens": kernel_path(n_img), "text_tokens": kernel_path(n_txt),
+            "joint": kernel_path(n_img + n_txt)}
+
+
 def roofline(flops: dict[str, int], step_times: Sequence[float],
              machine: dict[str, Any]) -> dict[str, Any]:
     """Achieved TFLOP/s of the median step and the fraction of the peak (None if unknown)."""
@@ -720,6 +732,7 @@ def run_bench(
                                     "total": sum(target.footprint.values())},
                 "footprint_source": target.footprint_source,
                 "roofline": roofline(flops, result["seconds"]["steps"], machine),
+                "packed_kernels": _kernel_paths(target.precision, flops),
                 "machine": machine,
             }
             log(f"{w}x{h}: run {i + 1}/{repeats}: {result['seconds']['total']:.2f} s")

@@ -12,7 +12,7 @@ RUN_FIELDS = {
     "schema", "kind", "timestamp", "command", "model", "precision", "dtype", "tiny",
     "text_encoder_ran", "width",
     "height", "steps", "run", "warmup_runs", "seconds", "memory", "footprint_bytes",
-    "footprint_source", "roofline", "machine",
+    "footprint_source", "roofline", "packed_kernels", "machine",
 }
 MACHINE_FIELDS = {
     "chip", "cpu", "cpu_count", "memory_bytes", "os", "arch", "python", "mlx_version",
@@ -93,6 +93,10 @@ def test_tiny_records_are_complete_and_sane(tiny_records, kind):
         assert r["machine"]["mlx_version"] and r["machine"]["backend"] in ("cpu", "metal",
                                                                            "cuda", "gpu")
         assert ROOFLINE_FIELDS <= r["roofline"].keys()
+        if kind == "bf16":
+            assert r["packed_kernels"] is None
+        else:
+            assert set(r["packed_kernels"]) == {"image_tokens", "text_tokens", "joint"}
 
 
 @pytest.mark.parametrize("kind", bench.SYNTHETIC_KINDS)
