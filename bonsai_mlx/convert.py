@@ -173,7 +173,7 @@ def convert(
     transformer_dir = root / LAYOUTS[layout]["transformer"]
     # The checkpoint's own float dtype: fp16 / bf16 values load (and save) unchanged.
     dtype = checkpoint_float_dtype(transformer_dir)
-    say(f"loading {root} ({layout}, {dtype})")
+    say(f"loading {root} ({layout}, {str(dtype).removeprefix('mlx.core.')})")
     pipe = Pipeline.from_pretrained(root, dtype=dtype)
 
     model = pipe.transformer
