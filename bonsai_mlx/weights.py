@@ -7,6 +7,7 @@ everywhere: they name the file and say what to do.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import struct
@@ -20,6 +21,14 @@ from bonsai_mlx.errors import BonsaiError
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
+# Short names for the published models (the CLI's -m, Pipeline.from_pretrained, convert, bench).
+MODEL_ALIASES = {
+    "ternary": "prism-ml/bonsai-image-ternary-4B-mlx-2bit",
+    "binary": "prism-ml/bonsai-image-binary-4B-mlx-1bit",
+    "klein-4b": "black-forest-labs/FLUX.2-klein-4B",
+    "klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+}
+
 _MAX_HEADER = 100 * 1024 * 1024
 _SAFETENSORS_DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -27,8 +36,19 @@ _SAFETENSORS_DTYPE_BYTES = {
 }
 
 
+def default_dtype() -> str:
+    """bfloat16 where MLX runs on a GPU (Metal, CUDA); float32 on the CPU, where bfloat16
+    matmuls are many times slower."""
+    return "bfloat16" if mx.default_device().type == mx.DeviceType.gpu else "float32"
+
+
 def parse_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
-    """`"bfloat16" | "float16" | "float32"` (or an `mx.Dtype`) -> `mx.Dtype`."""
+    """`"bfloat16" | "float16" | "float32" | "auto"` (or an `mx.Dtype`) -> `mx.Dtype`.
+
+    `"auto"` is `default_dtype()`: bfloat16 on a GPU, float32 on the CPU.
+    """
+    if dtype == "auto":
+        dtype = default_dtype()
     if isinstance(dtype, mx.Dtype):
         if dtype not in DTYPES.values():
             raise BonsaiError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
@@ -37,7 +57,7 @@ def parse_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
         return DTYPES[str(dtype)]
     except KeyError:
         raise BonsaiError(
-            f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))}"
+            f"unknown dtype {dtype!r}; use one of {', '.join(sorted(DTYPES))} or auto"
         ) from None
 
 
@@ -222,25 +242,48 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def resolve_model(model: str | Path) -> str:
+    """An alias -> its repo id; an existing folder or a repo id (owner/name) as is.
+
+    Anything else is a BonsaiError that says what was expected (with a "did you mean" for a
+    mistyped alias).
+    """
+    name = str(model)
+    if name in MODEL_ALIASES:
+        return MODEL_ALIASES[name]
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise BonsaiError(
+                f"{name} is a file, not a model folder; give the folder holding model_index.json"
+            )
+        return str(path)
+    if name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name:
+        raise BonsaiError(f"folder {name} does not exist; check the path")
+    if name.count("/") != 1 or not all(name.split("/")):
+        close = difflib.get_close_matches(name, list(MODEL_ALIASES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise BonsaiError(
+            f"unknown model {name!r}; {hint}use an alias ({', '.join(MODEL_ALIASES)}), "
+            "a Hugging Face repo id (owner/name) or a local folder"
+        )
+    return name
+
+
 def resolve_model_path(
     path_or_repo_id: str | Path,
     *,
     revision: str | None = None,
     allow_patterns: Iterable[str] | None = None,
 ) -> Path:
-    """A local folder as is, or a Hugging Face repo id downloaded to (or found in) the cache.
+    """An alias or a Hugging Face repo id downloaded to (or found in) the cache; a local
+    folder as is.
 
     Respects HF_HUB_OFFLINE and the local cache; offline and not cached is a clear error.
     """
-    p = Path(path_or_repo_id).expanduser()
-    if p.exists():
-        return p
-    name = str(path_or_repo_id)
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise BonsaiError(
-            f"{name} is neither an existing folder nor a Hugging Face repo id "
-            "(owner/name); check the path"
-        )
+    name = resolve_model(path_or_repo_id)
+    if Path(name).exists():
+        return Path(name)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,

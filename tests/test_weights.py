@@ -91,3 +91,23 @@ def test_offline_uncached_repo_is_a_clear_error(monkeypatch, tmp_path):
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
     save_safetensors(tmp_path / "a.safetensors", {"w": mx.ones((2,))})
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_aliases_resolve_to_repo_ids_and_typos_get_a_hint(tmp_path):
+    from bonsai_mlx.weights import MODEL_ALIASES, resolve_model
+
+    assert resolve_model("ternary") == MODEL_ALIASES["ternary"]
+    assert resolve_model("owner/name") == "owner/name"
+    assert resolve_model(tmp_path) == str(tmp_path)
+    with pytest.raises(BonsaiError, match="did you mean 'ternary'"):
+        resolve_model("ternery")
+    with pytest.raises(BonsaiError, match="does not exist"):
+        resolve_model(str(tmp_path / "missing" / "folder"))
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(BonsaiError, match="is a file"):
+        resolve_model(tmp_path / "f.txt")
+
+
+def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_gpu():
+    expected = mx.bfloat16 if mx.default_device().type == mx.DeviceType.gpu else mx.float32
+    assert parse_dtype("auto") == expected
