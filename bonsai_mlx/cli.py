@@ -8,7 +8,6 @@ Written files go to stdout, one path a line; progress bars and the summary go to
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fnmatch
 import json
 import os
@@ -27,13 +26,10 @@ import click
 
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
+from bonsai_mlx.weights import default_dtype, resolve_model
 
-ALIASES = {
-    "ternary": "prism-ml/bonsai-image-ternary-4B-mlx-2bit",
-    "binary": "prism-ml/bonsai-image-binary-4B-mlx-1bit",
-    "klein-4b": "black-forest-labs/FLUX.2-klein-4B",
-    "klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
-}
+__all__ = ["ALIASES", "cli", "default_dtype", "main", "parse_size", "resolve_model"]
 DEFAULT_MODEL = "ternary"
 
 _EXIT_USER_ERROR = 2
@@ -146,32 +142,6 @@ def main(argv: list[str] | None = None) -> None:
 # Models: aliases, repo ids, local folders
 
 
-def resolve_model(model: str) -> str:
-    """An alias -> its repo id; a repo id or an existing folder as is; else BonsaiError."""
-    if model in ALIASES:
-        return ALIASES[model]
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise BonsaiError(f"{model} is a file, not a model folder; give the folder holding "
-                              "model_index.json")
-        return str(path)
-    looks_like_path = (
-        model.startswith((".", "/", "~", "\\")) or model.count("/") > 1 or os.sep in model
-        and os.sep != "/"
-    )
-    if looks_like_path:
-        raise BonsaiError(f"folder {model} does not exist; check the path")
-    if "/" not in model:
-        close = difflib.get_close_matches(model, list(ALIASES), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise BonsaiError(
-            f"unknown model {model!r}; {hint}use an alias ({', '.join(ALIASES)}), "
-            "a Hugging Face repo id (owner/name) or a local folder"
-        )
-    return model
-
-
 def _is_local(model: str) -> bool:
     return Path(model).expanduser().is_dir()
 
@@ -238,14 +208,6 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def _round16(v: int) -> int:
     return max(16, int(round(v / 16)) * 16)
-
-
-def default_dtype() -> str:
-    """bfloat16 where MLX runs on a GPU (Metal, CUDA); float32 on the CPU, where bfloat16
-    matmuls are many times slower."""
-    import mlx.core as mx
-
-    return "bfloat16" if mx.default_device().type == mx.DeviceType.gpu else "float32"
 
 
 def _check_image(path: str) -> None:
