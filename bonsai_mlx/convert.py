@@ -1,7 +1,7 @@
 """Convert a FLUX.2 [klein] pipeline to bonsai-mlx's layout: packed transformer, trimmed text
 encoder, VAE as stored.
 
-    convert("prism-ml/bonsai-image-binary-4B-mlx-1bit", "bonsai-binary")     # lossless
+    convert("prism-ml/bonsai-image-binary-4B-mlx-1bit", "bonsai-binary")     # lossless, 1-bit
     convert("black-forest-labs/FLUX.2-klein-4B", "klein-ternary", "ternary")  # absmean, warns
 
 Sources (a local folder or a Hugging Face repo id):
@@ -134,7 +134,7 @@ def pack_transformer(model: Flux2Transformer, fmt: str) -> str:
 def convert(
     src: str | Path,
     dst: str | Path,
-    fmt: str | None = "binary",
+    fmt: str | None = None,
     *,
     dense_bits: int = 16,
     text_encoder_bits: int = 4,
@@ -145,9 +145,9 @@ def convert(
     """Convert the pipeline `src` (folder or repo id) into bonsai-mlx's layout at `dst`.
 
     - `fmt`: "binary" or "ternary" packs the transformer's 100 big linear layers (exactly when
-      their weights already take those values, else absmean with a warning); None keeps the
-      transformer as it is (dense or packed). A packed source must be asked for its own
-      format.
+      their weights already take those values, else absmean with a warning); None (default)
+      keeps the transformer as it is (dense or packed). A packed source must be asked for
+      its own format (or None).
     - `dense_bits`: 16 keeps the other transformer layers in the checkpoint's float dtype;
       8 makes their Linear layers MLX affine 8-bit (group 64).
     - `text_encoder_bits`: 4 (default), 3 or 8 (MLX affine, group 64), or 16 (float); the

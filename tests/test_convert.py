@@ -137,6 +137,20 @@ def test_convert_other_checkpoints_by_absmean_with_a_warning(tmp_path):
     assert report.after["transformer"] < report.before["transformer"] / 2
 
 
+def test_dense_pipeline_round_trips_unchanged(packs, tmp_path):
+    """fmt None keeps a dense transformer dense (as stored: float16), text encoder 16-bit."""
+    p = packs["ternary"]
+    report = convert(p["unpacked"], tmp_path / "dense", text_encoder_bits=16, echo=None)
+    assert (report.format, report.method) == ("dense", "unchanged")
+    assert not (tmp_path / "dense" / "transformer" / "quantization_config.json").exists()
+    weights = load_tensors(tmp_path / "dense" / "transformer")
+    assert all(weights[k].dtype == mx.float16 and np.array_equal(np.array(weights[k]), v)
+               for k, v in p["weights"].items())
+    image = generate(Pipeline.from_pretrained(tmp_path / "dense", dtype="float32"))
+    assert np.array_equal(image, generate(Pipeline.from_pretrained(p["unpacked"],
+                                                                   dtype="float32")))
+
+
 def test_convert_errors(packs, tmp_path):
     pack = packs["binary"]["pack"]
     with pytest.raises(BonsaiError, match="already binary-packed; it cannot become ternary"):
