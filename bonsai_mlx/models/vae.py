@@ -307,7 +307,9 @@ class VAE(nn.Module):
         tensor shapes (GroupNorm groups: 32, as in FLUX.2). Only the decoder is read now.
         """
         dtype = parse_dtype(dtype)
-        path = resolve_model_path(path, allow_patterns=["vae/*"])
+        local = Path(path).expanduser()
+        # A local file or folder as is; anything else is an alias or a Hub repo id.
+        path = local if local.exists() else resolve_model_path(path, allow_patterns=["vae/*"])
         if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
             path = path / "vae"  # a whole pipeline folder or Hub repo
         source, stem = path, None
