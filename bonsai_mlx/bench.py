@@ -49,7 +49,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.weights import parse_dtype, read_json, safetensors_files
+from bonsai_mlx.weights import parse_dtype, safetensors_files
 
 SCHEMA = "bonsai-mlx-bench/1"
 SYNTHETIC_KINDS = ("binary", "ternary", "bf16")
@@ -568,7 +568,8 @@ def load_target(
     pipe = Pipeline.from_pretrained(repo, dtype=dtype)
     root = resolve_model_path(repo, allow_patterns=ALLOW_PATTERNS)
     return BenchTarget(
-        pipe, model, _model_precision(root), _dtype_name(dtype), folder_footprint(root),
+        pipe, model, model_precision(pipe.transformer), _dtype_name(dtype),
+        folder_footprint(root),
         "files", pipe.prompt_encoder.max_sequence_length, False,
     )
 
@@ -585,11 +586,16 @@ def _resolve_alias(model: str) -> str:
     return ALIASES.get(model, model)
 
 
-def _model_precision(root: Path) -> str:
-    q = root / "transformer-packed-mflux" / "quantization_config.json"
-    if q.is_file():
-        bits = read_json(q).get("bits")
-        return {1: "binary", 2: "ternary"}.get(bits, f"{bits}-bit")
+def model_precision(transformer: nn.Module) -> str:
+    """'binary', 'ternary', 'mlx-affine' or 'dense': what the loaded transformer's linear
+    layers are (whatever folder layout they came from)."""
+    from bonsai_mlx.quant import BinaryLinear, TernaryLinear
+
+    kinds = {type(m) for _, m in transformer.named_modules()}
+    for cls, name in ((BinaryLinear, "binary"), (TernaryLinear, "ternary"),
+                      (nn.QuantizedLinear, "mlx-affine")):
+        if cls in kinds:
+            return name
     return "dense"
 
 

@@ -193,3 +193,12 @@ def test_model_folder_footprint_is_its_safetensors_bytes(fixtures_dir):
              for c in ("transformer", "text_encoder", "vae")}
     assert {k: v for k, v in r["footprint_bytes"].items() if k != "total"} == sizes
     assert r["seconds"]["encode"] > 0 and len(r["seconds"]["steps"]) == 1
+
+
+@pytest.mark.parametrize(("kind", "precision"),
+                         [("binary", "binary"), ("ternary", "ternary"), ("bf16", "dense")])
+def test_precision_is_read_from_the_loaded_layers(kind, precision):
+    import mlx.core as mx
+
+    model = bench.synthetic_transformer(kind, mx.float32, tiny=True)
+    assert bench.model_precision(model) == precision
