@@ -49,7 +49,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.weights import parse_dtype, safetensors_files
+from bonsai_mlx.weights import parse_dtype, read_json, safetensors_files
 
 SCHEMA = "bonsai-mlx-bench/1"
 SYNTHETIC_KINDS = ("binary", "ternary", "bf16")
@@ -258,6 +258,18 @@ def transformer_flops(
     }
 
 
+def text_encoder_flops(config: dict[str, Any], tokens: int, layers: int) -> int:
+    """FLOPs of prompt encoding: the first `layers` Qwen3 decoder layers over `tokens`
+    tokens (q/k/v/o and the SwiGLU MLP as 2*M*K*N, attention 4*L^2*heads*head_dim; the
+    embedding lookup and norms left out)."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    hd = config.get("head_dim") or h // config["num_attention_heads"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    linear = 2 * tokens * (h * q + 2 * h * kv + q * h + 3 * h * i)
+    attention = 4 * tokens * tokens * q
+    return layers * (linear + attention)
+
+
 # ---------------------------------------------------------------------------------------
 # Memory over time
 
@@ -397,6 +409,7 @@ class SyntheticPromptEncoder:
         self.max_sequence_length = TINY_TEXT_TOKENS if tiny else 512
         self.dtype = dtype
         self.runs = run
+        self.config = dict(config)
         args = qwen3_args(dict(config), "synthetic Qwen3 config")
         self.hidden_size = args.hidden_size
         full_layers = args.num_hidden_layers
@@ -649,6 +662,25 @@ def _kernel_paths(precision: str, flops: dict[str, int]) -> dict[str, str] | Non
             "joint": kernel_path(n_img + n_txt)}
 
 
+def _encode_flops(target: BenchTarget) -> int | None:
+    """Prompt-encoding FLOPs for the target's text encoder (None when it is not known)."""
+    enc = target.pipeline.prompt_encoder
+    config = getattr(enc, "config", None)
+    if config is None and hasattr(enc, "text_encoder_dir"):
+        try:
+            config = read_json(Path(enc.text_encoder_dir) / "config.json")
+        except BonsaiError:
+            return None
+    if not config or not hasattr(enc, "out_layers"):
+        return None
+    return text_encoder_flops(config, target.text_tokens, max(enc.out_layers))
+
+
+def _encode_roofline(flops: int | None, seconds: float | None) -> dict[str, Any]:
+    achieved = flops / seconds / 1e12 if (flops and seconds) else None
+    return {"encode_flops": flops, "encode_achieved_tflops": achieved}
+
+
 def roofline(flops: dict[str, int], step_times: Sequence[float],
              machine: dict[str, Any]) -> dict[str, Any]:
     """Achieved TFLOP/s of the median step and the fraction of the peak (None if unknown)."""
@@ -712,6 +744,7 @@ def run_bench(
     records: list[dict[str, Any]] = []
     for w, h in sizes:
         flops = transformer_flops(config, h, w, target.text_tokens)
+        encode_flops = _encode_flops(target)
         for i in range(warmup):
             log(f"{w}x{h}: warm-up {i + 1}/{warmup}")
             run_once(target, w, h, steps, f"{prompt} (warm-up {i})", seed, log)
@@ -737,7 +770,10 @@ def run_bench(
                 "footprint_bytes": {**target.footprint,
                                     "total": sum(target.footprint.values())},
                 "footprint_source": target.footprint_source,
-                "roofline": roofline(flops, result["seconds"]["steps"], machine),
+                "roofline": {
+                    **roofline(flops, result["seconds"]["steps"], machine),
+                    **_encode_roofline(encode_flops, result["seconds"]["encode"]),
+                },
                 "packed_kernels": _kernel_paths(target.precision, flops),
                 "machine": machine,
             }

@@ -21,7 +21,7 @@ MACHINE_FIELDS = {
 ROOFLINE_FIELDS = {
     "flops_per_step", "linear_flops_per_step", "attention_flops_per_step", "image_tokens",
     "text_tokens", "median_step_seconds", "achieved_tflops", "peak_tflops", "peak_source",
-    "fraction_of_peak",
+    "fraction_of_peak", "encode_flops", "encode_achieved_tflops",
 }
 
 
@@ -193,6 +193,7 @@ def test_model_folder_footprint_is_its_safetensors_bytes(fixtures_dir):
              for c in ("transformer", "text_encoder", "vae")}
     assert {k: v for k, v in r["footprint_bytes"].items() if k != "total"} == sizes
     assert r["seconds"]["encode"] > 0 and len(r["seconds"]["steps"]) == 1
+    assert r["roofline"]["encode_flops"] > 0  # from text_encoder/config.json
 
 
 @pytest.mark.parametrize(("kind", "precision"),
@@ -202,3 +203,13 @@ def test_precision_is_read_from_the_loaded_layers(kind, precision):
 
     model = bench.synthetic_transformer(kind, mx.float32, tiny=True)
     assert bench.model_precision(model) == precision
+
+
+def test_text_encoder_flops_by_hand(tiny_records):
+    # Tiny Qwen3: hidden 64, 4 q heads / 2 kv heads of 16, MLP 128; 3 layers over 32 tokens.
+    per_layer = 2 * 32 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128) + 4 * 32 * 32 * 64
+    roof = tiny_records["binary"][0]["roofline"]
+    assert roof["encode_flops"] == 3 * per_layer
+    assert roof["encode_achieved_tflops"] > 0
+    # Qwen3-4B, layers 1..27 over 512 tokens: about 2.9 TFLOP.
+    assert bench.text_encoder_flops(bench.QWEN3_4B, 512, 27) == pytest.approx(2.9e12, rel=0.02)
