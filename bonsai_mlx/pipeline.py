@@ -192,8 +192,6 @@ class Pipeline:
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
         try:
             self._write(tmp, text_encoder_bits, transformer_dtype, vae_dtype)
-            for f in tmp.rglob("*"):  # atomic writes create private files: make them normal
-                f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
             if dst.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
                 os.replace(dst, old / dst.name)

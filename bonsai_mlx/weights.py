@@ -7,12 +7,13 @@ everywhere: they name the file and say what to do.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import mlx.core as mx
@@ -78,7 +79,8 @@ def read_json(path: str | Path) -> dict:
 
 def write_json(path: str | Path, data: Mapping) -> None:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
-    _atomic_write(Path(path), lambda f: f.write(json.dumps(data, indent=2).encode() + b"\n"))
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def read_safetensors_header(path: str | Path) -> dict:
@@ -218,24 +220,22 @@ def save_safetensors(
     path: str | Path, weights: Mapping[str, mx.array], metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write a safetensors file atomically (temporary name, then rename)."""
-    path = Path(path)
+    with atomic_path(Path(path)) as tmp:
+        mx.save_safetensors(str(tmp), dict(weights), metadata=dict(metadata or {}))
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; it becomes `path` only if the block
+    succeeds (a crash or error leaves no half-written file), with a normal file's mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".safetensors", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        mx.save_safetensors(tmp, dict(weights), metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

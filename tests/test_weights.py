@@ -111,3 +111,19 @@ def test_aliases_resolve_to_repo_ids_and_typos_get_a_hint(tmp_path):
 def test_auto_dtype_is_float32_on_cpu_and_bfloat16_on_gpu():
     expected = mx.bfloat16 if mx.default_device().type == mx.DeviceType.gpu else mx.float32
     assert parse_dtype("auto") == expected
+
+
+def test_saved_files_get_a_normal_mode(tmp_path):
+    import os
+
+    from bonsai_mlx.weights import write_json
+
+    umask = os.umask(0o022)
+    try:
+        save_safetensors(tmp_path / "a.safetensors", {"w": mx.ones((2,))})
+        write_json(tmp_path / "c.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "c.json").stat().st_mode & 0o777 == 0o644
+    assert read_json(tmp_path / "c.json") == {"a": 1}
