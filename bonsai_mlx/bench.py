@@ -577,9 +577,8 @@ def load_target(
     from bonsai_mlx.pipeline import ALLOW_PATTERNS, Pipeline
     from bonsai_mlx.weights import resolve_model_path
 
-    repo = _resolve_alias(model)
-    pipe = Pipeline.from_pretrained(repo, dtype=dtype)
-    root = resolve_model_path(repo, allow_patterns=ALLOW_PATTERNS)
+    pipe = Pipeline.from_pretrained(model, dtype=dtype)  # aliases resolve there
+    root = resolve_model_path(model, allow_patterns=ALLOW_PATTERNS)
     return BenchTarget(
         pipe, model, model_precision(pipe.transformer), _dtype_name(dtype),
         folder_footprint(root),
@@ -589,14 +588,6 @@ def load_target(
 
 def _dtype_name(dtype: str | mx.Dtype) -> str:
     return str(parse_dtype(dtype)).rsplit(".", 1)[-1]  # 'bfloat16', 'float32', ...
-
-
-def _resolve_alias(model: str) -> str:
-    try:
-        from bonsai_mlx.cli import ALIASES
-    except ImportError:
-        return model
-    return ALIASES.get(model, model)
 
 
 def model_precision(transformer: nn.Module) -> str:
@@ -906,7 +897,7 @@ def _time_diffusers(target, synthetic, model, width, height, steps, repeats, war
         from bonsai_mlx.pipeline import ALLOW_PATTERNS, detect_layout
         from bonsai_mlx.weights import resolve_model_path
 
-        root = resolve_model_path(_resolve_alias(model), allow_patterns=ALLOW_PATTERNS)
+        root = resolve_model_path(model, allow_patterns=ALLOW_PATTERNS)
         if detect_layout(root) != "diffusers":
             raise _Unavailable(f"diffusers cannot load the Bonsai MLX pack {root}; compare "
                                "with the matching `*-unpacked` repo instead")
