@@ -13,7 +13,6 @@ the bytes per component before and after.
 
 import argparse
 
-from bonsai_mlx.cli import resolve_model
 from bonsai_mlx.convert import convert
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -25,5 +24,5 @@ parser.add_argument("--dense-bits", type=int, choices=[16, 8], default=16,
                     help="8: the non-packed transformer Linear layers as MLX affine 8-bit")
 args = parser.parse_args()
 
-report = convert(resolve_model(args.src), args.dst, args.format, dense_bits=args.dense_bits)
+report = convert(args.src, args.dst, args.format, dense_bits=args.dense_bits)
 print(f"{report.format} transformer ({report.method}) written to {args.dst}")

@@ -11,7 +11,7 @@ first reference's size unless --size is given.
 import argparse
 
 from bonsai_mlx import Pipeline  # import bonsai_mlx before mlx.core (fast CPU matmuls)
-from bonsai_mlx.cli import default_dtype, parse_size, resolve_model
+from bonsai_mlx.cli import parse_size
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("images", nargs="+", help="reference pictures (PNG, JPEG, WebP)")
@@ -24,7 +24,7 @@ parser.add_argument("-o", "--output", default="edit.png")
 args = parser.parse_args()
 
 width, height = parse_size(args.size) if args.size else (None, None)
-pipe = Pipeline.from_pretrained(resolve_model(args.model), dtype=default_dtype())
+pipe = Pipeline.from_pretrained(args.model, dtype="auto")  # alias, repo id or folder
 image = pipe.generate(args.prompt, images=args.images, width=width, height=height,
                       steps=args.steps, seed=args.seed)
 image.save(args.output)

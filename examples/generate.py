@@ -10,7 +10,7 @@ guidance; base models to 50 steps with classifier-free guidance 4.0.
 import argparse
 
 from bonsai_mlx import Pipeline  # import bonsai_mlx before mlx.core (fast CPU matmuls)
-from bonsai_mlx.cli import default_dtype, parse_size, resolve_model
+from bonsai_mlx.cli import parse_size
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("-p", "--prompt", required=True)
@@ -21,7 +21,7 @@ parser.add_argument("--seeds", type=int, nargs="+", default=[0])
 args = parser.parse_args()
 
 width, height = parse_size(args.size)
-pipe = Pipeline.from_pretrained(resolve_model(args.model), dtype=default_dtype())
+pipe = Pipeline.from_pretrained(args.model, dtype="auto")  # alias, repo id or folder
 for seed in args.seeds:
     image = pipe.generate(args.prompt, width=width, height=height, steps=args.steps, seed=seed)
     path = f"generate-{seed}.png"

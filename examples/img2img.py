@@ -12,7 +12,7 @@ multiples of 16 (or --size).
 import argparse
 
 from bonsai_mlx import Pipeline  # import bonsai_mlx before mlx.core (fast CPU matmuls)
-from bonsai_mlx.cli import default_dtype, parse_size, resolve_model
+from bonsai_mlx.cli import parse_size
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("image", help="the starting picture (PNG, JPEG, WebP)")
@@ -26,7 +26,7 @@ parser.add_argument("-o", "--output", default="img2img.png")
 args = parser.parse_args()
 
 width, height = parse_size(args.size) if args.size else (None, None)
-pipe = Pipeline.from_pretrained(resolve_model(args.model), dtype=default_dtype())
+pipe = Pipeline.from_pretrained(args.model, dtype="auto")  # alias, repo id or folder
 image = pipe.generate(args.prompt, images=[args.image], strength=args.strength,
                       width=width, height=height, steps=args.steps, seed=args.seed)
 image.save(args.output)

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from bonsai_mlx import Pipeline  # import bonsai_mlx before mlx.core (fast CPU matmuls)
-from bonsai_mlx.cli import default_dtype, parse_size, resolve_model
+from bonsai_mlx.cli import parse_size
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("-m", "--model", default="ternary", help="alias, repo id or folder")
@@ -29,7 +29,7 @@ out = Path(args.output)
 out.mkdir(parents=True, exist_ok=True)
 
 # bfloat16 on Apple / CUDA GPUs, float32 on CPUs (where bfloat16 matmuls are slow)
-pipe = Pipeline.from_pretrained(resolve_model(args.model), dtype=default_dtype())
+pipe = Pipeline.from_pretrained(args.model, dtype="auto")  # alias, repo id or folder
 pipe.encode_prompt(args.prompt)  # encode once; generate() finds it in the cache
 
 for seed in range(args.seeds):
