@@ -116,10 +116,12 @@ class Pipeline:
     ) -> Pipeline:
         """Load a diffusers `Flux2KleinPipeline` folder or a Bonsai MLX pack.
 
-        `path_or_repo_id` is a local folder or a Hugging Face repo id (only the files used
-        are downloaded; HF_HUB_OFFLINE and the cache are respected). `dtype` is the compute
-        dtype of all three models. The text encoder is released after each prompt encoding
-        unless `keep_text_encoder`; `prompt_cache_dir` caches prompt embeddings on disk.
+        `path_or_repo_id` is a local folder, a Hugging Face repo id or an alias (`ternary`,
+        `binary`, `klein-4b`, `klein-base-4b`); only the files used are downloaded, and
+        HF_HUB_OFFLINE and the cache are respected. `dtype` is the compute dtype of all three
+        models (`"auto"`: bfloat16 on a GPU, float32 on the CPU). The text encoder is released
+        after each prompt encoding unless `keep_text_encoder`; `prompt_cache_dir` caches
+        prompt embeddings on disk.
         """
         dtype = parse_dtype(dtype)
         root = resolve_model_path(path_or_repo_id, revision=revision,
