@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models import text_encoder as te
@@ -320,3 +320,92 @@ def test_errors_name_the_folder(tmp_path):
 
     with pytest.raises(BonsaiError, match="prompt"):
         encoder().encode([])
+
+
+# ---- dequantized layers (MLX's CPU backend) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quantized_4bit(tmp_path_factory) -> Path:
+    return mlx_lm_quantized_copy(tmp_path_factory.mktemp("q4") / "text_encoder-mlx-4bit", 4)
+
+
+def count_quantized_matmuls(monkeypatch) -> list:
+    calls = []
+    quantized_matmul = mx.quantized_matmul
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return quantized_matmul(*args, **kwargs)
+
+    monkeypatch.setattr(mx, "quantized_matmul", counting)
+    return calls
+
+
+def test_dequantized_layers_equal_quantized_matmul(quantized_4bit, monkeypatch):
+    """The 4-bit mlx-lm layout, each layer dequantized to float32 and run with plain matmuls,
+    gives the quantized_matmul path's embeddings to float32 rounding (27 layers deep)."""
+    calls = count_quantized_matmuls(monkeypatch)
+    kwargs = dict(dtype="float32", max_sequence_length=24, keep_loaded=True)
+    quantized = PromptEncoder.from_pretrained(quantized_4bit, TOKENIZER, dequantize=False,
+                                              **kwargs)
+    ref = quantized.encode([SHORT, NON_ASCII, EMPTY])
+    assert len(calls) == 27 * 7  # 7 linears per layer
+    calls.clear()
+
+    dequantized = PromptEncoder.from_pretrained(quantized_4bit, TOKENIZER, dequantize=True,
+                                                **kwargs)
+    out = dequantized.encode([SHORT, NON_ASCII, EMPTY])
+    assert not calls
+    assert relative_error(out, ref) <= 1e-5
+    # The model keeps its quantized layers: only the run used float ones.
+    assert isinstance(dequantized.model.model.layers[26].mlp.down_proj, nn.QuantizedLinear)
+
+
+def test_dequantized_run_holds_one_layer_of_float_weights(quantized_4bit):
+    enc = PromptEncoder.from_pretrained(quantized_4bit, TOKENIZER, dtype="float32",
+                                        max_sequence_length=24, keep_loaded=True,
+                                        dequantize=True)
+    enc.encode("warm up")  # loads the weights
+    layer = enc.model.model.layers[0]
+    with te.dequantized_linears(layer):
+        layer_bytes = sum(v.nbytes for _, v in tree_flatten(layer.parameters()))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    enc.encode(SHORT)
+    grown = mx.get_peak_memory() - before
+    assert grown < 2 * layer_bytes  # all 27 float layers would be 27 x layer_bytes
+
+
+def test_dequantized_linears_are_put_back_after_an_error(quantized_4bit):
+    model = te.load_qwen3_encoder(quantized_4bit, 1, "float32")
+    layer = model.model.layers[0]
+    with pytest.raises(RuntimeError), te.dequantized_linears(layer):
+        assert isinstance(layer.self_attn.q_proj, te.DequantizedLinear)
+        raise RuntimeError
+    assert isinstance(layer.self_attn.q_proj, nn.QuantizedLinear)
+    assert not any(isinstance(m, te.DequantizedLinear) for _, m in layer.named_modules())
+
+
+def test_dequantize_auto_is_on_for_the_cpu_only(monkeypatch):
+    monkeypatch.delenv(te.DEQUANTIZE_ENV, raising=False)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert te.should_dequantize("auto") is True
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert te.should_dequantize("auto") is False  # Apple GPUs keep quantized_matmul
+    assert te.should_dequantize(True) is True
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
+    assert te.should_dequantize(False) is False
+
+    monkeypatch.setenv(te.DEQUANTIZE_ENV, "0")
+    assert te.should_dequantize("auto") is False
+    assert te.should_dequantize(True) is True  # an explicit choice beats the environment
+    monkeypatch.setenv(te.DEQUANTIZE_ENV, "true")
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert te.should_dequantize("auto") is True
+    monkeypatch.setenv(te.DEQUANTIZE_ENV, "maybe")
+    with pytest.raises(BonsaiError, match=te.DEQUANTIZE_ENV):
+        te.should_dequantize("auto")
+    with pytest.raises(BonsaiError, match="dequantize"):
+        encoder(dequantize="yes")

@@ -13,6 +13,11 @@ sharded) and the mlx-lm layout of Bonsai's `text_encoder-mlx-4bit/` (affine-quan
 `PromptEncoder` loads the weights on the first prompt it has not seen, frees them after
 encoding (unless keep_loaded=True), and caches embeddings in memory and optionally on disk,
 so a seed sweep over one prompt runs Qwen3 once.
+
+On MLX's CPU backend `mx.quantized_matmul` is some 20-200x slower than a float32 matmul
+through BLAS, so there a quantized encoder runs each decoder layer dequantized: one layer's
+float weights are made, used and dropped at a time (`Qwen3Encoder(..., dequantize=True)`),
+which costs about one layer of float weights in memory. On a GPU the quantized kernels run.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import re
 import warnings
 from collections import OrderedDict
@@ -29,7 +35,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import qwen3
 
 from bonsai_mlx.errors import BonsaiError
@@ -54,6 +60,8 @@ SAVE_QUANTIZE_BITS = (3, 4, 8)  # MLX affine widths `save_text_encoder` writes
 # reads: {"source_num_hidden_layers": 36, "out_layers": [9, 18, 27]}. Its last layer's
 # output is then a plain hidden state (no final norm follows it).
 TRUNCATED_KEY = "bonsai_mlx_truncated"
+# Overrides dequantize="auto": 1/true (always dequantize layers), 0/false (never), auto.
+DEQUANTIZE_ENV = "BONSAI_TEXT_ENCODER_DEQUANTIZE"
 
 
 def attention_mask_4d(attention_mask: mx.array) -> mx.array:
@@ -87,18 +95,30 @@ class Qwen3Encoder(qwen3.Model):
             del self.lm_head
 
     def __call__(
-        self, input_ids: mx.array, attention_mask: mx.array, out_layers: Sequence[int]
+        self,
+        input_ids: mx.array,
+        attention_mask: mx.array,
+        out_layers: Sequence[int],
+        dequantize: bool = False,
     ) -> mx.array:
         """(B, L) token ids and mask -> (B, L, len(out_layers) * hidden).
 
         Layer k is `hidden_states[k]` of transformers: 0 the embeddings, k the output of
-        decoder layer k (1-based).
+        decoder layer k (1-based). `dequantize` runs each layer with its quantized linears
+        dequantized (`dequantized_linears`) and evaluates it before the next, so only one
+        layer's float weights exist at a time. The embedding lookup dequantizes only the
+        rows it gathers either way.
         """
         mask = attention_mask_4d(attention_mask)
         h = self.model.embed_tokens(input_ids)
         kept = {0: h}
         for k, layer in enumerate(self.model.layers, start=1):
-            h = layer(h, mask)
+            if dequantize:
+                with dequantized_linears(layer):
+                    h = layer(h, mask)
+                    mx.eval(h)
+            else:
+                h = layer(h, mask)
             if k in out_layers:
                 kept[k] = h
         if "norm" in self.model and len(self.model.layers) in out_layers:
@@ -120,6 +140,65 @@ class Qwen3Encoder(qwen3.Model):
             return m is None or int(m.group(1)) < n
 
         return {k: v for k, v in weights.items() if needed(k)}
+
+
+class DequantizedLinear(nn.Module):
+    """An `nn.QuantizedLinear` as a float matmul: its weight dequantized to the dtype of
+    its scales (the compute dtype). Holds the float weight, so make it just before use."""
+
+    def __init__(self, layer: nn.QuantizedLinear):
+        super().__init__()
+        self.weight = mx.dequantize(
+            layer.weight, layer.scales, layer.get("biases"),
+            group_size=layer.group_size, bits=layer.bits, mode=layer.mode,
+        )  # (out, in)
+        if "bias" in layer:
+            self.bias = layer.bias
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if "bias" in self:
+            return mx.addmm(self.bias, x, self.weight.T)
+        return x @ self.weight.T
+
+
+@contextlib.contextmanager
+def dequantized_linears(module: nn.Module):
+    """Within the block, `module`'s `nn.QuantizedLinear`s are `DequantizedLinear`s; they
+    are put back after it (also on an error), which frees the float weights. Evaluate what
+    you compute inside the block before leaving it, or the float weights outlive it in the
+    graph."""
+    quantized = [(path, m) for path, m in module.named_modules()
+                 if isinstance(m, nn.QuantizedLinear)]
+    if not quantized:
+        yield module
+        return
+    module.update_modules(tree_unflatten([(p, DequantizedLinear(m)) for p, m in quantized]))
+    try:
+        yield module
+    finally:
+        module.update_modules(tree_unflatten(quantized))
+
+
+def should_dequantize(setting: bool | str = "auto") -> bool:
+    """Whether a quantized encoder runs its layers dequantized (`Qwen3Encoder`).
+
+    True or False as given; "auto": the BONSAI_TEXT_ENCODER_DEQUANTIZE environment variable
+    if set (1/true, 0/false, auto), else whether MLX's default device is the CPU, where
+    quantized matmuls are slow and float32 ones fast.
+    """
+    if setting == "auto":
+        env = os.environ.get(DEQUANTIZE_ENV, "auto").strip().lower()
+        choices = {"1": True, "true": True, "0": False, "false": False, "auto": "auto", "": "auto"}
+        if env not in choices:
+            raise BonsaiError(
+                f"{DEQUANTIZE_ENV}={os.environ[DEQUANTIZE_ENV]!r}: use 1, 0 or auto"
+            )
+        setting = choices[env]
+    if setting == "auto":
+        return mx.default_device().type == mx.DeviceType.cpu
+    if isinstance(setting, bool):
+        return setting
+    raise BonsaiError(f'dequantize must be True, False or "auto", not {setting!r}')
 
 
 def load_qwen3_encoder(
@@ -224,6 +303,10 @@ class PromptEncoder:
     Embeddings are cached per prompt: the last `cache_size` in memory (this encoder's model,
     layers and length), and all of them under `cache_dir` if given, keyed by a hash of the
     model and tokenizer files, dtype, quantization, layers, length and prompt.
+
+    `dequantize` ("auto", True, False): run a quantized encoder one dequantized layer at a
+    time (see `should_dequantize`; "auto" does on the CPU, not on a GPU). The embeddings
+    equal the quantized path's to float rounding.
     """
 
     def __init__(
@@ -238,6 +321,7 @@ class PromptEncoder:
         keep_loaded: bool = False,
         cache_dir: str | Path | None = None,
         cache_size: int = 8,
+        dequantize: bool | str = "auto",
     ):
         self.text_encoder_dir = Path(text_encoder_dir)
         self.tokenizer_dir = Path(tokenizer_dir)
@@ -248,6 +332,9 @@ class PromptEncoder:
         self.keep_loaded = keep_loaded
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.cache_size = cache_size
+        if dequantize not in ("auto", True, False):
+            raise BonsaiError(f'dequantize must be True, False or "auto", not {dequantize!r}')
+        self.dequantize = dequantize
 
         config_path = self.text_encoder_dir / "config.json"
         config = read_json(config_path)
@@ -367,7 +454,10 @@ class PromptEncoder:
             )
             self.loads += 1
         try:
-            embeds = self.model(input_ids, attention_mask, self.out_layers).astype(self.dtype)
+            embeds = self.model(
+                input_ids, attention_mask, self.out_layers,
+                dequantize=should_dequantize(self.dequantize),
+            ).astype(self.dtype)
             mx.eval(embeds)
         finally:
             if not self.keep_loaded:
