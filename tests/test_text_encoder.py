@@ -6,6 +6,8 @@ tokenizer; references from `Flux2KleinPipeline._get_qwen3_prompt_embeds` in floa
 
 import json
 import shutil
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -409,3 +411,17 @@ def test_dequantize_auto_is_on_for_the_cpu_only(monkeypatch):
         te.should_dequantize("auto")
     with pytest.raises(BonsaiError, match="dequantize"):
         encoder(dequantize="yes")
+
+
+def test_mlx_lm_is_imported_only_when_the_model_is_built():
+    """mlx-lm imports transformers (seconds): importing bonsai_mlx and making a
+    PromptEncoder must not."""
+    code = (
+        "import sys, bonsai_mlx.pipeline\n"
+        "from bonsai_mlx.models.text_encoder import PromptEncoder\n"
+        f"PromptEncoder({str(TEXT_ENCODER)!r}, {str(TOKENIZER)!r})\n"
+        "print(sorted(m for m in ('mlx_lm', 'transformers', 'torch') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    assert done.stdout.strip() == "[]"

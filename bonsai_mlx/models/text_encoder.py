@@ -14,6 +14,9 @@ sharded) and the mlx-lm layout of Bonsai's `text_encoder-mlx-4bit/` (affine-quan
 encoding (unless keep_loaded=True), and caches embeddings in memory and optionally on disk,
 so a seed sweep over one prompt runs Qwen3 once.
 
+mlx-lm is imported when a model is first built, not with this module: it imports
+transformers, which takes seconds.
+
 On MLX's CPU backend `mx.quantized_matmul` is some 20-200x slower than a float32 matmul
 through BLAS, so there a quantized encoder runs each decoder layer dequantized: one layer's
 float weights are made, used and dropped at a time (`Qwen3Encoder(..., dequantize=True)`),
@@ -31,12 +34,12 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models import qwen3
 
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import (
@@ -51,6 +54,9 @@ from bonsai_mlx.weights import (
     save_safetensors,
     write_json,
 )
+
+if TYPE_CHECKING:
+    from mlx_lm.models import qwen3
 
 DEFAULT_OUT_LAYERS = (9, 18, 27)
 QUANTIZE_GROUP_SIZE = 64  # for quantize_bits at load time, as mlx-lm converts
@@ -78,21 +84,24 @@ def attention_mask_4d(attention_mask: mx.array) -> mx.array:
     return causal[None, None] & keys
 
 
-class Qwen3Encoder(qwen3.Model):
+class Qwen3Encoder(nn.Module):
     """mlx-lm's Qwen3 cut after `args.num_hidden_layers` layers, returning hidden states.
 
-    Keeps mlx-lm's module tree and names (`model.embed_tokens`, `model.layers.N...`), so
-    transformers and mlx-lm checkpoints load unchanged. Drops the lm_head, and the final
-    norm unless `final_norm`: transformers' last hidden state (index num_hidden_layers of
-    the full model) is taken after the final norm, so asking for it needs the norm.
+    Keeps the module tree and names of mlx-lm's `qwen3.Model` (`model.embed_tokens`,
+    `model.layers.N...`: `model` is mlx-lm's `Qwen3Model`), so transformers and mlx-lm
+    checkpoints load unchanged. No lm_head, and no final norm unless `final_norm`:
+    transformers' last hidden state (index num_hidden_layers of the full model) is taken
+    after the final norm, so asking for it needs the norm.
     """
 
     def __init__(self, args: qwen3.ModelArgs, final_norm: bool = False):
-        super().__init__(args)
+        super().__init__()
+        from mlx_lm.models import qwen3
+
+        self.args = args
+        self.model = qwen3.Qwen3Model(args)
         if not final_norm:
             del self.model.norm
-        if "lm_head" in self:
-            del self.lm_head
 
     def __call__(
         self,
@@ -127,7 +136,9 @@ class Qwen3Encoder(qwen3.Model):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """mlx-lm's Qwen3 name mapping, minus the tensors of parts this model never runs."""
-        weights = super().sanitize(weights)
+        from mlx_lm.models import qwen3
+
+        weights = qwen3.Model.sanitize(self, weights)  # it reads only self.args
         n = self.args.num_hidden_layers
         layer_index = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -282,13 +293,28 @@ def load_qwen3_encoder(
     return model
 
 
-def qwen3_args(config: dict, source: str | Path) -> qwen3.ModelArgs:
-    """mlx-lm's ModelArgs from a transformers or mlx-lm Qwen3 config.json."""
+def qwen3_sizes(config: dict, source: str | Path) -> tuple[int, int]:
+    """(num_hidden_layers, hidden_size) of a transformers or mlx-lm Qwen3 config.json,
+    checked without importing mlx-lm (`qwen3_args` checks the rest)."""
     if config.get("model_type") != "qwen3":
         raise BonsaiError(
             f"{source}: model_type is {config.get('model_type')!r}, expected 'qwen3' "
             "(the FLUX.2 [klein] text encoder); is this the text_encoder folder?"
         )
+    sizes = config.get("num_hidden_layers"), config.get("hidden_size")
+    if not all(isinstance(n, int) and n > 0 for n in sizes):
+        raise BonsaiError(
+            f"{source} is not a complete Qwen3 config: num_hidden_layers and hidden_size "
+            f"must be positive integers, not {sizes}"
+        )
+    return sizes
+
+
+def qwen3_args(config: dict, source: str | Path) -> qwen3.ModelArgs:
+    """mlx-lm's ModelArgs from a transformers or mlx-lm Qwen3 config.json."""
+    qwen3_sizes(config, source)
+    from mlx_lm.models import qwen3
+
     try:
         return qwen3.ModelArgs.from_dict(config)
     except (TypeError, ValueError) as e:
@@ -338,22 +364,20 @@ class PromptEncoder:
 
         config_path = self.text_encoder_dir / "config.json"
         config = read_json(config_path)
-        args = qwen3_args(config, config_path)
+        num_layers, self.hidden_size = qwen3_sizes(config, config_path)
         truncated = config.get(TRUNCATED_KEY)
-        too_deep = [k for k in self.out_layers if k > args.num_hidden_layers]
+        too_deep = [k for k in self.out_layers if k > num_layers]
         if isinstance(truncated, dict) and self.out_layers and too_deep:
             raise BonsaiError(
-                f"{self.text_encoder_dir} holds only the first {args.num_hidden_layers} of "
+                f"{self.text_encoder_dir} holds only the first {num_layers} of "
                 f"Qwen3's {truncated.get('source_num_hidden_layers', '?')} layers (saved by "
                 f"bonsai-mlx for hidden-state layers {truncated.get('out_layers')}); layer "
                 f"{too_deep[0]} is requested: use the original, untruncated text encoder"
             )
-        if not self.out_layers or not all(
-            0 <= k <= args.num_hidden_layers for k in self.out_layers
-        ):
+        if not self.out_layers or not all(0 <= k <= num_layers for k in self.out_layers):
             raise BonsaiError(
                 f"out_layers {self.out_layers} must be non-empty hidden-state indices in "
-                f"0..{args.num_hidden_layers} ({config_path})"
+                f"0..{num_layers} ({config_path})"
             )
         if self.max_sequence_length < 1:
             raise BonsaiError(f"max_sequence_length must be positive, not {max_sequence_length}")
@@ -361,7 +385,6 @@ class PromptEncoder:
             raise BonsaiError(f"quantize_bits must be 4, 8 or None, not {quantize_bits}")
         if not self.tokenizer_dir.is_dir():
             raise BonsaiError(f"{self.tokenizer_dir} is not a folder (the tokenizer/ folder)")
-        self.hidden_size = args.hidden_size
 
         self.model: Qwen3Encoder | None = None
         self.loads = 0  # how many times Qwen3 was loaded (tests, benchmarks)
