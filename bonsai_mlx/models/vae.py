@@ -7,11 +7,11 @@ onto diffusers' in `sanitize`.
 
 Text-to-image only decodes, so the encoder is read from disk the first time `encode` runs.
 
-Tiled decoding runs the decoder on overlapping latent tiles and blends them with linear ramps
-(`decode_tiled`). It is not identical to an untiled decode: each tile has its own GroupNorm
-statistics and its own mid-block attention context, and sees zero padding at its edges. The
-blending itself is exact (a local map tiles to float precision, see tests/test_vae.py); how
-close the result is depends on the weights. Measured relative errors are in the README note.
+Tiled decoding (`decode_tiled`) runs only the full-resolution part of the decoder tile by
+tile; the latent-resolution part (mid-block attention included) sees the whole image. Each
+tile is decoded with the context its convolutions read, and every GroupNorm uses the whole
+image's statistics, summed over tiles, so the result is the untiled decode up to float
+rounding (tests/test_vae.py), at lower peak memory.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from itertools import pairwise
 from pathlib import Path
 
 import mlx.core as mx
@@ -74,7 +75,11 @@ class VAEConfig:
 
 
 class GroupNorm(nn.Module):
-    """PyTorch-style GroupNorm on NHWC input; statistics in float32 whatever the dtype."""
+    """PyTorch-style GroupNorm on NHWC input; statistics in float32 whatever the dtype.
+
+    `shared` (set during tiled decode/encode) supplies one set of statistics for the whole
+    image instead of the tile's own.
+    """
 
     def __init__(self, num_groups: int, dims: int, eps: float = 1e-6):
         super().__init__()
@@ -84,14 +89,72 @@ class GroupNorm(nn.Module):
         self.eps = eps
         self.weight = mx.ones((dims,))
         self.bias = mx.zeros((dims,))
+        self.shared: SharedNormStats | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
-        g = x.astype(mx.float32).reshape(B, H * W, self.num_groups, C // self.num_groups)
-        mean = g.mean(axis=(1, 3), keepdims=True)
-        var = mx.square(g - mean).mean(axis=(1, 3), keepdims=True)
+        g = x.astype(mx.float32).reshape(B, H, W, self.num_groups, C // self.num_groups)
+        if self.shared is not None:
+            mean, var = self.shared.statistics(self, g)
+        else:
+            mean, var = _group_moments(g)
         g = ((g - mean) * mx.rsqrt(var + self.eps)).reshape(B, H, W, C)
         return (g * self.weight + self.bias).astype(x.dtype)
+
+
+def _group_moments(g: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean and (biased) variance of (B, H, W, groups, C/groups) per batch and group."""
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    return mean, mx.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
+
+
+class SharedNormStats:
+    """GroupNorm statistics shared by all tiles of one image, per norm layer.
+
+    `record = True`: each norm uses its input's own statistics and keeps them (the estimate
+    pass on a downscaled input). Otherwise each norm uses the kept statistics; a norm with
+    none yet adds its input over the tile's owned pixels (`region`) to running moments and
+    stops the tile (`StatsMissing`); `finish()` turns the moments summed over all tiles
+    into the norm's statistics.
+    """
+
+    def __init__(self):
+        self.record = False
+        self.region: tuple[slice, slice] | None = None
+        self.moments: dict[int, tuple[mx.array, mx.array]] = {}
+        self._partial: dict[int, tuple[int, mx.array, mx.array]] = {}
+
+    def statistics(self, norm: GroupNorm, g: mx.array) -> tuple[mx.array, mx.array]:
+        key = id(norm)
+        if self.record:
+            self.moments[key] = _group_moments(g)
+        if key in self.moments:
+            return self.moments[key]
+        tile = g[:, self.region[0], self.region[1]]
+        n = tile.shape[1] * tile.shape[2] * tile.shape[4]
+        mean, var = _group_moments(tile)
+        m2 = var * n
+        if key in self._partial:  # Chan et al.'s pairwise combination, stable in float32
+            n0, mean0, m20 = self._partial[key]
+            delta = mean - mean0
+            mean = mean0 + delta * (n / (n0 + n))
+            m2 = m20 + m2 + mx.square(delta) * (n0 * n / (n0 + n))
+            n += n0
+        self._partial[key] = (n, mean, m2)
+        raise StatsMissing
+
+    def pending(self) -> list[mx.array]:
+        """The running moments (to evaluate with each tile, so no tile's graph is kept)."""
+        return [a for _, mean, m2 in self._partial.values() for a in (mean, m2)]
+
+    def finish(self) -> None:
+        for key, (n, mean, m2) in self._partial.items():
+            self.moments[key] = (mean, m2 / n)
+        self._partial = {}
+
+
+class StatsMissing(Exception):
+    """A GroupNorm in a tile has no whole-image statistics yet (see SharedNormStats)."""
 
 
 class ResnetBlock(nn.Module):
@@ -118,6 +181,7 @@ class Attention(nn.Module):
     # Query rows per attention call: bounds the (rows x pixels) score matrix that backends
     # without a fused kernel for head dim 512 materialise (2048x2048 decode: 65536 pixels).
     query_chunk = 4096
+    score_elements = 2**26  # and at most this many scores per call (256 MB in float32)
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
@@ -133,15 +197,16 @@ class Attention(nn.Module):
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
         scale = C**-0.5
         n = H * W
-        if n <= self.query_chunk:
+        chunk = max(256, min(self.query_chunk, self.score_elements // n))
+        if n <= chunk:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
         else:
             out = mx.concatenate(
                 [
                     mx.fast.scaled_dot_product_attention(
-                        q[:, :, i : i + self.query_chunk], k, v, scale=scale
+                        q[:, :, i : i + chunk], k, v, scale=scale
                     )
-                    for i in range(0, n, self.query_chunk)
+                    for i in range(0, n, chunk)
                 ],
                 axis=2,
             )
@@ -214,6 +279,11 @@ class UpBlock(nn.Module):
         return x
 
 
+# (layer, how it changes resolution: "same" | "up" | "down", conv halo in pixels): what the
+# tiled decode/encode needs to know to give each tile exactly the context it reads.
+TileLayer = tuple[Callable[[mx.array], mx.array], str, int]
+
+
 class Encoder(nn.Module):
     """(B, H, W, 3) -> (B, H/f, W/f, 2 * latent_channels) moments (mean | logvar)."""
 
@@ -229,12 +299,36 @@ class Encoder(nn.Module):
         self.conv_norm_out = GroupNorm(g, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
-    def __call__(self, x: mx.array) -> mx.array:
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
+    def downsampling_layers(self) -> list[TileLayer]:
+        """conv_in and the down blocks up to the last downsampler (above latent resolution)."""
+        layers = [(self.conv_in, "same", 1)]
+        for block in self.down_blocks[:-1]:
+            layers += [(r, "same", 2) for r in block.resnets]
+            layers += [(d, "down", 2) for d in block.downsamplers]
+        return layers
+
+    def latent_stage(self, x: mx.array) -> mx.array:
+        """The rest, all at latent resolution: last down block, mid block, conv_out."""
+        x = self.mid_block(self.down_blocks[-1](x))
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        for layer, _, _ in self.downsampling_layers():
+            x = layer(x)
+            mx.eval(x)  # see UpBlock
+        return self.latent_stage(x)
+
+
+class OutputHead(nn.Module):
+    """GroupNorm, SiLU, conv: the decoder's last layers as one tileable layer (a view: it
+    holds the decoder's own modules)."""
+
+    def __init__(self, norm: GroupNorm, conv: nn.Conv2d):
+        super().__init__()
+        self.norm, self.conv = norm, conv
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(nn.silu(self.norm(x)))
 
 
 class Decoder(nn.Module):
@@ -253,11 +347,29 @@ class Decoder(nn.Module):
         self.conv_norm_out = GroupNorm(g, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
-    def __call__(self, z: mx.array) -> mx.array:
+    def latent_stage(self, z: mx.array) -> mx.array:
+        """conv_in, the mid block and the first up block's resnets: all at latent resolution."""
         x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        for resnet in self.up_blocks[0].resnets:
+            x = resnet(x)
+            mx.eval(x)  # see UpBlock
+        return x
+
+    def upsampling_layers(self) -> list[TileLayer]:
+        """The rest, from the first upsampler to conv_out (above latent resolution)."""
+        layers = []
+        for i, block in enumerate(self.up_blocks):
+            if i > 0:
+                layers += [(r, "same", 2) for r in block.resnets]
+            layers += [(u, "up", 1) for u in block.upsamplers]
+        return [*layers, (OutputHead(self.conv_norm_out, self.conv_out), "same", 1)]
+
+    def __call__(self, z: mx.array) -> mx.array:
+        x = self.latent_stage(z)
+        for layer, _, _ in self.upsampling_layers():
+            x = layer(x)
+            mx.eval(x)  # see UpBlock
+        return x
 
 
 class LatentBatchNorm(nn.Module):
@@ -424,26 +536,30 @@ class VAE(nn.Module):
         *,
         tiled: bool | None = None,
         tile_size: int = 1024,
-        tile_overlap: int = 128,
+        tile_overlap: int = 0,
+        tile_stats: str = "exact",
     ) -> mx.array:
         """(B, h, w, latent_channels) un-normalised latents -> (B, h*f, w*f, 3), f = 8.
 
         Output is about [-1, 1] (not clamped, as diffusers). `tiled=None` tiles above
-        AUTO_TILE_PIXELS output pixels; `tile_size` and `tile_overlap` are in image pixels.
+        AUTO_TILE_PIXELS output pixels; `tile_size` is in image pixels; see `decode_tiled`.
         """
         self._check_input(z, self.config.latent_channels, "latents", 1)
         f = self.scale_factor
         if tiled is None:
             tiled = z.shape[1] * z.shape[2] * f * f > AUTO_TILE_PIXELS
         if tiled:
-            return self.decode_tiled(z, tile_size=tile_size, tile_overlap=tile_overlap)
+            return self.decode_tiled(
+                z, tile_size=tile_size, tile_overlap=tile_overlap, tile_stats=tile_stats
+            )
         return self._decode(z)
 
-    def _decode(self, z: mx.array) -> mx.array:
+    def _post_quant(self, z: mx.array) -> mx.array:
         z = z.astype(self.dtype)
-        if "post_quant_conv" in self:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        return self.post_quant_conv(z) if "post_quant_conv" in self else z
+
+    def _decode(self, z: mx.array) -> mx.array:
+        return self.decoder(self._post_quant(z))
 
     def encode(
         self,
@@ -451,7 +567,8 @@ class VAE(nn.Module):
         *,
         tiled: bool | None = None,
         tile_size: int = 1024,
-        tile_overlap: int = 128,
+        tile_overlap: int = 0,
+        tile_stats: str = "exact",
     ) -> mx.array:
         """(B, H, W, 3) image in [-1, 1] -> mean latent (B, H/f, W/f, latent_channels).
 
@@ -463,29 +580,94 @@ class VAE(nn.Module):
         if tiled is None:
             tiled = x.shape[1] * x.shape[2] > AUTO_TILE_PIXELS
         if tiled:
-            return self.encode_tiled(x, tile_size=tile_size, tile_overlap=tile_overlap)
+            return self.encode_tiled(
+                x, tile_size=tile_size, tile_overlap=tile_overlap, tile_stats=tile_stats
+            )
         return self._encode(x)
 
     def _encode(self, x: mx.array) -> mx.array:
-        h = self.encoder(x.astype(self.dtype))
+        return self._moments_to_mean(self.encoder(x.astype(self.dtype)))
+
+    def _moments_to_mean(self, h: mx.array) -> mx.array:
         if "quant_conv" in self:
             h = self.quant_conv(h)
         return h[..., : self.config.latent_channels]  # the mean; the rest is log-variance
 
-    def decode_tiled(self, z: mx.array, *, tile_size: int = 1024, tile_overlap: int = 128):
-        """Decode overlapping latent tiles, blending seams with linear ramps."""
+    def decode_tiled(
+        self,
+        z: mx.array,
+        *,
+        tile_size: int = 1024,
+        tile_overlap: int = 0,
+        tile_stats: str = "exact",
+    ) -> mx.array:
+        """`decode` with the full-resolution part of the decoder run tile by tile.
+
+        Everything at latent resolution (conv_in, mid-block attention over the whole image,
+        the first up block's resnets) runs untiled; it is small. The up blocks and conv_out
+        run on tiles of about `tile_size` image pixels that partition the image, each with
+        the neighbouring context its convolutions read (so there are no seams and nothing
+        to blend; `tile_overlap` is accepted for compatibility and unused). Every GroupNorm
+        in the tiled part uses one set of statistics for the whole image:
+        - `tile_stats="exact"` (default): the tiles advance layer by layer and each norm's
+          statistics are summed over all tiles first; equal to `decode(z, tiled=False)` up
+          to float rounding. Peak memory: two whole activations of one layer plus a tile's
+          temporaries (an upsampled activation is never whole). About 1.5x the compute.
+        - `tile_stats="estimate"`: statistics of an untiled decode of the latent
+          average-pooled to at most 64 latent pixels (or one tile) a side, then one tiled
+          pass (as pkuliyi2015's Tiled VAE): lowest memory (about one tile), approximate.
+        """
         f = self.scale_factor
-        tile, overlap = _tile_in_latents(tile_size, tile_overlap, f)
-        out = _run_tiled(self._decode, z, tile, overlap, in_scale=1, out_scale=f)
+        self._check_input(z, self.config.latent_channels, "latents", 1)
+        tile = _check_tiling(tile_size, tile_overlap, tile_stats, f)
+        layers = self.decoder.upsampling_layers()
+        z = self._post_quant(z)
+        side = min(ESTIMATE_SIDE, tile)
+
+        def estimate(x: mx.array) -> None:
+            x = self.decoder.latent_stage(x)
+            for layer, _, _ in layers:
+                x = layer(x)
+                mx.eval(x)
+
+        h = self.decoder.latent_stage(z)
+        mx.eval(h)
+        out = _run_with_shared_norms(
+            layers, h, estimate, _downscale(z, side, 1), tile, 1, tile_stats
+        )
         return out.astype(self.dtype)
 
-    def encode_tiled(self, x: mx.array, *, tile_size: int = 1024, tile_overlap: int = 128):
-        """Encode overlapping image tiles, blending seams with linear ramps."""
+    def encode_tiled(
+        self,
+        x: mx.array,
+        *,
+        tile_size: int = 1024,
+        tile_overlap: int = 0,
+        tile_stats: str = "exact",
+    ) -> mx.array:
+        """`encode` with the encoder's full-resolution part run tile by tile.
+
+        As `decode_tiled`, mirrored: conv_in and the down blocks run on tiles with their
+        context and shared GroupNorm statistics (`tile_stats` as there; "estimate" pools
+        the image to at most 512 pixels a side); the latent-resolution rest (last down
+        block, mid block, conv_out) runs untiled.
+        """
         f = self.scale_factor
         self._check_input(x, self.config.in_channels, "image", f)
         self.load_encoder()
-        tile, overlap = _tile_in_latents(tile_size, tile_overlap, f)
-        out = _run_tiled(self._encode, x, tile, overlap, in_scale=f, out_scale=1)
+        tile = _check_tiling(tile_size, tile_overlap, tile_stats, f) * f
+        layers = self.encoder.downsampling_layers()
+        x = x.astype(self.dtype)
+
+        def estimate(x: mx.array) -> None:
+            for layer, _, _ in layers:
+                x = layer(x)
+                mx.eval(x)
+
+        side = min(ESTIMATE_SIDE * f, tile)
+        h = _run_with_shared_norms(layers, x, estimate, _downscale(x, side, f), tile, f,
+                                   tile_stats)
+        out = self._moments_to_mean(self.encoder.latent_stage(h.astype(self.dtype)))
         return out.astype(self.dtype)
 
     @staticmethod
@@ -502,83 +684,173 @@ class VAE(nn.Module):
 
 # ---- tiling -------------------------------------------------------------------------
 
+# The GroupNorm statistics of a tiled decode/encode are first estimated on the input
+# average-pooled to at most this many latent pixels a side.
+ESTIMATE_SIDE = 64
 
-def _tile_in_latents(tile_size: int, tile_overlap: int, f: int) -> tuple[int, int]:
-    tile, overlap = tile_size // f, tile_overlap // f
-    if tile < 1 or overlap < 0 or 2 * overlap > tile:
+
+def _check_tiling(tile_size: int, tile_overlap: int, tile_stats: str, f: int) -> int:
+    """The tile side in latent pixels."""
+    if tile_size < f or tile_overlap < 0:
         raise BonsaiError(
             f"tile_size {tile_size} / tile_overlap {tile_overlap} invalid: need "
-            f"tile_size >= {f} and 0 <= 2 * tile_overlap <= tile_size"
+            f"tile_size >= {f} and tile_overlap >= 0"
         )
-    return tile, overlap
+    if tile_stats not in ("exact", "estimate"):
+        raise BonsaiError(f"tile_stats {tile_stats!r} invalid: use 'exact' or 'estimate'")
+    return tile_size // f
 
 
-def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Evenly spaced starts of tiles covering [0, length), neighbours overlapping >= overlap."""
-    if length <= tile:
-        return [0]
-    n = math.ceil((length - overlap) / (tile - overlap))
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+def _downscale(x: mx.array, side: int, multiple: int) -> mx.array:
+    """x average-pooled to at most about `side` pixels a side, sides a multiple of `multiple`.
 
-
-def _blend_weights(starts: list[int], tile: int, length: int, scale: int) -> list[mx.array]:
-    """Per tile, 1-D weights over its output span that sum to 1 at every output position.
-
-    In a region shared by two tiles, each tile's outer quarter (the pixels most changed by
-    the zero padding at the tile's edge) gets weight 0 and the middle half ramps linearly.
+    Pixels past a whole number of pooling windows are dropped (an estimate needs no more).
     """
-    spans = [(s * scale, min(s + tile, length) * scale) for s in starts]
+    B, H, W, C = x.shape
+    dtype = x.dtype
+    ky, kx = math.ceil(H / side), math.ceil(W / side)
+    if ky == kx == 1:
+        return x
+    h = max(H // ky // multiple, 1) * multiple
+    w = max(W // kx // multiple, 1) * multiple
+    ky, kx = H // h, W // w
+    x = x[:, : h * ky, : w * kx].astype(mx.float32)
+    return x.reshape(B, h, ky, w, kx, C).mean(axis=(2, 4)).astype(dtype)
 
-    def ramp(distance: mx.array, shared: int) -> mx.array:
-        margin = shared // 4
-        return mx.clip((distance - margin) / (shared - 2 * margin), 0.0, 1.0)
 
-    weights = []
-    for i, (a, b) in enumerate(spans):
-        pos = mx.arange(a, b, dtype=mx.float32) + 0.5
-        w = mx.ones((b - a,))
-        if i > 0 and spans[i - 1][1] > a:
-            w = mx.minimum(w, ramp(pos - a, spans[i - 1][1] - a))
-        if i + 1 < len(spans) and spans[i + 1][0] < b:
-            w = mx.minimum(w, ramp(b - pos, b - spans[i + 1][0]))
-        weights.append(w)
-    total = mx.zeros((length * scale,))
-    for (a, b), w in zip(spans, weights, strict=True):
-        total[a:b] = total[a:b] + w
-    return [w / total[a:b] for (a, b), w in zip(spans, weights, strict=True)]
+def _context_needed(layers: list[TileLayer]) -> list[int]:
+    """Per layer, the context (input pixels beyond a tile's edge) that makes the last layer's
+    output over the tile exact: conv halos summed back through the resolution changes,
+    rounded so that every stride-2 layer sees tiles at even offsets."""
+    need, align, needs = 0, 1, []
+    for _, kind, halo in reversed(layers):
+        if kind == "same":
+            need += halo
+        elif kind == "up":  # nearest x2, then a conv at the output resolution
+            need = -(-(need + halo) // 2)
+        else:  # stride-2 conv: output j reads inputs 2j .. 2j + halo
+            need, align = 2 * need + halo, 2 * align
+        need = -(-need // align) * align
+        needs.append(need)
+    return needs[::-1]
+
+
+def _tile_bounds(length: int, tile: int, align: int) -> list[int]:
+    """Boundaries of about equal tiles of at most ~`tile` covering [0, length), on `align`."""
+    n = math.ceil(length / tile)
+    units = length // align
+    return sorted({round(i * units / n) * align for i in range(n)} | {length})
+
+
+def _crop_context(t: mx.array, ctx: list[int], need: int) -> tuple[mx.array, list[int]]:
+    """Drop context beyond `need` pixels; ctx = [top, bottom, left, right]."""
+    keep = [min(c, need) for c in ctx]
+    top, bottom, left, right = (c - k for c, k in zip(ctx, keep, strict=True))
+    return t[:, top : t.shape[1] - bottom, left : t.shape[2] - right], keep
+
+
+def _run_tile(
+    layers: list[TileLayer],
+    needs: list[int],
+    x: mx.array,
+    ys: tuple[int, int],
+    xs: tuple[int, int],
+    stats: SharedNormStats,
+) -> mx.array | None:
+    """The layers' output over x[:, ys, xs], from that tile plus the context it needs;
+    None if a GroupNorm's statistics were missing (that norm's input was summed instead)."""
+    (a, b), (c, d) = ys, xs
+    H, W = x.shape[1:3]
+    n = needs[0]
+    ctx = [min(a, n), min(H - b, n), min(c, n), min(W - d, n)]
+    t = x[:, a - ctx[0] : b + ctx[1], c - ctx[2] : d + ctx[3]]
+    core = [b - a, d - c]
+    for (layer, kind, _), need in zip(layers, needs, strict=True):
+        t, ctx = _crop_context(t, ctx, need)
+        # the tile's own pixels: summed over tiles, each image pixel counts once
+        stats.region = (slice(ctx[0], ctx[0] + core[0]), slice(ctx[2], ctx[2] + core[1]))
+        try:
+            t = layer(t)
+        except StatsMissing:
+            mx.eval(stats.pending())
+            return None
+        mx.eval(t)  # one layer of one tile alive at a time
+        if kind == "up":
+            ctx, core = [2 * v for v in ctx], [2 * v for v in core]
+        elif kind == "down":
+            ctx, core = [v // 2 for v in ctx], [v // 2 for v in core]
+    return _crop_context(t, ctx, 0)[0]
 
 
 def _run_tiled(
-    fn: Callable[[mx.array], mx.array],
-    x: mx.array,
-    tile: int,
-    overlap: int,
-    *,
-    in_scale: int,
-    out_scale: int,
-) -> mx.array:
-    """Apply `fn` to overlapping tiles of x (NHWC) and blend the outputs.
+    layers: list[TileLayer], x: mx.array, tile: int, align: int, stats: SharedNormStats
+) -> mx.array | None:
+    """`layers` applied to x (NHWC) tile by tile: tiles of about `tile` pixels, on `align`,
+    that partition x, each with its context; equal to the untiled result given `stats`.
+    None when statistics were missing (they are complete after `stats.finish()`)."""
+    needs = _context_needed(layers)
+    ups = sum(kind == "up" for _, kind, _ in layers)
+    downs = sum(kind == "down" for _, kind, _ in layers)
 
-    Tiles are laid out on the latent grid: `tile`/`overlap` are latent pixels; x has
-    `in_scale` and the output `out_scale` pixels per latent pixel.
-    """
+    def scale(v: int) -> int:
+        return v * 2**ups // 2**downs
+
     B, H, W, _ = x.shape
-    h, w = H // in_scale, W // in_scale
-    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
-    wy, wx = _blend_weights(ys, tile, h, out_scale), _blend_weights(xs, tile, w, out_scale)
-    out = None
-    for y0, ry in zip(ys, wy, strict=True):
-        for x0, rx in zip(xs, wx, strict=True):
-            patch = x[:, y0 * in_scale : (y0 + tile) * in_scale,
-                      x0 * in_scale : (x0 + tile) * in_scale]
-            y = fn(patch).astype(mx.float32)
+    ys, xs = _tile_bounds(H, tile, align), _tile_bounds(W, tile, align)
+    out, missing = None, False
+    for a, b in pairwise(ys):
+        for c, d in pairwise(xs):
+            y = _run_tile(layers, needs, x, (a, b), (c, d), stats)
+            if y is None:
+                missing = True
+                continue
             if out is None:
-                out = mx.zeros((B, h * out_scale, w * out_scale, y.shape[-1]), mx.float32)
-            oy, ox = y0 * out_scale, x0 * out_scale
-            weight = ry[:, None, None] * rx[None, :, None]
-            out[:, oy : oy + y.shape[1], ox : ox + y.shape[2]] += y * weight
-            mx.eval(out)  # one tile's activations alive at a time
-    return out
+                out = mx.zeros((B, scale(H), scale(W), y.shape[-1]), y.dtype)
+            out[:, scale(a) : scale(b), scale(c) : scale(d)] = y
+            mx.eval(out)
+    return None if missing else out
+
+
+def _run_with_shared_norms(
+    layers: list[TileLayer],
+    x: mx.array,
+    estimate: Callable[[mx.array], None],
+    small: mx.array,
+    tile: int,
+    align: int,
+    tile_stats: str,
+) -> mx.array:
+    """Tiled `layers` on x, every GroupNorm in them using whole-image statistics.
+
+    "exact": layer by layer (an upsampler together with the layer after it, so upsampled
+    activations are never whole), each norm's statistics summed over all tiles before the
+    tiles pass it; keeps each layer's whole input and output (at most two activations).
+    "estimate": `estimate(small)` records them on a downscaled input; one tiled pass.
+    """
+    norms = [m for layer, _, _ in layers for _, m in layer.named_modules()
+             if isinstance(m, GroupNorm)]
+    stats = SharedNormStats()
+    for norm in norms:
+        norm.shared = stats
+    try:
+        if tile_stats == "estimate":
+            stats.record = True
+            estimate(small)
+            stats.record = False
+            return _run_tiled(layers, x, tile, align, stats)
+        units = [[]]
+        for layer in layers:
+            units[-1].append(layer)
+            if layer[1] != "up":
+                units.append([])
+        for unit in filter(None, units):
+            while (y := _run_tiled(unit, x, tile, align, stats)) is None:
+                stats.finish()
+            x = y
+        return x
+    finally:
+        for norm in norms:
+            norm.shared = None
 
 
 # ---- weight names -------------------------------------------------------------------
