@@ -425,3 +425,24 @@ def test_mlx_lm_is_imported_only_when_the_model_is_built():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_dequantized_bfloat16_encoder_computes_in_float32(quantized_4bit, monkeypatch):
+    """bfloat16 matmuls are slow on the CPU: the dequantized layers run in float32 and the
+    embeddings come back in bfloat16, no further from float32 than the quantized path."""
+    prompts = [SHORT, NON_ASCII, EMPTY]
+    ref = PromptEncoder.from_pretrained(quantized_4bit, TOKENIZER, dtype="float32",
+                                        max_sequence_length=24, dequantize=False).encode(prompts)
+    kwargs = dict(dtype="bfloat16", max_sequence_length=24, keep_loaded=True)
+    quantized = PromptEncoder.from_pretrained(quantized_4bit, TOKENIZER, dequantize=False,
+                                              **kwargs).encode(prompts)
+    calls = count_quantized_matmuls(monkeypatch)
+    enc = PromptEncoder.from_pretrained(quantized_4bit, TOKENIZER, dequantize=True, **kwargs)
+    out = enc.encode(prompts)
+    assert not calls and out.dtype == mx.bfloat16
+    error = relative_error(out.astype(mx.float32), ref)
+    assert error <= relative_error(quantized.astype(mx.float32), ref) and error < 0.05
+
+    ids, mask = enc.tokenize([SHORT])
+    assert enc.model(ids, mask, (9, 18, 27), dequantize=True).dtype == mx.float32
+    assert enc.model(ids, mask, (9, 18, 27), dequantize=False).dtype == mx.bfloat16
