@@ -397,8 +397,7 @@ class SyntheticPromptEncoder:
     Duck-types `PromptEncoder.encode`. Unlike the real one it keeps its weights loaded and
     caches nothing, so each call costs the encoder forward and not a reload from disk.
     `run=False` builds nothing (the footprint is computed from the shapes) and `encode`
-    returns zeros of the right shape: for machines where the 4-bit encoder is too slow
-    to wait for (MLX's CPU backend).
+    returns zeros of the right shape (`--skip-encode`: time only the transformer and VAE).
     """
 
     def __init__(self, dtype: mx.Dtype, tiny: bool = False, seed: int = 0, run: bool = True):
@@ -448,7 +447,11 @@ class SyntheticPromptEncoder:
             ids = [b % vocab for b in p.encode("utf-8")][:n]
             rows.append(ids + [0] * (n - len(ids)))
             masks.append([1] * len(ids) + [0] * (n - len(ids)))
-        embeds = self.model(mx.array(rows), mx.array(masks), self.out_layers).astype(self.dtype)
+        from bonsai_mlx.models.text_encoder import should_dequantize
+
+        # as PromptEncoder does: one dequantized layer at a time on the CPU
+        embeds = self.model(mx.array(rows), mx.array(masks), self.out_layers,
+                            dequantize=should_dequantize()).astype(self.dtype)
         mx.eval(embeds)
         return embeds
 
@@ -1101,8 +1104,8 @@ def parse_size(text: str) -> tuple[int, int]:
               help="Compute dtype (float32 is fastest on MLX's CPU backend).")
 @click.option("--tiny", is_flag=True, help="Miniature synthetic model: a smoke run in seconds.")
 @click.option("--skip-encode", is_flag=True,
-              help="Synthetic only: zeros instead of the 4-bit text encoder (for MLX's CPU "
-                   "backend, where it is very slow); encode seconds are then n/a.")
+              help="Synthetic only: zeros instead of the 4-bit text encoder, to time only "
+                   "the transformer and VAE; encode seconds are then n/a.")
 @click.option("--compare", is_flag=True, help="Also time diffusers + torch (and mflux).")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=False)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
