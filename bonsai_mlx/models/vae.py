@@ -847,6 +847,11 @@ def _run_with_shared_norms(
             while (y := _run_tiled(unit, x, tile, align, stats)) is None:
                 stats.finish()
             x = y
+            for _, kind, _ in unit:  # the same tiles, at the next unit's resolution
+                if kind == "up":
+                    tile *= 2
+                elif kind == "down":
+                    tile, align = tile // 2, max(align // 2, 1)
         return x
     finally:
         for norm in norms:
