@@ -30,6 +30,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=2048, help="image side in pixels")
     ap.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels")
+    ap.add_argument("--tile-overlap", type=int, default=0,
+                    help="accepted for older command lines; tiles need no overlap now")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--modes", default="untiled,exact,estimate")
     args = ap.parse_args()

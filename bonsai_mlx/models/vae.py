@@ -37,8 +37,8 @@ from bonsai_mlx.weights import (
 )
 
 # Above this many output pixels, decode/encode tile by default (2048x2048 tiles, 1024x1024
-# does not). The untiled decode's peak memory grows with the image; tiles keep it at the
-# cost of one tile.
+# does not). Tiles cut the peak memory of the full-resolution layers to about two whole
+# activations of one layer plus one tile's temporaries (see `decode_tiled`).
 AUTO_TILE_PIXELS = 1536 * 1536
 
 
@@ -612,7 +612,7 @@ class VAE(nn.Module):
         - `tile_stats="exact"` (default): the tiles advance layer by layer and each norm's
           statistics are summed over all tiles first; equal to `decode(z, tiled=False)` up
           to float rounding. Peak memory: two whole activations of one layer plus a tile's
-          temporaries (an upsampled activation is never whole). About 1.5x the compute.
+          temporaries (an upsampled activation is never whole). About 2x the time.
         - `tile_stats="estimate"`: statistics of an untiled decode of the latent
           average-pooled to at most 64 latent pixels (or one tile) a side, then one tiled
           pass (as pkuliyi2015's Tiled VAE): lowest memory (about one tile), approximate.
