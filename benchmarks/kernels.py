@@ -14,7 +14,8 @@ import argparse
 import time
 
 # bonsai_mlx first: on Linux it preloads OpenBLAS before mlx.core is imported.
-from bonsai_mlx.kernels import DEQUANT_MIN_M, metal, reference  # isort: skip
+from bonsai_mlx.kernels import DEQUANT_MIN_M, metal, reference
+
 import mlx.core as mx
 import numpy as np
 

@@ -6,15 +6,15 @@ mx.quantized_matmul vs dequantized one layer at a time (bonsai_mlx.models.text_e
 
 This is the measurement behind `PromptEncoder(dequantize="auto")` dequantizing on the CPU.
 """
-import sys  # noqa: I001  (bonsai_mlx must be imported before mlx)
+import sys
 import time
 
 import bonsai_mlx  # noqa: F401  (first: OpenBLAS before mlx.core on Linux)
+from bonsai_mlx.models.text_encoder import attention_mask_4d, dequantized_linears
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import qwen3
-
-from bonsai_mlx.models.text_encoder import attention_mask_4d, dequantized_linears
 
 reps = int(sys.argv[1]) if len(sys.argv) > 1 else 2
 args = qwen3.ModelArgs(

@@ -9,7 +9,6 @@ Prints the seconds per forward (median of --repeats after --warmup), tokens/s an
 memory reported by MLX. Random weights have the real shapes, so the time is the real time.
 """
 
-# ruff: noqa: I001  (bonsai_mlx must be imported before mlx.core: it preloads OpenBLAS)
 from __future__ import annotations
 
 import argparse
@@ -17,11 +16,11 @@ import statistics
 import time
 
 import bonsai_mlx  # noqa: F401
+from bonsai_mlx.models import Flux2Transformer, Flux2TransformerConfig
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-
-from bonsai_mlx.models import Flux2Transformer, Flux2TransformerConfig
 
 TINY = Flux2TransformerConfig(
     in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=32,

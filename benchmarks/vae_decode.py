@@ -13,17 +13,17 @@ modes the difference from the untiled output (max |diff| / max |untiled|, mean |
 mean |untiled|) when `untiled` ran first.
 """
 
-from __future__ import annotations  # noqa: I001  (bonsai_mlx must be imported before mlx)
+from __future__ import annotations
 
 import argparse
 import json
 import time
 
 import bonsai_mlx  # noqa: F401  (first: OpenBLAS before mlx.core on Linux)
-import mlx.core as mx
-
 from bonsai_mlx.models.vae import VAE, VAEConfig
 from bonsai_mlx.weights import parse_dtype
+
+import mlx.core as mx
 
 
 def main() -> None:

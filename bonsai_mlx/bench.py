@@ -42,14 +42,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bonsai_mlx import __version__
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.weights import parse_dtype, read_json, safetensors_files
+
 import click
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
-
-from bonsai_mlx import __version__
-from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.weights import parse_dtype, read_json, safetensors_files
 
 SCHEMA = "bonsai-mlx-bench/1"
 SYNTHETIC_KINDS = ("binary", "ternary", "bf16")

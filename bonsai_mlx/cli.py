@@ -22,12 +22,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
-
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import default_dtype, resolve_model
+
+import click
 
 __all__ = ["ALIASES", "cli", "default_dtype", "main", "parse_size", "resolve_model"]
 DEFAULT_MODEL = "ternary"

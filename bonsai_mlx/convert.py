@@ -28,9 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
-import mlx.core as mx
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.transformer import Flux2Transformer
 from bonsai_mlx.pipeline import ALLOW_PATTERNS, LAYOUTS, Pipeline, detect_layout
@@ -42,6 +39,9 @@ from bonsai_mlx.quant import (
 )
 from bonsai_mlx.quant.model import get_module
 from bonsai_mlx.weights import checkpoint_float_dtype, resolve_model_path
+
+import click
+import mlx.core as mx
 
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler", "other")
 TEXT_ENCODER_BITS = (3, 4, 8, 16)

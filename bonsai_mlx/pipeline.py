@@ -24,9 +24,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import Flux2Transformer
@@ -45,6 +42,9 @@ from bonsai_mlx.weights import (
     save_safetensors,
     write_json,
 )
+
+import mlx.core as mx
+import numpy as np
 
 MULTIPLE = 16  # VAE factor 8 x 2x2 patch: one token per 16x16 pixels
 MIN_SIZE, MAX_SIZE = 16, 4096  # per side, pixels

@@ -13,11 +13,11 @@ import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import read_json
+
+import mlx.core as mx
+import numpy as np
 
 _UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                 "stochastic_sampling")

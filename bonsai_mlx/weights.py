@@ -16,9 +16,9 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-import mlx.core as mx
-
 from bonsai_mlx.errors import BonsaiError
+
+import mlx.core as mx
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 

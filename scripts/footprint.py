@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 
-import mlx.core as mx  # noqa: E402
-
 from bonsai_mlx.quant import GROUP_SIZE, packed_layer_paths  # noqa: E402
 from bonsai_mlx.quant.model import DENSE_GROUP_SIZE  # noqa: E402
 from bonsai_mlx.weights import save_safetensors  # noqa: E402
+
+import mlx.core as mx  # noqa: E402
 
 D, MLP, JOINT, T_EMB = 3072, 9216, 7680, 256
 NUM_LAYERS, NUM_SINGLE = 5, 20

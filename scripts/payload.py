@@ -26,14 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bonsai_mlx.models.text_encoder import QUANTIZE_GROUP_SIZE, Qwen3Encoder  # noqa: E402
+from bonsai_mlx.models.vae import VAE, Encoder, VAEConfig  # noqa: E402
+
 import footprint  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models import qwen3  # noqa: E402
-
-from bonsai_mlx.models.text_encoder import QUANTIZE_GROUP_SIZE, Qwen3Encoder  # noqa: E402
-from bonsai_mlx.models.vae import VAE, Encoder, VAEConfig  # noqa: E402
 
 # Qwen/Qwen3-4B config.json (the FLUX.2 [klein] 4B text encoder)
 QWEN3_4B = {

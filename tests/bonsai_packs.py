@@ -20,12 +20,12 @@ import json
 import shutil
 from pathlib import Path
 
+from bonsai_mlx.models.transformer import Flux2Transformer, Flux2TransformerConfig
+from bonsai_mlx.quant import packed_layer_paths
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-
-from bonsai_mlx.models.transformer import Flux2Transformer, Flux2TransformerConfig
-from bonsai_mlx.quant import packed_layer_paths
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEXT_ENCODER = FIXTURES / "text_encoder" / "text_encoder"

@@ -2,9 +2,9 @@
 # before anything imports mlx.core (see bonsai_mlx/_blas.py).
 from pathlib import Path
 
-import pytest
-
 import bonsai_mlx  # noqa: F401
+
+import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -3,10 +3,10 @@
 import json
 import math
 
+from bonsai_mlx import bench
+
 import pytest
 from click.testing import CliRunner
-
-from bonsai_mlx import bench
 
 RUN_FIELDS = {
     "schema", "kind", "timestamp", "command", "model", "precision", "dtype", "tiny",

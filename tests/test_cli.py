@@ -8,17 +8,17 @@ import json
 import socket
 from pathlib import Path
 
+from bonsai_mlx import __version__
+from bonsai_mlx.cli import _Progress, cli, parse_size, resolve_model, write_png_exclusive
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.weights import save_safetensors, write_json
+
 import click
 import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-
-from bonsai_mlx import __version__
-from bonsai_mlx.cli import _Progress, cli, parse_size, resolve_model, write_png_exclusive
-from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.weights import save_safetensors, write_json
 
 PIPELINES = Path(__file__).parent / "fixtures" / "pipeline"
 TINY = PIPELINES / "distilled"

@@ -6,6 +6,14 @@ tests/bonsai_packs.py from the tiny fixtures."""
 import json
 import os
 
+from bonsai_mlx.cli import cli
+from bonsai_mlx.convert import convert
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.models.transformer import Flux2Transformer
+from bonsai_mlx.pipeline import Pipeline
+from bonsai_mlx.quant import BinaryLinear, TernaryLinear
+from bonsai_mlx.quant.model import get_module
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -18,14 +26,6 @@ from bonsai_packs import (
     write_unpacked,
 )
 from click.testing import CliRunner
-
-from bonsai_mlx.cli import cli
-from bonsai_mlx.convert import convert
-from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.models.transformer import Flux2Transformer
-from bonsai_mlx.pipeline import Pipeline
-from bonsai_mlx.quant import BinaryLinear, TernaryLinear
-from bonsai_mlx.quant.model import get_module
 
 BITS = {"binary": 1, "ternary": 2}
 

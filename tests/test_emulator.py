@@ -1,11 +1,11 @@
 """The CPU emulator for `mx.fast.metal_kernel` on small kernels with known answers."""
 
+from bonsai_mlx.kernels import emulator
+from bonsai_mlx.kernels.emulator import EmulatorError, metal_kernel
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from bonsai_mlx.kernels import emulator
-from bonsai_mlx.kernels.emulator import EmulatorError, metal_kernel
 
 pytestmark = pytest.mark.skipif(
     emulator.compiler() is None, reason="the Metal emulator needs g++ (or $CXX) to compile kernels"

@@ -1,12 +1,12 @@
 """Every Metal kernel, run in the CPU emulator (and on a real Apple GPU where there is one),
 against exact float64 math on awkward shapes, plus the dispatcher's path choice."""
 
+from bonsai_mlx import BonsaiError, kernels
+from bonsai_mlx.kernels import emulator, metal, reference
+
 import mlx.core as mx
 import numpy as np
 import pytest
-
-from bonsai_mlx import BonsaiError, kernels
-from bonsai_mlx.kernels import emulator, metal, reference
 
 pytestmark = pytest.mark.skipif(
     emulator.compiler() is None, reason="the Metal emulator needs g++ (or $CXX) to compile kernels"

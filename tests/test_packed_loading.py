@@ -4,12 +4,6 @@ Flux2Transformer; outputs must match the dense model with the same (dequantised)
 
 import json
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-from mlx.utils import tree_flatten
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.transformer import Flux2Transformer, Flux2TransformerConfig
 from bonsai_mlx.quant import (
@@ -22,6 +16,12 @@ from bonsai_mlx.quant import (
     quantize_model,
     save_packed_transformer_weights,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
 
 # inner dim 128 so that every packed layer's K (128, 384, 512) is a whole number of groups
 CONFIG = dict(in_channels=8, num_layers=1, num_single_layers=2, attention_head_dim=16,

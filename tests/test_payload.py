@@ -8,6 +8,14 @@ import json
 import sys
 from pathlib import Path
 
+from bonsai_mlx.cli import describe_folder
+from bonsai_mlx.convert import convert, payload
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.models.text_encoder import PromptEncoder, save_text_encoder
+from bonsai_mlx.models.vae import VAE, VAEConfig
+from bonsai_mlx.pipeline import Pipeline
+from bonsai_mlx.weights import load_weights, read_json
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -21,14 +29,6 @@ from bonsai_packs import (
     write_bonsai_pack,
 )
 from mlx.utils import tree_flatten
-
-from bonsai_mlx.cli import describe_folder
-from bonsai_mlx.convert import convert, payload
-from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.models.text_encoder import PromptEncoder, save_text_encoder
-from bonsai_mlx.models.vae import VAE, VAEConfig
-from bonsai_mlx.pipeline import Pipeline
-from bonsai_mlx.weights import load_weights, read_json
 
 PROMPTS = ["a bonsai tree in the mist", "", "Ünïcödé prompt, with punctuation!"]
 SCRIPTS = Path(__file__).parents[1] / "scripts"

@@ -6,14 +6,14 @@ import json
 import warnings
 from pathlib import Path
 
+from bonsai_mlx import BonsaiError
+from bonsai_mlx.pipeline import Pipeline, preprocess_image
+from bonsai_mlx.scheduler import img2img_start_index, make_schedule
+
 import mlx.core as mx
 import numpy as np
 import PIL.Image
 import pytest
-
-from bonsai_mlx import BonsaiError
-from bonsai_mlx.pipeline import Pipeline, preprocess_image
-from bonsai_mlx.scheduler import img2img_start_index, make_schedule
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pipeline"
 CASES = json.loads((FIXTURES / "cases.json").read_text())
@@ -262,10 +262,10 @@ def _write_bonsai_pack_and_dense_twin(tmp_path):
     a dense diffusers folder holding the exactly dequantised weights."""
     import shutil
 
-    from mlx.utils import tree_flatten
-
     from bonsai_mlx.models.transformer import Flux2Transformer
     from bonsai_mlx.quant.model import model_packed_layer_paths
+
+    from mlx.utils import tree_flatten
 
     config = dict(patch_size=1, in_channels=128, num_layers=1, num_single_layers=1,
                   attention_head_dim=64, num_attention_heads=2, joint_attention_dim=48,

@@ -1,12 +1,5 @@
 """Packed binary / ternary formats, reference matmuls, layers, and MLX affine import."""
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.kernels import reference
 from bonsai_mlx.quant import (
@@ -25,6 +18,13 @@ from bonsai_mlx.quant import (
     unpack_ternary,
     use_packed_layers,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

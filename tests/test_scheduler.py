@@ -4,10 +4,6 @@ scripts/fixtures/make_pipeline.py) and the exact Euler / image-to-image math."""
 import json
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.scheduler import (
     SchedulerConfig,
@@ -16,6 +12,10 @@ from bonsai_mlx.scheduler import (
     img2img_start_index,
     make_schedule,
 )
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pipeline" / "scheduler.json"
 

@@ -11,16 +11,16 @@ import sys
 import weakref
 from pathlib import Path
 
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.models import text_encoder as te
+from bonsai_mlx.models.text_encoder import PromptEncoder
+from bonsai_mlx.weights import load_weights, read_json, save_safetensors, write_json
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
-
-from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.models import text_encoder as te
-from bonsai_mlx.models.text_encoder import PromptEncoder
-from bonsai_mlx.weights import load_weights, read_json, save_safetensors, write_json
 
 FIXTURE = Path(__file__).parent / "fixtures" / "text_encoder"
 TEXT_ENCODER = FIXTURE / "text_encoder"

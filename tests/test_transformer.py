@@ -5,16 +5,16 @@ Black Forest Labs' single-file layout, with diffusers' float32 outputs)."""
 import shutil
 from pathlib import Path
 
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.models import Flux2Transformer, Flux2TransformerConfig
+from bonsai_mlx.models.transformer import infer_config, sanitize
+from bonsai_mlx.weights import load_weights, read_json, save_safetensors
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.models import Flux2Transformer, Flux2TransformerConfig
-from bonsai_mlx.models.transformer import infer_config, sanitize
-from bonsai_mlx.weights import load_weights, read_json, save_safetensors
 
 HERE = Path(__file__).parent / "fixtures" / "transformer"
 LAYOUTS = {

@@ -6,13 +6,13 @@ References are diffusers outputs stored NCHW; our API is NHWC.
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
-
 import bonsai_mlx.models.vae as vae_module
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.vae import VAE
 from bonsai_mlx.weights import load_weights, save_safetensors
+
+import mlx.core as mx
+import pytest
 
 VAE_DIR = Path(__file__).parent / "fixtures" / "vae"
 BOUND = 1e-4  # float32: max abs error <= BOUND * max|ref|

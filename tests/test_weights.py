@@ -1,10 +1,6 @@
 import json
 import struct
 
-import mlx.core as mx
-import numpy as np
-import pytest
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import (
     check_weights,
@@ -14,6 +10,10 @@ from bonsai_mlx.weights import (
     resolve_model_path,
     save_safetensors,
 )
+
+import mlx.core as mx
+import numpy as np
+import pytest
 
 
 def test_sharded_folder_loads_every_shard(tmp_path):

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 
-import mlx.core as mx
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.kernels import reference
+
+import mlx.core as mx
 
 # From this many rows on, dequantize + MLX's dense GEMM is expected to beat the fused kernel:
 # dequantizing costs ~4 bytes of traffic per weight once, the GEMM 2*M flops per weight.

@@ -17,9 +17,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import mlx.core as mx
-
 from bonsai_mlx.errors import BonsaiError
+
+import mlx.core as mx
 
 GROUP_SIZE = 128
 GEMM_TILE = (64, 64)  # (BM, BN) in packed.h

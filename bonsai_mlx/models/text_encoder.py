@@ -36,11 +36,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import (
     check_weights,
@@ -54,6 +49,11 @@ from bonsai_mlx.weights import (
     save_safetensors,
     write_json,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
 if TYPE_CHECKING:
     from mlx_lm.models import qwen3

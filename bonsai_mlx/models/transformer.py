@@ -19,11 +19,6 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-import numpy as np
-from mlx.utils import tree_flatten
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.quant.layers import PACKED_LINEAR
 from bonsai_mlx.quant.loading import (
@@ -42,6 +37,11 @@ from bonsai_mlx.weights import (
     save_safetensors,
     write_json,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
 
 DIFFUSERS_CLASS = "Flux2Transformer2DModel"
 BFL_PREFIX = "model.diffusion_model."

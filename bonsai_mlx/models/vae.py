@@ -23,10 +23,6 @@ from dataclasses import dataclass, field, fields
 from itertools import pairwise
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import (
     check_weights,
@@ -35,6 +31,10 @@ from bonsai_mlx.weights import (
     read_json,
     resolve_model_path,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 # Above this many output pixels, decode/encode tile by default (2048x2048 tiles, 1024x1024
 # does not). Tiles cut the peak memory of the full-resolution layers to about two whole

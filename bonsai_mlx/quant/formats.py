@@ -14,11 +14,11 @@ BonsaiError naming the layer (`name`) and, where it applies, the group.
 
 from __future__ import annotations
 
-import mlx.core as mx
-import numpy as np
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.kernels import reference
+
+import mlx.core as mx
+import numpy as np
 
 GROUP_SIZE = 128
 FORMATS = ("binary", "ternary")

@@ -7,13 +7,13 @@ which picks the Metal kernel or the plain-MLX reference.
 
 from __future__ import annotations
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from bonsai_mlx import kernels
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.quant import formats
 from bonsai_mlx.quant.formats import GROUP_SIZE
+
+import mlx.core as mx
+import mlx.nn as nn
 
 
 class _PackedLinear(nn.Module):

@@ -18,10 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.quant import formats
 from bonsai_mlx.quant.layers import PACKED_LINEAR, BinaryLinear, TernaryLinear
@@ -40,6 +36,10 @@ from bonsai_mlx.weights import (
     save_safetensors,
     write_json,
 )
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 QUANT_CONFIG = "quantization_config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"

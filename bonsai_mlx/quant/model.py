@@ -9,11 +9,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
-import mlx.nn as nn
-
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.quant import formats
 from bonsai_mlx.quant.layers import PACKED_LINEAR
+
+import mlx.nn as nn
 
 DOUBLE_BLOCK_LINEARS = (
     "attn.to_q", "attn.to_k", "attn.to_v",
