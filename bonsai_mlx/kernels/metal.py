@@ -18,10 +18,10 @@ import functools
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.kernels.reference import GROUP_SIZE
 
 import mlx.core as mx
 
-GROUP_SIZE = 128
 GEMM_TILE = (64, 64)  # (BM, BN) in packed.h
 GEMM_THREADS = 128
 GEMV_MAX_M = 8

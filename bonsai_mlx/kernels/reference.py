@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-GROUP_SIZE = 128
+GROUP_SIZE = 128  # inputs per float16 scale, both formats (packed.h: GROUP)
 _BLOCK_ELEMENTS = 1 << 24  # dequantised floats per block: 64 MB in float32
 
 _SHIFTS = mx.arange(32, dtype=mx.uint32)

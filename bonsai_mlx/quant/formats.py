@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.kernels import reference
+from bonsai_mlx.kernels.reference import GROUP_SIZE
 
 import mlx.core as mx
 import numpy as np
 
-GROUP_SIZE = 128
 FORMATS = ("binary", "ternary")
 
 _POW3 = 3 ** np.arange(5, dtype=np.uint16)  # (5,)
