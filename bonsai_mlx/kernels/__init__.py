@@ -13,6 +13,7 @@ Which implementation runs (docs/kernels.md):
 
 from __future__ import annotations
 
+import math
 import os
 
 from bonsai_mlx.errors import BonsaiError
@@ -49,13 +50,6 @@ def kernel_path(m: int | None = None) -> str:
     return "metal"
 
 
-def _rows(x: mx.array) -> int:
-    m = 1
-    for d in x.shape[:-1]:
-        m *= d
-    return m
-
-
 def _dequantize(packed: mx.array, scales: mx.array, k: int, dtype: mx.Dtype, path: str):
     if path in ("metal", "dequant") and mx.metal.is_available():
         from bonsai_mlx.kernels import metal
@@ -71,7 +65,7 @@ def _dequantize(packed: mx.array, scales: mx.array, k: int, dtype: mx.Dtype, pat
 
 
 def _matmul(x: mx.array, packed: mx.array, scales: mx.array, fallback) -> mx.array:
-    path = kernel_path(_rows(x))
+    path = kernel_path(math.prod(x.shape[:-1]))
     if path == "reference":
         return fallback(x, packed, scales)
     from bonsai_mlx.kernels import metal

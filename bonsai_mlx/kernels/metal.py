@@ -15,6 +15,7 @@ Each function takes `backend="metal"` (a real Apple GPU) or `"emulator"` (the CP
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
@@ -112,9 +113,7 @@ def packed_matmul(
         raise BonsaiError(f"input has {x.shape[-1]} features, the packed weight expects {k}")
     dtype = x.dtype if x.dtype in ACTIVATION_DTYPES else mx.float32
     lead = x.shape[:-1]
-    m = 1
-    for d in lead:
-        m *= d
+    m = math.prod(lead)
     x2 = x.reshape(m, k).astype(dtype)
     if m == 0:
         return mx.zeros((*lead, n), dtype=dtype)
