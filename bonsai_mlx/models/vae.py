@@ -34,7 +34,7 @@ from bonsai_mlx.weights import (
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
 
 # Above this many output pixels, decode/encode tile by default (2048x2048 tiles, 1024x1024
 # does not). Tiles cut the peak memory of the full-resolution layers to about two whole
@@ -468,9 +468,9 @@ class VAE(nn.Module):
     def _cast_weights(self) -> None:
         """Cast every weight to the compute dtype; BatchNorm statistics stay float32."""
         self.update(
-            dict_map(
-                self.parameters(),
+            tree_map_with_path(
                 lambda k, v: v.astype(mx.float32 if k.startswith("bn.") else self.dtype),
+                self.parameters(),
             )
         )
 
@@ -859,15 +859,6 @@ def _run_with_shared_norms(
 
 
 # ---- weight names -------------------------------------------------------------------
-
-
-def dict_map(tree: dict, fn: Callable[[str, mx.array], mx.array], prefix: str = "") -> dict:
-    """Apply fn(dotted_name, array) to every array in a nested parameter dict."""
-    if isinstance(tree, dict):
-        return {k: dict_map(v, fn, f"{prefix}{k}.") for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [dict_map(v, fn, f"{prefix}{i}.") for i, v in enumerate(tree)]
-    return fn(prefix[:-1], tree)
 
 
 _BFL_PREFIXES = ("first_stage_model.", "vae.", "ae.")
