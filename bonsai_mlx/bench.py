@@ -577,14 +577,12 @@ def load_target(
         )
     if tiny or skip_encode:
         raise BonsaiError("--tiny and --skip-encode apply to --synthetic models only")
-    from bonsai_mlx.pipeline import ALLOW_PATTERNS, Pipeline
-    from bonsai_mlx.weights import resolve_model_path
+    from bonsai_mlx.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(model, dtype=dtype)  # aliases resolve there
-    root = resolve_model_path(model, allow_patterns=ALLOW_PATTERNS)
     return BenchTarget(
         pipe, model, model_precision(pipe.transformer), _dtype_name(dtype),
-        folder_footprint(root),
+        folder_footprint(pipe.source),  # the folder it was loaded from
         "files", pipe.prompt_encoder.max_sequence_length, False,
     )
 
@@ -897,10 +895,9 @@ def _time_diffusers(target, synthetic, model, width, height, steps, repeats, war
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     if synthetic is None:
-        from bonsai_mlx.pipeline import ALLOW_PATTERNS, detect_layout
-        from bonsai_mlx.weights import resolve_model_path
+        from bonsai_mlx.pipeline import detect_layout
 
-        root = resolve_model_path(model, allow_patterns=ALLOW_PATTERNS)
+        root = target.pipeline.source  # the folder our pipeline was loaded from
         if detect_layout(root) != "diffusers":
             raise _Unavailable(f"diffusers cannot load the Bonsai MLX pack {root}; compare "
                                "with the matching `*-unpacked` repo instead")
