@@ -26,6 +26,7 @@ import mlx.core as mx
 GEMM_TILE = (64, 64)  # (BM, BN) in packed.h
 GEMM_THREADS = 128
 GEMV_MAX_M = 8
+GEMV_THREADS = 256  # 8 simdgroups
 GEMV_ROWS_PER_THREADGROUP = 8 * 4  # 8 simdgroups x GEMV_ROWS
 ACTIVATION_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
@@ -123,25 +124,20 @@ def packed_matmul(
     if kernel == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"the small-M kernel handles at most {GEMV_MAX_M} rows, got {m}")
     if kernel == "gemv":
-        groups = -(-rows // GEMV_ROWS_PER_THREADGROUP)
-        y = _kernel("packed_gemv", backend)(
-            inputs=[x2, packed, scales],
-            template=[("T", dtype)],
-            grid=(groups * 256, 1, 1),
-            threadgroup=(256, 1, 1),
-            output_shapes=[(m, rows)],
-            output_dtypes=[dtype],
-        )[0]
+        source, threads = "packed_gemv", GEMV_THREADS
+        grid = (-(-rows // GEMV_ROWS_PER_THREADGROUP) * threads, 1, 1)
     else:
         bm, bn = GEMM_TILE
-        y = _kernel("packed_gemm", backend)(
-            inputs=[x2, packed, scales],
-            template=[("T", dtype)],
-            grid=(-(-rows // bn) * GEMM_THREADS, -(-m // bm), 1),
-            threadgroup=(GEMM_THREADS, 1, 1),
-            output_shapes=[(m, rows)],
-            output_dtypes=[dtype],
-        )[0]
+        source, threads = "packed_gemm", GEMM_THREADS
+        grid = (-(-rows // bn) * threads, -(-m // bm), 1)
+    y = _kernel(source, backend)(
+        inputs=[x2, packed, scales],
+        template=[("T", dtype)],
+        grid=grid,
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(m, rows)],
+        output_dtypes=[dtype],
+    )[0]
     if rows != n:
         y = y[:, :n]
     return y.reshape(*lead, n)
