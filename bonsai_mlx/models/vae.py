@@ -16,6 +16,7 @@ rounding (tests/test_vae.py), at lower peak memory.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -284,6 +285,14 @@ class UpBlock(nn.Module):
 TileLayer = tuple[Callable[[mx.array], mx.array], str, int]
 
 
+def _run_layers(layers: list[TileLayer], x: mx.array) -> mx.array:
+    """The layers in order on the whole input, evaluated one by one (see UpBlock)."""
+    for layer, _, _ in layers:
+        x = layer(x)
+        mx.eval(x)
+    return x
+
+
 class Encoder(nn.Module):
     """(B, H, W, 3) -> (B, H/f, W/f, 2 * latent_channels) moments (mean | logvar)."""
 
@@ -313,10 +322,7 @@ class Encoder(nn.Module):
         return self.conv_out(nn.silu(self.conv_norm_out(x)))
 
     def __call__(self, x: mx.array) -> mx.array:
-        for layer, _, _ in self.downsampling_layers():
-            x = layer(x)
-            mx.eval(x)  # see UpBlock
-        return self.latent_stage(x)
+        return self.latent_stage(_run_layers(self.downsampling_layers(), x))
 
 
 class OutputHead(nn.Module):
@@ -365,11 +371,7 @@ class Decoder(nn.Module):
         return [*layers, (OutputHead(self.conv_norm_out, self.conv_out), "same", 1)]
 
     def __call__(self, z: mx.array) -> mx.array:
-        x = self.latent_stage(z)
-        for layer, _, _ in self.upsampling_layers():
-            x = layer(x)
-            mx.eval(x)  # see UpBlock
-        return x
+        return _run_layers(self.upsampling_layers(), self.latent_stage(z))
 
 
 class LatentBatchNorm(nn.Module):
@@ -623,17 +625,10 @@ class VAE(nn.Module):
         layers = self.decoder.upsampling_layers()
         z = self._post_quant(z)
         side = min(ESTIMATE_SIDE, tile)
-
-        def estimate(x: mx.array) -> None:
-            x = self.decoder.latent_stage(x)
-            for layer, _, _ in layers:
-                x = layer(x)
-                mx.eval(x)
-
         h = self.decoder.latent_stage(z)
         mx.eval(h)
         out = _run_with_shared_norms(
-            layers, h, estimate, _downscale(z, side, 1), tile, 1, tile_stats
+            layers, h, self.decoder, _downscale(z, side, 1), tile, 1, tile_stats
         )
         return out.astype(self.dtype)
 
@@ -658,15 +653,9 @@ class VAE(nn.Module):
         tile = _check_tiling(tile_size, tile_overlap, tile_stats, f) * f
         layers = self.encoder.downsampling_layers()
         x = x.astype(self.dtype)
-
-        def estimate(x: mx.array) -> None:
-            for layer, _, _ in layers:
-                x = layer(x)
-                mx.eval(x)
-
         side = min(ESTIMATE_SIDE * f, tile)
-        h = _run_with_shared_norms(layers, x, estimate, _downscale(x, side, f), tile, f,
-                                   tile_stats)
+        h = _run_with_shared_norms(layers, x, functools.partial(_run_layers, layers),
+                                   _downscale(x, side, f), tile, f, tile_stats)
         out = self._moments_to_mean(self.encoder.latent_stage(h.astype(self.dtype)))
         return out.astype(self.dtype)
 
@@ -814,7 +803,7 @@ def _run_tiled(
 def _run_with_shared_norms(
     layers: list[TileLayer],
     x: mx.array,
-    estimate: Callable[[mx.array], None],
+    estimate: Callable[[mx.array], mx.array],
     small: mx.array,
     tile: int,
     align: int,
