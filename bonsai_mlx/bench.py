@@ -719,9 +719,9 @@ def run_bench(
     log = log or (lambda s: click.echo(s, err=True))
     if sizes is None:
         sizes = TINY_SIZES if tiny else DEFAULT_SIZES
-    for w, h in sizes:
-        from bonsai_mlx.pipeline import check_size
+    from bonsai_mlx.pipeline import check_size
 
+    for w, h in sizes:
         check_size(w, h)
     if steps < 1 or repeats < 1 or warmup < 0:
         raise BonsaiError("steps and repeats must be >= 1 and warmup >= 0")
@@ -733,10 +733,10 @@ def run_bench(
     log(f"loaded {target.model} in {time.perf_counter() - t0:.1f} s")
     config = target.pipeline.transformer.config
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    encode_flops = _encode_flops(target)  # the same at every size
     records: list[dict[str, Any]] = []
     for w, h in sizes:
         flops = transformer_flops(config, h, w, target.text_tokens)
-        encode_flops = _encode_flops(target)
         for i in range(warmup):
             log(f"{w}x{h}: warm-up {i + 1}/{warmup}")
             run_once(target, w, h, steps, f"{prompt} (warm-up {i})", seed, log)
