@@ -1,7 +1,7 @@
 """Packed binary / ternary matmul in plain MLX ops: runs on every backend (CPU, Metal, CUDA).
 
 This is the ground truth the Metal kernels are checked against. The byte layout
-(docs/formats.md, CONTRACTS.md):
+(docs/formats.md):
 
 - binary: `packed` uint32 (N, K/32); bit j (LSB first) of word w of row n is weight
   (n, 32*w + j); bit 1 -> +s, bit 0 -> -s.
