@@ -141,10 +141,8 @@ def _dtype_of(x: Any) -> mx.Dtype:
 
 def _to_numpy(x: Any) -> np.ndarray:
     """Row-contiguous numpy storage of an input (bfloat16 as its uint16 bits)."""
-    if isinstance(x, mx.array):
-        if x.dtype == mx.bfloat16:
-            x = x.view(mx.uint16)
-        return np.require(np.asarray(x), requirements="C")
+    if isinstance(x, mx.array) and x.dtype == mx.bfloat16:
+        x = x.view(mx.uint16)
     return np.require(np.asarray(x), requirements="C")
 
 
