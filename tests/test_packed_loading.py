@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from bonsai_packs import SKIP_PATTERNS, pack_2bit_codes
 from mlx.utils import tree_flatten
 
 # inner dim 128 so that every packed layer's K (128, 384, 512) is a whole number of groups
@@ -57,12 +58,6 @@ def forward(model: Flux2Transformer) -> np.ndarray:
     return np.array(out.astype(mx.float32))
 
 
-def pack_2bit_codes(codes: np.ndarray) -> np.ndarray:
-    """MLX affine 2-bit word layout, written out here: 16 codes per uint32, LSB first."""
-    c = codes.astype(np.uint32).reshape(codes.shape[0], -1, 16)
-    return (c << (2 * np.arange(16, dtype=np.uint32))).sum(-1).astype(np.uint32)
-
-
 def write_bonsai_pack(dense: Flux2Transformer, bits: int, root, corrupt=None):
     """The published layout: transformer-packed-mflux/ with FP16 dense tensors and an MLX
     affine triple per packed layer (1-bit by mx.quantize; 2-bit ternary as codes 0/1/2 with
@@ -90,9 +85,7 @@ def write_bonsai_pack(dense: Flux2Transformer, bits: int, root, corrupt=None):
     config = dict(CONFIG, _class_name="Flux2Transformer2DModel")
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "quantization_config.json").write_text(json.dumps(
-        {"bits": bits, "group_size": 128,
-         "skip_patterns": ["x_embedder", "context_embedder", "proj_out", "norm_out",
-                           "time_guidance_embed", "modulation", "norm_q", "norm_k"]}))
+        {"bits": bits, "group_size": 128, "skip_patterns": SKIP_PATTERNS}))
     (folder / "checkpoint_manifest.json").write_text(json.dumps({"files": 1}))
     return folder, tensors
 

@@ -23,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from bonsai_packs import pack_2bit_codes  # MLX affine 2-bit words, written out independently
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -228,12 +229,6 @@ def test_mlx_1bit_one_sided_and_negative_scale_groups_import_exactly():
                           np.array(mx.dequantize(flipped, -scales, -biases, group_size=128,
                                                  bits=1)))
     assert np.array_equal(np.array(layer.dequantize()), -np.array(w))
-
-
-def pack_2bit_codes(codes: np.ndarray) -> np.ndarray:
-    """MLX affine 2-bit layout, written out independently: 16 codes per uint32, LSB first."""
-    c = codes.astype(np.uint32).reshape(codes.shape[0], -1, 16)
-    return (c << (2 * np.arange(16, dtype=np.uint32))).sum(-1).astype(np.uint32)
 
 
 def bonsai_2bit_triple(q: np.ndarray, s: np.ndarray):
