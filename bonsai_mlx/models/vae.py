@@ -383,6 +383,15 @@ class LatentBatchNorm(nn.Module):
         self.running_var = mx.ones((channels,))
 
 
+def _encoder_modules(cfg: VAEConfig) -> dict[str, nn.Module]:
+    """What `encode` adds to a VAE, by attribute name: the encoder and its quant_conv."""
+    modules = {"encoder": Encoder(cfg)}
+    if cfg.use_quant_conv:
+        n = 2 * cfg.latent_channels
+        modules["quant_conv"] = nn.Conv2d(n, n, 1)
+    return modules
+
+
 class VAE(nn.Module):
     """FLUX.2 autoencoder: `decode`, `encode`, `normalize_latents`, `denormalize_latents`.
 
@@ -446,19 +455,15 @@ class VAE(nn.Module):
             config = infer_config(weights, path)
 
         vae = cls(config, dtype)
-        expected = {k: v.shape for k, v in tree_flatten(vae.parameters())}
+        own = {k: v.shape for k, v in tree_flatten(vae.parameters())}
         encoder_expected = {
-            f"encoder.{k}": v.shape for k, v in tree_flatten(Encoder(config).parameters())
+            f"{name}.{k}": v.shape
+            for name, module in _encoder_modules(config).items()
+            for k, v in tree_flatten(module.parameters())
         }
-        if config.use_quant_conv:
-            n = 2 * config.latent_channels
-            encoder_expected.update({"quant_conv.weight": (n, 1, 1, n), "quant_conv.bias": (n,)})
         has_encoder = any(k in weights for k in encoder_expected)
-        if has_encoder:
-            expected.update(encoder_expected)
-        check_weights(weights, expected, source)
+        check_weights(weights, {**own, **encoder_expected} if has_encoder else own, source)
 
-        own = {k for k, _ in tree_flatten(vae.parameters())}
         vae.load_weights([(k, v) for k, v in weights.items() if k in own])
         vae._cast_weights()
         mx.eval(vae.parameters())
@@ -486,18 +491,15 @@ class VAE(nn.Module):
                 "load a checkpoint that includes the encoder"
             )
         weights = self._load_encoder_weights()
-        self.encoder = Encoder(self.config)
-        if self.config.use_quant_conv:
-            n = 2 * self.config.latent_channels
-            self.quant_conv = nn.Conv2d(n, n, 1)
+        modules = _encoder_modules(self.config)
+        for name, module in modules.items():
+            setattr(self, name, module)
         self.load_weights(
             [(k, v.astype(self.dtype)) for k, v in weights.items()
              if k.startswith(("encoder.", "quant_conv."))],
             strict=False,
         )
-        mx.eval(self.encoder.parameters())
-        if self.config.use_quant_conv:
-            mx.eval(self.quant_conv.parameters())
+        mx.eval([module.parameters() for module in modules.values()])
 
     def unload_encoder(self) -> None:
         """Drop the encoder's weights (the next `encode` reads them again)."""
