@@ -131,7 +131,8 @@ class Pipeline:
         index_path = root / "model_index.json"
         index = read_json(index_path) if index_path.is_file() else {}
         scheduler = SchedulerConfig.from_pretrained(root / "scheduler")
-        transformer = load_transformer(root / dirs["transformer"], dtype)
+        # dense, or packed (our layout or a Bonsai MLX 1-/2-bit pack, converted exactly)
+        transformer = Flux2Transformer.from_pretrained(root / dirs["transformer"], dtype=dtype)
         vae = VAE.from_pretrained(root / "vae", dtype=dtype)
         prompt_encoder = PromptEncoder.from_pretrained(
             root / dirs["text_encoder"], root / "tokenizer", dtype=dtype,
@@ -506,12 +507,6 @@ def detect_layout(root: Path) -> str:
         f"a Bonsai MLX pack (transformer-packed-mflux/, text_encoder-mlx-4bit/, vae/); found "
         f"{found}"
     )
-
-
-def load_transformer(folder: Path, dtype: mx.Dtype) -> Flux2Transformer:
-    """A dense diffusers `transformer/` folder, or a packed one (quantization_config.json:
-    our bonsai-mlx layout or a Bonsai MLX 1-/2-bit pack, converted exactly)."""
-    return Flux2Transformer.from_pretrained(folder, dtype=dtype)
 
 
 def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = None) -> None:
