@@ -188,6 +188,9 @@ class Pipeline:
             if self.source is not None and dst.resolve() == Path(self.source).resolve():
                 raise BonsaiError(f"{dst} is the folder this pipeline was loaded from (its "
                                   "weights are read lazily); save to another folder")
+        if self.source is None:
+            raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
+                              "files are unknown; load it from a folder to save it")
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
         umask = os.umask(0)
@@ -208,9 +211,9 @@ class Pipeline:
         return dst
 
     def _write(self, folder: Path, text_encoder_bits, transformer_dtype, vae_dtype) -> None:
-        source = self.source
-        index_path = source / "model_index.json" if source is not None else None
-        index = read_json(index_path) if index_path is not None and index_path.is_file() else {}
+        source = self.source  # not None: save_pretrained checked
+        index_path = source / "model_index.json"
+        index = read_json(index_path) if index_path.is_file() else {}
         index = {k: v for k, v in index.items() if not k.startswith("bonsai_mlx")}
         index.update({"_class_name": PIPELINE_CLASSES[0], "is_distilled": self.is_distilled})
         for name, entry in DIFFUSERS_COMPONENTS.items():
@@ -218,16 +221,13 @@ class Pipeline:
         quant = self.transformer.save_pretrained(folder / "transformer", dtype=transformer_dtype)
         text = self.prompt_encoder.save_pretrained(folder / "text_encoder",
                                                    bits=text_encoder_bits)
-        if source is None:
-            raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
-                              "files are unknown; load it from a folder to save it")
         save_vae_files(source / "vae", folder / "vae", vae_dtype)
         (folder / "tokenizer").mkdir()
         for f in sorted(Path(self.prompt_encoder.tokenizer_dir).iterdir()):
             if f.is_file():
                 shutil.copyfile(f, folder / "tokenizer" / f.name)
-        scheduler_file = source / "scheduler" / "scheduler_config.json" if source else None
-        scheduler = (read_json(scheduler_file) if scheduler_file and scheduler_file.is_file()
+        scheduler_file = source / "scheduler" / "scheduler_config.json"
+        scheduler = (read_json(scheduler_file) if scheduler_file.is_file()
                      else {"_class_name": "FlowMatchEulerDiscreteScheduler",
                            **dataclasses.asdict(self.scheduler_config)})
         write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
@@ -514,13 +514,13 @@ def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = No
     image-to-image need it; text-to-image never loads it). `dtype` None copies the files
     byte for byte; otherwise float tensors are cast to it."""
     folder.mkdir(parents=True)
+    dt = parse_dtype(dtype) if dtype is not None else None
     files = [f for f in sorted(source.iterdir()) if f.is_file()
              and (f.suffix == ".safetensors" or f.name.endswith(".json"))]
     for f in files:
-        if f.suffix != ".safetensors" or dtype is None:
+        if f.suffix != ".safetensors" or dt is None:
             shutil.copyfile(f, folder / f.name)
             continue
-        dt = parse_dtype(dtype)
         tensors = {k: v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v
                    for k, v in load_weights(f).items()}
         save_safetensors(folder / f.name, tensors, metadata={"format": "pt"})
