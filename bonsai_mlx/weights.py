@@ -31,6 +31,11 @@ MODEL_ALIASES = {
 }
 
 _MAX_HEADER = 100 * 1024 * 1024
+SAFETENSORS_DTYPE_NAMES = {  # a header's dtype tag -> the dtype's name
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}
 _SAFETENSORS_DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -315,13 +320,13 @@ def resolve_model_path(
 def checkpoint_float_dtype(folder: str | Path) -> mx.Dtype:
     """The float dtype holding most bytes in a folder's safetensors (headers only): the
     dtype to save a lossless copy in."""
-    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
     sizes: dict[str, int] = {}
     for f in safetensors_files(folder):
         for k, info in read_safetensors_header(f).items():
-            if k != "__metadata__" and info["dtype"] in names:
+            name = SAFETENSORS_DTYPE_NAMES.get(info["dtype"]) if k != "__metadata__" else None
+            if name in DTYPES:
                 start, stop = info["data_offsets"]
-                sizes[names[info["dtype"]]] = sizes.get(names[info["dtype"]], 0) + stop - start
+                sizes[name] = sizes.get(name, 0) + stop - start
     if not sizes:
         raise BonsaiError(f"{folder} holds no floating-point tensors")
     return DTYPES[max(sizes, key=sizes.get)]
