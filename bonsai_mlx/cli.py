@@ -25,7 +25,14 @@ from pathlib import Path
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
-from bonsai_mlx.weights import default_dtype, resolve_model
+from bonsai_mlx.weights import (
+    SAFETENSORS_DTYPE_NAMES,
+    default_dtype,
+    read_json,
+    read_safetensors_header,
+    resolve_model,
+    resolve_model_path,
+)
 
 import click
 
@@ -498,8 +505,6 @@ def download(model, revision, quiet) -> None:
     Fetches only the files the pipeline reads; an interrupted download resumes. Prints the
     local folder on stdout.
     """
-    from bonsai_mlx.weights import resolve_model_path
-
     repo_id = resolve_model(model)
     if _is_local(repo_id):
         raise BonsaiError(f"{model} is a local folder; there is nothing to download")
@@ -535,13 +540,6 @@ def _remote_sizes(repo_id: str, revision: str | None, patterns: list[str]) -> di
 # ----------------------------------------------------------------------------------------
 # info
 
-_DTYPE_NAMES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-}
-
-
 @dataclass
 class Component:
     name: str
@@ -562,8 +560,6 @@ def _files(folder: Path) -> Iterator[Path]:
 def describe_folder(folder: Path) -> list[Component]:
     """Components of a model folder: files, bytes (sum of file sizes), tensor dtypes from
     safetensors headers only, and the storage format."""
-    from bonsai_mlx.weights import read_json, read_safetensors_header
-
     comps: dict[str, Component] = {}
     for path in _files(folder):
         rel = path.relative_to(folder)
@@ -576,17 +572,17 @@ def describe_folder(folder: Path) -> list[Component]:
                 if key == "__metadata__":
                     continue
                 c.tensors += 1
-                dt = _DTYPE_NAMES.get(t["dtype"], t["dtype"])
+                dt = SAFETENSORS_DTYPE_NAMES.get(t["dtype"], t["dtype"])
                 start, stop = t["data_offsets"]
                 c.dtype_bytes[dt] = c.dtype_bytes.get(dt, 0) + stop - start
     for c in comps.values():
         base = folder if c.name == "(top level)" else folder / c.name
-        c.format = _format_of(base, c, read_json)
+        c.format = _format_of(base, c)
     order = sorted(comps.values(), key=lambda c: (c.name == "(top level)", c.name))
     return order
 
 
-def _format_of(folder: Path, c: Component, read_json) -> str:
+def _format_of(folder: Path, c: Component) -> str:
     """Storage format of a component: our packed format or MLX affine bits from
     quantization_config.json / config.json (docs/formats.md), else the dense dtypes."""
     dense = [d for d in sorted(c.dtype_bytes, key=lambda d: -c.dtype_bytes[d])
@@ -651,8 +647,6 @@ def info(model, revision, as_json) -> None:
     total = sum(c.bytes for c in comps)
     pipeline_class = None
     if (folder / "model_index.json").is_file():
-        from bonsai_mlx.weights import read_json
-
         pipeline_class = read_json(folder / "model_index.json").get("_class_name")
     if as_json:
         click.echo(json.dumps({
