@@ -429,7 +429,6 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     if not seed_list:
         seed_list = [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
-    compute_dtype = default_dtype() if dtype == "auto" else dtype
 
     from bonsai_mlx.pipeline import Pipeline
 
@@ -437,7 +436,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         warnings.showwarning = _print_warning
         t0 = time.perf_counter()
         with _hub_progress(show):
-            pipe = Pipeline.from_pretrained(model_id, dtype=compute_dtype, revision=revision,
+            pipe = Pipeline.from_pretrained(model_id, dtype=dtype, revision=revision,
                                             keep_text_encoder=no_offload)
         load_seconds = time.perf_counter() - t0
 
