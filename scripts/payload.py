@@ -26,7 +26,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bonsai_mlx.models.text_encoder import QUANTIZE_GROUP_SIZE, Qwen3Encoder  # noqa: E402
+from bonsai_mlx.bench import QWEN3_4B  # noqa: E402  (Qwen/Qwen3-4B's config.json)
+from bonsai_mlx.models.text_encoder import (  # noqa: E402
+    DEFAULT_OUT_LAYERS,
+    QUANTIZE_GROUP_SIZE,
+    Qwen3Encoder,
+)
 from bonsai_mlx.models.vae import VAE, Encoder, VAEConfig  # noqa: E402
 
 import footprint  # noqa: E402
@@ -35,14 +40,6 @@ import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from mlx_lm.models import qwen3  # noqa: E402
 
-# Qwen/Qwen3-4B config.json (the FLUX.2 [klein] 4B text encoder)
-QWEN3_4B = {
-    "model_type": "qwen3", "hidden_size": 2560, "intermediate_size": 9728,
-    "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
-    "head_dim": 128, "vocab_size": 151936, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-    "tie_word_embeddings": True, "max_position_embeddings": 40960,
-}
-OUT_LAYERS = (9, 18, 27)
 PUBLISHED_GB = {"transformer binary": 0.97, "transformer ternary": 1.43, "text encoder": 2.28,
                 "vae": 0.17, "binary": 3.42, "ternary": 3.88}
 GOALS = {"binary": 2.9e9, "ternary": 3.2e9}
@@ -132,7 +129,7 @@ def payload_table(text_encoder_bits: int = 4) -> list[dict]:
                      "text_encoder": full_te, "vae": vae})
         for dense_bits in (16, 8):
             for te_bits in (4, 3, 8):
-                te = text_encoder_bytes(QWEN3_4B, max(OUT_LAYERS), te_bits)["file"]
+                te = text_encoder_bytes(QWEN3_4B, max(DEFAULT_OUT_LAYERS), te_bits)["file"]
                 rows.append({"format": fmt,
                              "variant": f"bonsai-mlx, dense {dense_bits}-bit, "
                                         f"text encoder {te_bits}-bit",
@@ -160,7 +157,7 @@ def main() -> None:
               f"{r['text_encoder'] / 1e9:>10.3f}{r['vae'] / 1e9:>7.3f}{r['total'] / 1e9:>8.3f}"
               f"{goal:>7}")
     te_full = text_encoder_bytes(QWEN3_4B, None, 4)["tensors"]
-    te_cut = text_encoder_bytes(QWEN3_4B, max(OUT_LAYERS), 4)["tensors"]
+    te_cut = text_encoder_bytes(QWEN3_4B, max(DEFAULT_OUT_LAYERS), 4)["tensors"]
     print(f"published (whitepaper): transformer {PUBLISHED_GB['transformer binary']} / "
           f"{PUBLISHED_GB['transformer ternary']}, text encoder {PUBLISHED_GB['text encoder']}, "
           f"VAE {PUBLISHED_GB['vae']}, payload {PUBLISHED_GB['binary']} / "
