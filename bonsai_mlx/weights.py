@@ -13,7 +13,7 @@ import json
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
@@ -146,48 +146,53 @@ def load_safetensors(path: str | Path) -> dict[str, mx.array]:
         raise BonsaiError(f"could not read {path}: {e}") from e
 
 
-def safetensors_files(folder: str | Path, stem: str | None = None) -> list[Path]:
+def safetensors_files(folder: str | Path, prefer: str | Sequence[str] = ()) -> list[Path]:
     """The weight files of one component folder.
 
-    Looks for `<stem>.safetensors.index.json` (sharded) or `<stem>.safetensors`; with no
-    stem, any single index or any `*.safetensors`. Sorted, so loading is deterministic.
+    The first stem in `prefer` present as `<stem>.safetensors.index.json` (sharded) or
+    `<stem>.safetensors` wins (a diffusers folder's `diffusion_pytorch_model`, BFL's `ae`);
+    otherwise any single index or every `*.safetensors`. Sorted, so loading is deterministic.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise BonsaiError(f"{folder} is not a folder")
-    indexes = (
-        [folder / f"{stem}.safetensors.index.json"]
-        if stem
-        else sorted(folder.glob("*.safetensors.index.json"))
-    )
-    indexes = [p for p in indexes if p.is_file()]
+    for stem in [prefer] if isinstance(prefer, str) else prefer:
+        if (folder / f"{stem}.safetensors.index.json").is_file():
+            return _shards(folder / f"{stem}.safetensors.index.json")
+        if (folder / f"{stem}.safetensors").is_file():
+            return [folder / f"{stem}.safetensors"]
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise BonsaiError(f"{folder} has several shard indexes: {[p.name for p in indexes]}")
     if indexes:
-        index = read_json(indexes[0])
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise BonsaiError(f"{indexes[0]} has no 'weight_map'")
-        files = sorted({folder / name for name in weight_map.values()})
-        missing = [p.name for p in files if not p.is_file()]
-        if missing:
-            raise BonsaiError(
-                f"{folder} is missing shards listed in {indexes[0].name}: {missing}; "
-                "the download is incomplete"
-            )
-        return files
-    files = [folder / f"{stem}.safetensors"] if stem else sorted(folder.glob("*.safetensors"))
-    files = [p for p in files if p.is_file()]
+        return _shards(indexes[0])
+    files = sorted(folder.glob("*.safetensors"))
     if not files:
-        what = f"{stem}.safetensors" if stem else "*.safetensors"
-        raise BonsaiError(f"no {what} in {folder}; is this the right folder?")
+        raise BonsaiError(f"no *.safetensors in {folder}; is this the right folder?")
     return files
 
 
-def load_weights(folder_or_file: str | Path, stem: str | None = None) -> dict[str, mx.array]:
-    """Tensors of a component: a folder (single file or shards) or one .safetensors file."""
+def _shards(index_file: Path) -> list[Path]:
+    weight_map = read_json(index_file).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise BonsaiError(f"{index_file} has no 'weight_map'")
+    files = sorted({index_file.parent / name for name in weight_map.values()})
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise BonsaiError(
+            f"{index_file.parent} is missing shards listed in {index_file.name}: {missing}; "
+            "the download is incomplete"
+        )
+    return files
+
+
+def load_weights(
+    folder_or_file: str | Path, prefer: str | Sequence[str] = ()
+) -> dict[str, mx.array]:
+    """Tensors of a component: a folder (single file or shards; `prefer` as in
+    `safetensors_files`) or one .safetensors file."""
     p = Path(folder_or_file)
-    files = [p] if p.is_file() else safetensors_files(p, stem)
+    files = [p] if p.is_file() else safetensors_files(p, prefer)
     weights: dict[str, mx.array] = {}
     for f in files:
         for k, v in load_safetensors(f).items():

@@ -127,3 +127,11 @@ def test_saved_files_get_a_normal_mode(tmp_path):
     assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "c.json").stat().st_mode & 0o777 == 0o644
     assert read_json(tmp_path / "c.json") == {"a": 1}
+
+
+def test_preferred_stem_wins_else_any_file(tmp_path):
+    save_safetensors(tmp_path / "diffusion_pytorch_model.safetensors", {"a": mx.ones((1,))})
+    save_safetensors(tmp_path / "ae.safetensors", {"b": mx.ones((1,))})
+    assert list(load_weights(tmp_path, "diffusion_pytorch_model")) == ["a"]
+    assert list(load_weights(tmp_path, ("missing", "ae", "diffusion_pytorch_model"))) == ["b"]
+    assert sorted(load_weights(tmp_path, "missing")) == ["a", "b"]  # no preferred stem: all

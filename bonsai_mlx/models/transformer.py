@@ -580,10 +580,7 @@ class Flux2Transformer(nn.Module):
             if affine_baseline:
                 raise BonsaiError(f"{path} is not a Bonsai MLX pack (no {QUANT_CONFIG}); "
                                   "affine_baseline needs one")
-            has_stem = (path / f"{WEIGHTS_STEM}.safetensors").is_file() or (
-                path / f"{WEIGHTS_STEM}.safetensors.index.json"
-            ).is_file()
-            weights = load_weights(path, WEIGHTS_STEM if has_stem else None)
+            weights = load_weights(path, WEIGHTS_STEM)
             config_file = path / "config.json"
         elif path.is_file():
             weights = load_weights(path)

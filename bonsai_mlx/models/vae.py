@@ -435,17 +435,10 @@ class VAE(nn.Module):
         path = local if local.exists() else resolve_model_path(path, allow_patterns=["vae/*"])
         if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
             path = path / "vae"  # a whole pipeline folder or Hub repo
-        source, stem = path, None
-        if path.is_dir():
-            for candidate in ("diffusion_pytorch_model", "ae"):
-                if (path / f"{candidate}.safetensors").is_file() or (
-                    path / f"{candidate}.safetensors.index.json"
-                ).is_file():
-                    stem = candidate
-                    break
+        source = path
 
         def read() -> dict[str, mx.array]:
-            return sanitize(load_weights(source, stem))
+            return sanitize(load_weights(source, ("diffusion_pytorch_model", "ae")))
 
         weights = read()
         config_file = path / "config.json" if path.is_dir() else None

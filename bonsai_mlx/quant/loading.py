@@ -60,12 +60,6 @@ def packed_layout(folder: str | Path) -> str | None:
                       "(no 'quant_method': 'bonsai-mlx' and no 'bits')")
 
 
-def _weights(folder: Path) -> dict[str, mx.array]:
-    has_stem = any((folder / f"{WEIGHTS_STEM}{s}").is_file()
-                   for s in (".safetensors", ".safetensors.index.json"))
-    return load_weights(folder, WEIGHTS_STEM if has_stem else None)
-
-
 def _triples(weights: Mapping[str, mx.array], source: Path) -> list[str]:
     """Layer paths that are MLX affine triples, each checked complete."""
     layers = sorted(k.removesuffix(".scales") for k in weights if k.endswith(".scales"))
@@ -86,7 +80,7 @@ def prepare_packed_transformer(model: nn.Module, folder: str | Path, *,
     if layout is None:
         raise BonsaiError(f"{folder} has no {QUANT_CONFIG}; it is not a packed transformer")
     cfg = read_json(folder / QUANT_CONFIG)
-    weights = _weights(folder)
+    weights = load_weights(folder, WEIGHTS_STEM)
     if hasattr(model, "sanitize"):  # checkpoint names -> diffusers names (BFL single file)
         weights = model.sanitize(weights)
     if layout == QUANT_METHOD:
