@@ -193,7 +193,8 @@ def _show_progress(quiet: bool) -> bool:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    """`"WxH"` -> (width, height), both positive multiples of 16, else BonsaiError."""
+    """`"WxH"` -> (width, height), multiples of 16 within the pipeline's bounds, else
+    BonsaiError."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX×*]\s*(\d+)\s*", text)
     if not m:
         raise BonsaiError(
@@ -210,6 +211,9 @@ def parse_size(text: str) -> tuple[int, int]:
                 f"--size {text}: {name} {v} is not a multiple of 16; use {options} "
                 f"(e.g. --size {_round16(width)}x{_round16(height)})"
             )
+    from bonsai_mlx.pipeline import check_size
+
+    check_size(width, height)  # the pipeline's bounds, before any model is loaded
     return width, height
 
 

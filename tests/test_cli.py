@@ -91,6 +91,7 @@ def test_parse_size_accepts_width_x_height():
     ("0x64", "too small"),
     ("64", "is not WIDTHxHEIGHT"),
     ("big", "is not WIDTHxHEIGHT"),
+    ("8192x64", "width 8192 is out of range: use 16 to 4096"),
 ])
 def test_parse_size_rejects_bad_sizes_with_a_fix(text, phrase):
     with pytest.raises(BonsaiError, match=phrase):
