@@ -461,6 +461,9 @@ class PromptEncoder:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
+            # We use only transformers' tokenizers: its "PyTorch was not found" advice (and
+            # mlx-lm's, which sets the same variable) is noise for our users.
+            os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
             from transformers import AutoTokenizer
 
             try:
