@@ -71,7 +71,7 @@ def _matmul(x: mx.array, packed: mx.array, scales: mx.array, fallback) -> mx.arr
     from bonsai_mlx.kernels import metal
 
     if path == "dequant":
-        k = metal.packed_k(packed, scales)
+        k = reference.packed_k(packed, scales)
         if x.shape[-1] != k:
             raise BonsaiError(f"input has {x.shape[-1]} features, the packed weight expects {k}")
         if mx.metal.is_available():

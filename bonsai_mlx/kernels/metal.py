@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.kernels.reference import GROUP_SIZE
+from bonsai_mlx.kernels.reference import packed_k
 
 import mlx.core as mx
 
@@ -88,11 +88,6 @@ def _pad_rows(packed: mx.array, scales: mx.array) -> tuple[mx.array, mx.array]:
     packed = mx.concatenate([packed, mx.zeros((extra, packed.shape[1]), dtype=packed.dtype)])
     scales = mx.concatenate([scales, mx.zeros((extra, scales.shape[1]), dtype=scales.dtype)])
     return packed, scales
-
-
-def packed_k(packed: mx.array, scales: mx.array) -> int:
-    """Input features K of a packed weight."""
-    return packed.shape[1] * 32 if packed.dtype == mx.uint32 else scales.shape[1] * GROUP_SIZE
 
 
 def packed_matmul(

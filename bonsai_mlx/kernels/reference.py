@@ -25,6 +25,11 @@ _SHIFTS = mx.arange(32, dtype=mx.uint32)
 _TRITS = mx.array([[(b // 3**i) % 3 - 1 for i in range(5)] for b in range(256)], dtype=mx.int8)
 
 
+def packed_k(packed: mx.array, scales: mx.array) -> int:
+    """Input features K of a packed weight (binary: 32 per word; ternary: from the scales)."""
+    return packed.shape[1] * 32 if packed.dtype == mx.uint32 else scales.shape[1] * GROUP_SIZE
+
+
 def unpack_binary(packed: mx.array) -> mx.array:
     """uint32 (N, K/32) -> int8 (N, K) in {-1, +1}."""
     bits = (packed[..., None] >> _SHIFTS) & 1  # (N, K/32, 32)
