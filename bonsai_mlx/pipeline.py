@@ -438,7 +438,7 @@ class Pipeline:
             self.last_seed = seed
             latents = mx.random.normal(shape, dtype=mx.float32, key=mx.random.key(seed))
         b, c, h, w = shape
-        return latents.transpose(0, 2, 3, 1).reshape(b, h * w, c)
+        return mx.contiguous(latents.transpose(0, 2, 3, 1).reshape(b, h * w, c))
 
     def _encode_image(self, image) -> mx.array:
         """A prepared PIL image -> normalised packed latents (1, h*w, 128)."""
