@@ -16,6 +16,7 @@ from bonsai_mlx.lora import (
     lora_path,
     parse_lora,
     read_lora,
+    set_lora_scales,
 )
 from bonsai_mlx.models.transformer import Flux2Transformer, Flux2TransformerConfig
 from bonsai_mlx.pipeline import Pipeline
@@ -135,11 +136,28 @@ def test_unload_restores_the_original_bit_for_bit(clean, arrays):
     clean.unload_lora("lora_b")
     assert clean.loras == {}
     after = {p: m for p, m in clean.transformer.named_modules()}
+    assert not any(isinstance(m, LoRALinear) for m in after.values())
     assert after.keys() == before.keys() and all(after[p] is before[p] for p in before)
     now = tree_flatten(clean.transformer.parameters())
     assert [k for k, _ in now] == [k for k, _ in params]
     assert all(np.array_equal(np.array(v), w) for (_, v), (_, w) in zip(now, params, strict=True))
     assert np.array_equal(generate(clean, arrays, "none"), plain)
+
+
+def test_rescaling_forgets_memoised_text_projections(clean):
+    # the transformer memoises context_embedder(ctx) per ctx array; a LoRA on
+    # context_embedder rescaled between calls with the same array must not reuse it
+    model = clean.transformer
+    cfg = model.config
+    x, ctx = _random((1, 4, cfg.in_channels), 1), _random((1, 3, cfg.joint_attention_dim), 2)
+    ids = np.zeros((4, 4), np.int32), np.zeros((3, 4), np.int32)
+    plain = np.array(model(x, ctx, 0.5, *ids))
+    a, b = _random((4, cfg.joint_attention_dim), 3), _random((cfg.inner_dim, 4), 4)
+    load_lora(model, parse_lora({"context_embedder.lora_A.weight": a,
+                                 "context_embedder.lora_B.weight": b}, name="ctx"))
+    assert np.abs(np.array(model(x, ctx, 0.5, *ids)) - plain).max() > 1e-2
+    set_lora_scales(model, {"ctx": 0.0})
+    assert np.array_equal(np.array(model(x, ctx, 0.5, *ids)), plain)
 
 
 def test_text_encoder_tensors_are_ignored_with_a_warning(clean):
@@ -467,3 +485,55 @@ def test_hub_lora_downloads_only_its_file(tmp_path, monkeypatch):
     lora_path("someone/style-lora")
     assert calls[-2:] == [("someone/style-lora", ["*.safetensors"]),
                           ("someone/style-lora", ["style.safetensors"])]
+
+
+# ---- CLI: spec parsing, info, errors ------------------------------------------------------
+
+
+def _cli(*args):
+    from bonsai_mlx.cli import cli
+
+    from click.testing import CliRunner
+
+    return CliRunner().invoke(cli, list(args))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("style.safetensors", ("style.safetensors", 1.0)),
+    ("style.safetensors:0.8", ("style.safetensors", 0.8)),
+    ("style.safetensors:-1.5", ("style.safetensors", -1.5)),
+    ("owner/name:1.2", ("owner/name", 1.2)),
+    (r"C:\loras\ink.safetensors", (r"C:\loras\ink.safetensors", 1.0)),
+    (r"C:\loras\ink.safetensors:0.5", (r"C:\loras\ink.safetensors", 0.5)),
+])
+def test_lora_spec_is_path_and_optional_scale(text, expected):
+    from bonsai_mlx.cli import parse_lora_spec
+
+    assert parse_lora_spec(text) == expected
+
+
+def test_info_on_a_lora_file_shows_format_ranks_and_layers():
+    result = _cli("info", str(LORAS / "kohya.safetensors"))
+    assert result.exit_code == 0, result.output
+    assert "(LoRA, kohya format)" in result.output
+    assert "15 transformer layers from 11 in the file, rank 2/4/6" in result.output
+    assert "3 text-encoder tensors" in result.output
+    assert "transformer_blocks.0.attn.to_v" in result.output  # the fused qkv, split
+    as_json = json.loads(_cli("info", str(LORAS / "bfl.safetensors"), "--json").output)
+    assert as_json["format"] == "bfl" and as_json["dtypes"] == ["bfloat16"]
+    assert {layer["module"] for layer in as_json["layers"]} >= {
+        "transformer_blocks.0.attn.add_v_proj", "single_transformer_blocks.1.attn.to_out"}
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["info", str(LORAS / "lokr.safetensors")], "LoKr is not supported yet"),
+    (["gen", "-m", str(DISTILLED), "-p", "x", "--lora", "missing.safetensors:0.5"],
+     "LoRA missing.safetensors does not exist"),
+    (["gen", "-m", str(DISTILLED), "-p", "x", "--lora", str(LORAS / "pack_lora.safetensors")],
+     "does not fit this model"),
+])
+def test_cli_lora_errors_are_one_line(args, phrase):
+    result = _cli(*args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], lines
