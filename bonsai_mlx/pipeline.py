@@ -255,8 +255,9 @@ class Pipeline:
                   ignore_unmatched: bool = False) -> str:
         """Apply a FLUX.2 LoRA to the transformer, unmerged (dense, 1-bit and ternary
         models alike); returns its name (default: the file's stem). `path_or_repo_id`: a
-        .safetensors file, a folder, or a Hugging Face repo id (`weight_name` picks the file
-        when it holds several). Formats: diffusers/PEFT, BFL/ai-toolkit, kohya."""
+        .safetensors file, a folder, a Hugging Face repo id (`weight_name` picks the file
+        when it holds several) or a `lora.LoraFile` already read. Formats: diffusers/PEFT,
+        BFL/ai-toolkit, kohya. See README "LoRA adapters"."""
         return lora.load_lora(self.transformer, path_or_repo_id, scale=scale, name=name,
                               weight_name=weight_name, revision=revision,
                               ignore_unmatched=ignore_unmatched)

@@ -98,11 +98,16 @@ def test_formats_are_detected(clean):
                      "kohya.safetensors": "kohya"}
 
 
-def test_peft_prefixed_bfl_names_are_read_as_bfl(clean, arrays):
-    # diffusers reads `base_model.model.` as `diffusion_model.`: same tensors, same image
-    tensors = {k.replace("diffusion_model.", "base_model.model.", 1): v
+@pytest.mark.parametrize("old,new", [
+    ("diffusion_model.", "base_model.model."),  # PEFT's prefix: diffusers reads it as BFL's
+    ("lora_A.", "lora_down."),  # kohya's part names with BFL names (diffusers drops these)
+])
+def test_bfl_names_under_other_prefixes_and_part_names(clean, arrays, old, new):
+    tensors = {k.replace(old, new).replace("lora_B.", "lora_up." if new == "lora_down." else
+                                           "lora_B."): v
                for k, v in mx.load(str(LORAS / "bfl.safetensors")).items()}
-    clean.load_lora(parse_lora(tensors, {}, "peft-bfl"))
+    assert any(new in k for k in tensors)
+    clean.load_lora(parse_lora(tensors, {}, "renamed"))
     assert max_err(generate(clean, arrays, "bfl"), arrays["bfl/image"]) < TOLERANCE
 
 
@@ -205,6 +210,19 @@ def test_alpha_pattern_follows_peft_suffix_rule():
     lora = parse_lora(tensors, {"lora_alpha": 8, "alpha_pattern": {"ff.linear_in": 2}})
     assert {x.module: x.scaling for x in lora.layers} == {
         "transformer_blocks.0.ff.linear_in": 0.5, "transformer_blocks.0.ff_context.linear_in": 2.0}
+
+
+def test_kohya_names_beyond_diffusers_map_to_their_layers():
+    a, b = _random((2, 8), 1), _random((16, 2), 2)
+    tensors = {f"lora_unet_{n}.{p}.weight": t
+               for n in ("double_stream_modulation_img_lin", "final_layer_adaLN_modulation_1",
+                         "transformer_blocks_0_ff_context_linear_in")
+               for p, t in (("lora_down", a), ("lora_up", b))}
+    layers = {x.module: x for x in parse_lora(tensors).layers}
+    assert set(layers) == {"double_stream_modulation_img.linear", "norm_out.linear",
+                           "transformer_blocks.0.ff_context.linear_in"}
+    swapped = np.concatenate([np.array(b)[8:], np.array(b)[:8]])  # (shift, scale) -> (scale, shift)
+    assert np.array_equal(np.array(layers["norm_out.linear"].up), swapped)
 
 
 def test_bfl_final_layer_lora_is_swapped_like_the_weights(tmp_path):
