@@ -458,6 +458,32 @@ def test_names_and_scales_are_checked(clean):
         clean.unload_lora("nope")
 
 
+def test_peft_folder_alpha_comes_from_adapter_config(tmp_path):
+    # PEFT's save_pretrained layout: adapter_model.safetensors + adapter_config.json
+    a, b = _random((4, 8), 1), _random((8, 4), 2)
+    mx.save_safetensors(str(tmp_path / "adapter_model.safetensors"), {
+        "base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight": a,
+        "base_model.model.transformer_blocks.0.attn.to_q.lora_B.weight": b})
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16}))
+    [layer] = read_lora(tmp_path).layers
+    assert (layer.module, layer.scaling) == ("transformer_blocks.0.attn.to_q", 4.0)
+
+
+def test_adapters_are_kept_in_the_compute_dtype():
+    model = Flux2Transformer(Flux2TransformerConfig(
+        in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=12, timestep_guidance_channels=16,
+        axes_dims_rope=(2, 2, 2, 2)), dtype="bfloat16")
+    load_lora(model, parse_lora({"x_embedder.lora_A.weight": _random((4, 8), 1),
+                                 "x_embedder.lora_B.weight": _random((16, 4), 2)}, name="l"))
+    adapter = model.x_embedder.adapters["l"][0]
+    assert adapter.lora_A.dtype == adapter.lora_B.dtype == mx.bfloat16
+    assert lora_infos(model)["l"].bytes == 2 * (4 * 8 + 16 * 4)
+    out = model(_random((1, 4, 8), 3), _random((1, 3, 12), 4), 0.5,
+                np.zeros((4, 4), np.int32), np.zeros((3, 4), np.int32))
+    assert out.dtype == mx.bfloat16
+
+
 def test_only_safetensors_are_read(tmp_path):
     (tmp_path / "lora.bin").write_bytes(b"\x80\x02pickle")
     with pytest.raises(BonsaiError, match="only .safetensors"):
@@ -495,14 +521,14 @@ def test_hub_lora_downloads_only_its_file(tmp_path, monkeypatch):
                         lambda self, repo_id, revision=None: ["README.md", "style.safetensors",
                                                               "samples/a.png"])
     assert read_lora("someone/style-lora").format == "bfl"
-    assert calls == [("someone/style-lora", ["style.safetensors"])]
+    files = ["style.safetensors", "adapter_config.json"]
+    assert calls == [("someone/style-lora", files)]
     lora_path("someone/style-lora/style.safetensors")
-    assert calls[-1] == ("someone/style-lora", ["style.safetensors"])
+    assert calls[-1] == ("someone/style-lora", files)
     # offline: no listing; the cached snapshot's files decide
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     lora_path("someone/style-lora")
-    assert calls[-2:] == [("someone/style-lora", ["*.safetensors"]),
-                          ("someone/style-lora", ["style.safetensors"])]
+    assert calls[-2:] == [("someone/style-lora", ["*.safetensors"]), ("someone/style-lora", files)]
 
 
 # ---- CLI: spec parsing, info, errors ------------------------------------------------------

@@ -182,7 +182,9 @@ def _pick_file(names: list[str], where: str | Path) -> str:
 def _hub_file(repo_id: str, weight_name: str | None, revision: str | None) -> Path:
     if weight_name is None:
         weight_name = _pick_file(_hub_listing(repo_id, revision), repo_id)
-    folder = resolve_model_path(repo_id, revision=revision, allow_patterns=[weight_name])
+    # PEFT's adapter_config.json (JSON) carries the alpha of a PEFT-saved repo
+    folder = resolve_model_path(repo_id, revision=revision,
+                                allow_patterns=[weight_name, "adapter_config.json"])
     return _check_suffix(folder / weight_name, must_exist=True)
 
 
