@@ -385,6 +385,16 @@ def parse_lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
+    """Load the LoRAs read from --lora; say what each costs on stderr."""
+    for lora_file, scale in lora_files:
+        pipe.load_lora(lora_file, scale=scale, ignore_unmatched=ignore_unmatched)
+    for info in [] if quiet else pipe.loras.values():
+        click.echo(f"LoRA {info.name} ({info.format}): scale {info.scale:g}, rank "
+                   f"{'/'.join(map(str, info.ranks))}, {info.layers} layers, "
+                   f"{_human(info.bytes)}", err=True)
+
+
 def _lora_label(source: str) -> str:
     """A LoRA's file name, or `owner/name/file` for one from the Hub cache (PNG metadata
     names no local folders)."""
@@ -474,14 +484,8 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         with _hub_progress(show):
             pipe = Pipeline.from_pretrained(model_id, dtype=dtype, revision=revision,
                                             keep_text_encoder=no_offload)
-        for lora_file, scale in lora_files:
-            pipe.load_lora(lora_file, scale=scale, ignore_unmatched=lora_ignore_unmatched)
+        _apply_loras(pipe, lora_files, lora_ignore_unmatched, quiet)
         load_seconds = time.perf_counter() - t0
-        if not quiet:
-            for info in pipe.loras.values():
-                click.echo(f"LoRA {info.name} ({info.format}): scale {info.scale:g}, rank "
-                           f"{'/'.join(map(str, info.ranks))}, {info.layers} layers, "
-                           f"{_human(info.bytes)}", err=True)
 
         for i, seed in enumerate(seed_list):
             label = f"[{i + 1}/{len(seed_list)}] " if len(seed_list) > 1 else ""
@@ -506,7 +510,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                 "strength": strength,
                 "images": ", ".join(Path(p).name for p in images) or None,
                 "loras": "; ".join(f"{_lora_label(i.source)}:{i.scale:g}"
-                                   for i in pipe.loras.values()) or None,
+                                   for i in pipe.loras.values()) or None,  # as --lora takes
                 "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
             }
             path = write_png_exclusive(image, plan.folder / plan.name(prompt, seed),
@@ -735,7 +739,7 @@ def _lora_info(lora_file, as_json: bool) -> None:
     if info["unknown_tensors"]:
         click.echo(f"  unknown     {len(info['unknown_tensors'])} tensors of no known layer, "
                    f"e.g. {info['unknown_tensors'][0]}")
-    width = max(len(layer["module"]) for layer in info["layers"])
+    width = max((len(layer["module"]) for layer in info["layers"]), default=5)
     click.echo(f"{'layer':<{width}}  rank  alpha/rank  in -> out")
     for layer in info["layers"]:
         click.echo(f"{layer['module']:<{width}}  {layer['rank']:>4}  {layer['scaling']:>10.4g}  "

@@ -465,7 +465,9 @@ def test_peft_folder_alpha_comes_from_adapter_config(tmp_path):
         "base_model.model.transformer_blocks.0.attn.to_q.lora_A.weight": a,
         "base_model.model.transformer_blocks.0.attn.to_q.lora_B.weight": b})
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16}))
-    [layer] = read_lora(tmp_path).layers
+    lora = read_lora(tmp_path)
+    assert lora.name == tmp_path.name  # not "adapter_model"
+    [layer] = lora.layers
     assert (layer.module, layer.scaling) == ("transformer_blocks.0.attn.to_q", 4.0)
 
 
@@ -492,7 +494,7 @@ def test_only_safetensors_are_read(tmp_path):
         lora_path(tmp_path)
     (tmp_path / "a.safetensors").write_bytes(b"")
     (tmp_path / "b.safetensors").write_bytes(b"")
-    with pytest.raises(BonsaiError, match="several .safetensors .* weight_name"):
+    with pytest.raises(BonsaiError, match="several .safetensors .* weight_name.*file's path"):
         lora_path(tmp_path)
     assert lora_path(tmp_path, "b.safetensors") == tmp_path / "b.safetensors"
     (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"")
@@ -520,7 +522,8 @@ def test_hub_lora_downloads_only_its_file(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
                         lambda self, repo_id, revision=None: ["README.md", "style.safetensors",
                                                               "samples/a.png"])
-    assert read_lora("someone/style-lora").format == "bfl"
+    lora = read_lora("someone/style-lora")
+    assert (lora.format, lora.name) == ("bfl", "style")
     files = ["style.safetensors", "adapter_config.json"]
     assert calls == [("someone/style-lora", files)]
     lora_path("someone/style-lora/style.safetensors")
@@ -554,6 +557,14 @@ def test_lora_spec_is_path_and_optional_scale(text, expected):
     from bonsai_mlx.cli import parse_lora_spec
 
     assert parse_lora_spec(text) == expected
+
+
+def test_png_metadata_names_a_lora_file_not_its_folder():
+    from bonsai_mlx.cli import _lora_label
+
+    assert _lora_label("/home/me/loras/ink.safetensors") == "ink.safetensors"
+    assert _lora_label("/cache/hub/models--owner--style-lora/snapshots/0123abc/"
+                       "style.safetensors") == "owner/style-lora/style.safetensors"
 
 
 def test_info_on_a_lora_file_shows_format_ranks_and_layers():

@@ -131,7 +131,16 @@ def read_lora(source: str | Path, weight_name: str | None = None,
     path = lora_path(source, weight_name, revision)
     header = read_safetensors_header(path)
     config = _adapter_config(path, header.get("__metadata__") or {})
-    return parse_lora(load_safetensors(path), config, str(path), name=path.stem)
+    return parse_lora(load_safetensors(path), config, str(path), name=_default_name(source, path))
+
+
+def _default_name(source: str | Path, path: Path) -> str:
+    """The file's stem; for diffusers' and PEFT's standard file names, the folder's or the
+    repo's name instead."""
+    local = Path(source).expanduser()
+    if path.name not in DEFAULT_WEIGHT_NAMES or local.is_file():
+        return path.stem
+    return local.resolve().name if local.is_dir() else str(source).split("/")[1]  # owner/name
 
 
 def lora_path(source: str | Path, weight_name: str | None = None,
@@ -175,8 +184,10 @@ def _pick_file(names: list[str], where: str | Path) -> str:
         return files[0]
     if not files:
         raise BonsaiError(f"{where} holds no .safetensors file (only safetensors are read)")
+    hint = ("give the file's path" if Path(str(where)).is_dir()
+            else f"--lora {where}/FILE.safetensors")
     raise BonsaiError(f"{where} holds several .safetensors files ({', '.join(files[:8])}); "
-                      "choose one with weight_name= (CLI: --lora owner/name/file.safetensors)")
+                      f"choose one with weight_name= (CLI: {hint})")
 
 
 def _hub_file(repo_id: str, weight_name: str | None, revision: str | None) -> Path:
