@@ -341,13 +341,20 @@ def test_lora_over_packed_layers_equals_lora_over_the_dense_twin(fmt, dense_bits
     np.testing.assert_allclose(_forward(packed), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-def test_fuse_merges_into_dense_weights_and_refuses_packed(clean, arrays):
+def test_fuse_merges_into_dense_weights_and_refuses_packed(clean, arrays, tmp_path):
     load_case(clean, "two")
     unmerged = generate(clean, arrays, "two")
+    with pytest.raises(BonsaiError, match=r"LoRAs are loaded \(lora_d, lora_b\); unload"):
+        clean.save_pretrained(tmp_path / "saved")
     assert clean.fuse_lora() == ["lora_d", "lora_b"]
     assert clean.loras == {}
     assert not any(isinstance(m, LoRALinear) for _, m in clean.transformer.named_modules())
     assert max_err(generate(clean, arrays, "two"), unmerged) < 1e-5
+    # a fused dense model saves like any other, the LoRA in its weights
+    saved = Pipeline.from_pretrained(clean.save_pretrained(tmp_path / "saved",
+                                                           transformer_dtype="float32"),
+                                     dtype="float32")
+    assert max_err(generate(saved, arrays, "two"), unmerged) < 1e-5
     # the fused weights stay: reload the pipeline's transformer for the other tests
     clean.transformer = Flux2Transformer.from_pretrained(DISTILLED / "transformer",
                                                          dtype="float32")
