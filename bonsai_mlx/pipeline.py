@@ -179,19 +179,14 @@ class Pipeline:
         - `vae/`: encoder and decoder, in `vae_dtype` (default: as stored in the source).
 
         Everything is written into a temporary folder beside `path`, then renamed into place:
-        a failure leaves nothing behind. An existing `path` is an error unless `overwrite`.
-        Returns the folder.
+        a failure leaves nothing behind. An existing `path` is an error unless `overwrite`,
+        and even then only a model folder is replaced (`check_destination`). Returns the
+        folder.
         """
         dst = Path(path).expanduser().absolute()
-        if dst.exists():
-            if not overwrite:
-                raise BonsaiError(f"{dst} already exists; choose another folder or pass "
-                                  "overwrite=True (--overwrite) to replace it")
-            if not dst.is_dir():
-                raise BonsaiError(f"{dst} is a file, not a folder; remove it first")
-            if self.source is not None and dst.resolve() == Path(self.source).resolve():
-                raise BonsaiError(f"{dst} is the folder this pipeline was loaded from (its "
-                                  "weights are read lazily); save to another folder")
+        sources = [p for p in (self.source, self.prompt_encoder.text_encoder_dir,
+                               self.prompt_encoder.tokenizer_dir) if p is not None]
+        check_destination(dst, overwrite=overwrite, sources=sources)
         if self.source is None:
             raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
                               "files are unknown; load it from a folder to save it")
@@ -512,6 +507,59 @@ def detect_layout(root: Path) -> str:
         f"a Bonsai MLX pack (transformer-packed-mflux/, text_encoder-mlx-4bit/, vae/); found "
         f"{found}"
     )
+
+
+def check_destination(dst: str | Path, *, overwrite: bool, sources: Sequence[str | Path] = ()
+                      ) -> None:
+    """Whether `save_pretrained` / `convert` may write `dst`; a BonsaiError, before anything
+    is touched, if not.
+
+    A new folder is always fine. An existing one needs `overwrite`, and is replaced only if
+    it is a model folder (one bonsai-mlx wrote, or a layout `detect_layout` knows) and not
+    a filesystem root or mount point, the current folder or one holding it, the home folder
+    or one holding it, nor a source folder, one inside a source or one holding a source.
+    """
+    dst = Path(dst).expanduser().absolute()
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not overwrite:
+        raise BonsaiError(f"{dst} already exists; choose another folder or pass "
+                          "overwrite=True (--overwrite) to replace it")
+    if not dst.is_dir():
+        raise BonsaiError(f"{dst} is a file, not a folder; remove it first")
+    reason = _unreplaceable(dst.resolve(), [Path(s).expanduser().resolve() for s in sources])
+    if reason:
+        raise BonsaiError(f"refusing to replace {dst}: it is {reason}. --overwrite replaces "
+                          "only a model folder (one bonsai-mlx wrote); choose a new folder")
+
+
+def _unreplaceable(real: Path, sources: list[Path]) -> str | None:
+    """Why the existing folder `real` (resolved) must not be replaced, or None."""
+
+    def within(inner: Path, outer: Path) -> bool:
+        return inner == outer or outer in inner.parents
+
+    if real == Path(real.anchor) or os.path.ismount(real):
+        return "a filesystem root or mount point"
+    if within(Path.cwd().resolve(), real):
+        return "the current folder or a folder holding it"
+    if within(Path.home().expanduser().resolve(), real):
+        return "the home folder or a folder holding it"
+    for source in sources:
+        if real == source:
+            return "the folder the model is loaded from (its weights are read lazily)"
+        if within(source, real):
+            return f"a folder holding the source {source}"
+        if within(real, source):
+            return f"inside the source {source}"
+    index = real / "model_index.json"
+    if index.is_file() and "bonsai_mlx" in read_json(index):
+        return None
+    try:
+        detect_layout(real)
+    except BonsaiError:
+        return "not a model folder (no FLUX.2 [klein] model_index.json or Bonsai MLX pack)"
+    return None
 
 
 def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = None) -> None:
