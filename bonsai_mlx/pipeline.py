@@ -29,6 +29,7 @@ from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import Flux2Transformer
 from bonsai_mlx.models.vae import VAE
 from bonsai_mlx.scheduler import (
+    MAX_STEPS,
     SchedulerConfig,
     euler_step,
     img2img_start_index,
@@ -49,6 +50,7 @@ import numpy as np
 
 MULTIPLE = 16  # VAE factor 8 x 2x2 patch: one token per 16x16 pixels
 MIN_SIZE, MAX_SIZE = 16, 4096  # per side, pixels
+DEFAULT_SIZE = 1024  # per side, without a size or an input image
 MAX_REFERENCE_PIXELS = 1024 * 1024  # reference images are shrunk to at most 1 MP
 REFERENCE_TIME_STEP = 10  # reference image i gets time coordinate 10 + 10 i
 
@@ -304,8 +306,8 @@ class Pipeline:
         if prepared:
             width = width if width is not None else prepared[0].size[0]
             height = height if height is not None else prepared[0].size[1]
-        width = 1024 if width is None else width
-        height = 1024 if height is None else height
+        width = DEFAULT_SIZE if width is None else width
+        height = DEFAULT_SIZE if height is None else height
         check_size(width, height)
         h, w = height // MULTIPLE, width // MULTIPLE
         batch = len(prompts) * num_images
@@ -405,8 +407,8 @@ class Pipeline:
             steps = n
         if steps is None:
             steps = self.default_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise BonsaiError(f"steps must be an integer >= 1, not {steps!r}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+            raise BonsaiError(f"steps must be an integer in 1..{MAX_STEPS}, not {steps!r}")
         if guidance is None:
             guidance = self.default_guidance
         elif not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
@@ -694,21 +696,36 @@ def load_image(image):
     return img
 
 
-def prepare_image(image, name=None):
-    """Resize/crop an input image as Flux2KleinPipeline does; returns an RGB PIL image.
+def prepared_size(width: int, height: int, name=None) -> tuple[int, int]:
+    """The size an input image of `width` x `height` has once prepared (`prepare_image`)."""
+    width, height = _resized(width, height, name)
+    return width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
 
-    Larger than 1 MP: LANCZOS-resized to about 1 MP (aspect kept, sides truncated); then
-    centre-cropped to multiples of 16; then converted to RGB.
-    """
+
+def _resized(width: int, height: int, name=None) -> tuple[int, int]:
+    """An input image's size, checked, once resized to at most MAX_REFERENCE_PIXELS (aspect
+    kept, sides truncated; before the crop to multiples of 16)."""
     label = f"image {name}" if isinstance(name, (str, Path)) else "input image"
-    width, height = image.size
     if width < 64 or height < 64:
         raise BonsaiError(f"{label} is {width}x{height}; both sides must be at least 64 px")
     if max(width / height, height / width) > 8:
         raise BonsaiError(f"{label} is {width}x{height}; the aspect ratio must be at most 8:1")
     if width * height > MAX_REFERENCE_PIXELS:
         scale = math.sqrt(MAX_REFERENCE_PIXELS / (width * height))
-        image = image.resize((int(width * scale), int(height * scale)), _lanczos())
+        width, height = int(width * scale), int(height * scale)
+    return width, height
+
+
+def prepare_image(image, name=None):
+    """Resize/crop an input image as Flux2KleinPipeline does; returns an RGB PIL image.
+
+    Larger than 1 MP: LANCZOS-resized to about 1 MP (aspect kept, sides truncated); then
+    centre-cropped to multiples of 16; then converted to RGB.
+    """
+    width, height = image.size
+    resized = _resized(width, height, name)
+    if resized != (width, height):
+        image = image.resize(resized, _lanczos())
         width, height = image.size
     w16, h16 = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
     left, top = (width - w16) // 2, (height - h16) // 2

@@ -244,3 +244,91 @@ def test_save_pretrained_uses_the_same_rule(tmp_path, monkeypatch, converted):
         with pytest.raises(BonsaiError, match=phrase):
             pipe.save_pretrained(dst, overwrite=True)
     assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Bounded work: steps, and memory checked before any model is loaded
+
+
+@pytest.mark.parametrize("steps", ["1000000000", str(10**30), "1001"])
+def test_steps_are_bounded_on_the_command_line(tmp_path, steps):
+    result = run("gen", "-m", str(TINY), "-p", "a fox", "--size", "32x32", "--steps", steps,
+                 "-o", str(tmp_path / "out.png"))
+    assert_user_error(result, "'--steps'", "1<=x<=1000")
+
+
+def test_steps_are_bounded_in_the_api():
+    from bonsai_mlx.pipeline import Pipeline
+    from bonsai_mlx.scheduler import SchedulerConfig, make_schedule
+
+    pipe = Pipeline.from_pretrained(TINY, dtype="float32")
+    for kwargs in (dict(steps=10**9), dict(steps=10**30), dict(sigmas=[0.5] * 1001)):
+        with pytest.raises(BonsaiError, match="1..1000|1 to 1000"):
+            pipe.generate("a fox", width=32, height=32, **kwargs)
+    with pytest.raises(BonsaiError, match="1..1000"):
+        make_schedule(SchedulerConfig(), 1001, 16)
+    assert make_schedule(SchedulerConfig(), 1000, 16).num_steps == 1000
+
+
+@pytest.fixture
+def loading_forbidden(monkeypatch):
+    """Any attempt to load a model fails the test."""
+    from bonsai_mlx.pipeline import Pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(Pipeline, "from_pretrained", refuse)
+
+
+def test_a_size_that_does_not_fit_in_memory_fails_before_loading(
+        tmp_path, monkeypatch, loading_forbidden):
+    import bonsai_mlx.memory as memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda: 4 * 10**9)
+    result = run("gen", "-m", str(TINY), "-p", "a fox", "--size", "4096x4096",
+                 "-o", str(tmp_path / "out.png"))
+    assert_user_error(result, "4096x4096 needs about", "4.0 GB is available",
+                      "the largest size that fits is", "BONSAI_NO_MEMORY_CHECK")
+    # the size it names fits, and 16 pixels more would not
+    fit = result.stderr.split("the largest size that fits is ")[1].split(";")[0].split(" ")[0]
+    w, h = map(int, fit.split("x"))
+    sizes = memory.read_model_sizes(TINY, "float32")
+    assert memory.estimate_memory(sizes, w, h, dtype="float32").total <= 4 * 10**9
+    assert memory.estimate_memory(sizes, w + 16, h + 16, dtype="float32").total > 4 * 10**9
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_tiled_decoding_is_suggested_when_it_fits(tmp_path, monkeypatch, loading_forbidden):
+    import bonsai_mlx.memory as memory
+
+    sizes = memory.read_model_sizes(TINY, "float32")
+    untiled = memory.estimate_memory(sizes, 1536, 1536, dtype="float32", tiled_vae=False)
+    tiled = memory.estimate_memory(sizes, 1536, 1536, dtype="float32", tiled_vae=True)
+    assert tiled.total < untiled.total  # the VAE dominates for the tiny model
+    monkeypatch.setattr(memory, "available_memory", lambda: (tiled.total + untiled.total) // 2)
+    result = run("gen", "-m", str(TINY), "-p", "a fox", "--size", "1536x1536", "--no-tile-vae",
+                 "-o", str(tmp_path / "out.png"))
+    assert_user_error(result, "decoding in tiles (--tile-vae", "which fits")
+    monkeypatch.setenv("BONSAI_NO_MEMORY_CHECK", "1")  # the way around an estimate
+    result = run("gen", "-m", str(TINY), "-p", "a fox", "--size", "1536x1536", "--no-tile-vae",
+                 "-o", str(tmp_path / "out.png"))
+    assert "the model was loaded before the check" in str(result.exception)
+
+
+@pytest.mark.parametrize("size", [256, 512])
+def test_memory_estimate_is_within_2x_of_the_measured_peak(size):
+    """The estimate against MLX's own peak for a real generation (the tiny model, CPU)."""
+    import bonsai_mlx.memory as memory
+    from bonsai_mlx.pipeline import Pipeline
+
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("the CPU estimate")
+    pipe = Pipeline.from_pretrained(TINY, dtype="float32")
+    pipe.generate("a fox", width=size, height=size, steps=1, seed=0, output_type="np")
+    measured = pipe.last_peak_memory
+    estimate = memory.estimate_memory(memory.read_model_sizes(TINY, "float32"), size, size,
+                                      dtype="float32").total
+    assert 0.5 <= estimate / measured <= 2, (estimate, measured)
