@@ -78,16 +78,22 @@ def _factory(backend: str):
     raise ValueError(f"unknown kernel backend {backend!r}")
 
 
-@functools.cache
-def _built(kernel: str, factory, header: str, body: str):
+def kernel_spec(kernel: str) -> dict:
+    """The arguments `metal_kernel` builds a kernel from (name, inputs, outputs, sources)."""
+    header, body = kernel_source(kernel)
     dequantize = kernel == "dequantize"
-    return factory(
+    return dict(
         name=f"bonsai_{KERNEL_FILES[kernel]}",
         input_names=["w", "scales"] if dequantize else ["x", "w", "scales"],
         output_names=["out"] if dequantize else ["y"],
         source=body,
         header=header,
     )
+
+
+@functools.cache
+def _built(kernel: str, factory, folder: Path):
+    return factory(**kernel_spec(kernel))  # (folder: tests swap in sources with a bug)
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ class Launch:
     output_dtypes: tuple
 
     def run(self, backend: str) -> mx.array:
-        build = _built(self.kernel, _factory(backend), *kernel_source(self.kernel))
+        build = _built(self.kernel, _factory(backend), metal_source_dir())
         return build(
             inputs=list(self.inputs),
             template=list(self.template),
@@ -240,5 +246,6 @@ def dequantize(
 
 
 __all__ = ["ACTIVATION_DTYPES", "KERNEL_FILES", "Launch", "check_weight", "dequantize",
-           "kernel_source", "metal_source_dir", "packed_matmul", "source_hash"]
+           "kernel_source", "kernel_spec",
+           "metal_source_dir", "packed_matmul", "source_hash"]
 
