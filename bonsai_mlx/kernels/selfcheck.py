@@ -61,7 +61,7 @@ class Verdict:
     dtype: str
     usable: bool
     reason: str = ""
-    max_error: float | None = None
+    error_ratio: float | None = None  # worst |kernel - reference| / tolerance (< 1 passes)
     seconds: float = 0.0
     cached: bool = False
 
@@ -143,7 +143,8 @@ def check(kid: str) -> Verdict:
         else:
             verdict.usable = True
         if got.shape == want.shape:
-            verdict.max_error = float(np.nan_to_num(err, nan=np.inf).max(initial=0.0))
+            ratio = np.nan_to_num(err / tol, nan=np.inf, posinf=np.inf)
+            verdict.error_ratio = float(ratio.max(initial=0.0))
     verdict.seconds = time.perf_counter() - start
     return verdict
 
