@@ -85,7 +85,8 @@ def all_ids() -> list[str]:
 # The check itself (in this process, on device.current())
 
 
-def _problem(fmt: str, dtype: mx.Dtype, m: int, n: int, k: int, seed: int = 0):
+def random_problem(fmt: str, dtype: mx.Dtype, m: int, n: int, k: int, seed: int = 0):
+    """x (M, K) in `dtype` and a random packed W (N, K): (x, packed, scales)."""
     rng = np.random.default_rng(seed)
     if fmt == "binary":
         packed = mx.array(rng.integers(0, 2**32, size=(n, k // 32), dtype=np.uint32))
@@ -99,7 +100,7 @@ def _problem(fmt: str, dtype: mx.Dtype, m: int, n: int, k: int, seed: int = 0):
 def _run(kernel: str, fmt: str, dtype: mx.Dtype):
     """(kernel output, reference, error bound scale) as float32 arrays."""
     m, n, k = PROBLEMS[kernel]
-    x, packed, scales = _problem(fmt, dtype, m, n, k)
+    x, packed, scales = random_problem(fmt, dtype, m, n, k)
     if fmt == "binary":
         dense = reference.dequantize_binary(packed, scales, mx.float32)
     else:
@@ -112,10 +113,13 @@ def _run(kernel: str, fmt: str, dtype: mx.Dtype):
     return got.astype(mx.float32), x32 @ dense.T, mx.abs(x32) @ mx.abs(dense).T
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(e).__name__}: {line[:240]}"
+def _summary(e: BaseException) -> str:
+    """One line for an exception: its first line and, for a compiler log (MLX puts the Metal
+    compiler's output after "Unable to build metal library"), the first error in it."""
+    lines = [line.strip() for line in str(e).strip().splitlines()] or [""]
+    errors = [line for line in lines[1:] if "error" in line.lower()]
+    text = lines[0] + (f" | {errors[0]}" if errors else "")
+    return f"{type(e).__name__}: {text[:300]}"
 
 
 def check(kid: str) -> Verdict:
@@ -128,7 +132,7 @@ def check(kid: str) -> Verdict:
         mx.eval(*outputs)
         got, want, bound = (np.array(a, dtype=np.float64) for a in outputs)
     except Exception as e:  # compile errors, launch errors: anything means "do not use"
-        verdict.reason = _first_line(e)
+        verdict.reason = _summary(e)
     else:
         tol = 2 * RTOL[dtype] * np.abs(want) + 1e-4 * bound + 1e-6
         err = np.abs(got - want)
