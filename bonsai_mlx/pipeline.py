@@ -35,6 +35,7 @@ from bonsai_mlx.scheduler import (
     make_schedule,
 )
 from bonsai_mlx.weights import (
+    check_no_custom_code,
     load_weights,
     parse_dtype,
     read_json,
@@ -54,7 +55,9 @@ REFERENCE_TIME_STEP = 10  # reference image i gets time coordinate 10 + 10 i
 # Only these files are downloaded from the Hub (both layouts; a repo holds one of them).
 ALLOW_PATTERNS = [
     "model_index.json", "manifest.json",
-    "scheduler/*.json", "tokenizer/*",
+    # tokenizer data only: never a .py file a tokenizer_config.json could point at
+    "scheduler/*.json", "tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.jinja",
+    "tokenizer/*.model",
     "transformer/*.json", "transformer/*.safetensors",
     "text_encoder/*.json", "text_encoder/*.safetensors",
     "vae/*.json", "vae/*.safetensors",
@@ -128,6 +131,7 @@ class Pipeline:
                                   allow_patterns=ALLOW_PATTERNS)
         layout = detect_layout(root)
         dirs = LAYOUTS[layout]
+        check_no_custom_code(root, *(root / d for d in (*dirs.values(), *SHARED_DIRS)))
         index_path = root / "model_index.json"
         index = read_json(index_path) if index_path.is_file() else {}
         scheduler = SchedulerConfig.from_pretrained(root / "scheduler")
@@ -462,7 +466,8 @@ class Pipeline:
 
 # ---- layout ---------------------------------------------------------------------------
 
-# Folder of each model per layout (tokenizer/, vae/ and scheduler/ are shared).
+# Folder of each model per layout (SHARED_DIRS are in both).
+SHARED_DIRS = ("tokenizer", "vae", "scheduler")
 LAYOUTS = {
     "diffusers": {"transformer": "transformer", "text_encoder": "text_encoder"},
     "bonsai-mlx-pack": {"transformer": "transformer-packed-mflux",
