@@ -157,7 +157,7 @@ def test_forced_metal_path_skips_the_self_check(monkeypatch):
     assert (np.array(y) == 3.0).all()
 
 
-def test_isolated_self_check_survives_a_kernel_that_aborts_its_process():
+def test_isolated_self_check_survives_a_kernel_that_aborts_its_process(verdict_cache):
     # On a real device the check runs in a child process: a GPU fault aborts the process
     # from a Metal completion handler. The double aborts the child the same way.
     x, packed, scales = binary_case(3)
@@ -172,6 +172,17 @@ def test_isolated_self_check_survives_a_kernel_that_aborts_its_process():
     assert len(fallback_warnings(caught)) == 1
     np.testing.assert_array_equal(np.array(y), np.array(reference.binary_matmul(x, packed,
                                                                                 scales)))
+    assert len(list(verdict_cache.glob("*.json"))) == 3  # the abort is the kernel's: cached
+
+
+def test_a_child_that_cannot_start_falls_back_without_caching(verdict_cache):
+    # A failure of the check's own process (here: its factory does not import) is not the
+    # kernel's: fall back now, check again in the next process.
+    with fake_metal("no_such_module:metal_kernel", isolated=True), \
+            pytest.warns(KernelFallbackWarning, match="exited with status 1: "
+                                                      "ModuleNotFoundError"):
+        assert not selfcheck.usable("gemm", "ternary", mx.bfloat16)
+    assert not list(verdict_cache.glob("*.json"))
 
 
 @pytest.fixture(scope="module")

@@ -162,8 +162,9 @@ def _factory_spec(dev: Device) -> str:
     return f if isinstance(f, str) else f"{f.__module__}:{f.__qualname__}"
 
 
-def _child_run(dev: Device, ids: list[str]) -> tuple[dict[str, Verdict], str | None, str]:
-    """Run `ids` in one child; (verdicts it reported, the id it died on, why it died)."""
+def _child_run(dev: Device, ids: list[str]) -> tuple[dict[str, Verdict], str | None, str, bool]:
+    """Run `ids` in one child: (verdicts it reported, the id it died on, why it died, whether
+    the kernel killed it: a signal, not a time-out or an error of the child itself)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     spec = json.dumps({"chip": dev.chip, "factory": _factory_spec(dev)})
     cmd = [sys.executable, "-m", "bonsai_mlx.kernels.selfcheck", spec, *ids]
@@ -171,9 +172,11 @@ def _child_run(dev: Device, ids: list[str]) -> tuple[dict[str, Verdict], str | N
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
                               timeout=CHILD_TIMEOUT_S)
         out, why = proc.stdout, _exit_reason(proc.returncode, proc.stderr)
+        killed = proc.returncode < 0
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
         why = f"the self-check did not finish within {CHILD_TIMEOUT_S:.0f} s"
+        killed = False
     done: dict[str, Verdict] = {}
     started = None
     for line in out.splitlines():
@@ -186,7 +189,7 @@ def _child_run(dev: Device, ids: list[str]) -> tuple[dict[str, Verdict], str | N
             done[record["kernel"] + "/" + record["fmt"] + "/" + record["dtype"]] = \
                 Verdict(**record)
             started = None
-    return done, started, why
+    return done, started, why, killed
 
 
 def _exit_reason(code: int, stderr: str) -> str:
@@ -200,22 +203,28 @@ def _exit_reason(code: int, stderr: str) -> str:
     return f"the self-check process exited with status {code}: {tail[0][:240]}"
 
 
-def _check_isolated(dev: Device, ids: list[str]) -> dict[str, Verdict]:
+def _check_isolated(dev: Device, ids: list[str]) -> tuple[dict[str, Verdict], set[str]]:
+    """Verdicts for `ids` from child processes, and the ids whose failure was the child's
+    (time-out, start-up error), not the kernel's: those are not cached."""
     results: dict[str, Verdict] = {}
+    transient: set[str] = set()
     todo = list(ids)
     while todo:
-        done, died_on, why = _child_run(dev, todo)
+        done, died_on, why, killed = _child_run(dev, todo)
         results.update(done)
         culprit = died_on or next((i for i in todo if i not in done), None)
         if culprit is not None and culprit not in done:
             kernel, fmt, dtype = culprit.split("/")
             results[culprit] = Verdict(kernel, fmt, dtype, usable=False, reason=why)
+            if not killed:
+                transient.add(culprit)
         todo = [i for i in todo if i not in results]
-    return results
+    return results, transient
 
 
 def _child_main(argv: list[str]) -> None:
     spec = json.loads(argv[0])
+    device.resolve_factory(spec["factory"])  # (failing here is the child's failure, not a verdict)
     dev = Device(chip=spec["chip"], has_metal=True, factory=spec["factory"], isolated=False)
     with device.use(dev):
         for kid in argv[1:]:
@@ -290,9 +299,13 @@ def verdicts(ids: list[str], *, recheck: bool = False) -> dict[str, Verdict]:
                 out[kid] = v
         todo = [kid for kid in ids if kid not in out]
         if todo:
-            fresh = _check_isolated(dev, todo) if dev.isolated else {k: check(k) for k in todo}
-            for v in fresh.values():
-                _store(dev, v)
+            if dev.isolated:
+                fresh, transient = _check_isolated(dev, todo)
+            else:
+                fresh, transient = {k: check(k) for k in todo}, set()
+            for kid, v in fresh.items():
+                if kid not in transient:
+                    _store(dev, v)
             out.update(fresh)
         for kid, v in out.items():
             _known[(dev, kid)] = v
