@@ -17,6 +17,10 @@ DTYPES = [mx.bfloat16, mx.float16, mx.float32]
 RTOL = {mx.bfloat16: 2.0**-8, mx.float16: 2.0**-10, mx.float32: 1e-6}
 needs_cxx = pytest.mark.skipif(emulator.compiler() is None,
                                reason="the Metal emulator needs g++ (or $CXX) to compile kernels")
+needs_pattern_init = pytest.mark.skipif(
+    emulator.compiler() is None
+    or emulator.PATTERN_INIT not in emulator.cxx_flags(emulator.compiler()),
+    reason="uninitialised locals are only caught with -ftrivial-auto-var-init (g++ >= 12, clang)")
 
 # (M, N, K). GEMM: partial tiles in M and N (tile 64 x 64), N = 1, K up to 1152 (9 scale
 # groups: K > 1024 catches a scale index wrapping at 8 groups). GEMV: M = 1 .. 8, N off the
