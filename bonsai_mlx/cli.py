@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonsai_mlx import __version__
+from bonsai_mlx.checks import text
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.scheduler import MAX_STEPS
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import (
     SAFETENSORS_DTYPE_NAMES,
+    check_writable,
     default_dtype,
     read_json,
     read_safetensors_header,
@@ -225,16 +227,18 @@ def _round16(v: int) -> int:
 
 def _check_image(path: str) -> tuple[int, int]:
     """Checks that --image PATH is a readable image; returns its size once prepared."""
-    from bonsai_mlx.pipeline import prepared_size
+    from bonsai_mlx.pipeline import check_image_file, prepared_size
 
     from PIL import Image, UnidentifiedImageError
 
+    check_image_file(Path(path), f"--image {path}")
     try:
         with Image.open(path) as im:
             size = im.size
             im.verify()
-    except FileNotFoundError:
-        raise BonsaiError(f"--image {path} does not exist; check the path") from None
+    except Image.DecompressionBombError as e:
+        raise BonsaiError(f"--image {path}: {str(e).rstrip('.')}; give a smaller image"
+                          ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BonsaiError(
             f"--image {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"
@@ -290,6 +294,9 @@ def write_png_exclusive(image, target: Path, info) -> Path:
             if _claim(tmp, path):
                 return path
         raise BonsaiError(f"too many numbered files beside {target}; choose another -o")
+    except OSError as e:  # the disk filled up, or the folder changed under us
+        raise BonsaiError(f"cannot write {target} ({e.strerror or e}); free some space or "
+                          "choose another -o") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -308,6 +315,13 @@ def _claim(tmp: str, path: Path) -> bool:
             return False
         os.replace(tmp, path)
         return True
+
+
+def png_size_bound(width: int, height: int) -> int:
+    """Bytes an RGB PNG of this size takes at most: raw rows (filter byte + 3 per pixel),
+    zlib's worst case and room for the chunks and metadata."""
+    raw = height * (1 + 3 * width)
+    return raw + raw // 1000 + 64 * 1024
 
 
 def png_metadata(fields: dict[str, object]):
@@ -433,6 +447,9 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         if len(images) != 1:
             raise BonsaiError("--strength (image-to-image) needs exactly one --image; "
                               f"got {len(images)}")
+    text(prompt, "--prompt")
+    if negative_prompt is not None:
+        text(negative_prompt, "--negative-prompt")
     image_sizes = [_check_image(path) for path in images]
     plan = OutputPlan.from_option(output)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
@@ -443,15 +460,17 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     from bonsai_mlx.memory import check_memory
     from bonsai_mlx.pipeline import ALLOW_PATTERNS, DEFAULT_SIZE, Pipeline
 
+    # the pipeline's own size rule: --size, else the first image's, else the default
+    first = image_sizes[0] if image_sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
+    out_width, out_height = width or first[0], height or first[1]
+    check_writable(plan.folder, len(seed_list) * png_size_bound(out_width, out_height),
+                   hint="choose another -o")
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         t0 = time.perf_counter()
         with _hub_progress(show):
             root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
-        # the pipeline's own size rule: --size, else the first image's, else the default
-        first = image_sizes[0] if image_sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
-        check_memory(root, width or first[0], height or first[1], dtype=dtype,
-                     tiled_vae=tile_vae,
+        check_memory(root, out_width, out_height, dtype=dtype, tiled_vae=tile_vae,
                      reference_sizes=tuple(image_sizes) if strength is None else ())
         pipe = Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload)
         load_seconds = time.perf_counter() - t0

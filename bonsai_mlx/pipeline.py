@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bonsai_mlx.checks import text
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import Flux2Transformer
@@ -37,6 +38,7 @@ from bonsai_mlx.scheduler import (
 )
 from bonsai_mlx.weights import (
     check_no_custom_code,
+    check_writable,
     load_weights,
     parse_dtype,
     read_json,
@@ -192,6 +194,7 @@ class Pipeline:
         if self.source is None:
             raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
                               "files are unknown; load it from a folder to save it")
+        check_writable(dst.parent, hint="choose another folder")
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
         umask = os.umask(0)
@@ -206,8 +209,11 @@ class Pipeline:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, dst)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):  # a full or read-only disk: nothing was left behind
+                raise BonsaiError(f"cannot write {dst} ({e.strerror or e}); nothing was "
+                                  "written: free some space or choose another folder") from e
             raise
         return dst
 
@@ -589,20 +595,20 @@ def _check_prompts(prompt) -> list[str]:
     if (not isinstance(prompts, (list, tuple)) or not prompts
             or not all(isinstance(p, str) for p in prompts)):
         raise BonsaiError("prompt must be a string or a non-empty list of strings")
-    return list(prompts)
+    return [text(p, "the prompt") for p in prompts]
 
 
 def _negative_prompts(negative_prompt, n: int) -> list[str]:
     if negative_prompt is None:
         return [""] * n  # diffusers' Flux2KleinPipeline always uses ""
     if isinstance(negative_prompt, str):
-        return [negative_prompt] * n
+        return [text(negative_prompt, "the negative prompt")] * n
     negatives = list(negative_prompt)
     if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
         raise BonsaiError(
             f"negative_prompt must be a string or a list of {n} strings (one per prompt)"
         )
-    return negatives
+    return [text(p, "the negative prompt") for p in negatives]
 
 
 def check_size(width, height) -> None:
@@ -686,14 +692,25 @@ def load_image(image):
     if not isinstance(image, (str, Path)):
         raise BonsaiError(f"an input image must be a PIL image or a path, not {type(image)}")
     path = Path(image).expanduser()
-    if not path.is_file():
-        raise BonsaiError(f"image {path} does not exist")
+    check_image_file(path, f"image {path}")
     try:
         img = PIL.Image.open(path)
         img.load()
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as e:
+    except PIL.Image.DecompressionBombError as e:
+        raise BonsaiError(f"image {path}: {str(e).rstrip('.')}; use a smaller image") from None
+    except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise BonsaiError(f"cannot read image {path}: {e}; use a PNG, JPEG or WebP file") from e
     return img
+
+
+def check_image_file(path: Path, label: str) -> None:
+    """An input image must be a regular file: a FIFO or a device would block or never end
+    when read, a folder cannot be an image."""
+    if not path.exists():
+        raise BonsaiError(f"{label} does not exist; check the path")
+    if not path.is_file():
+        raise BonsaiError(f"{label} is not a regular file (a folder, FIFO or device); "
+                          "give a PNG, JPEG or WebP file")
 
 
 def prepared_size(width: int, height: int, name=None) -> tuple[int, int]:

@@ -15,10 +15,11 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bonsai_mlx.checks import config_from_dict, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.quant.layers import PACKED_LINEAR
 from bonsai_mlx.quant.loading import (
@@ -69,9 +70,21 @@ class Flux2TransformerConfig:
     guidance_embeds: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
+                     "joint_attention_dim", "timestep_guidance_channels", "num_layers",
+                     "num_single_layers", "out_channels"):
+            value = getattr(self, name)
+            if not (name == "out_channels" and value is None):
+                setattr(self, name, integer(value, name, low=0 if "layers" in name else 1))
+        for name in ("mlp_ratio", "rope_theta", "eps"):
+            setattr(self, name, number(getattr(self, name), name, positive=True))
+        self.guidance_embeds = flag(self.guidance_embeds, "guidance_embeds")
         if self.out_channels is None:
             self.out_channels = self.in_channels
-        self.axes_dims_rope = tuple(int(d) for d in self.axes_dims_rope)
+        if not isinstance(self.axes_dims_rope, (list, tuple)):
+            raise BonsaiError(f"axes_dims_rope must be a list, not {self.axes_dims_rope!r}")
+        self.axes_dims_rope = tuple(integer(d, "axes_dims_rope", low=1)
+                                    for d in self.axes_dims_rope)
         if sum(self.axes_dims_rope) != self.attention_head_dim or any(
             d % 2 for d in self.axes_dims_rope
         ):
@@ -89,10 +102,11 @@ class Flux2TransformerConfig:
         return int(self.inner_dim * self.mlp_ratio)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Flux2TransformerConfig:
-        """Build from a config.json dict, ignoring keys that are not fields (`_class_name`, ...)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None
+                  ) -> Flux2TransformerConfig:
+        """Build from a config.json dict, ignoring keys that are not fields (`_class_name`, ...);
+        errors name `source`."""
+        return config_from_dict(cls, d, source)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -573,7 +587,8 @@ class Flux2Transformer(nn.Module):
                         break
             if packed_layout(path) is not None:
                 if config is None:
-                    config = read_json(path / "config.json")
+                    config_file = path / "config.json"
+                    config = Flux2TransformerConfig.from_dict(read_json(config_file), config_file)
                 model = cls(config, dtype)
                 return load_packed_transformer_weights(model, path,
                                                        affine_baseline=affine_baseline)
@@ -591,7 +606,7 @@ class Flux2Transformer(nn.Module):
         if config is None and config_file.is_file():
             d = read_json(config_file)
             if path.is_dir() or d.get("_class_name") == DIFFUSERS_CLASS:
-                config = d
+                config = Flux2TransformerConfig.from_dict(d, config_file)
         if config is None:
             config = infer_config(weights, path)
         model = cls(config, dtype)
