@@ -24,10 +24,15 @@ from pathlib import Path
 
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.request import parse_size
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import (
     SAFETENSORS_DTYPE_NAMES,
+    TOP_LEVEL,
     default_dtype,
+    folder_bytes,
+    folder_files,
+    human_bytes,
     read_json,
     read_safetensors_header,
     resolve_model,
@@ -192,35 +197,6 @@ def _show_progress(quiet: bool) -> bool:
 # gen
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """`"WxH"` -> (width, height), multiples of 16 within the pipeline's bounds, else
-    BonsaiError."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×*]\s*(\d+)\s*", text)
-    if not m:
-        raise BonsaiError(
-            f"--size {text!r} is not WIDTHxHEIGHT; write it like 1024x1024 or 512x768"
-        )
-    width, height = int(m.group(1)), int(m.group(2))
-    for name, v in (("width", width), ("height", height)):
-        if v < 16:
-            raise BonsaiError(f"--size {text}: {name} {v} is too small; use at least 16")
-        if v % 16:
-            lo, hi = v // 16 * 16, v // 16 * 16 + 16
-            options = f"{lo} or {hi}" if lo >= 16 else f"{hi}"
-            raise BonsaiError(
-                f"--size {text}: {name} {v} is not a multiple of 16; use {options} "
-                f"(e.g. --size {_round16(width)}x{_round16(height)})"
-            )
-    from bonsai_mlx.pipeline import check_size
-
-    check_size(width, height)  # the pipeline's bounds, before any model is loaded
-    return width, height
-
-
-def _round16(v: int) -> int:
-    return max(16, int(round(v / 16)) * 16)
-
-
 def _check_image(path: str) -> None:
     from PIL import Image, UnidentifiedImageError
 
@@ -366,7 +342,7 @@ def format_summary(timings, peak_memory, load_seconds: float | None = None) -> s
             elif isinstance(value, (int, float)):
                 parts.append(f"{stage} {_seconds(value)}")
     if peak_memory:
-        parts.append(f"peak memory {_human(peak_memory)}")
+        parts.append(f"peak memory {human_bytes(peak_memory)}")
     return ", ".join(parts)
 
 
@@ -481,18 +457,10 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
 # download
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
 def _by_component(files: dict[str, int]) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for name, size in sorted(files.items()):
-        top = name.split("/", 1)[0] if "/" in name else "(top level)"
+        top = name.split("/", 1)[0] if "/" in name else TOP_LEVEL
         sizes[top] = sizes.get(top, 0) + size
     return sizes
 
@@ -517,8 +485,8 @@ def download(model, revision, quiet) -> None:
         remote = _remote_sizes(repo_id, revision, patterns)
         if remote:
             for comp, size in _by_component(remote).items():
-                click.echo(f"  {comp:<32} {_human(size):>10}", err=True)
-            click.echo(f"  {'total':<32} {_human(sum(remote.values())):>10}  "
+                click.echo(f"  {comp:<32} {human_bytes(size):>10}", err=True)
+            click.echo(f"  {'total':<32} {human_bytes(sum(remote.values())):>10}  "
                        f"({len(remote)} files, {repo_id})", err=True)
     with _hub_progress(not quiet):
         path = resolve_model_path(repo_id, revision=revision, allow_patterns=patterns)
@@ -553,23 +521,13 @@ class Component:
     dtype_bytes: dict[str, int] = field(default_factory=dict)
 
 
-def _files(folder: Path) -> Iterator[Path]:
-    """Every file below `folder`, hidden ones (.cache, .git) left out."""
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
-            yield p
-
-
 def describe_folder(folder: Path) -> list[Component]:
     """Components of a model folder: files, bytes (sum of file sizes), tensor dtypes from
     safetensors headers only, and the storage format."""
-    comps: dict[str, Component] = {}
-    for path in _files(folder):
-        rel = path.relative_to(folder)
-        name = rel.parts[0] if len(rel.parts) > 1 else "(top level)"
-        c = comps.setdefault(name, Component(name))
+    comps = {name: Component(name, bytes=n) for name, n in folder_bytes(folder).items()}
+    for name, path in folder_files(folder):
+        c = comps[name]
         c.files += 1
-        c.bytes += path.stat().st_size
         if path.suffix == ".safetensors":
             for key, t in read_safetensors_header(path).items():
                 if key == "__metadata__":
@@ -579,9 +537,9 @@ def describe_folder(folder: Path) -> list[Component]:
                 start, stop = t["data_offsets"]
                 c.dtype_bytes[dt] = c.dtype_bytes.get(dt, 0) + stop - start
     for c in comps.values():
-        base = folder if c.name == "(top level)" else folder / c.name
+        base = folder if c.name == TOP_LEVEL else folder / c.name
         c.format = _format_of(base, c)
-    order = sorted(comps.values(), key=lambda c: (c.name == "(top level)", c.name))
+    order = sorted(comps.values(), key=lambda c: (c.name == TOP_LEVEL, c.name))
     return order
 
 
@@ -590,7 +548,7 @@ def _format_of(folder: Path, c: Component) -> str:
     quantization_config.json / config.json (docs/formats.md), else the dense dtypes."""
     dense = [d for d in sorted(c.dtype_bytes, key=lambda d: -c.dtype_bytes[d])
              if d.startswith(("float", "bfloat"))]
-    if c.name == "(top level)":
+    if c.name == TOP_LEVEL:
         return "index" if not c.tensors else "dense " + " + ".join(dense)
     qpath = folder / "quantization_config.json"
     if qpath.is_file():
@@ -668,8 +626,9 @@ def info(model, revision, as_json) -> None:
     fwidth = max(len(c.format) for c in comps + [Component("", format="format")])
     click.echo(f"{'component':<{width}}  {'format':<{fwidth}}  {'bytes':>15}")
     for c in comps:
-        click.echo(f"{c.name:<{width}}  {c.format:<{fwidth}}  {c.bytes:>15,}  {_human(c.bytes)}")
-    click.echo(f"{'total':<{width}}  {'':<{fwidth}}  {total:>15,}  {_human(total)}")
+        click.echo(f"{c.name:<{width}}  {c.format:<{fwidth}}  {c.bytes:>15,}  "
+                   f"{human_bytes(c.bytes)}")
+    click.echo(f"{'total':<{width}}  {'':<{fwidth}}  {total:>15,}  {human_bytes(total)}")
 
 
 # ----------------------------------------------------------------------------------------

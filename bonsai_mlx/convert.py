@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.layout import ALLOW_PATTERNS, LAYOUTS, detect_layout, payload
 from bonsai_mlx.models.transformer import Flux2Transformer
-from bonsai_mlx.pipeline import ALLOW_PATTERNS, LAYOUTS, Pipeline, detect_layout
+from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import (
     PACKED_LINEAR,
     model_packed_layer_paths,
@@ -38,7 +39,7 @@ from bonsai_mlx.quant import (
     quantize_model,
 )
 from bonsai_mlx.quant.model import get_module
-from bonsai_mlx.weights import checkpoint_float_dtype, resolve_model_path
+from bonsai_mlx.weights import checkpoint_float_dtype, human_bytes, resolve_model_path
 
 import click
 import mlx.core as mx
@@ -74,38 +75,8 @@ class ConversionReport:
             a = sum(self.after.values()) if name == "total" else self.after.get(name, 0)
             change = f"{(a - b) / b:+.1%}" if b else ""
             rows.append(f"{name:<13} {b:>15,} {a:>15,} {change:>8}   "
-                        f"{_human(b)} -> {_human(a)}")
+                        f"{human_bytes(b)} -> {human_bytes(a)}")
         return "\n".join(rows)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
-def payload(root: str | Path) -> dict[str, int]:
-    """Bytes on disk per component of a pipeline folder (any layout): the files the pipeline
-    reads (`transformer`, `text_encoder`, `vae`, `tokenizer`, `scheduler`; top-level files
-    as `other`). The Bonsai pack's `transformer-packed-mflux/` and `text_encoder-mlx-4bit/`
-    count as transformer and text_encoder."""
-    root = Path(root)
-    dirs = dict(LAYOUTS[detect_layout(root)], vae="vae", tokenizer="tokenizer",
-                scheduler="scheduler")
-    sizes = {}
-    for name, sub in dirs.items():
-        folder = root / sub
-        sizes[name] = sum(f.stat().st_size for f in folder.rglob("*")
-                          if f.is_file() and not _hidden(f, folder))
-    sizes["other"] = sum(f.stat().st_size for f in root.iterdir()
-                         if f.is_file() and not f.name.startswith("."))
-    return sizes
-
-
-def _hidden(path: Path, folder: Path) -> bool:
-    return any(p.startswith(".") for p in path.relative_to(folder).parts)
 
 
 def _packed_format(model: Flux2Transformer) -> str | None:

@@ -25,9 +25,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.layout import (
+    ALLOW_PATTERNS,
+    DIFFUSERS_COMPONENTS,
+    LAYOUTS,
+    PIPELINE_CLASSES,
+    detect_layout,
+)
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import Flux2Transformer
 from bonsai_mlx.models.vae import VAE
+from bonsai_mlx.request import MULTIPLE, check_size
 from bonsai_mlx.scheduler import (
     SchedulerConfig,
     euler_step,
@@ -46,29 +54,8 @@ from bonsai_mlx.weights import (
 import mlx.core as mx
 import numpy as np
 
-MULTIPLE = 16  # VAE factor 8 x 2x2 patch: one token per 16x16 pixels
-MIN_SIZE, MAX_SIZE = 16, 4096  # per side, pixels
 MAX_REFERENCE_PIXELS = 1024 * 1024  # reference images are shrunk to at most 1 MP
 REFERENCE_TIME_STEP = 10  # reference image i gets time coordinate 10 + 10 i
-
-# Only these files are downloaded from the Hub (both layouts; a repo holds one of them).
-ALLOW_PATTERNS = [
-    "model_index.json", "manifest.json",
-    "scheduler/*.json", "tokenizer/*",
-    "transformer/*.json", "transformer/*.safetensors",
-    "text_encoder/*.json", "text_encoder/*.safetensors",
-    "vae/*.json", "vae/*.safetensors",
-    "transformer-packed-mflux/*.json", "transformer-packed-mflux/*.safetensors",
-    "text_encoder-mlx-4bit/*.json", "text_encoder-mlx-4bit/*.safetensors",
-]
-PIPELINE_CLASSES = ("Flux2KleinPipeline",)
-DIFFUSERS_COMPONENTS = {  # model_index.json entries of a saved pipeline
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "Qwen3ForCausalLM"],
-    "tokenizer": ["transformers", "Qwen2Tokenizer"],
-    "transformer": ["diffusers", "Flux2Transformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKLFlux2"],
-}
 
 ImageInput = "PIL.Image.Image | str | Path"
 
@@ -460,55 +447,6 @@ class Pipeline:
         return refs, np.concatenate(ids, axis=0)
 
 
-# ---- layout ---------------------------------------------------------------------------
-
-# Folder of each model per layout (tokenizer/, vae/ and scheduler/ are shared).
-LAYOUTS = {
-    "diffusers": {"transformer": "transformer", "text_encoder": "text_encoder"},
-    "bonsai-mlx-pack": {"transformer": "transformer-packed-mflux",
-                        "text_encoder": "text_encoder-mlx-4bit"},
-}
-
-
-def detect_layout(root: Path) -> str:
-    """'diffusers' or 'bonsai-mlx-pack'; anything else is an explained BonsaiError."""
-    root = Path(root)
-    if not root.is_dir():
-        raise BonsaiError(f"{root} is not a folder")
-    if (root / "transformer-packed-mflux").is_dir():
-        missing = [d for d in ("text_encoder-mlx-4bit", "tokenizer", "vae", "scheduler")
-                   if not (root / d).is_dir()]
-        if missing:
-            raise BonsaiError(
-                f"{root} is a Bonsai MLX pack but lacks {', '.join(missing)}/; the download "
-                "is incomplete or the folder was copied partly"
-            )
-        return "bonsai-mlx-pack"
-    index_path = root / "model_index.json"
-    if index_path.is_file():
-        cls_name = read_json(index_path).get("_class_name")
-        if cls_name not in PIPELINE_CLASSES:
-            raise BonsaiError(
-                f"{index_path} describes a {cls_name!r}; bonsai-mlx runs FLUX.2 [klein] "
-                f"({', '.join(PIPELINE_CLASSES)}) only"
-            )
-        missing = [d for d in ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
-                   if not (root / d).is_dir()]
-        if missing:
-            raise BonsaiError(
-                f"{root} is a Flux2KleinPipeline folder but lacks {', '.join(missing)}/; "
-                "the download is incomplete or the folder was copied partly"
-            )
-        return "diffusers"
-    found = sorted(p.name for p in root.iterdir())[:12]
-    raise BonsaiError(
-        f"{root} is not a FLUX.2 [klein] model folder: expected a diffusers pipeline "
-        "(model_index.json with transformer/, text_encoder/, tokenizer/, vae/, scheduler/) or "
-        f"a Bonsai MLX pack (transformer-packed-mflux/, text_encoder-mlx-4bit/, vae/); found "
-        f"{found}"
-    )
-
-
 def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = None) -> None:
     """Copy a `vae/` folder's config and weights (encoder included: editing and
     image-to-image need it; text-to-image never loads it). `dtype` None copies the files
@@ -548,24 +486,6 @@ def _negative_prompts(negative_prompt, n: int) -> list[str]:
             f"negative_prompt must be a string or a list of {n} strings (one per prompt)"
         )
     return negatives
-
-
-def check_size(width, height) -> None:
-    """Multiples of 16 within [MIN_SIZE, MAX_SIZE]; the error suggests valid sizes."""
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise BonsaiError(f"{name} must be an integer number of pixels, not {v!r}")
-        if not MIN_SIZE <= v <= MAX_SIZE:
-            raise BonsaiError(f"{name} {v} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
-    bad = [(n, v) for n, v in (("width", width), ("height", height)) if v % MULTIPLE]
-    if bad:
-        def near(v):
-            lo = max(MIN_SIZE, v // MULTIPLE * MULTIPLE)
-            hi = min(MAX_SIZE, lo + MULTIPLE)
-            return f"{lo} or {hi}"
-
-        parts = ", ".join(f"{n} {v} (nearest valid: {near(v)})" for n, v in bad)
-        raise BonsaiError(f"width and height must be multiples of {MULTIPLE}: {parts}")
 
 
 def text_ids(length: int) -> np.ndarray:

@@ -30,6 +30,7 @@ MODEL_ALIASES = {
     "klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
 }
 
+TOP_LEVEL = "(top level)"  # the component of files directly in a model folder
 _MAX_HEADER = 100 * 1024 * 1024
 SAFETENSORS_DTYPE_NAMES = {  # a header's dtype tag -> the dtype's name
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -320,6 +321,35 @@ def resolve_model_path(
         ) from e
     except RepositoryNotFoundError as e:
         raise BonsaiError(f"no Hugging Face repo named {name}; check the id") from e
+
+
+def folder_files(folder: str | Path) -> Iterator[tuple[str, Path]]:
+    """Every file below a model folder, sorted, with its component: the top-level folder it
+    lies in, or TOP_LEVEL. Hidden files and folders (.cache, .git) are left out."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        parts = path.relative_to(folder).parts
+        if path.is_file() and not any(part.startswith(".") for part in parts):
+            yield (parts[0] if len(parts) > 1 else TOP_LEVEL), path
+
+
+def folder_bytes(folder: str | Path, *, weights_only: bool = False) -> dict[str, int]:
+    """Bytes on disk per component of a model folder (see `folder_files`); `weights_only`
+    counts the safetensors files alone."""
+    sizes: dict[str, int] = {}
+    for component, path in folder_files(folder):
+        if not weights_only or path.suffix == ".safetensors":
+            sizes[component] = sizes.get(component, 0) + path.stat().st_size
+    return sizes
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in decimal units: `512 B`, `1.50 kB`, ..., `3.89 GB`."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def checkpoint_float_dtype(folder: str | Path) -> mx.Dtype:
