@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import secrets
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,6 +41,7 @@ from bonsai_mlx.scheduler import (
     make_schedule,
 )
 from bonsai_mlx.weights import (
+    atomic_dir,
     load_weights,
     parse_dtype,
     read_json,
@@ -166,35 +165,15 @@ class Pipeline:
         Returns the folder.
         """
         dst = Path(path).expanduser().absolute()
-        if dst.exists():
-            if not overwrite:
-                raise BonsaiError(f"{dst} already exists; choose another folder or pass "
-                                  "overwrite=True (--overwrite) to replace it")
-            if not dst.is_dir():
-                raise BonsaiError(f"{dst} is a file, not a folder; remove it first")
-            if self.source is not None and dst.resolve() == Path(self.source).resolve():
-                raise BonsaiError(f"{dst} is the folder this pipeline was loaded from (its "
-                                  "weights are read lazily); save to another folder")
-        if self.source is None:
-            raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
-                              "files are unknown; load it from a folder to save it")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
-        try:
+        if overwrite and self.source is not None and dst.exists() and (
+                dst.resolve() == Path(self.source).resolve()):
+            raise BonsaiError(f"{dst} is the folder this pipeline was loaded from (its "
+                              "weights are read lazily); save to another folder")
+        with atomic_dir(dst, overwrite=overwrite) as tmp:
+            if self.source is None:
+                raise BonsaiError("this pipeline was not loaded with from_pretrained, so its "
+                                  "VAE files are unknown; load it from a folder to save it")
             self._write(tmp, text_encoder_bits, transformer_dtype, vae_dtype)
-            if dst.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-                os.replace(dst, old / dst.name)
-                os.replace(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return dst
 
     def _write(self, folder: Path, text_encoder_bits, transformer_dtype, vae_dtype) -> None:

@@ -10,10 +10,11 @@ in float32 in the same order as diffusers, so sigmas and timesteps match bit for
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.models.base import BaseConfig
 from bonsai_mlx.weights import read_json
 
 import mlx.core as mx
@@ -41,7 +42,7 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(BaseConfig):
     """The fields of `scheduler/scheduler_config.json` that change the schedule."""
 
     num_train_timesteps: int = 1000
@@ -68,8 +69,7 @@ class SchedulerConfig:
                 f"{source}: time_shift_type {d['time_shift_type']!r} must be "
                 "'exponential' or 'linear'"
             )
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return super().from_dict(d, source)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> SchedulerConfig:

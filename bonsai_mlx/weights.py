@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import json
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -244,13 +245,50 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private
+        _normal_mode(Path(tmp), 0o666)  # mkstemp makes the file private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `path` to write into; it becomes `path` only if the block
+    succeeds (a failure leaves nothing behind), with a normal folder's mode.
+
+    An existing `path` is an error unless `overwrite`; then it is replaced, and removed only
+    once the new folder is in place.
+    """
+    dst = Path(path).expanduser().absolute()
+    if dst.exists():
+        if not overwrite:
+            raise BonsaiError(f"{dst} already exists; choose another folder or pass "
+                              "overwrite=True (--overwrite) to replace it")
+        if not dst.is_dir():
+            raise BonsaiError(f"{dst} is a file, not a folder; remove it first")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    _normal_mode(tmp, 0o777)  # mkdtemp makes it private
+    try:
+        yield tmp
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / dst.name)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _normal_mode(path: Path, mode: int) -> None:
+    """Give a private temporary file or folder the mode a new one gets (umask applied)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def resolve_model(model: str | Path) -> str:

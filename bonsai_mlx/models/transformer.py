@@ -15,11 +15,12 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.models.base import BaseConfig
 from bonsai_mlx.quant.layers import PACKED_LINEAR
 from bonsai_mlx.quant.loading import (
     QUANT_CONFIG,
@@ -50,7 +51,7 @@ Rope = tuple[mx.array, mx.array]  # (cos, sin), each (S, head_dim / 2) float32, 
 
 
 @dataclass
-class Flux2TransformerConfig:
+class Flux2TransformerConfig(BaseConfig):
     """Fields and names as in diffusers' `transformer/config.json`; defaults are Klein 4B."""
 
     patch_size: int = 1
@@ -87,12 +88,6 @@ class Flux2TransformerConfig:
     @property
     def mlp_hidden_dim(self) -> int:
         return int(self.inner_dim * self.mlp_ratio)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Flux2TransformerConfig:
-        """Build from a config.json dict, ignoring keys that are not fields (`_class_name`, ...)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

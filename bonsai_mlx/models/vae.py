@@ -7,24 +7,22 @@ onto diffusers' in `sanitize`.
 
 Text-to-image only decodes, so the encoder is read from disk the first time `encode` runs.
 
-Tiled decoding (`decode_tiled`) runs only the full-resolution part of the decoder tile by
-tile; the latent-resolution part (mid-block attention included) sees the whole image. Each
-tile is decoded with the context its convolutions read, and every GroupNorm uses the whole
-image's statistics, summed over tiles, so the result is the untiled decode up to float
-rounding (tests/test_vae.py), at lower peak memory.
+Decoding and encoding run layer by layer, and above AUTO_TILE_PIXELS tile by tile, in
+`vae_tiling.py`; the modules here are plain dataflow.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from itertools import pairwise
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.models import vae_tiling
+from bonsai_mlx.models.base import BaseConfig
+from bonsai_mlx.models.vae_tiling import TileLayer, TileNorm, callables, run_layers
 from bonsai_mlx.weights import (
     check_weights,
     load_weights,
@@ -39,12 +37,12 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 # Above this many output pixels, decode/encode tile by default (2048x2048 tiles, 1024x1024
 # does not). Tiles cut the peak memory of the full-resolution layers to about two whole
-# activations of one layer plus one tile's temporaries (see `decode_tiled`).
+# activations of one layer plus one tile's temporaries (see `vae_tiling.py`).
 AUTO_TILE_PIXELS = 1536 * 1536
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(BaseConfig):
     """diffusers' `AutoencoderKLFlux2` config.json (unknown keys are ignored)."""
 
     in_channels: int = 3
@@ -60,27 +58,15 @@ class VAEConfig:
     batch_norm_eps: float = 1e-4
     patch_size: tuple[int, int] = field(default=(2, 2))
 
-    @classmethod
-    def from_dict(cls, d: dict) -> VAEConfig:
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        for k in ("block_out_channels", "decoder_block_out_channels", "patch_size"):
-            if kwargs.get(k) is not None:
-                kwargs[k] = tuple(kwargs[k])
-        return cls(**kwargs)
-
     @property
     def scale_factor(self) -> int:
         """Image pixels per latent pixel along each side (8 for FLUX.2)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-class GroupNorm(nn.Module):
-    """PyTorch-style GroupNorm on NHWC input; statistics in float32 whatever the dtype.
-
-    `shared` (set during tiled decode/encode) supplies one set of statistics for the whole
-    image instead of the tile's own.
-    """
+class GroupNorm(TileNorm):
+    """PyTorch-style GroupNorm on NHWC input; statistics in float32 whatever the dtype (in a
+    tiled run, the whole image's: see `TileNorm`)."""
 
     def __init__(self, num_groups: int, dims: int, eps: float = 1e-6):
         super().__init__()
@@ -90,72 +76,13 @@ class GroupNorm(nn.Module):
         self.eps = eps
         self.weight = mx.ones((dims,))
         self.bias = mx.zeros((dims,))
-        self.shared: SharedNormStats | None = None
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
         g = x.astype(mx.float32).reshape(B, H, W, self.num_groups, C // self.num_groups)
-        if self.shared is not None:
-            mean, var = self.shared.statistics(self, g)
-        else:
-            mean, var = _group_moments(g)
+        mean, var = self.moments(g)
         g = ((g - mean) * mx.rsqrt(var + self.eps)).reshape(B, H, W, C)
         return (g * self.weight + self.bias).astype(x.dtype)
-
-
-def _group_moments(g: mx.array) -> tuple[mx.array, mx.array]:
-    """Mean and (biased) variance of (B, H, W, groups, C/groups) per batch and group."""
-    mean = g.mean(axis=(1, 2, 4), keepdims=True)
-    return mean, mx.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
-
-
-class SharedNormStats:
-    """GroupNorm statistics shared by all tiles of one image, per norm layer.
-
-    `record = True`: each norm uses its input's own statistics and keeps them (the estimate
-    pass on a downscaled input). Otherwise each norm uses the kept statistics; a norm with
-    none yet adds its input over the tile's owned pixels (`region`) to running moments and
-    stops the tile (`StatsMissing`); `finish()` turns the moments summed over all tiles
-    into the norm's statistics.
-    """
-
-    def __init__(self):
-        self.record = False
-        self.region: tuple[slice, slice] | None = None
-        self.moments: dict[int, tuple[mx.array, mx.array]] = {}
-        self._partial: dict[int, tuple[int, mx.array, mx.array]] = {}
-
-    def statistics(self, norm: GroupNorm, g: mx.array) -> tuple[mx.array, mx.array]:
-        key = id(norm)
-        if self.record:
-            self.moments[key] = _group_moments(g)
-        if key in self.moments:
-            return self.moments[key]
-        tile = g[:, self.region[0], self.region[1]]
-        n = tile.shape[1] * tile.shape[2] * tile.shape[4]
-        mean, var = _group_moments(tile)
-        m2 = var * n
-        if key in self._partial:  # Chan et al.'s pairwise combination, stable in float32
-            n0, mean0, m20 = self._partial[key]
-            delta = mean - mean0
-            mean = mean0 + delta * (n / (n0 + n))
-            m2 = m20 + m2 + mx.square(delta) * (n0 * n / (n0 + n))
-            n += n0
-        self._partial[key] = (n, mean, m2)
-        raise StatsMissing
-
-    def pending(self) -> list[mx.array]:
-        """The running moments (to evaluate with each tile, so no tile's graph is kept)."""
-        return [a for _, mean, m2 in self._partial.values() for a in (mean, m2)]
-
-    def finish(self) -> None:
-        for key, (n, mean, m2) in self._partial.items():
-            self.moments[key] = (mean, m2 / n)
-        self._partial = {}
-
-
-class StatsMissing(Exception):
-    """A GroupNorm in a tile has no whole-image statistics yet (see SharedNormStats)."""
 
 
 class ResnetBlock(nn.Module):
@@ -259,7 +186,6 @@ class DownBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.resnets + self.downsamplers:
             x = layer(x)
-            mx.eval(x)  # see UpBlock
         return x
 
 
@@ -274,23 +200,19 @@ class UpBlock(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         for layer in self.resnets + self.upsamplers:
             x = layer(x)
-            # Evaluating layer by layer frees each layer's temporaries before the next one
-            # allocates: 40% lower peak memory than one graph for the whole decoder.
-            mx.eval(x)
         return x
 
 
-# (layer, how it changes resolution: "same" | "up" | "down", conv halo in pixels): what the
-# tiled decode/encode needs to know to give each tile exactly the context it reads.
-TileLayer = tuple[Callable[[mx.array], mx.array], str, int]
+class OutputHead(nn.Module):
+    """GroupNorm, SiLU, conv: an encoder's or decoder's last layers as one layer (a view: it
+    holds their own modules)."""
 
+    def __init__(self, norm: GroupNorm, conv: nn.Conv2d):
+        super().__init__()
+        self.norm, self.conv = norm, conv
 
-def _run_layers(layers: list[TileLayer], x: mx.array) -> mx.array:
-    """The layers in order on the whole input, evaluated one by one (see UpBlock)."""
-    for layer, _, _ in layers:
-        x = layer(x)
-        mx.eval(x)
-    return x
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.conv(nn.silu(self.norm(x)))
 
 
 class Encoder(nn.Module):
@@ -316,25 +238,16 @@ class Encoder(nn.Module):
             layers += [(d, "down", 2) for d in block.downsamplers]
         return layers
 
-    def latent_stage(self, x: mx.array) -> mx.array:
+    def latent_layers(self) -> list[Callable[[mx.array], mx.array]]:
         """The rest, all at latent resolution: last down block, mid block, conv_out."""
-        x = self.mid_block(self.down_blocks[-1](x))
-        return self.conv_out(nn.silu(self.conv_norm_out(x)))
+        last = self.down_blocks[-1]
+        return [*last.resnets, *last.downsamplers, self.mid_block,
+                OutputHead(self.conv_norm_out, self.conv_out)]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.latent_stage(_run_layers(self.downsampling_layers(), x))
-
-
-class OutputHead(nn.Module):
-    """GroupNorm, SiLU, conv: the decoder's last layers as one tileable layer (a view: it
-    holds the decoder's own modules)."""
-
-    def __init__(self, norm: GroupNorm, conv: nn.Conv2d):
-        super().__init__()
-        self.norm, self.conv = norm, conv
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(nn.silu(self.norm(x)))
+        for layer in [*callables(self.downsampling_layers()), *self.latent_layers()]:
+            x = layer(x)
+        return x
 
 
 class Decoder(nn.Module):
@@ -353,13 +266,9 @@ class Decoder(nn.Module):
         self.conv_norm_out = GroupNorm(g, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
-    def latent_stage(self, z: mx.array) -> mx.array:
+    def latent_layers(self) -> list[Callable[[mx.array], mx.array]]:
         """conv_in, the mid block and the first up block's resnets: all at latent resolution."""
-        x = self.mid_block(self.conv_in(z))
-        for resnet in self.up_blocks[0].resnets:
-            x = resnet(x)
-            mx.eval(x)  # see UpBlock
-        return x
+        return [self.conv_in, self.mid_block, *self.up_blocks[0].resnets]
 
     def upsampling_layers(self) -> list[TileLayer]:
         """The rest, from the first upsampler to conv_out (above latent resolution)."""
@@ -371,7 +280,9 @@ class Decoder(nn.Module):
         return [*layers, (OutputHead(self.conv_norm_out, self.conv_out), "same", 1)]
 
     def __call__(self, z: mx.array) -> mx.array:
-        return _run_layers(self.upsampling_layers(), self.latent_stage(z))
+        for layer in [*self.latent_layers(), *callables(self.upsampling_layers())]:
+            z = layer(z)
+        return z
 
 
 class LatentBatchNorm(nn.Module):
@@ -443,7 +354,7 @@ class VAE(nn.Module):
         weights = read()
         config_file = path / "config.json" if path.is_dir() else None
         if config_file is not None and config_file.is_file():
-            config = VAEConfig.from_dict(read_json(config_file))
+            config = VAEConfig.from_dict(read_json(config_file), str(config_file))
         else:
             config = infer_config(weights, path)
 
@@ -528,12 +439,7 @@ class VAE(nn.Module):
     # ---- decode / encode ------------------------------------------------------------
 
     def decode(
-        self,
-        z: mx.array,
-        *,
-        tiled: bool | None = None,
-        tile_size: int = 1024,
-        tile_overlap: int = 0,
+        self, z: mx.array, *, tiled: bool | None = None, tile_size: int = 1024,
         tile_stats: str = "exact",
     ) -> mx.array:
         """(B, h, w, latent_channels) un-normalised latents -> (B, h*f, w*f, 3), f = 8.
@@ -546,25 +452,13 @@ class VAE(nn.Module):
         if tiled is None:
             tiled = z.shape[1] * z.shape[2] * f * f > AUTO_TILE_PIXELS
         if tiled:
-            return self.decode_tiled(
-                z, tile_size=tile_size, tile_overlap=tile_overlap, tile_stats=tile_stats
-            )
-        return self._decode(z)
-
-    def _post_quant(self, z: mx.array) -> mx.array:
-        z = z.astype(self.dtype)
-        return self.post_quant_conv(z) if "post_quant_conv" in self else z
-
-    def _decode(self, z: mx.array) -> mx.array:
-        return self.decoder(self._post_quant(z))
+            return self.decode_tiled(z, tile_size=tile_size, tile_stats=tile_stats)
+        decoder = self.decoder
+        layers = [*decoder.latent_layers(), *callables(decoder.upsampling_layers())]
+        return run_layers(layers, self.post_quant(z))
 
     def encode(
-        self,
-        x: mx.array,
-        *,
-        tiled: bool | None = None,
-        tile_size: int = 1024,
-        tile_overlap: int = 0,
+        self, x: mx.array, *, tiled: bool | None = None, tile_size: int = 1024,
         tile_stats: str = "exact",
     ) -> mx.array:
         """(B, H, W, 3) image in [-1, 1] -> mean latent (B, H/f, W/f, latent_channels).
@@ -577,35 +471,32 @@ class VAE(nn.Module):
         if tiled is None:
             tiled = x.shape[1] * x.shape[2] > AUTO_TILE_PIXELS
         if tiled:
-            return self.encode_tiled(
-                x, tile_size=tile_size, tile_overlap=tile_overlap, tile_stats=tile_stats
-            )
-        return self._encode(x)
+            return self.encode_tiled(x, tile_size=tile_size, tile_stats=tile_stats)
+        encoder = self.encoder
+        layers = [*callables(encoder.downsampling_layers()), *encoder.latent_layers()]
+        return self.moments_to_mean(run_layers(layers, x.astype(self.dtype)))
 
-    def _encode(self, x: mx.array) -> mx.array:
-        return self._moments_to_mean(self.encoder(x.astype(self.dtype)))
+    def post_quant(self, z: mx.array) -> mx.array:
+        """Latents in the compute dtype, through `post_quant_conv` when there is one."""
+        z = z.astype(self.dtype)
+        return self.post_quant_conv(z) if "post_quant_conv" in self else z
 
-    def _moments_to_mean(self, h: mx.array) -> mx.array:
+    def moments_to_mean(self, h: mx.array) -> mx.array:
+        """The encoder's moments (through `quant_conv`) -> the mean latent."""
         if "quant_conv" in self:
             h = self.quant_conv(h)
-        return h[..., : self.config.latent_channels]  # the mean; the rest is log-variance
+        return h[..., : self.config.latent_channels]  # the rest is log-variance
 
-    def decode_tiled(
-        self,
-        z: mx.array,
-        *,
-        tile_size: int = 1024,
-        tile_overlap: int = 0,
-        tile_stats: str = "exact",
-    ) -> mx.array:
+    def decode_tiled(self, z: mx.array, *, tile_size: int = 1024,
+                     tile_stats: str = "exact") -> mx.array:
         """`decode` with the full-resolution part of the decoder run tile by tile.
 
         Everything at latent resolution (conv_in, mid-block attention over the whole image,
         the first up block's resnets) runs untiled; it is small. The up blocks and conv_out
         run on tiles of about `tile_size` image pixels that partition the image, each with
         the neighbouring context its convolutions read (so there are no seams and nothing
-        to blend; `tile_overlap` is accepted for compatibility and unused). Every GroupNorm
-        in the tiled part uses one set of statistics for the whole image:
+        to blend). Every GroupNorm in the tiled part uses one set of statistics for the
+        whole image:
         - `tile_stats="exact"` (default): the tiles advance layer by layer and each norm's
           statistics are summed over all tiles first; equal to `decode(z, tiled=False)` up
           to float rounding. Peak memory: two whole activations of one layer plus a tile's
@@ -614,27 +505,11 @@ class VAE(nn.Module):
           average-pooled to at most 64 latent pixels (or one tile) a side, then one tiled
           pass (as pkuliyi2015's Tiled VAE): lowest memory (about one tile), approximate.
         """
-        f = self.scale_factor
         self._check_input(z, self.config.latent_channels, "latents", 1)
-        tile = _check_tiling(tile_size, tile_overlap, tile_stats, f)
-        layers = self.decoder.upsampling_layers()
-        z = self._post_quant(z)
-        side = min(ESTIMATE_SIDE, tile)
-        h = self.decoder.latent_stage(z)
-        mx.eval(h)
-        out = _run_with_shared_norms(
-            layers, h, self.decoder, _downscale(z, side, 1), tile, 1, tile_stats
-        )
-        return out.astype(self.dtype)
+        return vae_tiling.decode_tiled(self, z, tile_size=tile_size, tile_stats=tile_stats)
 
-    def encode_tiled(
-        self,
-        x: mx.array,
-        *,
-        tile_size: int = 1024,
-        tile_overlap: int = 0,
-        tile_stats: str = "exact",
-    ) -> mx.array:
+    def encode_tiled(self, x: mx.array, *, tile_size: int = 1024,
+                     tile_stats: str = "exact") -> mx.array:
         """`encode` with the encoder's full-resolution part run tile by tile.
 
         As `decode_tiled`, mirrored: conv_in and the down blocks run on tiles with their
@@ -642,17 +517,9 @@ class VAE(nn.Module):
         the image to at most 512 pixels a side); the latent-resolution rest (last down
         block, mid block, conv_out) runs untiled.
         """
-        f = self.scale_factor
-        self._check_input(x, self.config.in_channels, "image", f)
+        self._check_input(x, self.config.in_channels, "image", self.scale_factor)
         self.load_encoder()
-        tile = _check_tiling(tile_size, tile_overlap, tile_stats, f) * f
-        layers = self.encoder.downsampling_layers()
-        x = x.astype(self.dtype)
-        side = min(ESTIMATE_SIDE * f, tile)
-        h = _run_with_shared_norms(layers, x, functools.partial(_run_layers, layers),
-                                   _downscale(x, side, f), tile, f, tile_stats)
-        out = self._moments_to_mean(self.encoder.latent_stage(h.astype(self.dtype)))
-        return out.astype(self.dtype)
+        return vae_tiling.encode_tiled(self, x, tile_size=tile_size, tile_stats=tile_stats)
 
     @staticmethod
     def _check_input(x: mx.array, channels: int, what: str, multiple: int) -> None:
@@ -664,182 +531,6 @@ class VAE(nn.Module):
             raise BonsaiError(
                 f"{what} size {x.shape[1]}x{x.shape[2]} must be a multiple of {multiple}"
             )
-
-
-# ---- tiling -------------------------------------------------------------------------
-
-# The GroupNorm statistics of a tiled decode/encode are first estimated on the input
-# average-pooled to at most this many latent pixels a side.
-ESTIMATE_SIDE = 64
-
-
-def _check_tiling(tile_size: int, tile_overlap: int, tile_stats: str, f: int) -> int:
-    """The tile side in latent pixels."""
-    if tile_size < f or tile_overlap < 0:
-        raise BonsaiError(
-            f"tile_size {tile_size} / tile_overlap {tile_overlap} invalid: need "
-            f"tile_size >= {f} and tile_overlap >= 0"
-        )
-    if tile_stats not in ("exact", "estimate"):
-        raise BonsaiError(f"tile_stats {tile_stats!r} invalid: use 'exact' or 'estimate'")
-    return tile_size // f
-
-
-def _downscale(x: mx.array, side: int, multiple: int) -> mx.array:
-    """x average-pooled to at most about `side` pixels a side, sides a multiple of `multiple`.
-
-    Pixels past a whole number of pooling windows are dropped (an estimate needs no more).
-    """
-    B, H, W, C = x.shape
-    dtype = x.dtype
-    ky, kx = math.ceil(H / side), math.ceil(W / side)
-    if ky == kx == 1:
-        return x
-    h = max(H // ky // multiple, 1) * multiple
-    w = max(W // kx // multiple, 1) * multiple
-    ky, kx = H // h, W // w
-    x = x[:, : h * ky, : w * kx].astype(mx.float32)
-    return x.reshape(B, h, ky, w, kx, C).mean(axis=(2, 4)).astype(dtype)
-
-
-def _context_needed(layers: list[TileLayer]) -> list[int]:
-    """Per layer, the context (input pixels beyond a tile's edge) that makes the last layer's
-    output over the tile exact: conv halos summed back through the resolution changes,
-    rounded so that every stride-2 layer sees tiles at even offsets."""
-    need, align, needs = 0, 1, []
-    for _, kind, halo in reversed(layers):
-        if kind == "same":
-            need += halo
-        elif kind == "up":  # nearest x2, then a conv at the output resolution
-            need = -(-(need + halo) // 2)
-        else:  # stride-2 conv: output j reads inputs 2j .. 2j + halo
-            need, align = 2 * need + halo, 2 * align
-        need = -(-need // align) * align
-        needs.append(need)
-    return needs[::-1]
-
-
-def _tile_bounds(length: int, tile: int, align: int) -> list[int]:
-    """Boundaries of about equal tiles of at most ~`tile` covering [0, length), on `align`."""
-    n = math.ceil(length / tile)
-    units = length // align
-    return sorted({round(i * units / n) * align for i in range(n)} | {length})
-
-
-def _crop_context(t: mx.array, ctx: list[int], need: int) -> tuple[mx.array, list[int]]:
-    """Drop context beyond `need` pixels; ctx = [top, bottom, left, right]."""
-    keep = [min(c, need) for c in ctx]
-    top, bottom, left, right = (c - k for c, k in zip(ctx, keep, strict=True))
-    return t[:, top : t.shape[1] - bottom, left : t.shape[2] - right], keep
-
-
-def _run_tile(
-    layers: list[TileLayer],
-    needs: list[int],
-    x: mx.array,
-    ys: tuple[int, int],
-    xs: tuple[int, int],
-    stats: SharedNormStats,
-) -> mx.array | None:
-    """The layers' output over x[:, ys, xs], from that tile plus the context it needs;
-    None if a GroupNorm's statistics were missing (that norm's input was summed instead)."""
-    (a, b), (c, d) = ys, xs
-    H, W = x.shape[1:3]
-    n = needs[0]
-    ctx = [min(a, n), min(H - b, n), min(c, n), min(W - d, n)]
-    t = x[:, a - ctx[0] : b + ctx[1], c - ctx[2] : d + ctx[3]]
-    core = [b - a, d - c]
-    for (layer, kind, _), need in zip(layers, needs, strict=True):
-        t, ctx = _crop_context(t, ctx, need)
-        # the tile's own pixels: summed over tiles, each image pixel counts once
-        stats.region = (slice(ctx[0], ctx[0] + core[0]), slice(ctx[2], ctx[2] + core[1]))
-        try:
-            t = layer(t)
-        except StatsMissing:
-            mx.eval(stats.pending())
-            return None
-        mx.eval(t)  # one layer of one tile alive at a time
-        if kind == "up":
-            ctx, core = [2 * v for v in ctx], [2 * v for v in core]
-        elif kind == "down":
-            ctx, core = [v // 2 for v in ctx], [v // 2 for v in core]
-    return _crop_context(t, ctx, 0)[0]
-
-
-def _run_tiled(
-    layers: list[TileLayer], x: mx.array, tile: int, align: int, stats: SharedNormStats
-) -> mx.array | None:
-    """`layers` applied to x (NHWC) tile by tile: tiles of about `tile` pixels, on `align`,
-    that partition x, each with its context; equal to the untiled result given `stats`.
-    None when statistics were missing (they are complete after `stats.finish()`)."""
-    needs = _context_needed(layers)
-    ups = sum(kind == "up" for _, kind, _ in layers)
-    downs = sum(kind == "down" for _, kind, _ in layers)
-
-    def scale(v: int) -> int:
-        return v * 2**ups // 2**downs
-
-    B, H, W, _ = x.shape
-    ys, xs = _tile_bounds(H, tile, align), _tile_bounds(W, tile, align)
-    out, missing = None, False
-    for a, b in pairwise(ys):
-        for c, d in pairwise(xs):
-            y = _run_tile(layers, needs, x, (a, b), (c, d), stats)
-            if y is None:
-                missing = True
-                continue
-            if out is None:
-                out = mx.zeros((B, scale(H), scale(W), y.shape[-1]), y.dtype)
-            out[:, scale(a) : scale(b), scale(c) : scale(d)] = y
-            mx.eval(out)
-    return None if missing else out
-
-
-def _run_with_shared_norms(
-    layers: list[TileLayer],
-    x: mx.array,
-    estimate: Callable[[mx.array], mx.array],
-    small: mx.array,
-    tile: int,
-    align: int,
-    tile_stats: str,
-) -> mx.array:
-    """Tiled `layers` on x, every GroupNorm in them using whole-image statistics.
-
-    "exact": layer by layer (an upsampler together with the layer after it, so upsampled
-    activations are never whole), each norm's statistics summed over all tiles before the
-    tiles pass it; keeps each layer's whole input and output (at most two activations).
-    "estimate": `estimate(small)` records them on a downscaled input; one tiled pass.
-    """
-    norms = [m for layer, _, _ in layers for _, m in layer.named_modules()
-             if isinstance(m, GroupNorm)]
-    stats = SharedNormStats()
-    for norm in norms:
-        norm.shared = stats
-    try:
-        if tile_stats == "estimate":
-            stats.record = True
-            estimate(small)
-            stats.record = False
-            return _run_tiled(layers, x, tile, align, stats)
-        units = [[]]
-        for layer in layers:
-            units[-1].append(layer)
-            if layer[1] != "up":
-                units.append([])
-        for unit in filter(None, units):
-            while (y := _run_tiled(unit, x, tile, align, stats)) is None:
-                stats.finish()
-            x = y
-            for _, kind, _ in unit:  # the same tiles, at the next unit's resolution
-                if kind == "up":
-                    tile *= 2
-                elif kind == "down":
-                    tile, align = tile // 2, max(align // 2, 1)
-        return x
-    finally:
-        for norm in norms:
-            norm.shared = None
 
 
 # ---- weight names -------------------------------------------------------------------
