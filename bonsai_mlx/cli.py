@@ -25,6 +25,7 @@ from pathlib import Path
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.request import parse_size
+from bonsai_mlx.scheduler import MAX_STEPS
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import (
     SAFETENSORS_DTYPE_NAMES,
@@ -197,11 +198,15 @@ def _show_progress(quiet: bool) -> bool:
 # gen
 
 
-def _check_image(path: str) -> None:
+def _check_image(path: str) -> tuple[int, int]:
+    """Checks that --image PATH is a readable image; returns its size once prepared."""
+    from bonsai_mlx.pipeline import prepared_size
+
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            size = im.size
             im.verify()
     except FileNotFoundError:
         raise BonsaiError(f"--image {path} does not exist; check the path") from None
@@ -209,6 +214,7 @@ def _check_image(path: str) -> None:
         raise BonsaiError(
             f"--image {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"
         ) from None
+    return prepared_size(*size, path)
 
 
 @dataclass
@@ -361,7 +367,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
               help="Random seed; repeat for several images.")
 @click.option("--seeds", "n_random", type=click.IntRange(min=1), default=None,
               help="Make N images with random seeds.")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="Denoising steps [model default: 4 distilled, 50 base].")
 @click.option("--guidance", type=float, default=None,
               help="Guidance scale (base models) [model default].")
@@ -402,22 +408,29 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         if len(images) != 1:
             raise BonsaiError("--strength (image-to-image) needs exactly one --image; "
                               f"got {len(images)}")
-    for path in images:
-        _check_image(path)
+    image_sizes = [_check_image(path) for path in images]
     plan = OutputPlan.from_option(output)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
     if not seed_list:
         seed_list = [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
 
+    from bonsai_mlx.layout import ALLOW_PATTERNS
+    from bonsai_mlx.memory import check_memory
     from bonsai_mlx.pipeline import Pipeline
+    from bonsai_mlx.request import DEFAULT_SIZE
 
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         t0 = time.perf_counter()
         with _hub_progress(show):
-            pipe = Pipeline.from_pretrained(model_id, dtype=dtype, revision=revision,
-                                            keep_text_encoder=no_offload)
+            root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+        # the pipeline's own size rule: --size, else the first image's, else the default
+        first = image_sizes[0] if image_sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
+        check_memory(root, width or first[0], height or first[1], dtype=dtype,
+                     tiled_vae=tile_vae,
+                     reference_sizes=tuple(image_sizes) if strength is None else ())
+        pipe = Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload)
         load_seconds = time.perf_counter() - t0
 
         for i, seed in enumerate(seed_list):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.layout import ALLOW_PATTERNS, LAYOUTS, detect_layout, payload
+from bonsai_mlx.layout import ALLOW_PATTERNS, LAYOUTS, check_destination, detect_layout, payload
 from bonsai_mlx.models.transformer import Flux2Transformer
 from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import (
@@ -39,7 +39,12 @@ from bonsai_mlx.quant import (
     quantize_model,
 )
 from bonsai_mlx.quant.model import get_module
-from bonsai_mlx.weights import checkpoint_float_dtype, human_bytes, resolve_model_path
+from bonsai_mlx.weights import (
+    checkpoint_float_dtype,
+    human_bytes,
+    resolve_model,
+    resolve_model_path,
+)
 
 import click
 import mlx.core as mx
@@ -124,7 +129,8 @@ def convert(
     - `text_encoder_bits`: 4 (default), 3 or 8 (MLX affine, group 64), or 16 (float); the
       encoder keeps only the layers the pipeline reads. A quantised source encoder (the
       Bonsai packs: 4-bit) can only be kept at its own width.
-    - `overwrite`: replace an existing `dst` (otherwise an error).
+    - `overwrite`: replace an existing `dst` (otherwise an error); only a model folder that
+      is not a source, the current or the home folder (`layout.check_destination`).
     `echo` receives progress lines and the byte table (None: silent). Returns the report.
     """
     say = echo or (lambda _: None)
@@ -135,9 +141,8 @@ def convert(
     if text_encoder_bits not in TEXT_ENCODER_BITS:
         raise BonsaiError(f"text_encoder_bits must be 3, 4, 8 or 16, not {text_encoder_bits!r}")
     dst = Path(dst).expanduser()
-    if dst.exists() and not overwrite:  # before any download or loading
-        raise BonsaiError(f"{dst} already exists; choose another folder or pass "
-                          "overwrite=True (--overwrite) to replace it")
+    local = Path(resolve_model(src))  # a repo id is checked once downloaded (save_pretrained)
+    check_destination(dst, overwrite=overwrite, sources=[local] if local.exists() else [])
     root = resolve_model_path(src, revision=revision, allow_patterns=ALLOW_PATTERNS)
     layout = detect_layout(root)
     before = payload(root)

@@ -8,15 +8,19 @@ and `bonsai-mlx convert` write) and a Bonsai MLX pack (`transformer-packed-mflux
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.weights import TOP_LEVEL, folder_bytes, read_json
+from bonsai_mlx.weights import TOP_LEVEL, existing_folder, folder_bytes, read_json
 
 # Only these files are downloaded from the Hub (both layouts; a repo holds one of them).
 ALLOW_PATTERNS = [
     "model_index.json", "manifest.json",
-    "scheduler/*.json", "tokenizer/*",
+    # tokenizer data only: never a .py file a tokenizer_config.json could point at
+    "scheduler/*.json", "tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.jinja",
+    "tokenizer/*.model",
     "transformer/*.json", "transformer/*.safetensors",
     "text_encoder/*.json", "text_encoder/*.safetensors",
     "vae/*.json", "vae/*.safetensors",
@@ -37,7 +41,7 @@ LAYOUTS = {
     "bonsai-mlx-pack": {"transformer": "transformer-packed-mflux",
                         "text_encoder": "text_encoder-mlx-4bit"},
 }
-SHARED_DIRS = ("vae", "tokenizer", "scheduler")
+SHARED_DIRS = ("tokenizer", "vae", "scheduler")
 
 
 def detect_layout(root: str | Path) -> str:
@@ -92,3 +96,51 @@ def payload(root: str | Path, *, weights_only: bool = False) -> dict[str, int]:
     sizes = folder_bytes(root, weights_only=weights_only)
     return {**{name: sizes.get(sub, 0) for name, sub in dirs.items()},
             "other": sizes.get(TOP_LEVEL, 0)}
+
+
+def check_destination(dst: str | Path, *, overwrite: bool, sources: Sequence[str | Path] = ()
+                      ) -> None:
+    """Whether `save_pretrained` / `convert` may write `dst`; a BonsaiError, before anything
+    is touched, if not.
+
+    A new folder is always fine. An existing one needs `overwrite`, and is replaced only if
+    it is a model folder (one bonsai-mlx wrote, or a layout `detect_layout` knows) and not
+    a filesystem root or mount point, the current folder or one holding it, the home folder
+    or one holding it, nor a source folder, one inside a source or one holding a source.
+    """
+    dst = Path(dst).expanduser().absolute()
+    if not existing_folder(dst, overwrite=overwrite):
+        return
+    reason = _unreplaceable(dst.resolve(), [Path(s).expanduser().resolve() for s in sources])
+    if reason:
+        raise BonsaiError(f"refusing to replace {dst}: it is {reason}. --overwrite replaces "
+                          "only a model folder (one bonsai-mlx wrote); choose a new folder")
+
+
+def _unreplaceable(real: Path, sources: list[Path]) -> str | None:
+    """Why the existing folder `real` (resolved) must not be replaced, or None."""
+
+    def within(inner: Path, outer: Path) -> bool:
+        return inner == outer or outer in inner.parents
+
+    if real == Path(real.anchor) or os.path.ismount(real):
+        return "a filesystem root or mount point"
+    if within(Path.cwd().resolve(), real):
+        return "the current folder or a folder holding it"
+    if within(Path.home().expanduser().resolve(), real):
+        return "the home folder or a folder holding it"
+    for source in sources:
+        if real == source:
+            return "the folder the model is loaded from (its weights are read lazily)"
+        if within(source, real):
+            return f"a folder holding the source {source}"
+        if within(real, source):
+            return f"inside the source {source}"
+    index = real / "model_index.json"
+    if index.is_file() and "bonsai_mlx" in read_json(index):
+        return None
+    try:
+        detect_layout(real)
+    except BonsaiError:
+        return "not a model folder (no FLUX.2 [klein] model_index.json or Bonsai MLX pack)"
+    return None

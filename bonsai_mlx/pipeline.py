@@ -28,13 +28,16 @@ from bonsai_mlx.layout import (
     DIFFUSERS_COMPONENTS,
     LAYOUTS,
     PIPELINE_CLASSES,
+    SHARED_DIRS,
+    check_destination,
     detect_layout,
 )
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import Flux2Transformer
 from bonsai_mlx.models.vae import VAE
-from bonsai_mlx.request import MULTIPLE, check_size
+from bonsai_mlx.request import DEFAULT_SIZE, MULTIPLE, check_size
 from bonsai_mlx.scheduler import (
+    MAX_STEPS,
     SchedulerConfig,
     euler_step,
     img2img_start_index,
@@ -42,6 +45,7 @@ from bonsai_mlx.scheduler import (
 )
 from bonsai_mlx.weights import (
     atomic_dir,
+    check_no_custom_code,
     load_weights,
     parse_dtype,
     read_json,
@@ -114,6 +118,7 @@ class Pipeline:
                                   allow_patterns=ALLOW_PATTERNS)
         layout = detect_layout(root)
         dirs = LAYOUTS[layout]
+        check_no_custom_code(root, *(root / d for d in (*dirs.values(), *SHARED_DIRS)))
         index_path = root / "model_index.json"
         index = read_json(index_path) if index_path.is_file() else {}
         scheduler = SchedulerConfig.from_pretrained(root / "scheduler")
@@ -161,18 +166,18 @@ class Pipeline:
         - `vae/`: encoder and decoder, in `vae_dtype` (default: as stored in the source).
 
         Everything is written into a temporary folder beside `path`, then renamed into place:
-        a failure leaves nothing behind. An existing `path` is an error unless `overwrite`.
-        Returns the folder.
+        a failure leaves nothing behind. An existing `path` is an error unless `overwrite`,
+        and even then only a model folder is replaced (`check_destination`). Returns the
+        folder.
         """
         dst = Path(path).expanduser().absolute()
-        if overwrite and self.source is not None and dst.exists() and (
-                dst.resolve() == Path(self.source).resolve()):
-            raise BonsaiError(f"{dst} is the folder this pipeline was loaded from (its "
-                              "weights are read lazily); save to another folder")
+        sources = [p for p in (self.source, self.prompt_encoder.text_encoder_dir,
+                               self.prompt_encoder.tokenizer_dir) if p is not None]
+        check_destination(dst, overwrite=overwrite, sources=sources)
+        if self.source is None:
+            raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
+                              "files are unknown; load it from a folder to save it")
         with atomic_dir(dst, overwrite=overwrite) as tmp:
-            if self.source is None:
-                raise BonsaiError("this pipeline was not loaded with from_pretrained, so its "
-                                  "VAE files are unknown; load it from a folder to save it")
             self._write(tmp, text_encoder_bits, transformer_dtype, vae_dtype)
         return dst
 
@@ -271,8 +276,8 @@ class Pipeline:
         if prepared:
             width = width if width is not None else prepared[0].size[0]
             height = height if height is not None else prepared[0].size[1]
-        width = 1024 if width is None else width
-        height = 1024 if height is None else height
+        width = DEFAULT_SIZE if width is None else width
+        height = DEFAULT_SIZE if height is None else height
         check_size(width, height)
         h, w = height // MULTIPLE, width // MULTIPLE
         batch = len(prompts) * num_images
@@ -372,8 +377,8 @@ class Pipeline:
             steps = n
         if steps is None:
             steps = self.default_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise BonsaiError(f"steps must be an integer >= 1, not {steps!r}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+            raise BonsaiError(f"steps must be an integer in 1..{MAX_STEPS}, not {steps!r}")
         if guidance is None:
             guidance = self.default_guidance
         elif not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
@@ -540,21 +545,36 @@ def load_image(image):
     return img
 
 
-def prepare_image(image, name=None):
-    """Resize/crop an input image as Flux2KleinPipeline does; returns an RGB PIL image.
+def prepared_size(width: int, height: int, name=None) -> tuple[int, int]:
+    """The size an input image of `width` x `height` has once prepared (`prepare_image`)."""
+    width, height = _resized(width, height, name)
+    return width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
 
-    Larger than 1 MP: LANCZOS-resized to about 1 MP (aspect kept, sides truncated); then
-    centre-cropped to multiples of 16; then converted to RGB.
-    """
+
+def _resized(width: int, height: int, name=None) -> tuple[int, int]:
+    """An input image's size, checked, once resized to at most MAX_REFERENCE_PIXELS (aspect
+    kept, sides truncated; before the crop to multiples of 16)."""
     label = f"image {name}" if isinstance(name, (str, Path)) else "input image"
-    width, height = image.size
     if width < 64 or height < 64:
         raise BonsaiError(f"{label} is {width}x{height}; both sides must be at least 64 px")
     if max(width / height, height / width) > 8:
         raise BonsaiError(f"{label} is {width}x{height}; the aspect ratio must be at most 8:1")
     if width * height > MAX_REFERENCE_PIXELS:
         scale = math.sqrt(MAX_REFERENCE_PIXELS / (width * height))
-        image = image.resize((int(width * scale), int(height * scale)), _lanczos())
+        width, height = int(width * scale), int(height * scale)
+    return width, height
+
+
+def prepare_image(image, name=None):
+    """Resize/crop an input image as Flux2KleinPipeline does; returns an RGB PIL image.
+
+    Larger than 1 MP: LANCZOS-resized to about 1 MP (aspect kept, sides truncated); then
+    centre-cropped to multiples of 16; then converted to RGB.
+    """
+    width, height = image.size
+    resized = _resized(width, height, name)
+    if resized != (width, height):
+        image = image.resize(resized, _lanczos())
         width, height = image.size
     w16, h16 = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
     left, top = (width - w16) // 2, (height - h16) // 2

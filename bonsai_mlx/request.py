@@ -12,6 +12,7 @@ from bonsai_mlx.errors import BonsaiError
 
 MULTIPLE = 16  # VAE factor 8 x 2x2 patch: one token per 16x16 pixels
 MIN_SIZE, MAX_SIZE = 16, 4096  # per side, pixels
+DEFAULT_SIZE = 1024  # per side, without a size or an input image
 
 
 def check_size(width: int, height: int) -> None:
