@@ -10,16 +10,13 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-import os
-import re
 import secrets
 import sys
-import tempfile
 import time
 import traceback
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bonsai_mlx import __version__
@@ -28,14 +25,9 @@ from bonsai_mlx.request import parse_size
 from bonsai_mlx.scheduler import MAX_STEPS
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import (
-    SAFETENSORS_DTYPE_NAMES,
     TOP_LEVEL,
     default_dtype,
-    folder_bytes,
-    folder_files,
     human_bytes,
-    read_json,
-    read_safetensors_header,
     resolve_model,
     resolve_model_path,
 )
@@ -159,20 +151,6 @@ def _is_local(model: str) -> bool:
     return Path(model).expanduser().is_dir()
 
 
-def _cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
-    """The local snapshot of a cached repo, without touching the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except LocalEntryNotFoundError:
-        raise BonsaiError(
-            f"{repo_id} is not in the local Hugging Face cache; run `bonsai-mlx download "
-            f"{repo_id}` first, or give a local folder"
-        ) from None
-
-
 @contextlib.contextmanager
 def _hub_progress(enabled: bool) -> Iterator[None]:
     """huggingface_hub's download bars on or off for the duration."""
@@ -200,99 +178,9 @@ def _show_progress(quiet: bool) -> bool:
 
 def _check_image(path: str) -> tuple[int, int]:
     """Checks that --image PATH is a readable image; returns its size once prepared."""
-    from bonsai_mlx.pipeline import prepared_size
+    from bonsai_mlx.images import load_image, prepared_size
 
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()
-    except FileNotFoundError:
-        raise BonsaiError(f"--image {path} does not exist; check the path") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BonsaiError(
-            f"--image {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"
-        ) from None
-    return prepared_size(*size, path)
-
-
-@dataclass
-class OutputPlan:
-    """Where images go: one file name (numbered for several images) or a folder."""
-
-    folder: Path
-    stem: str | None  # None: names come from the prompt and seed
-
-    @classmethod
-    def from_option(cls, output: str | None) -> OutputPlan:
-        if output is None:
-            return cls(Path("."), None)
-        p = Path(output).expanduser()
-        if p.is_dir() or output.endswith(("/", os.sep)):
-            return cls(p, None)
-        if p.suffix.lower() == ".png":
-            return cls(p.parent, p.stem)
-        if p.suffix:
-            raise BonsaiError(
-                f"-o {output}: only PNG is written (it carries the metadata); "
-                f"use {p.with_suffix('.png')} or a folder"
-            )
-        return cls(p, None)  # no suffix: a folder, created
-
-    def name(self, prompt: str, seed: int) -> str:
-        if self.stem is not None:
-            return f"{self.stem}.png"
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-")
-        return f"{slug or 'image'}-{seed}.png"
-
-
-def write_png_exclusive(image, target: Path, info) -> Path:
-    """Save `image` at `target`, or `stem-1.png`, `stem-2.png`, ... when taken. Never
-    overwrites: the PNG is written to a temporary file and linked to a name that must not
-    exist yet (atomic on POSIX), so concurrent runs do not clobber each other either."""
-    folder = target.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".bonsai-", suffix=".png", dir=folder)
-    except OSError as e:
-        raise BonsaiError(f"cannot write to {folder} ({e.strerror}); choose another -o") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        for i in range(100_000):
-            path = target if i == 0 else target.with_name(f"{target.stem}-{i}{target.suffix}")
-            if _claim(tmp, path):
-                return path
-        raise BonsaiError(f"too many numbered files beside {target}; choose another -o")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _claim(tmp: str, path: Path) -> bool:
-    """Give the finished file `tmp` the name `path` if nothing has that name yet."""
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # file systems without hard links: reserve the name, then replace it
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            return False
-        os.replace(tmp, path)
-        return True
-
-
-def png_metadata(fields: dict[str, object]):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in fields.items():
-        if value is not None:
-            info.add_itxt(key, str(value))
-    return info
+    return prepared_size(*load_image(path, "--image").size, path)
 
 
 @dataclass
@@ -409,6 +297,8 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
             raise BonsaiError("--strength (image-to-image) needs exactly one --image; "
                               f"got {len(images)}")
     image_sizes = [_check_image(path) for path in images]
+    from bonsai_mlx.outputs import OutputPlan, png_metadata, write_png_exclusive
+
     plan = OutputPlan.from_option(output)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
     if not seed_list:
@@ -524,85 +414,6 @@ def _remote_sizes(repo_id: str, revision: str | None, patterns: list[str]) -> di
 # ----------------------------------------------------------------------------------------
 # info
 
-@dataclass
-class Component:
-    name: str
-    files: int = 0
-    bytes: int = 0
-    tensors: int = 0
-    format: str = ""
-    dtype_bytes: dict[str, int] = field(default_factory=dict)
-
-
-def describe_folder(folder: Path) -> list[Component]:
-    """Components of a model folder: files, bytes (sum of file sizes), tensor dtypes from
-    safetensors headers only, and the storage format."""
-    comps = {name: Component(name, bytes=n) for name, n in folder_bytes(folder).items()}
-    for name, path in folder_files(folder):
-        c = comps[name]
-        c.files += 1
-        if path.suffix == ".safetensors":
-            for key, t in read_safetensors_header(path).items():
-                if key == "__metadata__":
-                    continue
-                c.tensors += 1
-                dt = SAFETENSORS_DTYPE_NAMES.get(t["dtype"], t["dtype"])
-                start, stop = t["data_offsets"]
-                c.dtype_bytes[dt] = c.dtype_bytes.get(dt, 0) + stop - start
-    for c in comps.values():
-        base = folder if c.name == TOP_LEVEL else folder / c.name
-        c.format = _format_of(base, c)
-    order = sorted(comps.values(), key=lambda c: (c.name == TOP_LEVEL, c.name))
-    return order
-
-
-def _format_of(folder: Path, c: Component) -> str:
-    """Storage format of a component: our packed format or MLX affine bits from
-    quantization_config.json / config.json (docs/formats.md), else the dense dtypes."""
-    dense = [d for d in sorted(c.dtype_bytes, key=lambda d: -c.dtype_bytes[d])
-             if d.startswith(("float", "bfloat"))]
-    if c.name == TOP_LEVEL:
-        return "index" if not c.tensors else "dense " + " + ".join(dense)
-    qpath = folder / "quantization_config.json"
-    if qpath.is_file():
-        q = read_json(qpath)
-        group = q.get("group_size")
-        group_text = f", group {group}" if group else ""
-        kind = str(q.get("format", "")).lower()
-        if kind in ("binary", "ternary"):  # bonsai-mlx's own packs
-            n = len(q.get("packed_layers") or [])
-            text = f"{kind} packed (bonsai-mlx){group_text}" + (f", {n} layers" if n else "")
-            if q.get("dense_bits") == 8:
-                return text + f" + MLX affine 8-bit dense layers ({q.get('dense_dtype', '?')})"
-            dense_dtype = q.get("dense_dtype") or (dense[0] if dense else None)
-            return text + (f" + {dense_dtype} dense layers" if dense_dtype else "")
-        if "bits" in q:  # the Bonsai MLX packs (mflux layout)
-            bits = q["bits"]
-            meaning = {1: " (binary)", 2: " (ternary)"}.get(bits, "")
-            text = f"MLX affine {bits}-bit{meaning}{group_text}"
-        else:
-            text = "quantized (unrecognised quantization_config.json)"
-        return text + (f" + {dense[0]} dense layers" if dense else "")
-    cpath = folder / "config.json"
-    if cpath.is_file():
-        config = read_json(cpath)
-        quant = config.get("quantization") or config.get("quantization_config")
-        if isinstance(quant, dict) and "bits" in quant:
-            return f"MLX affine {quant['bits']}-bit, group {quant.get('group_size', '?')}"
-    if dense:
-        return "dense " + " + ".join(dense)
-    if c.tensors:
-        return " + ".join(sorted(c.dtype_bytes))
-    return "tokenizer" if c.name == "tokenizer" else "config"
-
-
-def _model_folder(model: str, revision: str | None) -> tuple[Path, str]:
-    resolved = resolve_model(model)
-    if _is_local(resolved):
-        return Path(resolved).expanduser(), resolved
-    return _cached_snapshot(resolved, revision), resolved
-
-
 @cli.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @click.option("--revision", default=None, help="Branch, tag or commit (cached repos).")
@@ -614,17 +425,17 @@ def info(model, revision, as_json) -> None:
     Reads only safetensors headers and file sizes: no weights are loaded, nothing is
     downloaded.
     """
-    folder, name = _model_folder(model, revision)
+    from bonsai_mlx.info import Component, cached_model_folder, describe_folder, pipeline_class
+
+    folder, name = cached_model_folder(model, revision)
     comps = describe_folder(folder)
     if not comps:
         raise BonsaiError(f"{folder} holds no files; is this the right folder?")
     total = sum(c.bytes for c in comps)
-    pipeline_class = None
-    if (folder / "model_index.json").is_file():
-        pipeline_class = read_json(folder / "model_index.json").get("_class_name")
+    index_class = pipeline_class(folder)
     if as_json:
         click.echo(json.dumps({
-            "model": name, "folder": str(folder), "pipeline": pipeline_class,
+            "model": name, "folder": str(folder), "pipeline": index_class,
             "components": [
                 {"name": c.name, "format": c.format, "files": c.files, "bytes": c.bytes,
                  "tensors": c.tensors, "dtype_bytes": c.dtype_bytes} for c in comps
@@ -632,7 +443,7 @@ def info(model, revision, as_json) -> None:
             "total_bytes": total,
         }, indent=2))
         return
-    click.echo(f"{name}" + (f"  ({pipeline_class})" if pipeline_class else ""))
+    click.echo(f"{name}" + (f"  ({index_class})" if index_class else ""))
     if name != str(folder):
         click.echo(f"  {folder}")
     width = max(len(c.name) for c in comps + [Component("component")])

@@ -34,7 +34,6 @@ from bonsai_mlx.models.transformer import Flux2Transformer
 from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import (
     PACKED_LINEAR,
-    model_packed_layer_paths,
     quantize_dense_layers,
     quantize_model,
 )
@@ -94,7 +93,7 @@ def pack_transformer(model: Flux2Transformer, fmt: str) -> str:
     """Pack the transformer's binary / ternary layers in place. Returns the method: exact
     (every layer then checked to decode to its original weight) or absmean, with a
     warning."""
-    paths = model_packed_layer_paths(model)
+    paths = model.packable_layers()
     originals = {p: get_module(model, p).weight for p in paths}
     exact = quantize_model(model, fmt)  # warns when a layer needs absmean
     if not exact:

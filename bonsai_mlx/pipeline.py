@@ -22,7 +22,17 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bonsai_mlx.arrays import to_mx
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.images import (
+    LANCZOS,
+    ImageInput,
+    as_image_list,
+    image_to_array,
+    load_image,
+    prepare_image,
+    to_pil,
+)
 from bonsai_mlx.layout import (
     ALLOW_PATTERNS,
     DIFFUSERS_COMPONENTS,
@@ -35,7 +45,13 @@ from bonsai_mlx.layout import (
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import Flux2Transformer
 from bonsai_mlx.models.vae import VAE
-from bonsai_mlx.request import DEFAULT_SIZE, MULTIPLE, check_size
+from bonsai_mlx.request import (
+    DEFAULT_SIZE,
+    MULTIPLE,
+    check_prompts,
+    check_size,
+    negative_prompts,
+)
 from bonsai_mlx.scheduler import (
     MAX_STEPS,
     SchedulerConfig,
@@ -57,11 +73,7 @@ from bonsai_mlx.weights import (
 import mlx.core as mx
 import numpy as np
 
-MAX_REFERENCE_PIXELS = 1024 * 1024  # reference images are shrunk to at most 1 MP
 REFERENCE_TIME_STEP = 10  # reference image i gets time coordinate 10 + 10 i
-
-ImageInput = "PIL.Image.Image | str | Path"
-
 
 class Pipeline:
     """FLUX.2 [klein]: `from_pretrained`, `generate`, `encode_prompt`.
@@ -213,7 +225,7 @@ class Pipeline:
 
     def encode_prompt(self, prompt: str | Sequence[str]) -> mx.array:
         """Prompt(s) -> embeddings (B, 512, 3 * text hidden size), as diffusers."""
-        return self.prompt_encoder.encode(_check_prompts(prompt))
+        return self.prompt_encoder.encode(check_prompts(prompt))
 
     # ---- generation -----------------------------------------------------------------
 
@@ -256,14 +268,14 @@ class Pipeline:
         """
         t_start = time.perf_counter()
         mx.reset_peak_memory()
-        prompts = _check_prompts(prompt)
+        prompts = check_prompts(prompt)
         if output_type not in ("pil", "np", "mx"):
             raise BonsaiError(f"output_type must be 'pil', 'np' or 'mx', not {output_type!r}")
         if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
             raise BonsaiError(f"num_images must be a positive integer, not {num_images!r}")
         steps, guidance = self._steps_and_guidance(steps, guidance, sigmas)
         use_cfg = guidance > 1.0 and not self.is_distilled
-        image_list = _as_image_list(images)
+        image_list = as_image_list(images)
         if strength is not None:
             if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
                 raise BonsaiError(f"strength must be in (0, 1], not {strength!r}")
@@ -286,7 +298,7 @@ class Pipeline:
 
         # 1. prompts (the text encoder is released by the PromptEncoder afterwards)
         t0 = time.perf_counter()
-        negatives = _negative_prompts(negative_prompt, len(prompts)) if use_cfg else []
+        negatives = negative_prompts(negative_prompt, len(prompts)) if use_cfg else []
         embeds = self.prompt_encoder.encode(prompts + negatives)
         embeds = embeds.astype(self.transformer.dtype)
         cond = mx.repeat(embeds[: len(prompts)], num_images, axis=0)
@@ -311,7 +323,7 @@ class Pipeline:
                 schedule = schedule.start_at(img2img_start_index(schedule.num_steps, strength))
                 init = prepared[0]
                 if init.size != (width, height):
-                    init = init.resize((width, height), _lanczos())
+                    init = init.resize((width, height), LANCZOS)
                 z = self._encode_image(init)  # (1, h*w, 128)
                 x = noise_latents(z, noise, float(schedule.sigmas[0]))
             self.vae.unload_encoder()
@@ -393,8 +405,7 @@ class Pipeline:
     def _initial_noise(self, latents, seed, shape) -> mx.array:
         """(B, 128, h, w) noise or given latents -> packed (B, h*w, 128) float32."""
         if latents is not None:
-            latents = mx.array(np.asarray(latents, dtype=np.float32)) if not isinstance(
-                latents, mx.array) else latents.astype(mx.float32)
+            latents = to_mx(latents, mx.float32)
             if tuple(latents.shape) != shape:
                 raise BonsaiError(
                     f"latents must have shape {shape} (batch, 128, height/16, width/16), got "
@@ -451,27 +462,6 @@ def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = No
 # ---- inputs ---------------------------------------------------------------------------
 
 
-def _check_prompts(prompt) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if (not isinstance(prompts, (list, tuple)) or not prompts
-            or not all(isinstance(p, str) for p in prompts)):
-        raise BonsaiError("prompt must be a string or a non-empty list of strings")
-    return list(prompts)
-
-
-def _negative_prompts(negative_prompt, n: int) -> list[str]:
-    if negative_prompt is None:
-        return [""] * n  # diffusers' Flux2KleinPipeline always uses ""
-    if isinstance(negative_prompt, str):
-        return [negative_prompt] * n
-    negatives = list(negative_prompt)
-    if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
-        raise BonsaiError(
-            f"negative_prompt must be a string or a list of {n} strings (one per prompt)"
-        )
-    return negatives
-
-
 def text_ids(length: int) -> np.ndarray:
     """Position ids of text tokens: (L, 4) with (t, h, w, l) = (0, 0, 0, k)."""
     ids = np.zeros((length, 4), np.int32)
@@ -497,105 +487,3 @@ def unpack_latents(x: mx.array, h: int, w: int) -> mx.array:
 def noise_latents(z: mx.array, noise: mx.array, sigma: float) -> mx.array:
     """Flow-matching forward process: sigma * noise + (1 - sigma) * z."""
     return sigma * noise + (1.0 - sigma) * z
-
-
-# ---- images ---------------------------------------------------------------------------
-
-
-def _as_image_list(images) -> list:
-    if images is None:
-        return []
-    if isinstance(images, (str, Path)) or _is_pil(images):
-        return [images]
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    raise BonsaiError(f"images must be a PIL image, a path or a list of them, not {images!r}")
-
-
-def _is_pil(x) -> bool:
-    try:
-        import PIL.Image
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(x, PIL.Image.Image)
-
-
-def _lanczos():
-    import PIL.Image
-
-    return PIL.Image.Resampling.LANCZOS
-
-
-def load_image(image):
-    """A PIL image as is, or a path opened and decoded (BonsaiError naming the file)."""
-    import PIL.Image
-
-    if _is_pil(image):
-        return image
-    if not isinstance(image, (str, Path)):
-        raise BonsaiError(f"an input image must be a PIL image or a path, not {type(image)}")
-    path = Path(image).expanduser()
-    if not path.is_file():
-        raise BonsaiError(f"image {path} does not exist")
-    try:
-        img = PIL.Image.open(path)
-        img.load()
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as e:
-        raise BonsaiError(f"cannot read image {path}: {e}; use a PNG, JPEG or WebP file") from e
-    return img
-
-
-def prepared_size(width: int, height: int, name=None) -> tuple[int, int]:
-    """The size an input image of `width` x `height` has once prepared (`prepare_image`)."""
-    width, height = _resized(width, height, name)
-    return width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
-
-
-def _resized(width: int, height: int, name=None) -> tuple[int, int]:
-    """An input image's size, checked, once resized to at most MAX_REFERENCE_PIXELS (aspect
-    kept, sides truncated; before the crop to multiples of 16)."""
-    label = f"image {name}" if isinstance(name, (str, Path)) else "input image"
-    if width < 64 or height < 64:
-        raise BonsaiError(f"{label} is {width}x{height}; both sides must be at least 64 px")
-    if max(width / height, height / width) > 8:
-        raise BonsaiError(f"{label} is {width}x{height}; the aspect ratio must be at most 8:1")
-    if width * height > MAX_REFERENCE_PIXELS:
-        scale = math.sqrt(MAX_REFERENCE_PIXELS / (width * height))
-        width, height = int(width * scale), int(height * scale)
-    return width, height
-
-
-def prepare_image(image, name=None):
-    """Resize/crop an input image as Flux2KleinPipeline does; returns an RGB PIL image.
-
-    Larger than 1 MP: LANCZOS-resized to about 1 MP (aspect kept, sides truncated); then
-    centre-cropped to multiples of 16; then converted to RGB.
-    """
-    width, height = image.size
-    resized = _resized(width, height, name)
-    if resized != (width, height):
-        image = image.resize(resized, _lanczos())
-        width, height = image.size
-    w16, h16 = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
-    left, top = (width - w16) // 2, (height - h16) // 2
-    image = image.crop((left, top, left + w16, top + h16))
-    return image.convert("RGB")
-
-
-def image_to_array(image) -> np.ndarray:
-    """RGB PIL image -> float32 (H, W, 3) in [-1, 1]."""
-    return 2.0 * (np.asarray(image).astype(np.float32) / 255.0) - 1.0
-
-
-def preprocess_image(image) -> np.ndarray:
-    """PIL image or path -> float32 (H, W, 3) in [-1, 1], ready for the VAE."""
-    return image_to_array(prepare_image(load_image(image), image))
-
-
-def to_pil(images: np.ndarray):
-    """float32 (B, H, W, 3) in [0, 1] -> a PIL image, or a list of them for B > 1."""
-    import PIL.Image
-
-    arr = (images * 255).round().astype(np.uint8)
-    out = [PIL.Image.fromarray(a) for a in arr]
-    return out[0] if len(out) == 1 else out

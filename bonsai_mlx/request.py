@@ -7,6 +7,7 @@ so a mistake reads the same everywhere and fails in milliseconds.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from bonsai_mlx.errors import BonsaiError
 
@@ -58,3 +59,26 @@ def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
 
 def _round(v: int) -> int:
     return max(MIN_SIZE, int(round(v / MULTIPLE)) * MULTIPLE)
+
+
+def check_prompts(prompt: str | Sequence[str]) -> list[str]:
+    """One prompt or a non-empty list of them -> a list, else a BonsaiError."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if (not isinstance(prompts, (list, tuple)) or not prompts
+            or not all(isinstance(p, str) for p in prompts)):
+        raise BonsaiError("prompt must be a string or a non-empty list of strings")
+    return list(prompts)
+
+
+def negative_prompts(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]:
+    """The negative prompt of each of `n` prompts ("" when none is given, as diffusers)."""
+    if negative_prompt is None:
+        return [""] * n  # diffusers' Flux2KleinPipeline always uses ""
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * n
+    negatives = list(negative_prompt)
+    if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
+        raise BonsaiError(
+            f"negative_prompt must be a string or a list of {n} strings (one per prompt)"
+        )
+    return negatives

@@ -20,6 +20,8 @@ from pathlib import Path
 from bonsai_mlx.errors import BonsaiError
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
@@ -259,6 +261,34 @@ def check_weights(
             shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
             lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
     raise BonsaiError("\n".join(lines))
+
+
+def load_into(
+    module: nn.Module,
+    weights: Mapping[str, mx.array],
+    source: str | Path,
+    *,
+    evaluate: bool = True,
+) -> None:
+    """Load checkpoint tensors into `module`: names and shapes checked against its
+    parameters first (one BonsaiError naming `source` lists every problem), floating tensors
+    cast to the dtype of the parameter they replace (any other dtype mismatch is an error),
+    then evaluated (unless `evaluate` is False: the caller evaluates, e.g. after quantizing).
+    """
+    params = dict(tree_flatten(module.parameters()))
+    check_weights(weights, {k: tuple(v.shape) for k, v in params.items()}, source)
+    loaded = []
+    for name, value in weights.items():
+        want = params[name].dtype
+        if value.dtype != want:
+            if not (mx.issubdtype(value.dtype, mx.floating) and mx.issubdtype(want, mx.floating)):
+                raise BonsaiError(f"{source}: tensor {name} is {value.dtype}, the model needs "
+                                  f"{want}")
+            value = value.astype(want)
+        loaded.append((name, value))
+    module.load_weights(loaded)
+    if evaluate:
+        mx.eval(module.parameters())
 
 
 def save_safetensors(

@@ -7,7 +7,8 @@ import warnings
 from pathlib import Path
 
 from bonsai_mlx import BonsaiError
-from bonsai_mlx.pipeline import Pipeline, preprocess_image
+from bonsai_mlx.images import preprocess_image
+from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.scheduler import img2img_start_index, make_schedule
 
 import mlx.core as mx
@@ -263,7 +264,6 @@ def _write_bonsai_pack_and_dense_twin(tmp_path):
     import shutil
 
     from bonsai_mlx.models.transformer import Flux2Transformer
-    from bonsai_mlx.quant.model import model_packed_layer_paths
 
     from mlx.utils import tree_flatten
 
@@ -271,7 +271,7 @@ def _write_bonsai_pack_and_dense_twin(tmp_path):
                   attention_head_dim=64, num_attention_heads=2, joint_attention_dim=48,
                   axes_dims_rope=[16, 16, 16, 16], rope_theta=2000, guidance_embeds=False)
     model = Flux2Transformer(config, dtype="float32")
-    packed = set(model_packed_layer_paths(model))
+    packed = set(model.packable_layers())
     rng = np.random.default_rng(0)
     dense, pack = {}, {}
     for k, v in tree_flatten(model.parameters()):

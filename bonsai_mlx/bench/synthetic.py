@@ -25,13 +25,14 @@ from bonsai_mlx.models.transformer import Flux2Transformer, Flux2TransformerConf
 from bonsai_mlx.models.vae import VAE, Encoder, VAEConfig
 from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import use_packed_layers
-from bonsai_mlx.quant.model import get_module, model_packed_layer_paths
+from bonsai_mlx.quant.model import get_module
+from bonsai_mlx.request import check_prompts
 from bonsai_mlx.scheduler import SchedulerConfig
 from bonsai_mlx.weights import parse_dtype
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 SYNTHETIC_KINDS = ("binary", "ternary", "bf16")
 TEXT_BITS = 4  # the Bonsai `text_encoder-mlx-4bit/` pack (group QUANTIZE_GROUP_SIZE)
@@ -86,7 +87,7 @@ def synthetic_transformer(kind: str, dtype: mx.Dtype, tiny: bool = False, seed: 
     if kind in ("binary", "ternary"):
         use_packed_layers(model, kind)
         key = mx.random.key(seed)
-        for path in model_packed_layer_paths(model):
+        for path in model.packable_layers():
             key, sub = mx.random.split(key)
             _random_like_packed(get_module(model, path), sub)
     _eval_in_parts(model)
@@ -161,7 +162,7 @@ class SyntheticPromptEncoder:
         self.model = model
 
     def encode(self, prompt: str | Sequence[str]) -> mx.array:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = check_prompts(prompt)
         n = self.max_sequence_length
         if self.model is None:
             shape = (len(prompts), n, len(self.out_layers) * self.hidden_size)
@@ -182,10 +183,7 @@ class SyntheticPromptEncoder:
 def synthetic_vae(dtype: mx.Dtype, tiny: bool = False, seed: int = 0):
     """FLUX.2's VAE decoder (or a miniature) with random weights in `dtype`."""
     mx.random.seed(seed)
-    vae = VAE(VAEConfig(**(TINY_VAE if tiny else {})), dtype)
-    vae.update(tree_map(lambda v: v.astype(dtype), vae.parameters()))
-    vae.bn.running_mean = mx.zeros_like(vae.bn.running_mean).astype(mx.float32)
-    vae.bn.running_var = mx.ones_like(vae.bn.running_var).astype(mx.float32)
+    vae = VAE(VAEConfig(**(TINY_VAE if tiny else {})), dtype)  # statistics 0 and 1, float32
     mx.eval(vae.parameters())
     vae.eval()
     return vae

@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.request import check_prompts
 from bonsai_mlx.weights import (
     check_no_custom_code,
-    check_weights,
     checkpoint_float_dtype,
+    load_into,
     load_safetensors,
     load_weights,
     parse_dtype,
@@ -236,7 +237,6 @@ def load_qwen3_encoder(
     mlx-lm does (affine, group 64); for a quantized checkpoint it must match its bits.
     """
     folder = Path(folder)
-    dtype = parse_dtype(dtype)
     config_path = folder / "config.json"
     config = read_json(config_path)
     args = qwen3_args(config, config_path)
@@ -249,59 +249,54 @@ def load_qwen3_encoder(
     final_norm = num_layers == args.num_hidden_layers and TRUNCATED_KEY not in config
     args.num_hidden_layers = num_layers
     model = Qwen3Encoder(args, final_norm=final_norm)
-
     # mx.load is lazy: the tensors of skipped layers are never read from disk.
     weights = model.sanitize(load_weights(folder))
-    quantization = config.get("quantization")
+    quantization = mlx_quantization(config)
     if quantization is not None:
-        bits = quantization.get("bits")
-        if quantize_bits is not None and quantize_bits != bits:
-            raise BonsaiError(
-                f"{folder} is already quantized to {bits} bits; "
-                f"quantize_bits={quantize_bits} cannot change that (leave it unset)"
-            )
-
-        quantized_paths = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
-
-        def quantized_here(path: str, module: nn.Module) -> bool | dict:
-            if path not in quantized_paths:
-                return False
-            per_layer = quantization.get(path)  # mlx-lm's per-layer overrides
-            return per_layer if isinstance(per_layer, dict) else True
-
-        nn.quantize(
-            model,
-            group_size=quantization.get("group_size", 64),
-            bits=bits,
-            mode=quantization.get("mode", "affine"),
-            class_predicate=quantized_here,
-        )
-    weights = {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-        for k, v in weights.items()
-    }
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    check_weights(weights, expected, folder)
-    model.load_weights(list(weights.items()))
+        _quantize_as_stored(model, quantization, weights, quantize_bits, folder)
+    model.set_dtype(parse_dtype(dtype))
+    load_into(model, weights, folder, evaluate=False)
     del weights
-
     if quantize_bits is not None and quantization is None:
         if quantize_bits not in LOAD_QUANTIZE_BITS:
             raise BonsaiError(f"quantize_bits must be 4 or 8, not {quantize_bits}")
-        nn.quantize(
-            model,
-            group_size=QUANTIZE_GROUP_SIZE,
-            bits=quantize_bits,
-            class_predicate=lambda _, m: (
-                hasattr(m, "to_quantized") and m.weight.shape[-1] % QUANTIZE_GROUP_SIZE == 0
-            ),
-        )
+        nn.quantize(model, group_size=QUANTIZE_GROUP_SIZE, bits=quantize_bits,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % QUANTIZE_GROUP_SIZE == 0)
     # One layer at a time, so quantizing at load never holds all the float weights at once.
     mx.eval(model.model.embed_tokens.parameters())
     for layer in model.model.layers:
         mx.eval(layer.parameters())
     model.eval()
     return model
+
+
+def mlx_quantization(config: dict) -> dict | None:
+    """The MLX affine quantization an mlx-lm config.json records (`"quantization"`: bits,
+    group_size, per-layer overrides), or None for a float checkpoint."""
+    quantization = config.get("quantization")
+    return quantization if isinstance(quantization, dict) else None
+
+
+def _quantize_as_stored(model: Qwen3Encoder, quantization: dict, weights: dict[str, mx.array],
+                        quantize_bits: int | None, folder: Path) -> None:
+    """Make the layers the checkpoint stores quantized (those with `.scales`) quantized."""
+    bits = quantization.get("bits")
+    if quantize_bits is not None and quantize_bits != bits:
+        raise BonsaiError(
+            f"{folder} is already quantized to {bits} bits; "
+            f"quantize_bits={quantize_bits} cannot change that (leave it unset)"
+        )
+    quantized_paths = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
+
+    def quantized_here(path: str, module: nn.Module) -> bool | dict:
+        if path not in quantized_paths:
+            return False
+        per_layer = quantization.get(path)  # mlx-lm's per-layer overrides
+        return per_layer if isinstance(per_layer, dict) else True
+
+    nn.quantize(model, group_size=quantization.get("group_size", 64), bits=bits,
+                mode=quantization.get("mode", "affine"), class_predicate=quantized_here)
 
 
 def qwen3_sizes(config: dict, source: str | Path) -> tuple[int, int]:
@@ -416,9 +411,7 @@ class PromptEncoder:
 
     def encode(self, prompt: str | Sequence[str]) -> mx.array:
         """One prompt or a list -> (B, max_sequence_length, len(out_layers) * hidden)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise BonsaiError("prompt must be a string or a non-empty list of strings")
+        prompts = check_prompts(prompt)
         found = {p: self._cached(p) for p in dict.fromkeys(prompts)}
         missing = [p for p, e in found.items() if e is None]
         if missing:
@@ -591,7 +584,7 @@ def save_text_encoder(
         raise BonsaiError(f"out_layers {out_layers} must be hidden-state indices in "
                           f"0..{args.num_hidden_layers} ({config_path})")
     keep = max(out_layers[-1], 1)
-    quantization = config.get("quantization")
+    quantization = mlx_quantization(config)
     if quantization is not None and quantization.get("bits") != bits:
         raise BonsaiError(
             f"{source} is already MLX affine {quantization.get('bits')}-bit; saving it at {bits} "

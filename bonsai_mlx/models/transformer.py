@@ -19,19 +19,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bonsai_mlx.arrays import to_mx, to_numpy
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.base import BaseConfig
 from bonsai_mlx.quant.layers import PACKED_LINEAR
 from bonsai_mlx.quant.loading import (
     QUANT_CONFIG,
     WEIGHTS_STEM,
-    load_packed_transformer_weights,
-    packed_layout,
+    apply_packed_layout,
     packed_quantization_config,
+    read_quantization_config,
 )
 from bonsai_mlx.weights import (
     DTYPES,
-    check_weights,
+    load_into,
     load_weights,
     parse_dtype,
     read_json,
@@ -168,7 +169,7 @@ def rope_tables(
     Angles and their cos/sin in float64 (text positions reach 511, where a float32 angle is
     off by ~3e-5 rad), then cast to float32, as diffusers does.
     """
-    ids = _as_numpy(ids)
+    ids = to_numpy(ids)
     if ids.ndim == 3:
         ids = ids[0]
     if ids.ndim != 2 or ids.shape[-1] != len(axes_dims):
@@ -185,26 +186,12 @@ def rope_tables(
     return mx.array(np.cos(angle).astype(np.float32)), mx.array(np.sin(angle).astype(np.float32))
 
 
-def _as_numpy(a: np.ndarray | mx.array) -> np.ndarray:
-    if isinstance(a, mx.array):
-        if mx.issubdtype(a.dtype, mx.floating):
-            a = a.astype(mx.float32)
-        return np.array(a)
-    return np.asarray(a)
-
-
 def _per_sample(v, batch: int, name: str) -> mx.array:
     """A scalar or (B,) value -> (B,) float32."""
-    v = _as_mx(v, mx.float32).reshape(-1)
+    v = to_mx(v, mx.float32).reshape(-1)
     if v.size not in (1, batch):
         raise BonsaiError(f"{name} must be a scalar or have {batch} values, got {v.size}")
     return mx.broadcast_to(v, (batch,))
-
-
-def _as_mx(a: np.ndarray | mx.array, dtype: mx.Dtype) -> mx.array:
-    if not isinstance(a, mx.array):
-        a = mx.array(np.ascontiguousarray(a, dtype=np.float32))
-    return a.astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -438,7 +425,7 @@ class Flux2Transformer(nn.Module):
 
     def rope_tables(self, img_ids: np.ndarray | mx.array, txt_ids: np.ndarray | mx.array) -> Rope:
         """RoPE tables for the joint sequence [txt, img]; compute once, pass as `rope=`."""
-        txt, img = _as_numpy(txt_ids), _as_numpy(img_ids)
+        txt, img = to_numpy(txt_ids), to_numpy(img_ids)
         txt = txt[0] if txt.ndim == 3 else txt
         img = img[0] if img.ndim == 3 else img
         if txt.ndim != 2 or img.ndim != 2:
@@ -453,7 +440,7 @@ class Flux2Transformer(nn.Module):
         weight = self.context_embedder.weight
         out = self._context_memo.get(encoder_hidden_states, weight)
         if out is None:
-            out = self.context_embedder(_as_mx(encoder_hidden_states, self.dtype))
+            out = self.context_embedder(to_mx(encoder_hidden_states, self.dtype))
             if isinstance(encoder_hidden_states, mx.array):  # immutable, so safe to reuse
                 self._context_memo.put(encoder_hidden_states, weight, out)
         return out
@@ -474,7 +461,7 @@ class Flux2Transformer(nn.Module):
         (B, L, 4) (not needed when `rope` is given). Returns (B, N, out_channels) in the
         model dtype."""
         cfg = self.config
-        x = _as_mx(hidden_states, self.dtype)
+        x = to_mx(hidden_states, self.dtype)
         if x.ndim != 3 or x.shape[-1] != cfg.in_channels:
             raise BonsaiError(
                 f"hidden_states must be (B, N, {cfg.in_channels}), got {tuple(x.shape)}")
@@ -514,30 +501,15 @@ class Flux2Transformer(nn.Module):
 
     # -- loading --------------------------------------------------------------------------
 
-    def load_checked_weights(self, weights: dict[str, mx.array], source: str | Path) -> None:
-        """Load diffusers-named tensors after checking names and shapes against the model.
-
-        Floating tensors are cast to the dtype of the parameter they replace; any other
-        dtype mismatch is an error. Raises BonsaiError naming `source`.
-        """
-        params = dict(tree_flatten(self.parameters()))
-        check_weights(weights, {k: tuple(v.shape) for k, v in params.items()}, source)
-        loaded = []
-        for k, v in weights.items():
-            want = params[k].dtype
-            if v.dtype != want:
-                if not (mx.issubdtype(v.dtype, mx.floating) and mx.issubdtype(want, mx.floating)):
-                    raise BonsaiError(f"{source}: tensor {k} is {v.dtype}, the model needs {want}")
-                v = v.astype(want)
-            loaded.append((k, v))
-        self.load_weights(loaded)
-        mx.eval(self.parameters())
-        self._context_memo = _ContextMemo()
-
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """See the module-level `sanitize`."""
         return sanitize(weights)
+
+    def packable_layers(self) -> list[str]:
+        """The linear layers a binary / ternary model packs (see `packed_layer_paths`)."""
+        return packed_layer_paths(len(self.transformer_blocks),
+                                  len(self.single_transformer_blocks))
 
     @classmethod
     def from_pretrained(
@@ -559,38 +531,16 @@ class Flux2Transformer(nn.Module):
         The config comes from `config`, else the folder's config.json (for a single file: a
         diffusers config.json beside it), else it is inferred from the tensor shapes.
         """
-        path = Path(path).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                for sub in ("transformer", "transformer-packed-mflux"):
-                    if (path / sub).is_dir():
-                        path = path / sub
-                        break
-            if packed_layout(path) is not None:
-                if config is None:
-                    config = read_json(path / "config.json")
-                model = cls(config, dtype)
-                return load_packed_transformer_weights(model, path,
-                                                       affine_baseline=affine_baseline)
-            if affine_baseline:
-                raise BonsaiError(f"{path} is not a Bonsai MLX pack (no {QUANT_CONFIG}); "
-                                  "affine_baseline needs one")
-            weights = load_weights(path, WEIGHTS_STEM)
-            config_file = path / "config.json"
-        elif path.is_file():
-            weights = load_weights(path)
-            config_file = path.parent / "config.json"
-        else:
-            raise BonsaiError(f"{path} does not exist; pass a transformer folder or a .safetensors")
-        weights = sanitize(weights)
-        if config is None and config_file.is_file():
-            d = read_json(config_file)
-            if path.is_dir() or d.get("_class_name") == DIFFUSERS_CLASS:
-                config = d
-        if config is None:
-            config = infer_config(weights, path)
-        model = cls(config, dtype)
-        model.load_checked_weights(weights, path)
+        path = _checkpoint_path(path)
+        quant = read_quantization_config(path) if path.is_dir() else None
+        if affine_baseline and quant is None:
+            raise BonsaiError(f"{path} is not a Bonsai MLX pack (no {QUANT_CONFIG}); "
+                              "affine_baseline needs one")
+        weights = sanitize(load_weights(path, WEIGHTS_STEM))
+        model = cls(_read_config(path, config, weights, packed=quant is not None), dtype)
+        if quant is not None:
+            weights = apply_packed_layout(model, quant, weights, affine_baseline=affine_baseline)
+        load_into(model, weights, path)
         return model
 
     # -- saving ---------------------------------------------------------------------------
@@ -636,7 +586,60 @@ class Flux2Transformer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoint names
+# Checkpoints: where they are, their config, their names, their packable layers
+
+DOUBLE_BLOCK_LINEARS = (
+    "attn.to_q", "attn.to_k", "attn.to_v",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+    "attn.to_out.0", "attn.to_add_out",
+    "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+)
+SINGLE_BLOCK_LINEARS = ("attn.to_qkv_mlp_proj", "attn.to_out")
+
+
+def packed_layer_paths(num_layers: int = 5, num_single_layers: int = 20) -> list[str]:
+    """The layers binary / ternary checkpoints pack, diffusers names, block by block: every
+    linear of the blocks, 12 per double block and 2 per single block (the embedders,
+    modulations and output projection stay dense)."""
+    return [f"transformer_blocks.{i}.{n}" for i in range(num_layers)
+            for n in DOUBLE_BLOCK_LINEARS] + [
+        f"single_transformer_blocks.{i}.{n}" for i in range(num_single_layers)
+        for n in SINGLE_BLOCK_LINEARS]
+
+
+PACKED_LAYERS = packed_layer_paths(5, 20)  # FLUX.2 [klein] 4B: 100 layers
+
+
+def _checkpoint_path(path: str | Path) -> Path:
+    """A transformer folder or file; a model root without config.json stands for its
+    `transformer/` (or a Bonsai pack's `transformer-packed-mflux/`) subfolder."""
+    path = Path(path).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        for sub in ("transformer", "transformer-packed-mflux"):
+            if (path / sub).is_dir():
+                return path / sub
+    if not (path.is_dir() or path.is_file()):
+        raise BonsaiError(f"{path} does not exist; pass a transformer folder or a .safetensors")
+    return path
+
+
+def _read_config(path: Path, config: Flux2TransformerConfig | dict | None,
+                 weights: dict[str, mx.array], packed: bool) -> Flux2TransformerConfig:
+    """`config` if given, else the folder's config.json (a diffusers one beside a single
+    file), else inferred from the tensor shapes (not for packed tensors)."""
+    if isinstance(config, Flux2TransformerConfig):
+        return config
+    if config is not None:
+        return Flux2TransformerConfig.from_dict(config)
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    if config_file.is_file():
+        d = read_json(config_file)
+        if path.is_dir() or d.get("_class_name") == DIFFUSERS_CLASS:
+            return Flux2TransformerConfig.from_dict(d, str(config_file))
+    if packed:
+        raise BonsaiError(f"{config_file} does not exist; a packed transformer needs it")
+    return infer_config(weights, path)
+
 
 
 # Black Forest Labs module name -> diffusers module name (the parameter suffix is kept,

@@ -25,6 +25,7 @@ from bonsai_mlx.models.base import BaseConfig
 from bonsai_mlx.models.vae_tiling import TileLayer, TileNorm, callables, run_layers
 from bonsai_mlx.weights import (
     check_weights,
+    load_into,
     load_weights,
     parse_dtype,
     read_json,
@@ -33,7 +34,7 @@ from bonsai_mlx.weights import (
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten
 
 # Above this many output pixels, decode/encode tile by default (2048x2048 tiles, 1024x1024
 # does not). Tiles cut the peak memory of the full-resolution layers to about two whole
@@ -294,6 +295,10 @@ class LatentBatchNorm(nn.Module):
         self.running_var = mx.ones((channels,))
 
 
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # what only `encode` needs
+WEIGHT_STEMS = ("diffusion_pytorch_model", "ae")  # diffusers' and Black Forest Labs' files
+
+
 def _encoder_modules(cfg: VAEConfig) -> dict[str, nn.Module]:
     """What `encode` adds to a VAE, by attribute name: the encoder and its quant_conv."""
     modules = {"encoder": Encoder(cfg)}
@@ -311,15 +316,17 @@ class VAE(nn.Module):
     `encoder_loaded`).
     """
 
-    def __init__(self, config: VAEConfig, dtype: mx.Dtype = mx.float32):
+    def __init__(self, config: VAEConfig, dtype: str | mx.Dtype = mx.float32):
         super().__init__()
         self.config = config
-        self.dtype = dtype
+        self.dtype = parse_dtype(dtype)
         self.decoder = Decoder(config)
         if config.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.bn = LatentBatchNorm(math.prod(config.patch_size) * config.latent_channels)
-        self._load_encoder_weights: Callable[[], dict[str, mx.array]] | None = None
+        self.set_dtype(self.dtype)
+        self.bn.set_dtype(mx.float32)  # the latent statistics stay float32
+        self.source: Path | None = None  # the checkpoint the encoder is read from
 
     @property
     def scale_factor(self) -> int:
@@ -338,72 +345,39 @@ class VAE(nn.Module):
         `path` is a folder (diffusers `config.json` + safetensors, a folder holding
         `ae.safetensors`, or a pipeline folder / Hub repo id with a `vae/` subfolder) or a
         single `.safetensors` file. Without a config.json the config is inferred from
-        tensor shapes (GroupNorm groups: 32, as in FLUX.2). Only the decoder is read now.
+        tensor shapes (GroupNorm groups: 32, as in FLUX.2). Only the decoder is read now;
+        the encoder's tensors are checked, and read by the first `encode`.
         """
-        dtype = parse_dtype(dtype)
-        local = Path(path).expanduser()
-        # A local file or folder as is; anything else is an alias or a Hub repo id.
-        path = local if local.exists() else resolve_model_path(path, allow_patterns=["vae/*"])
-        if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
-            path = path / "vae"  # a whole pipeline folder or Hub repo
-        source = path
-
-        def read() -> dict[str, mx.array]:
-            return sanitize(load_weights(source, ("diffusion_pytorch_model", "ae")))
-
-        weights = read()
-        config_file = path / "config.json" if path.is_dir() else None
-        if config_file is not None and config_file.is_file():
-            config = VAEConfig.from_dict(read_json(config_file), str(config_file))
-        else:
-            config = infer_config(weights, path)
-
-        vae = cls(config, dtype)
-        own = {k: v.shape for k, v in tree_flatten(vae.parameters())}
-        encoder_expected = {
-            f"{name}.{k}": v.shape
-            for name, module in _encoder_modules(config).items()
-            for k, v in tree_flatten(module.parameters())
-        }
-        has_encoder = any(k in weights for k in encoder_expected)
-        check_weights(weights, {**own, **encoder_expected} if has_encoder else own, source)
-
-        vae.load_weights([(k, v) for k, v in weights.items() if k in own])
-        vae._cast_weights()
-        mx.eval(vae.parameters())
-        if has_encoder:
-            vae._load_encoder_weights = read
-        del weights  # the encoder's tensors were never read from disk (mx.load is lazy)
+        path = _checkpoint_path(path)
+        weights = _read_weights(path)
+        vae = cls(_read_config(path, weights), dtype)
+        encoder = {k: v for k, v in weights.items() if k.startswith(ENCODER_PREFIXES)}
+        if encoder:
+            expected = {f"{name}.{k}": v.shape
+                        for name, module in _encoder_modules(vae.config).items()
+                        for k, v in tree_flatten(module.parameters())}
+            check_weights(encoder, expected, path)
+            vae.source = path
+        # mx.load is lazy: the encoder's tensors are never read from disk here
+        load_into(vae, {k: v for k, v in weights.items() if k not in encoder}, path)
         return vae
-
-    def _cast_weights(self) -> None:
-        """Cast every weight to the compute dtype; BatchNorm statistics stay float32."""
-        self.update(
-            tree_map_with_path(
-                lambda k, v: v.astype(mx.float32 if k.startswith("bn.") else self.dtype),
-                self.parameters(),
-            )
-        )
 
     def load_encoder(self) -> None:
         """Read the encoder and `quant_conv` from the weight files (done by `encode`)."""
         if self.encoder_loaded:
             return
-        if self._load_encoder_weights is None:
+        if self.source is None:
             raise BonsaiError(
                 "this VAE was loaded without encoder weights, so it cannot encode images; "
                 "load a checkpoint that includes the encoder"
             )
-        weights = self._load_encoder_weights()
-        modules = _encoder_modules(self.config)
-        for name, module in modules.items():
+        weights = _read_weights(self.source)
+        for name, module in _encoder_modules(self.config).items():
+            module.set_dtype(self.dtype)
+            prefix = f"{name}."
+            load_into(module, {k.removeprefix(prefix): v for k, v in weights.items()
+                               if k.startswith(prefix)}, self.source)
             setattr(self, name, module)
-        self.load_weights(
-            [(k, v.astype(self.dtype)) for k, v in weights.items()
-             if k.startswith(("encoder.", "quant_conv."))],
-            strict=False,
-        )
-        mx.eval([module.parameters() for module in modules.values()])
 
     def unload_encoder(self) -> None:
         """Drop the encoder's weights (the next `encode` reads them again)."""
@@ -584,6 +558,28 @@ def _bfl_to_diffusers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
             new = m[1]
         out[new.replace("nin_shortcut", "conv_shortcut")] = v
     return out
+
+
+def _checkpoint_path(path: str | Path) -> Path:
+    """A local file or folder as is (a pipeline folder stands for its `vae/`); anything else
+    is an alias or a Hub repo id, whose `vae/` is downloaded."""
+    local = Path(path).expanduser()
+    path = local if local.exists() else resolve_model_path(path, allow_patterns=["vae/*"])
+    if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
+        path = path / "vae"  # a whole pipeline folder or Hub repo
+    return path
+
+
+def _read_weights(path: Path) -> dict[str, mx.array]:
+    return sanitize(load_weights(path, WEIGHT_STEMS))
+
+
+def _read_config(path: Path, weights: dict[str, mx.array]) -> VAEConfig:
+    """The folder's config.json, else inferred from the tensor shapes."""
+    config_file = path / "config.json"
+    if path.is_dir() and config_file.is_file():
+        return VAEConfig.from_dict(read_json(config_file), str(config_file))
+    return infer_config(weights, path)
 
 
 def infer_config(weights: dict[str, mx.array], source: str | Path) -> VAEConfig:
