@@ -45,11 +45,16 @@ def load_image(image: ImageInput, label: str = "image") -> PIL.Image.Image:
     if not isinstance(image, (str, Path)):
         raise BonsaiError(f"an input image must be a PIL image or a path, not {type(image)}")
     path = Path(image).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise BonsaiError(f"{label} {path} does not exist; check the path")
+    if not path.is_file():  # a FIFO or a device would block or never end when read
+        raise BonsaiError(f"{label} {path} is not a regular file (a folder, FIFO or device); "
+                          "give a PNG, JPEG or WebP file")
     try:
-        img = PIL.Image.open(path)
+        img = PIL.Image.open(path)  # refuses a decompression bomb from its header
         img.load()
+    except PIL.Image.DecompressionBombError as e:
+        raise BonsaiError(f"{label} {path}: {str(e).rstrip('.')}; use a smaller image") from None
     except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise BonsaiError(
             f"{label} {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"

@@ -63,6 +63,9 @@ def write_png_exclusive(image: PIL.Image.Image, target: Path, info: PngInfo | No
             if _claim(tmp, path):
                 return path
         raise BonsaiError(f"too many numbered files beside {target}; choose another -o")
+    except OSError as e:  # the disk filled up, or the folder changed under us
+        raise BonsaiError(f"cannot write {target} ({e.strerror or e}); free some space or "
+                          "choose another -o") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -81,6 +84,13 @@ def _claim(tmp: str, path: Path) -> bool:
             return False
         os.replace(tmp, path)
         return True
+
+
+def png_size_bound(width: int, height: int) -> int:
+    """Bytes an RGB PNG of this size takes at most: raw rows (filter byte + 3 per pixel),
+    zlib's worst case and room for the chunks and metadata."""
+    raw = height * (1 + 3 * width)
+    return raw + raw // 1000 + 64 * 1024
 
 
 def png_metadata(fields: dict[str, object]) -> PngInfo:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from bonsai_mlx.checks import text
 from bonsai_mlx.errors import BonsaiError
 
 MULTIPLE = 16  # VAE factor 8 x 2x2 patch: one token per 16x16 pixels
@@ -67,7 +68,7 @@ def check_prompts(prompt: str | Sequence[str]) -> list[str]:
     if (not isinstance(prompts, (list, tuple)) or not prompts
             or not all(isinstance(p, str) for p in prompts)):
         raise BonsaiError("prompt must be a string or a non-empty list of strings")
-    return list(prompts)
+    return [text(p, "the prompt") for p in prompts]
 
 
 def negative_prompts(negative_prompt: str | Sequence[str] | None, n: int) -> list[str]:
@@ -75,10 +76,10 @@ def negative_prompts(negative_prompt: str | Sequence[str] | None, n: int) -> lis
     if negative_prompt is None:
         return [""] * n  # diffusers' Flux2KleinPipeline always uses ""
     if isinstance(negative_prompt, str):
-        return [negative_prompt] * n
+        return [text(negative_prompt, "the negative prompt")] * n
     negatives = list(negative_prompt)
     if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
         raise BonsaiError(
             f"negative_prompt must be a string or a list of {n} strings (one per prompt)"
         )
-    return negatives
+    return [text(p, "the negative prompt") for p in negatives]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import json
 import os
 import shutil
@@ -296,7 +297,33 @@ def save_safetensors(
 ) -> None:
     """Write a safetensors file atomically (temporary name, then rename)."""
     with atomic_path(Path(path)) as tmp:
-        mx.save_safetensors(str(tmp), dict(weights), metadata=dict(metadata or {}))
+        try:
+            mx.save_safetensors(str(tmp), dict(weights), metadata=dict(metadata or {}))
+        except RuntimeError as e:  # MLX reports a failed write (disk full) this way
+            raise OSError(errno.EIO, f"{e}; is the disk full?", str(path)) from e
+
+
+def check_writable(folder: str | Path, need_bytes: int = 0, *, hint: str) -> None:
+    """A BonsaiError unless files can be created in `folder` (or, if it does not exist yet,
+    in the nearest folder above it, where it will be made) and `need_bytes` fit there.
+    Run before any long work, so that a bad destination does not waste it; `hint` says
+    what to do instead ("choose another -o")."""
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BonsaiError(f"cannot write to {folder}: {existing} is a file, not a folder; {hint}")
+    try:  # the real test: permissions, read-only mounts, ACLs, quotas on inodes
+        fd, probe = tempfile.mkstemp(prefix=".bonsai-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BonsaiError(f"cannot write to {existing} ({e.strerror or e}); {hint}") from None
+    free = shutil.disk_usage(existing).free
+    if need_bytes > free:
+        raise BonsaiError(f"cannot write to {folder}: {existing} has {free:,} bytes free, "
+                          f"{need_bytes:,} are needed; free some space or {hint}")
 
 
 @contextlib.contextmanager
@@ -321,7 +348,8 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     succeeds (a failure leaves nothing behind), with a normal folder's mode.
 
     An existing `path` is an error unless `overwrite`; then it is replaced, and removed only
-    once the new folder is in place.
+    once the new folder is in place. A failed write (a full or read-only disk) is a
+    BonsaiError.
     """
     dst = Path(path).expanduser().absolute()
     existing_folder(dst, overwrite=overwrite)
@@ -337,8 +365,11 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full or read-only disk: nothing was left behind
+            raise BonsaiError(f"cannot write {dst} ({e.strerror or e}); nothing was "
+                              "written: free some space or choose another folder") from e
         raise
 
 

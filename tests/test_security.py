@@ -102,7 +102,7 @@ def test_the_tokenizer_is_loaded_without_remote_code_whatever_stdin_says(
 def test_hub_downloads_never_fetch_python_files():
     import fnmatch
 
-    from bonsai_mlx.pipeline import ALLOW_PATTERNS
+    from bonsai_mlx.layout import ALLOW_PATTERNS
 
     def fetched(name: str) -> bool:
         return any(fnmatch.fnmatch(name, p) for p in ALLOW_PATTERNS)
@@ -332,3 +332,264 @@ def test_memory_estimate_is_within_2x_of_the_measured_peak(size):
     estimate = memory.estimate_memory(memory.read_model_sizes(TINY, "float32"), size, size,
                                       dtype="float32").total
     assert 0.5 <= estimate / measured <= 2, (estimate, measured)
+
+
+# ----------------------------------------------------------------------------------------
+# 4 and 5. Faults a user causes end in one error line, and bad destinations are found
+# before the model is loaded
+
+
+def bomb_png(path: Path, side: int = 20_000) -> Path:
+    """A real decompression bomb: a side x side 1-bit PNG of zeros, 50 kB on disk, 400 MP
+    (over PIL's 179 MP limit) once decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + side // 8)
+    data = b"".join(z.compress(row) for _ in range(side)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def alarm():
+    """Fail a test that blocks (a FIFO read) instead of hanging the suite."""
+    import signal
+
+    def expired(*_):
+        raise TimeoutError("blocked for 30 s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, loading_forbidden):
+    from bonsai_mlx.images import load_image
+
+    bomb = bomb_png(tmp_path / "bomb.png")
+    assert bomb.stat().st_size < 100_000
+    result = run("gen", "-m", str(TINY), "-p", "a fox", "--image", str(bomb),
+                 "-o", str(tmp_path / "out.png"))
+    assert_user_error(result, "--image", "bomb.png", "400000000 pixels", "smaller image")
+    with pytest.raises(BonsaiError, match="bomb.png.*400000000 pixels"):
+        load_image(bomb)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_an_image_that_is_not_a_regular_file_is_refused_without_blocking(
+        tmp_path, alarm, loading_forbidden, kind):
+    import os
+
+    from bonsai_mlx.images import load_image
+
+    path = {"fifo": tmp_path / "photo.png", "device": Path("/dev/zero"),
+            "folder": tmp_path}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    result = run("gen", "-m", str(TINY), "-p", "a fox", "--image", str(path),
+                 "-o", str(tmp_path / "out.png"))
+    assert_user_error(result, str(path), "not a regular file")
+    with pytest.raises(BonsaiError, match="not a regular file"):
+        load_image(path)
+
+
+def test_a_prompt_that_is_not_utf8_is_one_error_line(tmp_path):
+    """The real command line: bytes that are not UTF-8 in argv (no CliRunner in between)."""
+    import subprocess
+
+    out = tmp_path / "out.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "bonsai_mlx.cli", "gen", "-m", str(TINY), "-p",
+         b"a \xff\xfe fox", "--size", "32x32", "--steps", "1", "-o", str(out)],
+        capture_output=True, timeout=120)
+    lines = result.stderr.decode(errors="replace").strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == ("error: --prompt is not valid UTF-8 text (0xff 0xfe at character 2); "
+                        "write it as UTF-8")
+    assert not out.exists()
+
+
+def test_text_that_is_not_utf8_is_refused_by_the_api_too():
+    from bonsai_mlx.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(TINY, dtype="float32")
+    bad = b"a \xff fox".decode("utf-8", "surrogateescape")
+    with pytest.raises(BonsaiError, match=r"the prompt is not valid UTF-8 text \(0xff"):
+        pipe.generate(bad, width=32, height=32, steps=1)
+    with pytest.raises(BonsaiError, match="the prompt is not valid UTF-8"):
+        pipe.encode_prompt(["fine", bad])
+    result = run(*gen_args(TINY, "--negative-prompt", bad))
+    assert_user_error(result, "--negative-prompt is not valid UTF-8 text (0xff")
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("config, changes, phrases", [
+    ("scheduler/scheduler_config.json", dict(num_train_timesteps="1000 steps"),
+     ["num_train_timesteps must be an integer, not '1000 steps'"]),
+    ("scheduler/scheduler_config.json", dict(shift="abc", use_dynamic_shifting=False),
+     ["shift must be a number, not 'abc'"]),
+    ("scheduler/scheduler_config.json", dict(shift=float("nan")),
+     ["shift must be a positive finite number"]),
+    ("scheduler/scheduler_config.json", dict(use_dynamic_shifting="yes"),
+     ["use_dynamic_shifting must be true or false"]),
+    ("scheduler/scheduler_config.json", dict(shift_terminal=1.5),
+     ["shift_terminal must be in [0, 1)"]),
+    ("transformer/config.json", dict(num_attention_heads=0),
+     ["num_attention_heads must be an integer >= 1, not 0"]),
+    ("transformer/config.json", dict(attention_head_dim=-16),
+     ["attention_head_dim must be an integer >= 1"]),
+    ("transformer/config.json", dict(mlp_ratio="3"), ["mlp_ratio must be a number"]),
+    ("transformer/config.json", dict(num_layers=1.5), ["num_layers must be an integer"]),
+    ("transformer/config.json", dict(axes_dims_rope=4), ["axes_dims_rope must be a list"]),
+    ("vae/config.json", dict(norm_num_groups=0), ["norm_num_groups must be an integer >= 1"]),
+    ("vae/config.json", dict(block_out_channels=[]), ["block_out_channels must be a non-empty"]),
+    ("vae/config.json", dict(norm_num_groups=5), ["block_out_channels 16 does not split"]),
+    ("text_encoder/config.json", dict(num_attention_heads=0),
+     ["num_attention_heads must be an integer >= 1"]),
+    ("text_encoder/config.json", dict(num_key_value_heads=3),
+     ["multiple of num_key_value_heads"]),
+    ("text_encoder/config.json", dict(rms_norm_eps="tiny"), ["rms_norm_eps must be a number"]),
+])
+def test_impossible_configs_are_one_error_line_naming_the_file(tmp_path, config, changes,
+                                                               phrases):
+    model = copy_model(tmp_path)
+    edit_json(model / config, **changes)
+    result = run(*gen_args(model, "-o", str(tmp_path / "out.png")))
+    assert_user_error(result, str(model / config), *phrases)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_vae_folder_without_config_json_names_it(tmp_path):
+    model = copy_model(tmp_path)
+    (model / "vae" / "config.json").unlink()
+    result = run(*gen_args(model, "-o", str(tmp_path / "out.png")))
+    assert_user_error(result, f"{model / 'vae'} has no config.json", "norm_num_groups 32",
+                      "add the VAE's config.json")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A folder nothing can be written to, even by root: a read-only tmpfs where one can be
+    mounted (root), else mode 555 (others), else every create in it fails as on one."""
+    import errno
+    import os
+    import subprocess
+    import tempfile
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs",
+                              str(folder)], capture_output=True).returncode == 0
+    if not mounted:
+        def failing(real):
+            def create(*args, dir=None, **kwargs):
+                if dir is not None and Path(dir).resolve() == folder.resolve():
+                    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dir))
+                return real(*args, dir=dir, **kwargs)
+            return create
+
+        for name in ("mkstemp", "mkdtemp"):
+            monkeypatch.setattr(tempfile, name, failing(getattr(tempfile, name)))
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 64 kB tmpfs (root only; the failing-writer tests below cover the rest)."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; the failing-writer tests cover a full disk")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_read_only_output_folder_fails_before_loading(read_only_dir, loading_forbidden):
+    result = run(*gen_args(TINY, "-o", str(read_only_dir / "out.png")))
+    assert_user_error(result, f"cannot write to {read_only_dir}", "choose another -o")
+    result = run(*gen_args(TINY, "-o", str(read_only_dir / "new" / "folder") + "/"))
+    assert_user_error(result, f"cannot write to {read_only_dir}")
+
+
+def test_a_file_used_as_output_folder_fails_before_loading(tmp_path, loading_forbidden):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = run(*gen_args(TINY, "-o", str(tmp_path / "notes.txt" / "out.png")))
+    assert_user_error(result, "notes.txt is a file, not a folder", "choose another -o")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_full_output_disk_fails_before_loading(full_disk, loading_forbidden):
+    result = run("gen", "-m", str(TINY), "-p", "a fox", "--size", "256x256",
+                 "-o", str(full_disk / "out.png"))
+    assert_user_error(result, "bytes free", "are needed", "choose another -o")
+    assert list(full_disk.iterdir()) == []
+
+
+def test_a_disk_that_fills_while_writing_the_png_is_one_error_line(tmp_path, monkeypatch):
+    """The failing writer: the space check passed, then the disk filled up."""
+    import errno
+
+    from PIL import Image
+
+    def no_space(image, fp, filename, *args):
+        fp.write(b"\x89PNG\r\n")  # part of the file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    Image.init()
+    monkeypatch.setitem(Image.SAVE, "PNG", no_space)
+    result = run(*gen_args(TINY, "-o", str(tmp_path / "out.png")))
+    assert_user_error(result, "cannot write", "out.png", "No space left on device")
+    assert list(tmp_path.iterdir()) == []  # no temporary file left either
+
+
+def test_a_read_only_convert_destination_fails_before_loading(read_only_dir, loading_forbidden):
+    result = run("convert", str(TINY), str(read_only_dir / "converted"), "-q")
+    assert_user_error(result, f"cannot write to {read_only_dir}",
+                      "choose another destination")
+
+
+def test_a_full_convert_destination_is_one_error_line_and_leaves_nothing(full_disk):
+    result = run("convert", str(TINY), str(full_disk / "converted"), "-q")
+    assert_user_error(result, f"cannot write {full_disk / 'converted'}", "nothing was written")
+    assert list(full_disk.iterdir()) == []
+
+
+def test_a_convert_whose_disk_fills_up_is_one_error_line_and_leaves_nothing(
+        tmp_path, monkeypatch):
+    import mlx.core as mx
+
+    def unable(path, *args, **kwargs):
+        raise RuntimeError(f"[write] Unable to write 1564 bytes to file {path}.")
+
+    monkeypatch.setattr(mx, "save_safetensors", unable)
+    result = run("convert", str(TINY), str(tmp_path / "converted"), "-q")
+    assert_user_error(result, f"cannot write {tmp_path / 'converted'}", "Unable to write",
+                      "is the disk full?", "nothing was written")
+    assert list(tmp_path.iterdir()) == []

@@ -152,7 +152,7 @@ def test_config_values_of_the_wrong_type_name_the_file_and_key():
         Flux2TransformerConfig.from_dict({"num_attention_heads": "24"}, "t/config.json")
     with pytest.raises(BonsaiError, match="guidance_embeds must be true or false, not 1"):
         Flux2TransformerConfig.from_dict({"guidance_embeds": 1})
-    with pytest.raises(BonsaiError, match="block_out_channels must be a list"):
+    with pytest.raises(BonsaiError, match="block_out_channels must be a non-empty list"):
         VAEConfig.from_dict({"block_out_channels": 128})
     with pytest.raises(BonsaiError, match="s.json: shift must be a number, not 'three'"):
         SchedulerConfig.from_dict({"shift": "three"}, "s.json")

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bonsai_mlx.checks import integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.request import check_prompts
 from bonsai_mlx.weights import (
@@ -319,6 +320,16 @@ def qwen3_sizes(config: dict, source: str | Path) -> tuple[int, int]:
 def qwen3_args(config: dict, source: str | Path) -> qwen3.ModelArgs:
     """mlx-lm's ModelArgs from a transformers or mlx-lm Qwen3 config.json."""
     qwen3_sizes(config, source)
+    try:  # what mlx-lm would divide by or build layers of
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size",
+                     "vocab_size", "head_dim"):
+            if name in config or name != "head_dim":
+                integer(config.get(name), name, low=1)
+        number(config.get("rms_norm_eps"), "rms_norm_eps", positive=True)
+        if config["num_attention_heads"] % config["num_key_value_heads"]:
+            raise BonsaiError("num_attention_heads must be a multiple of num_key_value_heads")
+    except BonsaiError as e:
+        raise BonsaiError(f"{source}: {e}") from None
     from mlx_lm.models import qwen3
 
     try:
