@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonsai_mlx import __version__
-from bonsai_mlx.checks import text
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.request import parse_size
+from bonsai_mlx.images import parse_size
 from bonsai_mlx.scheduler import MAX_STEPS
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import (
@@ -38,6 +37,9 @@ import click
 
 __all__ = ["ALIASES", "cli", "default_dtype", "main", "parse_size", "resolve_model"]
 DEFAULT_MODEL = "ternary"
+# What errors call the generation's settings: the options that set them.
+CLI_NAMES = {"prompt": "--prompt", "negative_prompt": "--negative-prompt",
+             "strength": "--strength", "image": "--image"}
 
 _EXIT_USER_ERROR = 2
 _EXIT_INTERRUPTED = 130
@@ -178,13 +180,6 @@ def _show_progress(quiet: bool) -> bool:
 # gen
 
 
-def _check_image(path: str) -> tuple[int, int]:
-    """Checks that --image PATH is a readable image; returns its size once prepared."""
-    from bonsai_mlx.images import load_image, prepared_size
-
-    return prepared_size(*load_image(path, "--image").size, path)
-
-
 @dataclass
 class _Progress:
     """tqdm bars on stderr for one image: encoding, each denoising step, decoding."""
@@ -257,6 +252,13 @@ def parse_lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _read_loras(specs: tuple[str, ...]) -> list:
+    """(LoraFile, scale) of each --lora PATH[:SCALE], read and checked."""
+    from bonsai_mlx.lora import read_lora
+
+    return [(read_lora(path), scale) for path, scale in map(parse_lora_spec, specs)]
+
+
 def _apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
     """Load the LoRAs read from --lora; say what each costs on stderr."""
     for lora_file, scale in lora_files:
@@ -327,85 +329,84 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     bonsai-mlx gen -m binary -p "a fox, ink style" --lora ink.safetensors:0.8
     """
     # Every check that needs no model comes first, so mistakes fail in milliseconds.
+    from bonsai_mlx.outputs import OutputPlan, png_size_bound
+    from bonsai_mlx.request import GenerationRequest
+
     width, height = parse_size(size) if size else (None, None)
     model_id = resolve_model(model)
-    if strength is not None:
-        if not 0.0 < strength <= 1.0:
-            raise BonsaiError(f"--strength {strength} is out of range; use 0 < strength <= 1 "
-                              "(lower keeps more of the input image)")
-        if len(images) != 1:
-            raise BonsaiError("--strength (image-to-image) needs exactly one --image; "
-                              f"got {len(images)}")
-    text(prompt, "--prompt")
-    if negative_prompt is not None:
-        text(negative_prompt, "--negative-prompt")
-    image_sizes = [_check_image(path) for path in images]
-    from bonsai_mlx.outputs import OutputPlan, png_metadata, png_size_bound, write_png_exclusive
-
+    request = GenerationRequest.create(
+        prompt, width=width, height=height, steps=steps, guidance=guidance,
+        negative_prompt=negative_prompt, images=list(images) or None, strength=strength,
+        tiled_vae=tile_vae, names=CLI_NAMES,
+    )
     plan = OutputPlan.from_option(output)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
-    if not seed_list:
-        seed_list = [secrets.randbelow(2**32)]
+    seed_list = seed_list or [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
-    from bonsai_mlx.lora import read_lora
-
     with _hub_progress(show):  # LoRA files are read (and checked) before the model loads
-        lora_files = [(read_lora(path), scale) for path, scale in map(parse_lora_spec, loras)]
-
-    from bonsai_mlx.layout import ALLOW_PATTERNS
-    from bonsai_mlx.memory import check_memory
-    from bonsai_mlx.pipeline import Pipeline
-    from bonsai_mlx.request import DEFAULT_SIZE
-
-    # the pipeline's own size rule: --size, else the first image's, else the default
-    first = image_sizes[0] if image_sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
-    out_width, out_height = width or first[0], height or first[1]
-    check_writable(plan.folder, len(seed_list) * png_size_bound(out_width, out_height),
+        lora_files = _read_loras(loras)
+    check_writable(plan.folder, len(seed_list) * png_size_bound(request.width, request.height),
                    hint="choose another -o")
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         t0 = time.perf_counter()
-        with _hub_progress(show):
-            root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
-        check_memory(root, out_width, out_height, dtype=dtype, tiled_vae=tile_vae,
-                     reference_sizes=tuple(image_sizes) if strength is None else ())
-        pipe = Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload)
+        pipe = _load_pipeline(model_id, revision, dtype, request, no_offload, show)
         _apply_loras(pipe, lora_files, lora_ignore_unmatched, quiet)
         load_seconds = time.perf_counter() - t0
-
         for i, seed in enumerate(seed_list):
             label = f"[{i + 1}/{len(seed_list)}] " if len(seed_list) > 1 else ""
-            progress = _Progress(show, label)
-            progress.start()
-            try:
-                image = pipe.generate(
-                    prompt, width=width, height=height, steps=steps, guidance=guidance,
-                    seed=seed, negative_prompt=negative_prompt, images=list(images) or None,
-                    strength=strength, tiled_vae=tile_vae, callback=progress.callback,
-                )
-            finally:
-                progress.close()
-            meta = {
-                "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
-                # the schedule's length (image-to-image runs only its last part)
-                "steps": steps or pipe.default_steps,
-                # distilled models ignore --guidance (the pipeline warns)
-                "guidance": pipe.default_guidance if guidance is None or pipe.is_distilled
-                else guidance,
-                "size": f"{image.width}x{image.height}", "model": model_id,
-                "strength": strength,
-                "images": ", ".join(Path(p).name for p in images) or None,
-                "loras": "; ".join(f"{_lora_label(i.source)}:{i.scale:g}"
-                                   for i in pipe.loras.values()) or None,  # as --lora takes
-                "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
-            }
-            path = write_png_exclusive(image, plan.folder / plan.name(prompt, seed),
-                                       png_metadata(meta))
+            fields = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model_id,
+                      "images": ", ".join(Path(p).name for p in images) or None}
+            path = _generate_png(pipe, request.with_seed(seed), plan, fields, label, show)
             click.echo(str(path))
             if not quiet:
                 summary = format_summary(pipe.last_timings, pipe.last_peak_memory,
                                          load_seconds if i == 0 else None)
                 click.echo(f"{label}seed {seed}: {summary}", err=True)
+
+
+def _load_pipeline(model_id: str, revision: str | None, dtype: str, request, no_offload: bool,
+                   show: bool):
+    """Download (or find) the model, check that the request fits in memory, load it."""
+    from bonsai_mlx.layout import ALLOW_PATTERNS
+    from bonsai_mlx.memory import check_memory
+    from bonsai_mlx.pipeline import Pipeline
+
+    with _hub_progress(show):
+        root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+    references = () if request.strength is not None else tuple(im.size for im in request.images)
+    check_memory(root, request.width, request.height, dtype=dtype, tiled_vae=request.tiled_vae,
+                 reference_sizes=references)
+    return Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload)
+
+
+def _generate_png(pipe, request, plan, fields: dict[str, object], label: str,
+                  show: bool) -> Path:
+    """One image, with progress bars, written as a PNG carrying its settings."""
+    from bonsai_mlx.outputs import png_metadata, write_png_exclusive
+
+    progress = _Progress(show, label)
+    progress.start()
+    try:
+        image = pipe.run(request, callback=progress.callback).output("pil")
+    finally:
+        progress.close()
+    meta = {
+        "prompt": fields["prompt"], "negative_prompt": fields["negative_prompt"],
+        "seed": request.seed,
+        # the schedule's length (image-to-image runs only its last part)
+        "steps": request.steps or pipe.default_steps,
+        # distilled models ignore --guidance (the pipeline warns)
+        "guidance": pipe.default_guidance if request.guidance is None or pipe.is_distilled
+        else request.guidance,
+        "size": f"{image.width}x{image.height}", "model": fields["model"],
+        "strength": request.strength, "images": fields["images"],
+        "loras": "; ".join(f"{_lora_label(i.source)}:{i.scale:g}"
+                           for i in pipe.loras.values()) or None,  # as --lora takes
+        "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
+    }
+    return write_png_exclusive(image, plan.folder / plan.name(fields["prompt"], request.seed),
+                               png_metadata(meta))
 
 
 # ----------------------------------------------------------------------------------------

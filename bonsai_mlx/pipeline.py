@@ -14,26 +14,17 @@ with time coordinate 10 + 10 i; they are never noised.
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bonsai_mlx import lora
-from bonsai_mlx.arrays import to_mx
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.images import (
-    LANCZOS,
-    ImageInput,
-    as_image_list,
-    image_to_array,
-    load_image,
-    prepare_image,
-    to_pil,
-)
+from bonsai_mlx.images import LANCZOS, MULTIPLE, ImageInput, image_to_array, to_pil
 from bonsai_mlx.layout import (
     ALLOW_PATTERNS,
     DIFFUSERS_COMPONENTS,
@@ -44,17 +35,11 @@ from bonsai_mlx.layout import (
     detect_layout,
 )
 from bonsai_mlx.models.text_encoder import PromptEncoder
-from bonsai_mlx.models.transformer import Flux2Transformer
+from bonsai_mlx.models.transformer import Flux2Transformer, Rope
 from bonsai_mlx.models.vae import VAE
-from bonsai_mlx.request import (
-    DEFAULT_SIZE,
-    MULTIPLE,
-    check_prompts,
-    check_size,
-    negative_prompts,
-)
+from bonsai_mlx.request import GenerationRequest, check_prompts
 from bonsai_mlx.scheduler import (
-    MAX_STEPS,
+    Schedule,
     SchedulerConfig,
     euler_step,
     img2img_start_index,
@@ -74,8 +59,10 @@ from bonsai_mlx.weights import (
 
 import mlx.core as mx
 import numpy as np
+import PIL.Image
 
 REFERENCE_TIME_STEP = 10  # reference image i gets time coordinate 10 + 10 i
+
 
 class Pipeline:
     """FLUX.2 [klein]: `from_pretrained`, `generate`, `encode_prompt`.
@@ -99,6 +86,7 @@ class Pipeline:
         self.prompt_encoder = prompt_encoder
         self.scheduler_config = scheduler_config
         self.is_distilled = bool(is_distilled)
+        self.latent_channels = transformer.config.in_channels  # of the packed 2x2 patches
         self.default_steps = 4 if self.is_distilled else 50
         self.default_guidance = 1.0 if self.is_distilled else 4.0
         self.last_timings: dict[str, float | list[float]] = {}
@@ -285,7 +273,7 @@ class Pipeline:
         callback: Callable[[int, int, mx.array], None] | None = None,
         sigmas: Sequence[float] | None = None,
         tiled_vae: bool | None = None,
-    ):
+    ) -> PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | mx.array:
         """Generate images.
 
         - `width`, `height`: multiples of 16 in [16, 4096]; default 1024, or the size of the
@@ -304,171 +292,170 @@ class Pipeline:
         - `sigmas`: a custom schedule (the configured shift still applies).
         - `tiled_vae`: force tiled (True) or untiled (False) decoding; default automatic.
         """
+        request = GenerationRequest.create(
+            prompt, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
+            latents=latents, images=images, strength=strength, negative_prompt=negative_prompt,
+            num_images=num_images, output_type=output_type, sigmas=sigmas, tiled_vae=tiled_vae,
+        )
+        return self.run(request, callback).output(request.output_type)
+
+    def run(self, request: GenerationRequest,
+            callback: Callable[[int, int, mx.array], None] | None = None) -> GenerationResult:
+        """Generate what a checked request asks for (`generate` checks its arguments into
+        one); sets `last_timings`, `last_peak_memory` and `last_seed` too."""
         t_start = time.perf_counter()
         mx.reset_peak_memory()
-        prompts = check_prompts(prompt)
-        if output_type not in ("pil", "np", "mx"):
-            raise BonsaiError(f"output_type must be 'pil', 'np' or 'mx', not {output_type!r}")
-        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
-            raise BonsaiError(f"num_images must be a positive integer, not {num_images!r}")
-        steps, guidance = self._steps_and_guidance(steps, guidance, sigmas)
-        use_cfg = guidance > 1.0 and not self.is_distilled
-        image_list = as_image_list(images)
-        if strength is not None:
-            if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-                raise BonsaiError(f"strength must be in (0, 1], not {strength!r}")
-            if len(image_list) != 1:
-                raise BonsaiError(
-                    f"image-to-image (strength) takes exactly one input image, got "
-                    f"{len(image_list)}"
-                )
-        prepared = [prepare_image(load_image(im), im) for im in image_list]
-        if prepared:
-            width = width if width is not None else prepared[0].size[0]
-            height = height if height is not None else prepared[0].size[1]
-        width = DEFAULT_SIZE if width is None else width
-        height = DEFAULT_SIZE if height is None else height
-        check_size(width, height)
-        h, w = height // MULTIPLE, width // MULTIPLE
-        batch = len(prompts) * num_images
-        noise = self._initial_noise(latents, seed, (batch, 128, h, w))  # (B, h*w, 128)
         timings: dict[str, float | list[float]] = {}
-
-        # 1. prompts (the text encoder is released by the PromptEncoder afterwards)
+        x, seed = self._sample(request, timings, callback)
+        mx.clear_cache()  # the conditioning and the transformer's activations are gone
         t0 = time.perf_counter()
-        negatives = negative_prompts(negative_prompt, len(prompts)) if use_cfg else []
-        embeds = self.prompt_encoder.encode(prompts + negatives)
-        embeds = embeds.astype(self.transformer.dtype)
-        cond = mx.repeat(embeds[: len(prompts)], num_images, axis=0)
-        uncond = mx.repeat(embeds[len(prompts):], num_images, axis=0) if use_cfg else None
-        mx.eval([a for a in (cond, uncond) if a is not None])
-        del embeds
-        txt_ids = text_ids(cond.shape[1])
+        images = self._decode(x, request)
+        timings["decode"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        result = GenerationResult(images, seed, timings, int(mx.get_peak_memory()))
+        self.last_timings, self.last_peak_memory, self.last_seed = timings, result.peak_memory, seed
+        mx.clear_cache()
+        return result
+
+    def _sample(self, request: GenerationRequest, timings: dict,
+                callback: Callable[[int, int, mx.array], None] | None,
+                ) -> tuple[mx.array, int | None]:
+        """The final packed latents (B, h*w, C) and the seed; what they were made from is
+        released on return."""
+        steps, guidance = self._steps_and_guidance(request)
+        noise, seed = self._noise(request)  # first: wrong latents fail before any encoding
+        t0 = time.perf_counter()
+        cond = self._encode(request, guidance)
         timings["encode"] = time.perf_counter() - t0
-
-        # 2. input images: editing references, or the image-to-image start
-        schedule = make_schedule(self.scheduler_config, steps, h * w, sigmas=sigmas)
-        img_ids = latent_ids(h, w)
-        refs = None
-        x = noise
-        if prepared:
-            t0 = time.perf_counter()
-            if strength is None:
-                refs, ref_ids = self._encode_references(prepared, batch)
-                img_ids = np.concatenate([img_ids, ref_ids], axis=0)
-            else:
-                # strength > 0 always leaves at least the last step to run
-                schedule = schedule.start_at(img2img_start_index(schedule.num_steps, strength))
-                init = prepared[0]
-                if init.size != (width, height):
-                    init = init.resize((width, height), LANCZOS)
-                z = self._encode_image(init)  # (1, h*w, 128)
-                x = noise_latents(z, noise, float(schedule.sigmas[0]))
-            self.vae.unload_encoder()
-            timings["images"] = time.perf_counter() - t0
-        del prepared
-
-        # 3. denoise
-        rope = self.transformer.rope_tables(img_ids, txt_ids)
-        n_tokens = h * w
-        step_times = []
-        total = schedule.num_steps
-        for i in range(total):
-            t0 = time.perf_counter()
-            inputs = x if refs is None else mx.concatenate([x, refs], axis=1)
-            t = schedule.model_timestep(i)
-            v = self.transformer(inputs, cond, t, rope=rope)[:, :n_tokens]
-            v = v.astype(mx.float32)
-            if use_cfg:
-                v_neg = self.transformer(inputs, uncond, t, rope=rope)[:, :n_tokens]
-                v_neg = v_neg.astype(mx.float32)
-                v = v_neg + guidance * (v - v_neg)
-            x = euler_step(x, v, float(schedule.sigmas[i]), float(schedule.sigmas[i + 1]))
+        start = self._start_latents(request, noise, steps, timings)
+        h, w = request.height // MULTIPLE, request.width // MULTIPLE
+        total = start.schedule.num_steps
+        step_times, x, t0 = [], start.x, time.perf_counter()
+        for i, x in enumerate(self._denoise(start, cond, guidance), start=1):
             mx.eval(x)
             step_times.append(time.perf_counter() - t0)
             if callback is not None:
-                callback(i + 1, total, unpack_latents(x, h, w))
+                callback(i, total, unpack_latents(x, h, w))
+            t0 = time.perf_counter()
         timings["steps"] = step_times
-        del cond, uncond, refs, rope, inputs, v
-        mx.clear_cache()
+        return x, seed
 
-        # 4. decode, one image at a time (peak memory of one decode)
+    def _steps_and_guidance(self, request: GenerationRequest) -> tuple[int, float | None]:
+        """Steps and the classifier-free guidance scale (None: no CFG) on this model."""
+        steps = self.default_steps if request.steps is None else request.steps
+        guidance = self.default_guidance if request.guidance is None else request.guidance
+        if self.is_distilled and request.guidance is not None and request.guidance > 1.0:
+            warnings.warn(
+                f"guidance {request.guidance} is ignored: this model is guidance-distilled "
+                "(is_distilled in model_index.json)", stacklevel=5,
+            )
+        return steps, guidance if guidance > 1.0 and not self.is_distilled else None
+
+    def _noise(self, request: GenerationRequest) -> tuple[mx.array, int | None]:
+        """Seeded noise (B, C, h, w), or the request's latents, packed to (B, h*w, C) float32;
+        and the seed (None for given latents)."""
+        c = self.latent_channels
+        b, h, w = request.batch, request.height // MULTIPLE, request.width // MULTIPLE
+        if request.latents is not None:
+            if tuple(request.latents.shape) != (b, c, h, w):
+                raise BonsaiError(
+                    f"latents must have shape {(b, c, h, w)} (batch, {c}, height/16, "
+                    f"width/16), got {tuple(request.latents.shape)}"
+                )
+            latents, seed = request.latents, None
+        else:
+            seed = secrets.randbelow(2**32) if request.seed is None else request.seed
+            latents = mx.random.normal((b, c, h, w), dtype=mx.float32, key=mx.random.key(seed))
+        return mx.contiguous(latents.transpose(0, 2, 3, 1).reshape(b, h * w, c)), seed
+
+    def _encode(self, request: GenerationRequest, guidance: float | None) -> Conditioning:
+        """The prompts' embeddings, num_images times each (and the negative prompts' for
+        classifier-free guidance); the PromptEncoder releases the text encoder after."""
+        n = len(request.prompts)
+        negatives = list(request.negative_prompts) if guidance is not None else []
+        embeds = self.prompt_encoder.encode(list(request.prompts) + negatives)
+        embeds = embeds.astype(self.transformer.dtype)
+        positive = mx.repeat(embeds[:n], request.num_images, axis=0)
+        negative = mx.repeat(embeds[n:], request.num_images, axis=0) if negatives else None
+        mx.eval([a for a in (positive, negative) if a is not None])
+        return Conditioning(positive, negative, text_ids(positive.shape[1]))
+
+    def _start_latents(self, request: GenerationRequest, noise: mx.array, steps: int,
+                       timings: dict) -> StartLatents:
+        """Where denoising starts: the noise, or with input images the editing references
+        beside it, or for image-to-image the noised image at the schedule's first sigma."""
+        h, w = request.height // MULTIPLE, request.width // MULTIPLE
+        schedule = make_schedule(self.scheduler_config, steps, h * w, sigmas=request.sigmas)
+        start = StartLatents(noise, None, latent_ids(h, w), schedule)
+        if not request.images:
+            return start
         t0 = time.perf_counter()
-        packed = x.reshape(batch, h, w, -1)
+        if request.strength is None:
+            refs, ref_ids = self._encode_references(request.images, request.batch)
+            start = dataclasses.replace(start, refs=refs,
+                                        ids=np.concatenate([start.ids, ref_ids], axis=0))
+        else:
+            # strength > 0 always leaves at least the last step to run
+            schedule = schedule.start_at(img2img_start_index(schedule.num_steps,
+                                                             request.strength))
+            init = request.images[0]
+            if init.size != (request.width, request.height):
+                init = init.resize((request.width, request.height), LANCZOS)
+            x = noise_latents(self._encode_image(init), noise, float(schedule.sigmas[0]))
+            start = dataclasses.replace(start, x=x, schedule=schedule)
+        self.vae.unload_encoder()
+        timings["images"] = time.perf_counter() - t0
+        return start
+
+    def _denoise(self, start: StartLatents, cond: Conditioning,
+                 guidance: float | None) -> Iterator[mx.array]:
+        """The sampler, driven by the caller: RoPE once, then per step the velocity (with
+        classifier-free guidance when `guidance`), an Euler step, and the latents yielded
+        unevaluated, (B, h*w, C) float32."""
+        rope = self.transformer.rope_tables(start.ids, cond.ids)
+        x, schedule, n = start.x, start.schedule, start.x.shape[1]
+        for i in range(schedule.num_steps):
+            inputs = x if start.refs is None else mx.concatenate([x, start.refs], axis=1)
+            t = schedule.model_timestep(i)
+            v = self._velocity(inputs, cond.positive, t, rope, n)
+            if guidance is not None:
+                v_neg = self._velocity(inputs, cond.negative, t, rope, n)
+                v = v_neg + guidance * (v - v_neg)
+            x = euler_step(x, v, float(schedule.sigmas[i]), float(schedule.sigmas[i + 1]))
+            yield x
+
+    def _velocity(self, inputs: mx.array, context: mx.array, t: float, rope: Rope,
+                  n: int) -> mx.array:
+        """The transformer's prediction for the n image tokens, float32."""
+        return self.transformer(inputs, context, t, rope=rope)[:, :n].astype(mx.float32)
+
+    def _decode(self, x: mx.array, request: GenerationRequest) -> mx.array:
+        """Packed latents -> images (B, H, W, 3) float32 in [0, 1], one image at a time (the
+        peak memory of one decode)."""
+        h, w = request.height // MULTIPLE, request.width // MULTIPLE
+        packed = x.reshape(request.batch, h, w, -1)
         out = []
-        for b in range(batch):
+        for b in range(request.batch):
             z = self.vae.denormalize_latents(packed[b : b + 1])
-            img = self.vae.decode(z, tiled=tiled_vae).astype(mx.float32)
+            img = self.vae.decode(z, tiled=request.tiled_vae).astype(mx.float32)
             img = mx.clip(img * 0.5 + 0.5, 0.0, 1.0)
             mx.eval(img)
             out.append(img)
         result = mx.concatenate(out, axis=0) if len(out) > 1 else out[0]
         mx.eval(result)
-        timings["decode"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - t_start
-        self.last_timings = timings
-        self.last_peak_memory = int(mx.get_peak_memory())
-        mx.clear_cache()
+        return result
 
-        if output_type == "mx":
-            return result
-        arr = np.array(result)
-        if output_type == "np":
-            return arr
-        return to_pil(arr)
-
-    # ---- helpers --------------------------------------------------------------------
-
-    def _steps_and_guidance(self, steps, guidance, sigmas) -> tuple[int, float]:
-        if sigmas is not None:
-            n = len(sigmas)
-            if steps is not None and steps != n:
-                raise BonsaiError(f"steps={steps} but {n} sigmas were given; pass one of them")
-            steps = n
-        if steps is None:
-            steps = self.default_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-            raise BonsaiError(f"steps must be an integer in 1..{MAX_STEPS}, not {steps!r}")
-        if guidance is None:
-            guidance = self.default_guidance
-        elif not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise BonsaiError(f"guidance must be a number, not {guidance!r}")
-        elif self.is_distilled and guidance > 1.0:
-            warnings.warn(
-                f"guidance {guidance} is ignored: this model is guidance-distilled "
-                "(is_distilled in model_index.json)", stacklevel=3,
-            )
-        return steps, float(guidance)
-
-    def _initial_noise(self, latents, seed, shape) -> mx.array:
-        """(B, 128, h, w) noise or given latents -> packed (B, h*w, 128) float32."""
-        if latents is not None:
-            latents = to_mx(latents, mx.float32)
-            if tuple(latents.shape) != shape:
-                raise BonsaiError(
-                    f"latents must have shape {shape} (batch, 128, height/16, width/16), got "
-                    f"{tuple(latents.shape)}"
-                )
-            self.last_seed = None
-        else:
-            if seed is None:
-                seed = secrets.randbelow(2**32)
-            elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-                raise BonsaiError(f"seed must be a non-negative integer, not {seed!r}")
-            self.last_seed = seed
-            latents = mx.random.normal(shape, dtype=mx.float32, key=mx.random.key(seed))
-        b, c, h, w = shape
-        return mx.contiguous(latents.transpose(0, 2, 3, 1).reshape(b, h * w, c))
-
-    def _encode_image(self, image) -> mx.array:
-        """A prepared PIL image -> normalised packed latents (1, h*w, 128)."""
+    def _encode_image(self, image: PIL.Image.Image) -> mx.array:
+        """A prepared PIL image -> normalised packed latents (1, h*w, C)."""
         x = mx.array(image_to_array(image))[None]  # (1, H, W, 3) in [-1, 1]
         p = self.vae.normalize_latents(self.vae.encode(x).astype(mx.float32))
         p = p.astype(mx.float32)
         mx.eval(p)
         return p.reshape(1, -1, p.shape[-1])
 
-    def _encode_references(self, images, batch: int) -> tuple[mx.array, np.ndarray]:
+    def _encode_references(self, images: Sequence[PIL.Image.Image],
+                           batch: int) -> tuple[mx.array, np.ndarray]:
+        """Editing references as tokens (B, n, C) and their ids, time 10 + 10 i for image i."""
         tokens, ids = [], []
         for i, image in enumerate(images):
             tokens.append(self._encode_image(image)[0])
@@ -478,6 +465,43 @@ class Pipeline:
         refs = mx.concatenate(tokens, axis=0)
         refs = mx.broadcast_to(refs[None], (batch, *refs.shape))
         return refs, np.concatenate(ids, axis=0)
+
+
+@dataclass
+class Conditioning:
+    """The prompts as the transformer reads them."""
+
+    positive: mx.array  # (B, L, joint_attention_dim), the transformer's dtype
+    negative: mx.array | None  # the negative prompts', with classifier-free guidance
+    ids: np.ndarray  # (L, 4) text position ids
+
+
+@dataclass
+class StartLatents:
+    """Where denoising starts."""
+
+    x: mx.array  # (B, h*w, C) float32 packed latents
+    refs: mx.array | None  # (B, n, C) editing reference tokens, never noised
+    ids: np.ndarray  # position ids of the image tokens, then the references'
+    schedule: Schedule
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What `Pipeline.run` made."""
+
+    images: mx.array  # (B, H, W, 3) float32 in [0, 1]
+    seed: int | None  # None when the request gave latents
+    timings: dict[str, float | list[float]]  # seconds: encode, images, steps, decode, total
+    peak_memory: int  # bytes
+
+    def output(self, output_type: str = "pil"
+               ) -> PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | mx.array:
+        """"pil": an image, or a list for a batch; "np": float32 (B, H, W, 3); "mx"."""
+        if output_type == "mx":
+            return self.images
+        arr = np.array(self.images)
+        return arr if output_type == "np" else to_pil(arr)
 
 
 def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = None) -> None:

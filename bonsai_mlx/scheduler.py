@@ -13,9 +13,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonsai_mlx.checks import flag, integer, number
+from bonsai_mlx.checks import BaseConfig, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.models.base import BaseConfig
 from bonsai_mlx.weights import read_json
 
 import mlx.core as mx

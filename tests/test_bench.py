@@ -5,8 +5,8 @@ import math
 
 from bonsai_mlx import bench
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.images import parse_size
 from bonsai_mlx.models.text_encoder import QWEN3_4B
-from bonsai_mlx.request import parse_size
 
 import pytest
 from click.testing import CliRunner

@@ -8,7 +8,7 @@ from typing import Any
 from bonsai_mlx.bench.report import format_table
 from bonsai_mlx.bench.runner import DEFAULT_PROMPT, run_bench
 from bonsai_mlx.bench.synthetic import SYNTHETIC_KINDS
-from bonsai_mlx.request import parse_size
+from bonsai_mlx.images import parse_size
 
 import click
 

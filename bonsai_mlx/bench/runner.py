@@ -31,10 +31,10 @@ from bonsai_mlx.bench.memory import MemorySampler
 from bonsai_mlx.bench.report import SCHEMA
 from bonsai_mlx.bench.synthetic import synthetic_pipeline
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.images import check_size
 from bonsai_mlx.layout import payload
 from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import BinaryLinear, TernaryLinear
-from bonsai_mlx.request import check_size
 from bonsai_mlx.weights import parse_dtype, read_json
 
 import click

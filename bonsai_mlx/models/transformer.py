@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from bonsai_mlx.arrays import to_mx, to_numpy
-from bonsai_mlx.checks import flag, integer, number
+from bonsai_mlx.checks import BaseConfig, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.models.base import BaseConfig
 from bonsai_mlx.quant.layers import PACKED_LINEAR
 from bonsai_mlx.quant.loading import (
     QUANT_CONFIG,

@@ -19,10 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bonsai_mlx.checks import flag, integer, number
+from bonsai_mlx.checks import BaseConfig, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models import vae_tiling
-from bonsai_mlx.models.base import BaseConfig
 from bonsai_mlx.models.vae_tiling import TileLayer, TileNorm, callables, run_layers
 from bonsai_mlx.weights import (
     check_weights,
