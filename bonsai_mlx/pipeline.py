@@ -35,7 +35,7 @@ from bonsai_mlx.layout import (
     detect_layout,
 )
 from bonsai_mlx.models.text_encoder import PromptEncoder
-from bonsai_mlx.models.transformer import Flux2Transformer, Rope
+from bonsai_mlx.models.transformer import ContextMemo, Flux2Transformer, Rope
 from bonsai_mlx.models.vae import VAE
 from bonsai_mlx.request import GenerationRequest, check_prompts
 from bonsai_mlx.scheduler import (
@@ -413,21 +413,23 @@ class Pipeline:
         classifier-free guidance when `guidance`), an Euler step, and the latents yielded
         unevaluated, (B, h*w, C) float32."""
         rope = self.transformer.rope_tables(start.ids, cond.ids)
+        memo = ContextMemo()  # the text projections, computed once per prompt
         x, schedule, n = start.x, start.schedule, start.x.shape[1]
         for i in range(schedule.num_steps):
             inputs = x if start.refs is None else mx.concatenate([x, start.refs], axis=1)
             t = schedule.model_timestep(i)
-            v = self._velocity(inputs, cond.positive, t, rope, n)
+            v = self._velocity(inputs, cond.positive, t, rope, memo, n)
             if guidance is not None:
-                v_neg = self._velocity(inputs, cond.negative, t, rope, n)
+                v_neg = self._velocity(inputs, cond.negative, t, rope, memo, n)
                 v = v_neg + guidance * (v - v_neg)
             x = euler_step(x, v, float(schedule.sigmas[i]), float(schedule.sigmas[i + 1]))
             yield x
 
     def _velocity(self, inputs: mx.array, context: mx.array, t: float, rope: Rope,
-                  n: int) -> mx.array:
+                  memo: ContextMemo, n: int) -> mx.array:
         """The transformer's prediction for the n image tokens, float32."""
-        return self.transformer(inputs, context, t, rope=rope)[:, :n].astype(mx.float32)
+        v = self.transformer(inputs, context, t, rope=rope, context_memo=memo)
+        return v[:, :n].astype(mx.float32)
 
     def _decode(self, x: mx.array, request: GenerationRequest) -> mx.array:
         """Packed latents -> images (B, H, W, 3) float32 in [0, 1], one image at a time (the
