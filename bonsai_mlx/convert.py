@@ -37,7 +37,7 @@ from bonsai_mlx.quant import (
     quantize_dense_layers,
     quantize_model,
 )
-from bonsai_mlx.quant.model import get_module
+from bonsai_mlx.quant.model import get_module, packed_format
 from bonsai_mlx.weights import (
     check_writable,
     checkpoint_float_dtype,
@@ -84,12 +84,6 @@ class ConversionReport:
         return "\n".join(rows)
 
 
-def _packed_format(model: Flux2Transformer) -> str | None:
-    formats = {m.format for _, m in model.named_modules()
-               if isinstance(m, tuple(PACKED_LINEAR.values()))}
-    return formats.pop() if len(formats) == 1 else None
-
-
 def pack_transformer(model: Flux2Transformer, fmt: str) -> str:
     """Pack the transformer's binary / ternary layers in place. Returns the method: exact
     (every layer then checked to decode to its original weight) or absmean, with a
@@ -134,12 +128,7 @@ def convert(
     `echo` receives progress lines and the byte table (None: silent). Returns the report.
     """
     say = echo or (lambda _: None)
-    if fmt is not None and fmt not in PACKED_LINEAR:
-        raise BonsaiError(f"unknown format {fmt!r}; use 'binary' or 'ternary'")
-    if dense_bits not in DENSE_BITS:
-        raise BonsaiError(f"dense_bits must be 16 or 8, not {dense_bits!r}")
-    if text_encoder_bits not in TEXT_ENCODER_BITS:
-        raise BonsaiError(f"text_encoder_bits must be 3, 4, 8 or 16, not {text_encoder_bits!r}")
+    _check_options(fmt, dense_bits, text_encoder_bits)
     dst = Path(dst).expanduser()
     local = Path(resolve_model(src))  # a repo id is checked once downloaded (save_pretrained)
     check_destination(dst, overwrite=overwrite, sources=[local] if local.exists() else [])
@@ -147,14 +136,35 @@ def convert(
     root = resolve_model_path(src, revision=revision, allow_patterns=ALLOW_PATTERNS)
     layout = detect_layout(root)
     before = payload(root)
-    transformer_dir = root / LAYOUTS[layout]["transformer"]
     # The checkpoint's own float dtype: fp16 / bf16 values load (and save) unchanged.
-    dtype = checkpoint_float_dtype(transformer_dir)
+    dtype = checkpoint_float_dtype(root / LAYOUTS[layout]["transformer"])
     say(f"loading {root} ({layout}, {str(dtype).removeprefix('mlx.core.')})")
     pipe = Pipeline.from_pretrained(root, dtype=dtype)
+    have = packed_format(pipe.transformer)
+    have = have if have in PACKED_LINEAR else None
+    method = _pack(pipe.transformer, src, have, fmt, dense_bits, layout, say)
+    say(f"writing {dst} (text encoder {text_encoder_bits}-bit, trimmed to layer "
+        f"{max(pipe.prompt_encoder.out_layers)})")
+    out = pipe.save_pretrained(dst, overwrite=overwrite, text_encoder_bits=text_encoder_bits,
+                               transformer_dtype=dtype)
+    report = ConversionReport(root, out, have or fmt or "dense", method, before, payload(out))
+    say(f"transformer: {report.format}, {report.method}")
+    say(report.table())
+    return report
 
-    model = pipe.transformer
-    have = _packed_format(model)
+
+def _check_options(fmt: str | None, dense_bits: int, text_encoder_bits: int) -> None:
+    if fmt is not None and fmt not in PACKED_LINEAR:
+        raise BonsaiError(f"unknown format {fmt!r}; use 'binary' or 'ternary'")
+    if dense_bits not in DENSE_BITS:
+        raise BonsaiError(f"dense_bits must be 16 or 8, not {dense_bits!r}")
+    if text_encoder_bits not in TEXT_ENCODER_BITS:
+        raise BonsaiError(f"text_encoder_bits must be 3, 4, 8 or 16, not {text_encoder_bits!r}")
+
+
+def _pack(model: Flux2Transformer, src: str | Path, have: str | None, fmt: str | None,
+          dense_bits: int, layout: str, say: Callable[[str], None]) -> str:
+    """Pack the transformer as asked (in place); returns how (`ConversionReport.method`)."""
     if have is not None:
         if fmt is not None and fmt != have:
             raise BonsaiError(f"{src} is already {have}-packed; it cannot become {fmt} "
@@ -167,23 +177,15 @@ def convert(
             method = pack_transformer(model, fmt)
         for w in caught:
             say(f"warning: {w.message}")
-            warnings.warn(str(w.message), w.category, stacklevel=2)
+            warnings.warn(str(w.message), w.category, stacklevel=3)
+    elif dense_bits == 8:
+        raise BonsaiError("dense_bits=8 needs a packed transformer: pass a format "
+                          "(--format binary or ternary)")
     else:
-        if dense_bits == 8:
-            raise BonsaiError("dense_bits=8 needs a packed transformer: pass a format "
-                              "(--format binary or ternary)")
         method = "unchanged"
     if dense_bits == 8:
         quantize_dense_layers(model, 8)
-
-    say(f"writing {dst} (text encoder {text_encoder_bits}-bit, trimmed to layer "
-        f"{max(pipe.prompt_encoder.out_layers)})")
-    out = pipe.save_pretrained(dst, overwrite=overwrite, text_encoder_bits=text_encoder_bits,
-                               transformer_dtype=dtype)
-    report = ConversionReport(root, out, have or fmt or "dense", method, before, payload(out))
-    say(f"transformer: {report.format}, {report.method}")
-    say(report.table())
-    return report
+    return method
 
 
 # ---- command line -------------------------------------------------------------------------

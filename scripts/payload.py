@@ -32,7 +32,8 @@ from bonsai_mlx.models.text_encoder import (  # noqa: E402
     QWEN3_4B,
     Qwen3Encoder,
 )
-from bonsai_mlx.models.vae import VAE, Encoder, VAEConfig  # noqa: E402
+from bonsai_mlx.models.vae import VAE, VAEConfig  # noqa: E402
+from bonsai_mlx.models.vae_layers import Encoder  # noqa: E402
 
 import footprint  # noqa: E402
 import mlx.core as mx  # noqa: E402

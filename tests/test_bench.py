@@ -7,6 +7,7 @@ from bonsai_mlx import bench
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import parse_size
 from bonsai_mlx.models.text_encoder import QWEN3_4B
+from bonsai_mlx.quant import packed_format
 
 import pytest
 from click.testing import CliRunner
@@ -205,7 +206,7 @@ def test_precision_is_read_from_the_loaded_layers(kind, precision):
     import mlx.core as mx
 
     model = bench.synthetic_transformer(kind, mx.float32, tiny=True)
-    assert bench.model_precision(model) == precision
+    assert packed_format(model) == precision
 
 
 def test_text_encoder_flops_by_hand(tiny_records):

@@ -11,7 +11,7 @@ from bonsai_mlx.bench.flops import roofline, text_encoder_flops, transformer_flo
 from bonsai_mlx.bench.machine import backend, machine_info, peak_tflops
 from bonsai_mlx.bench.memory import MemorySampler
 from bonsai_mlx.bench.report import SCHEMA, format_table
-from bonsai_mlx.bench.runner import BenchTarget, load_target, model_precision, run_bench
+from bonsai_mlx.bench.runner import BenchTarget, load_target, run_bench
 from bonsai_mlx.bench.synthetic import (
     SYNTHETIC_KINDS,
     shipped_bytes,
@@ -22,7 +22,7 @@ from bonsai_mlx.bench.synthetic import (
 
 __all__ = [
     "SCHEMA", "SYNTHETIC_KINDS", "BenchTarget", "MemorySampler", "backend", "bench_command",
-    "format_table", "load_target", "machine_info", "model_precision", "peak_tflops",
+    "format_table", "load_target", "machine_info", "peak_tflops",
     "roofline", "run_bench", "shipped_bytes", "synthetic_pipeline", "synthetic_transformer",
     "synthetic_vae", "text_encoder_flops", "transformer_flops",
 ]

@@ -34,12 +34,11 @@ from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import check_size
 from bonsai_mlx.layout import payload
 from bonsai_mlx.pipeline import Pipeline
-from bonsai_mlx.quant import BinaryLinear, TernaryLinear
+from bonsai_mlx.quant import packed_format
 from bonsai_mlx.weights import parse_dtype, read_json
 
 import click
 import mlx.core as mx
-import mlx.nn as nn
 
 DEFAULT_SIZES = ((512, 512), (1024, 1024))
 TINY_SIZES = ((64, 64),)
@@ -85,7 +84,7 @@ def load_target(
     pipe = Pipeline.from_pretrained(model, dtype=dtype)  # aliases resolve there
     on_disk = payload(pipe.source, weights_only=True)  # the folder it was loaded from
     return BenchTarget(
-        pipe, model, model_precision(pipe.transformer), dtype_name(dtype),
+        pipe, model, packed_format(pipe.transformer), dtype_name(dtype),
         {c: on_disk[c] for c in WEIGHT_COMPONENTS}, "files",
         pipe.prompt_encoder.max_sequence_length, False,
     )
@@ -94,17 +93,6 @@ def load_target(
 def dtype_name(dtype: str | mx.Dtype) -> str:
     """'bfloat16', 'float32', ...: the dtype's name ("auto" resolved)."""
     return str(parse_dtype(dtype)).rsplit(".", 1)[-1]
-
-
-def model_precision(transformer: nn.Module) -> str:
-    """'binary', 'ternary', 'mlx-affine' or 'dense': what the loaded transformer's linear
-    layers are (whatever folder layout they came from)."""
-    kinds = {type(m) for _, m in transformer.named_modules()}
-    for cls, name in ((BinaryLinear, "binary"), (TernaryLinear, "ternary"),
-                      (nn.QuantizedLinear, "mlx-affine")):
-        if cls in kinds:
-            return name
-    return "dense"
 
 
 def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: str,

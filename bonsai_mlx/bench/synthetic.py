@@ -22,7 +22,8 @@ from bonsai_mlx.models.text_encoder import (
     should_dequantize,
 )
 from bonsai_mlx.models.transformer import Flux2Transformer, Flux2TransformerConfig
-from bonsai_mlx.models.vae import VAE, Encoder, VAEConfig
+from bonsai_mlx.models.vae import VAE, VAEConfig
+from bonsai_mlx.models.vae_layers import Encoder
 from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import use_packed_layers
 from bonsai_mlx.quant.model import get_module

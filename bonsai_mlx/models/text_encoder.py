@@ -601,31 +601,36 @@ def save_text_encoder(
             f"{source} is already MLX affine {quantization.get('bits')}-bit; saving it at {bits} "
             f"bits would not be lossless: use {quantization.get('bits')} bits for it"
         )
-    dtype = checkpoint_float_dtype(source)
-    model = load_qwen3_encoder(source, keep, dtype)
-
+    model = load_qwen3_encoder(source, keep, checkpoint_float_dtype(source))
     out = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    if quantization is not None:
-        out["quantization"] = out["quantization_config"] = quantization
-    elif bits != 16:
+    if quantization is None and bits != 16:
         from mlx_lm.utils import quantize_model
 
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints bits per weight
             model, quantized = quantize_model(model, {}, QUANTIZE_GROUP_SIZE, bits)
-        out["quantization"] = out["quantization_config"] = quantized["quantization"]
+        quantization = quantized["quantization"]
+    if quantization is not None:
+        out["quantization"] = out["quantization_config"] = quantization
     if keep < args.num_hidden_layers or TRUNCATED_KEY in config:
-        previous = config.get(TRUNCATED_KEY) or {}
-        out[TRUNCATED_KEY] = {
-            "source_num_hidden_layers": previous.get("source_num_hidden_layers",
-                                                     args.num_hidden_layers),
-            "out_layers": out_layers,
-        }
-        out["num_hidden_layers"] = keep
-        if isinstance(out.get("layer_types"), list):
-            out["layer_types"] = out["layer_types"][:keep]
-        if isinstance(out.get("max_window_layers"), int):
-            out["max_window_layers"] = min(out["max_window_layers"], keep)
+        out.update(_truncated_config(config, args.num_hidden_layers, keep, out_layers))
     weights = dict(tree_flatten(model.parameters()))
     save_safetensors(folder / "model.safetensors", weights, metadata={"format": "mlx"})
     write_json(folder / "config.json", out)
+    return out
+
+
+def _truncated_config(config: dict, num_layers: int, keep: int, out_layers: list[int]) -> dict:
+    """The config.json entries of an encoder cut after `keep` of `num_layers` layers."""
+    previous = config.get(TRUNCATED_KEY) or {}
+    out = {
+        TRUNCATED_KEY: {
+            "source_num_hidden_layers": previous.get("source_num_hidden_layers", num_layers),
+            "out_layers": out_layers,
+        },
+        "num_hidden_layers": keep,
+    }
+    if isinstance(config.get("layer_types"), list):
+        out["layer_types"] = config["layer_types"][:keep]
+    if isinstance(config.get("max_window_layers"), int):
+        out["max_window_layers"] = min(config["max_window_layers"], keep)
     return out

@@ -308,12 +308,6 @@ class Flux2Transformer(nn.Module):
 
     # -- saving ---------------------------------------------------------------------------
 
-    @property
-    def is_packed(self) -> bool:
-        """Whether binary / ternary layers replace the dense ones."""
-        packed_types = tuple(PACKED_LINEAR.values())
-        return any(isinstance(m, packed_types) for _, m in self.named_modules())
-
     def save_pretrained(self, folder: str | Path, *, dtype: str | mx.Dtype | None = None) -> dict:
         """Write a diffusers-style `transformer/` folder: config.json and
         diffusion_pytorch_model.safetensors, plus quantization_config.json when the model is

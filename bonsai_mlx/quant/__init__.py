@@ -28,6 +28,7 @@ from bonsai_mlx.quant.loading import (
 )
 from bonsai_mlx.quant.model import (
     packable_layers,
+    packed_format,
     quantize_dense_layers,
     quantize_model,
     use_packed_layers,
@@ -40,7 +41,8 @@ __all__ = [
     "is_binary_valued", "is_ternary_valued",
     "pack_binary", "unpack_binary", "pack_ternary", "unpack_ternary",
     "quantize_binary", "quantize_ternary",
-    "packable_layers", "quantize_model", "use_packed_layers", "quantize_dense_layers",
+    "packable_layers", "packed_format", "quantize_model", "use_packed_layers",
+    "quantize_dense_layers",
     "apply_packed_layout", "load_packed_transformer_weights", "packed_layout",
     "packed_quantization_config", "read_quantization_config",
     "save_packed_transformer_weights",

@@ -30,6 +30,16 @@ def packable_layers(model: nn.Module, paths: Sequence[str] | None = None) -> lis
     return list(listed())
 
 
+def packed_format(model: nn.Module) -> str:
+    """What a loaded model's linear layers are: "binary" or "ternary" (packed), else
+    "mlx-affine" (stock `nn.QuantizedLinear`), else "dense" (whatever folder they came from)."""
+    kinds = {type(m) for _, m in model.named_modules()}
+    for name, cls in (*PACKED_LINEAR.items(), ("mlx-affine", nn.QuantizedLinear)):
+        if cls in kinds:
+            return name
+    return "dense"
+
+
 def get_module(model: nn.Module, path: str):
     """The sub-module at a dotted path (`a.b.0.c`), or BonsaiError naming the path."""
     m = model
