@@ -370,7 +370,15 @@ class Pipeline:
                 v_neg = v_neg.astype(mx.float32)
                 v = v_neg + guidance * (v - v_neg)
             x = euler_step(x, v, float(schedule.sigmas[i]), float(schedule.sigmas[i + 1]))
-            mx.eval(x)
+            finite = mx.isfinite(x).all()  # one reduction: never decode NaN into an image
+            mx.eval(x, finite)
+            if not finite.item():
+                raise BonsaiError(
+                    f"step {i + 1} of {total} produced non-finite latents (NaN or infinity); "
+                    + (f"lower the guidance ({guidance:g}) or " if use_cfg else "")
+                    + f"use another dtype than {str(self.transformer.dtype).split('.')[-1]} "
+                    "(float32 is the most robust)"
+                )
             step_times.append(time.perf_counter() - t0)
             if callback is not None:
                 callback(i + 1, total, unpack_latents(x, h, w))
@@ -385,8 +393,15 @@ class Pipeline:
         for b in range(batch):
             z = self.vae.denormalize_latents(packed[b : b + 1])
             img = self.vae.decode(z, tiled=tiled_vae).astype(mx.float32)
+            finite = mx.isfinite(img).all()
             img = mx.clip(img * 0.5 + 0.5, 0.0, 1.0)
-            mx.eval(img)
+            mx.eval(img, finite)
+            if not finite.item():
+                raise BonsaiError(
+                    f"decoding image {b + 1} produced non-finite pixels (NaN or infinity); use "
+                    f"another dtype than {str(self.vae.dtype).split('.')[-1]} (float32 is the "
+                    "most robust)"
+                )
             out.append(img)
         result = mx.concatenate(out, axis=0) if len(out) > 1 else out[0]
         mx.eval(result)
@@ -436,6 +451,8 @@ class Pipeline:
                     f"latents must have shape {shape} (batch, 128, height/16, width/16), got "
                     f"{tuple(latents.shape)}"
                 )
+            if not mx.isfinite(latents).all().item():
+                raise BonsaiError("latents contain NaN or infinity")
             self.last_seed = None
         else:
             if seed is None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.text_encoder import PromptEncoder
 
+import numpy as np
 import pytest
 from test_cli import assert_user_error, run
 
@@ -593,3 +594,88 @@ def test_a_convert_whose_disk_fills_up_is_one_error_line_and_leaves_nothing(
     assert_user_error(result, f"cannot write {tmp_path / 'converted'}", "Unable to write",
                       "is the disk full?", "nothing was written")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Non-finite latents stop with the step named; no NaN image is ever written
+
+
+def test_an_overflowing_guidance_stops_with_the_step_and_writes_no_png(tmp_path):
+    """float16 overflows to infinity, then NaN: before, a black PNG and exit 0."""
+    out = tmp_path / "out.png"
+    result = run("gen", "-m", str(FIXTURES / "pipeline" / "base"), "-p", "a fox", "--size",
+                 "32x32", "--steps", "3", "--seed", "1", "--dtype", "float16",
+                 "--guidance", "1e38", "-o", str(out))
+    assert_user_error(result, "step 2 of 3 produced non-finite latents",
+                      "lower the guidance (1e+38)", "another dtype than float16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_first_non_finite_step_is_named(monkeypatch):
+    """The transformer's prediction turns to NaN at the second step of three."""
+    from bonsai_mlx.pipeline import Pipeline
+
+    import mlx.core as mx
+
+    pipe = Pipeline.from_pretrained(TINY, dtype="float32")
+    calls = []
+    real = type(pipe.transformer).__call__
+
+    def nan_from_the_second_call(self, *args, **kwargs):
+        calls.append(1)
+        out = real(self, *args, **kwargs)
+        return out * mx.array(float("nan")) if len(calls) == 2 else out
+
+    monkeypatch.setattr(type(pipe.transformer), "__call__", nan_from_the_second_call)
+    with pytest.raises(BonsaiError, match=r"^step 2 of 3 produced non-finite latents.*"
+                                          r"use another dtype than float32"):
+        pipe.generate("a fox", width=32, height=32, steps=3, seed=0)
+    with pytest.raises(BonsaiError, match="latents contain NaN"):
+        pipe.generate("a fox", width=32, height=32, steps=1,
+                      latents=np.full((1, 128, 2, 2), np.nan, np.float32))
+
+
+def test_a_non_finite_decode_is_refused(monkeypatch):
+    from bonsai_mlx.pipeline import Pipeline
+
+    import mlx.core as mx
+
+    pipe = Pipeline.from_pretrained(TINY, dtype="float32")
+    real = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, **kw: real(z, **kw) / mx.array(0.0))
+    with pytest.raises(BonsaiError, match="decoding image 1 produced non-finite pixels"):
+        pipe.generate("a fox", width=32, height=32, steps=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ternary_model(tmp_path_factory) -> Path:
+    """A tiny pipeline converted to bonsai-mlx's ternary format."""
+    from bonsai_mlx.convert import convert
+
+    from bonsai_packs import dense_transformer_weights, write_unpacked
+
+    root = tmp_path_factory.mktemp("ternary")
+    unpacked = write_unpacked(root / "unpacked", dense_transformer_weights("ternary", seed=2))
+    return convert(unpacked, root / "ternary", "ternary", echo=None).destination
+
+
+def test_a_ternary_byte_of_243_or_more_is_refused(tmp_path, ternary_model):
+    from bonsai_mlx.pipeline import Pipeline
+
+    import mlx.core as mx
+
+    model = copy_model(tmp_path, "corrupt", ternary_model)
+    weights_file = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = dict(mx.load(str(weights_file)))
+    name = "single_transformer_blocks.1.attn.to_out.weight"
+    assert tensors[name].dtype == mx.uint8 and tensors[name].max().item() < 243
+    Pipeline.from_pretrained(model, dtype="float32")  # loads before the corruption
+    packed = np.array(tensors[name])
+    packed[3, 1] = 250
+    tensors[name] = mx.array(packed)
+    mx.save_safetensors(str(weights_file), tensors, metadata={"format": "mlx"})
+    with pytest.raises(BonsaiError, match=f"{name} holds the byte 250.*corrupt"):
+        Pipeline.from_pretrained(model, dtype="float32")
+    result = run(*gen_args(model, "-o", str(tmp_path / "out.png")))
+    assert_user_error(result, name, "byte 250", "< 243")
+    assert not (tmp_path / "out.png").exists()
