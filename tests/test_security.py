@@ -679,3 +679,99 @@ def test_a_ternary_byte_of_243_or_more_is_refused(tmp_path, ternary_model):
     result = run(*gen_args(model, "-o", str(tmp_path / "out.png")))
     assert_user_error(result, name, "byte 250", "< 243")
     assert not (tmp_path / "out.png").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# 7. The prompt cache: keyed on the weights' bytes, checked on read, never fatal
+
+
+def flip_weight_signs(weights_file: Path, tensor: str) -> None:
+    """Change a tensor's values in place: same file size, same header, same names."""
+    import os
+    import struct
+
+    from bonsai_mlx.weights import read_safetensors_header
+
+    info = read_safetensors_header(weights_file)[tensor]
+    raw = bytearray(weights_file.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    start, stop = (8 + n + o for o in info["data_offsets"])
+    size = {"F32": 4, "F16": 2, "BF16": 2}[info["dtype"]]
+    for i in range(start + size - 1, stop, size):
+        raw[i] ^= 0x80  # the sign bit of each little-endian value
+    stat = weights_file.stat()
+    weights_file.write_bytes(bytes(raw))
+    os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def encoder_of(model: Path, cache: Path) -> PromptEncoder:
+    return PromptEncoder(model / "text_encoder", model / "tokenizer", dtype="float32",
+                         max_sequence_length=24, cache_dir=cache)
+
+
+def test_new_weights_with_the_same_sizes_and_headers_miss_the_cache(tmp_path):
+    from bonsai_mlx.weights import read_safetensors_header
+
+    model = copy_model(tmp_path)
+    weights_file = model / "text_encoder" / "model.safetensors"
+    old = np.array(encoder_of(model, tmp_path / "cache").encode("a fox"))
+    header = read_safetensors_header(weights_file)
+    flip_weight_signs(weights_file, "model.embed_tokens.weight")
+    assert read_safetensors_header(weights_file) == header
+    fresh = encoder_of(model, tmp_path / "cache")
+    new = np.array(fresh.encode("a fox"))
+    assert fresh.loads == 1 and not np.array_equal(new, old)
+    uncached = PromptEncoder(model / "text_encoder", model / "tokenizer", dtype="float32",
+                             max_sequence_length=24)
+    np.testing.assert_array_equal(new, np.array(uncached.encode("a fox")))
+
+
+def test_weights_are_hashed_once_per_file_and_process(tmp_path, monkeypatch):
+    import bonsai_mlx.weights as weights
+
+    model = copy_model(tmp_path)
+    hashed = []
+    real = weights._hash_file
+    monkeypatch.setattr(weights, "_DIGESTS", {})
+    monkeypatch.setattr(weights, "_hash_file", lambda path: hashed.append(path) or real(path))
+    for _ in range(3):
+        encoder_of(model, tmp_path / "cache").encode("a fox")
+    assert hashed == [(model / "text_encoder" / "model.safetensors").resolve()]
+
+
+@pytest.mark.parametrize("damage", ["one byte", "garbage", "truncated", "empty"])
+def test_a_corrupt_cache_entry_warns_is_recomputed_and_rewritten(tmp_path, damage):
+    model = copy_model(tmp_path)
+    cache = tmp_path / "cache"
+    right = np.array(encoder_of(model, cache).encode("a fox"))
+    (entry,) = cache.glob("*.safetensors")
+    raw = bytearray(entry.read_bytes())
+    if damage == "one byte":
+        raw[-7] ^= 0x40  # a value in the data, the header intact
+    entry.write_bytes({"one byte": bytes(raw), "garbage": b"not a safetensors file",
+                       "truncated": bytes(raw[:-100]), "empty": b""}[damage])
+    second = encoder_of(model, cache)
+    with pytest.warns(UserWarning, match=f"prompt cache entry {entry} is unusable"):
+        again = np.array(second.encode("a fox"))
+    assert second.loads == 1
+    np.testing.assert_array_equal(again, right)
+    third = encoder_of(model, cache)  # rewritten: a clean hit, no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(np.array(third.encode("a fox")), right)
+    assert third.loads == 0
+
+
+def test_a_read_only_cache_folder_keeps_generating(read_only_dir):
+    from bonsai_mlx.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(TINY, dtype="float32", prompt_cache_dir=read_only_dir)
+    with pytest.warns(UserWarning, match=f"cannot write the prompt cache in {read_only_dir}"):
+        image = pipe.generate("a fox", width=32, height=32, steps=1, seed=0, output_type="np")
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    plain = Pipeline.from_pretrained(TINY, dtype="float32")
+    np.testing.assert_array_equal(
+        image, plain.generate("a fox", width=32, height=32, steps=1, seed=0, output_type="np"))
+    assert not list(read_only_dir.iterdir())
