@@ -31,6 +31,7 @@ from bonsai_mlx.weights import (
     SAFETENSORS_DTYPE_NAMES,
     check_writable,
     default_dtype,
+    normal_mode,
     read_json,
     read_safetensors_header,
     resolve_model,
@@ -288,6 +289,7 @@ def write_png_exclusive(image, target: Path, info) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        normal_mode(tmp)  # mkstemp made it private; an image is an ordinary file
         for i in range(100_000):
             path = target if i == 0 else target.with_name(f"{target.stem}-{i}{target.suffix}")
             if _claim(tmp, path):
@@ -486,13 +488,16 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                 )
             finally:
                 progress.close()
+            # distilled models ignore --guidance, and without guidance --negative-prompt
+            # is ignored too (the pipeline warns): the metadata records what was used
+            used_guidance = (pipe.default_guidance if guidance is None or pipe.is_distilled
+                             else guidance)
             meta = {
-                "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+                "prompt": prompt, "seed": seed,
+                "negative_prompt": negative_prompt if used_guidance > 1.0 else None,
                 # the schedule's length (image-to-image runs only its last part)
                 "steps": steps or pipe.default_steps,
-                # distilled models ignore --guidance (the pipeline warns)
-                "guidance": pipe.default_guidance if guidance is None or pipe.is_distilled
-                else guidance,
+                "guidance": used_guidance,
                 "size": f"{image.width}x{image.height}", "model": model_id,
                 "strength": strength,
                 "images": ", ".join(Path(p).name for p in images) or None,

@@ -775,3 +775,168 @@ def test_a_read_only_cache_folder_keeps_generating(read_only_dir):
     np.testing.assert_array_equal(
         image, plain.generate("a fox", width=32, height=32, steps=1, seed=0, output_type="np"))
     assert not list(read_only_dir.iterdir())
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Small ones: file modes, stale temporary folders, the notebook, ignored negative
+# prompts, numpy numbers
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_pngs_get_the_mode_the_umask_gives(tmp_path, umask):
+    import os
+
+    previous = os.umask(umask)
+    try:
+        result = run(*gen_args(TINY, "-o", str(tmp_path / "out.png"), "-q"))
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def run_cli_process(*args: str):
+    """The command line in a new process: a next run, as a user makes one."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "bonsai_mlx.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_killed_conversion_leaves_no_partial_folder_after_the_next_run(tmp_path):
+    import signal
+    import subprocess
+
+    killed = subprocess.Popen([sys.executable, "-c", f"""
+import time
+import bonsai_mlx.pipeline as pipeline
+def hang(*args, **kwargs):
+    print("writing", flush=True)
+    time.sleep(300)
+pipeline.save_vae_files = hang
+from bonsai_mlx.convert import convert
+convert({str(TINY)!r}, {str(tmp_path / "out")!r}, echo=None)
+"""], stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline() == "writing\n"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    (partial,) = tmp_path.iterdir()
+    assert partial.name.startswith(f".out.partial-{killed.pid}-")
+    result = run_cli_process("convert", str(TINY), str(tmp_path / "out"), "-q")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_only_our_stale_temporary_folders_are_cleaned(tmp_path):
+    import os
+    import time
+
+    from bonsai_mlx.weights import remove_stale_temp_dirs
+
+    dead, past = dead_pid(), time.time() - 3600
+    ours_dead = tmp_path / f".model.partial-{dead}-abc123"
+    ours_alive = tmp_path / f".model.partial-{os.getpid()}-abc123"
+    not_ours = [tmp_path / ".model.partial-abc123", tmp_path / f".model.backup-{dead}-abc",
+                tmp_path / "model.partial-1-abc", tmp_path / ".config"]
+    for folder in (ours_dead, ours_alive, *not_ours):
+        (folder / "data").mkdir(parents=True)
+    link = tmp_path / f".other.partial-{dead}-abc123"
+    link.symlink_to(tmp_path / ".config")
+    file = tmp_path / f".file.partial-{dead}-abc123"
+    file.write_text("a file, not our folder")
+    recent = tmp_path / f".model.partial-{dead}-new123"  # newer than this process
+    (recent / "data").mkdir(parents=True)
+    for p in (ours_dead, ours_alive, *not_ours, file):
+        os.utime(p, (past, past))
+    assert remove_stale_temp_dirs(tmp_path) == [ours_dead]
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {p.name for p in (ours_alive, *not_ours, link, file, recent)}
+    assert (tmp_path / ".config" / "data").is_dir()  # the link's target is untouched
+
+
+def test_a_stale_old_folder_is_put_back_when_its_replacement_never_arrived(tmp_path):
+    import os
+    import time
+
+    from bonsai_mlx.weights import remove_stale_temp_dirs
+
+    dead, past = dead_pid(), time.time() - 3600
+    old = tmp_path / f".model.old-{dead}-abc123"
+    (old / "model").mkdir(parents=True)
+    (old / "model" / "model_index.json").write_text("{}")
+    os.utime(old, (past, past))
+    remove_stale_temp_dirs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (tmp_path / "model" / "model_index.json").read_text() == "{}"
+
+
+def test_the_notebook_installs_from_this_checkout():
+    notebook = Path(__file__).parents[1] / "examples" / "quickstart.ipynb"
+    cells = json.loads(notebook.read_text())["cells"]
+    installs = [line.strip() for c in cells if c["cell_type"] == "code"
+                for line in c["source"] if line.lstrip().startswith("%pip")]
+    assert len(installs) == 1, installs
+    target = installs[0].split()[-1]
+    assert "-e" in installs[0].split() and not target.startswith("bonsai")
+    root = (notebook.parent / target).resolve()
+    assert 'name = "bonsai-mlx"' in (root / "pyproject.toml").read_text()
+
+
+def test_a_negative_prompt_on_a_distilled_model_warns_and_is_not_recorded(tmp_path):
+    from bonsai_mlx.pipeline import Pipeline
+
+    from PIL import Image
+
+    out = tmp_path / "out.png"
+    result = run(*gen_args(TINY, "--negative-prompt", "blurry", "-o", str(out)))
+    assert result.exit_code == 0, result.output
+    assert "warning: negative_prompt is ignored" in result.stderr
+    assert "guidance-distilled" in result.stderr
+    with Image.open(out) as im:
+        assert "negative_prompt" not in im.text
+    base = Pipeline.from_pretrained(FIXTURES / "pipeline" / "base", dtype="float32")
+    with pytest.warns(UserWarning, match="guidance 1 <= 1 uses none"):
+        base.generate("a fox", width=32, height=32, steps=1, guidance=1.0,
+                      negative_prompt="blurry")
+
+
+def test_a_negative_prompt_that_is_used_is_recorded(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out.png"
+    result = run(*gen_args(FIXTURES / "pipeline" / "base", "--negative-prompt", "blurry",
+                           "-o", str(out)))
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+    with Image.open(out) as im:
+        assert im.text["negative_prompt"] == "blurry"
+
+
+def test_numpy_numbers_are_numbers():
+    from bonsai_mlx.pipeline import Pipeline
+
+    from PIL import Image
+
+    pipe = Pipeline.from_pretrained(TINY, dtype="float32")
+    image = Image.new("RGB", (64, 64), (100, 50, 20))
+
+    def make(**kw):
+        return pipe.generate("a fox", output_type="np", **kw)
+
+    np.testing.assert_array_equal(
+        make(width=np.int64(32), height=np.int32(32), steps=np.int64(2), seed=np.uint32(3),
+             num_images=np.int8(1), guidance=np.float32(1.0)),
+        make(width=32, height=32, steps=2, seed=3, num_images=1, guidance=1.0))
+    np.testing.assert_array_equal(
+        make(images=[image], strength=np.float32(0.5), steps=2, seed=0),
+        make(images=[image], strength=0.5, steps=2, seed=0))
+    for bad in (dict(width=np.float64(32.0)), dict(steps=np.True_), dict(strength=np.nan)):
+        with pytest.raises(BonsaiError):
+            make(**{"width": 32, "height": 32, "steps": 1, **bad})
