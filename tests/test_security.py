@@ -940,3 +940,21 @@ def test_numpy_numbers_are_numbers():
     for bad in (dict(width=np.float64(32.0)), dict(steps=np.True_), dict(strength=np.nan)):
         with pytest.raises(BonsaiError):
             make(**{"width": 32, "height": 32, "steps": 1, **bad})
+
+
+def test_security_md_names_what_exists():
+    """SECURITY.md points at code (`bonsai_mlx.pipeline.check_destination`, ...) and tests:
+    each must exist, so the page cannot drift from what is checked."""
+    import importlib
+    import re
+
+    root = Path(__file__).parents[1]
+    page = (root / "SECURITY.md").read_text()
+    dotted = set(re.findall(r"`(bonsai_mlx(?:\.\w+)+)`", page))
+    assert {"bonsai_mlx.pipeline.check_destination", "bonsai_mlx.pipeline.ALLOW_PATTERNS"} <= dotted
+    for name in dotted:
+        module, _, attr = name.rpartition(".")
+        assert hasattr(importlib.import_module(module), attr), name
+    for path in re.findall(r"`((?:bonsai_mlx|tests|docs)/[\w/.]+)`", page):
+        assert (root / path).exists(), path
+    assert "[SECURITY.md](SECURITY.md)" in (root / "README.md").read_text()
