@@ -79,6 +79,7 @@ def _usage_message(e: click.ClickException) -> str:
 _LAZY_COMMANDS = {
     "bench": "Benchmark seconds per stage, memory and footprint (`bench --help`)",
     "convert": "Convert a model to packed binary / ternary weights (`convert --help`)",
+    "doctor": "Check this machine: Metal kernels, BLAS, compilers, cached models",
 }
 
 
@@ -396,6 +397,37 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     click.echo(f"warning: {message}", err=True)
 
 
+def parse_lora_spec(text: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` -> (path, scale); a suffix that is not a number belongs to the path."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
+    """Load the LoRAs read from --lora; say what each costs on stderr."""
+    for lora_file, scale in lora_files:
+        pipe.load_lora(lora_file, scale=scale, ignore_unmatched=ignore_unmatched)
+    for info in [] if quiet else pipe.loras.values():
+        click.echo(f"LoRA {info.name} ({info.format}): scale {info.scale:g}, rank "
+                   f"{'/'.join(map(str, info.ranks))}, {info.layers} layers, "
+                   f"{_human(info.bytes)}", err=True)
+
+
+def _lora_label(source: str) -> str:
+    """A LoRA's file name, or `owner/name/file` for one from the Hub cache (PNG metadata
+    names no local folders)."""
+    parts = Path(source).parts
+    if "snapshots" in parts and parts.index("snapshots") >= 1:  # <cache>/models--o--n/...
+        repo = parts[parts.index("snapshots") - 1].removeprefix("models--").replace("--", "/")
+        return f"{repo}/{Path(source).name}"
+    return Path(source).name
+
+
 @cli.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-p", "--prompt", required=True, help="What to draw (or, with --image, the edit).")
 @click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
@@ -426,10 +458,16 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 @click.option("--tile-vae/--no-tile-vae", default=None,
               help="Decode in tiles (less memory) [default: automatic by size].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="LoRA .safetensors file, folder or Hub repo id (owner/name[/file]), scale "
+                   "1 by default; repeat for several.")
+@click.option("--lora-ignore-unmatched", is_flag=True,
+              help="Skip LoRA layers this model lacks (default: an error listing them).")
 @quiet_option
 @verbose_option
 def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
-        images, strength, dtype, no_offload, tile_vae, revision, quiet) -> None:
+        images, strength, dtype, no_offload, tile_vae, revision, loras, lora_ignore_unmatched,
+        quiet) -> None:
     """Generate images from a prompt (text-to-image, editing, image-to-image).
 
     \b
@@ -437,6 +475,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     bonsai-mlx gen -m binary -p "a red fox" --size 768x512 --seed 1 --seed 2 -o fox.png
     bonsai-mlx gen -p "make it night" --image photo.png
     bonsai-mlx gen -p "an oil painting" --image photo.png --strength 0.6
+    bonsai-mlx gen -m binary -p "a fox, ink style" --lora ink.safetensors:0.8
     """
     # Every check that needs no model comes first, so mistakes fail in milliseconds.
     width, height = parse_size(size) if size else (None, None)
@@ -457,6 +496,10 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     if not seed_list:
         seed_list = [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
+    from bonsai_mlx.lora import read_lora
+
+    with _hub_progress(show):  # LoRA files are read (and checked) before the model loads
+        lora_files = [(read_lora(path), scale) for path, scale in map(parse_lora_spec, loras)]
 
     from bonsai_mlx.memory import check_memory
     from bonsai_mlx.pipeline import ALLOW_PATTERNS, DEFAULT_SIZE, Pipeline
@@ -474,6 +517,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         check_memory(root, out_width, out_height, dtype=dtype, tiled_vae=tile_vae,
                      reference_sizes=tuple(image_sizes) if strength is None else ())
         pipe = Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload)
+        _apply_loras(pipe, lora_files, lora_ignore_unmatched, quiet)
         load_seconds = time.perf_counter() - t0
 
         for i, seed in enumerate(seed_list):
@@ -501,6 +545,8 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                 "size": f"{image.width}x{image.height}", "model": model_id,
                 "strength": strength,
                 "images": ", ".join(Path(p).name for p in images) or None,
+                "loras": "; ".join(f"{_lora_label(i.source)}:{i.scale:g}"
+                                   for i in pipe.loras.values()) or None,  # as --lora takes
                 "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
             }
             path = write_png_exclusive(image, plan.folder / plan.name(prompt, seed),
@@ -673,11 +719,17 @@ def _model_folder(model: str, revision: str | None) -> tuple[Path, str]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @verbose_option
 def info(model, revision, as_json) -> None:
-    """Components, storage formats and sizes of MODEL (a folder, or a cached alias / repo).
+    """Components, storage formats and sizes of MODEL (a folder, or a cached alias / repo),
+    or the format, ranks and layers of a LoRA file (MODEL ending in .safetensors).
 
-    Reads only safetensors headers and file sizes: no weights are loaded, nothing is
+    Reads only safetensors headers and file sizes (a LoRA file is read whole): nothing is
     downloaded.
     """
+    if model.endswith(".safetensors") and Path(model).expanduser().is_file():
+        from bonsai_mlx.lora import read_lora
+
+        _lora_info(read_lora(model), as_json)
+        return
     folder, name = _model_folder(model, revision)
     comps = describe_folder(folder)
     if not comps:
@@ -705,6 +757,29 @@ def info(model, revision, as_json) -> None:
     for c in comps:
         click.echo(f"{c.name:<{width}}  {c.format:<{fwidth}}  {c.bytes:>15,}  {_human(c.bytes)}")
     click.echo(f"{'total':<{width}}  {'':<{fwidth}}  {total:>15,}  {_human(total)}")
+
+
+def _lora_info(lora_file, as_json: bool) -> None:
+    info = lora_file.summary()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['file']}  (LoRA, {info['format']} format)")
+    click.echo(f"  layers      {len(info['layers'])} transformer layers from "
+               f"{info['file_layers']} in the file, rank {'/'.join(map(str, info['ranks']))}")
+    click.echo(f"  parameters  {info['parameters']:,} ({', '.join(info['dtypes'])}, "
+               f"{_human(info['bytes'])})")
+    if info["text_encoder_tensors"]:
+        click.echo(f"  ignored     {info['text_encoder_tensors']} text-encoder tensors "
+                   "(FLUX.2 LoRAs apply to the transformer)")
+    if info["unknown_tensors"]:
+        click.echo(f"  unknown     {len(info['unknown_tensors'])} tensors of no known layer, "
+                   f"e.g. {info['unknown_tensors'][0]}")
+    width = max((len(layer["module"]) for layer in info["layers"]), default=5)
+    click.echo(f"{'layer':<{width}}  rank  alpha/rank  in -> out")
+    for layer in info["layers"]:
+        click.echo(f"{layer['module']:<{width}}  {layer['rank']:>4}  {layer['scaling']:>10.4g}  "
+                   f"{layer['in']} -> {layer['out']}")
 
 
 # ----------------------------------------------------------------------------------------

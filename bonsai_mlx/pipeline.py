@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bonsai_mlx import lora
 from bonsai_mlx.checks import integer, number, text
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.text_encoder import PromptEncoder
@@ -194,6 +195,9 @@ class Pipeline:
         if self.source is None:
             raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
                               "files are unknown; load it from a folder to save it")
+        if self.loras:
+            raise BonsaiError(f"LoRAs are loaded ({', '.join(self.loras)}); unload_lora() "
+                              "first, or fuse_lora() on a dense model to save them merged")
         check_writable(dst.parent, hint="choose another folder")
         try:
             with atomic_dir(dst, replace=overwrite) as tmp:
@@ -236,6 +240,38 @@ class Pipeline:
     def encode_prompt(self, prompt: str | Sequence[str]) -> mx.array:
         """Prompt(s) -> embeddings (B, 512, 3 * text hidden size), as diffusers."""
         return self.prompt_encoder.encode(_check_prompts(prompt))
+
+    # ---- LoRA adapters (bonsai_mlx.lora) ----------------------------------------------
+
+    def load_lora(self, path_or_repo_id: str | Path, scale: float = 1.0, name: str | None = None,
+                  weight_name: str | None = None, *, revision: str | None = None,
+                  ignore_unmatched: bool = False) -> str:
+        """Apply a FLUX.2 LoRA to the transformer, unmerged (dense, 1-bit and ternary
+        models alike); returns its name (default: the file's stem). `path_or_repo_id`: a
+        .safetensors file, a folder, a Hugging Face repo id (`weight_name` picks the file
+        when it holds several) or a `lora.LoraFile` already read. Formats: diffusers/PEFT,
+        BFL/ai-toolkit, kohya. See README "LoRA adapters"."""
+        return lora.load_lora(self.transformer, path_or_repo_id, scale=scale, name=name,
+                              weight_name=weight_name, revision=revision,
+                              ignore_unmatched=ignore_unmatched)
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        """Rescale loaded LoRAs by name (`{name: scale}`); 0 turns one off."""
+        lora.set_lora_scales(self.transformer, scales)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all; the original layers come back unchanged."""
+        lora.unload_lora(self.transformer, name)
+
+    def fuse_lora(self) -> list[str]:
+        """Merge the loaded LoRAs into a dense transformer's weights (faster steps; a packed
+        model refuses). Permanent: reload the model to undo."""
+        return lora.fuse_lora(self.transformer)
+
+    @property
+    def loras(self) -> dict[str, lora.LoraInfo]:
+        """Loaded LoRAs by name: source, format, scale, ranks, layers, bytes."""
+        return lora.lora_infos(self.transformer)
 
     # ---- generation -----------------------------------------------------------------
 
