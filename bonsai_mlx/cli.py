@@ -392,14 +392,16 @@ def _generate_png(pipe, request, plan, fields: dict[str, object], label: str,
         image = pipe.run(request, callback=progress.callback).output("pil")
     finally:
         progress.close()
+    # distilled models ignore --guidance, and without guidance --negative-prompt is ignored
+    # too (the pipeline warns): the metadata records what was used
+    guidance = (pipe.default_guidance if request.guidance is None or pipe.is_distilled
+                else request.guidance)
     meta = {
-        "prompt": fields["prompt"], "negative_prompt": fields["negative_prompt"],
-        "seed": request.seed,
+        "prompt": fields["prompt"], "seed": request.seed,
+        "negative_prompt": fields["negative_prompt"] if guidance > 1.0 else None,
         # the schedule's length (image-to-image runs only its last part)
         "steps": request.steps or pipe.default_steps,
-        # distilled models ignore --guidance (the pipeline warns)
-        "guidance": pipe.default_guidance if request.guidance is None or pipe.is_distilled
-        else request.guidance,
+        "guidance": guidance,
         "size": f"{image.width}x{image.height}", "model": fields["model"],
         "strength": request.strength, "images": fields["images"],
         "loras": "; ".join(f"{_lora_label(i.source)}:{i.scale:g}"

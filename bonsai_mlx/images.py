@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import TypeAlias
 
+from bonsai_mlx.checks import integer
 from bonsai_mlx.errors import BonsaiError
 
 import numpy as np
@@ -22,11 +23,11 @@ MIN_SIZE, MAX_SIZE = 16, 4096  # per side, pixels
 DEFAULT_SIZE = 1024  # per side, without a size or an input image
 
 
-def check_size(width: int, height: int) -> None:
-    """Multiples of 16 within [MIN_SIZE, MAX_SIZE]; the error suggests valid sizes."""
+def check_size(width: int, height: int) -> tuple[int, int]:
+    """Multiples of 16 within [MIN_SIZE, MAX_SIZE], as Python ints; the error suggests valid
+    sizes."""
+    width, height = integer(width, "width"), integer(height, "height")
     for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise BonsaiError(f"{name} must be an integer number of pixels, not {v!r}")
         if not MIN_SIZE <= v <= MAX_SIZE:
             raise BonsaiError(f"{name} {v} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
     bad = [(n, v) for n, v in (("width", width), ("height", height)) if v % MULTIPLE]
@@ -38,6 +39,7 @@ def check_size(width: int, height: int) -> None:
 
         parts = ", ".join(f"{n} {v} (nearest valid: {near(v)})" for n, v in bad)
         raise BonsaiError(f"width and height must be multiples of {MULTIPLE}: {parts}")
+    return width, height
 
 
 def parse_size(text: str, option: str = "--size") -> tuple[int, int]:

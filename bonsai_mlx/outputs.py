@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.weights import normal_mode
 
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
@@ -58,6 +59,7 @@ def write_png_exclusive(image: PIL.Image.Image, target: Path, info: PngInfo | No
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        normal_mode(tmp)  # mkstemp made it private; an image is an ordinary file
         for i in range(100_000):
             path = target if i == 0 else target.with_name(f"{target.stem}-{i}{target.suffix}")
             if _claim(tmp, path):

@@ -332,13 +332,24 @@ class Pipeline:
         total = start.schedule.num_steps
         step_times, x, t0 = [], start.x, time.perf_counter()
         for i, x in enumerate(self._denoise(start, cond, guidance), start=1):
-            mx.eval(x)
+            finite = mx.isfinite(x).all()  # one reduction: never decode NaN into an image
+            mx.eval(x, finite)
+            if not finite.item():
+                raise self._non_finite(i, total, guidance)
             step_times.append(time.perf_counter() - t0)
             if callback is not None:
                 callback(i, total, unpack_latents(x, h, w))
             t0 = time.perf_counter()
         timings["steps"] = step_times
         return x, seed
+
+    def _non_finite(self, step: int, total: int, guidance: float | None) -> BonsaiError:
+        dtype = str(self.transformer.dtype).split(".")[-1]
+        return BonsaiError(
+            f"step {step} of {total} produced non-finite latents (NaN or infinity); "
+            + (f"lower the guidance ({guidance:g}) or " if guidance is not None else "")
+            + f"use another dtype than {dtype} (float32 is the most robust)"
+        )
 
     def _steps_and_guidance(self, request: GenerationRequest) -> tuple[int, float | None]:
         """Steps and the classifier-free guidance scale (None: no CFG) on this model."""
@@ -349,7 +360,13 @@ class Pipeline:
                 f"guidance {request.guidance} is ignored: this model is guidance-distilled "
                 "(is_distilled in model_index.json)", stacklevel=5,
             )
-        return steps, guidance if guidance > 1.0 and not self.is_distilled else None
+        use_cfg = guidance > 1.0 and not self.is_distilled
+        if request.negative_prompts is not None and not use_cfg:
+            why = ("this model is guidance-distilled (is_distilled in model_index.json)"
+                   if self.is_distilled else f"guidance {guidance:g} <= 1 uses none")
+            warnings.warn(f"negative_prompt is ignored: it needs classifier-free guidance, "
+                          f"and {why}", stacklevel=5)
+        return steps, guidance if use_cfg else None
 
     def _noise(self, request: GenerationRequest) -> tuple[mx.array, int | None]:
         """Seeded noise (B, C, h, w), or the request's latents, packed to (B, h*w, C) float32;
@@ -372,7 +389,8 @@ class Pipeline:
         """The prompts' embeddings, num_images times each (and the negative prompts' for
         classifier-free guidance); the PromptEncoder releases the text encoder after."""
         n = len(request.prompts)
-        negatives = list(request.negative_prompts) if guidance is not None else []
+        negatives = (list(request.negative_prompts or [""] * n)  # diffusers' default: ""
+                     if guidance is not None else [])
         embeds = self.prompt_encoder.encode(list(request.prompts) + negatives)
         embeds = embeds.astype(self.transformer.dtype)
         positive = mx.repeat(embeds[:n], request.num_images, axis=0)
@@ -440,8 +458,15 @@ class Pipeline:
         for b in range(request.batch):
             z = self.vae.denormalize_latents(packed[b : b + 1])
             img = self.vae.decode(z, tiled=request.tiled_vae).astype(mx.float32)
+            finite = mx.isfinite(img).all()  # never a NaN image written as black
             img = mx.clip(img * 0.5 + 0.5, 0.0, 1.0)
-            mx.eval(img)
+            mx.eval(img, finite)
+            if not finite.item():
+                raise BonsaiError(
+                    f"decoding image {b + 1} produced non-finite pixels (NaN or infinity); use "
+                    f"another dtype than {str(self.vae.dtype).split('.')[-1]} (float32 is the "
+                    "most robust)"
+                )
             out.append(img)
         result = mx.concatenate(out, axis=0) if len(out) > 1 else out[0]
         mx.eval(result)

@@ -71,7 +71,7 @@ class GenerationRequest:
     prompts: tuple[str, ...]
     width: int
     height: int
-    negative_prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...] | None  # None: not given ("" where CFG needs one)
     steps: int | None = None  # None: the model's default (or len(sigmas))
     guidance: float | None = None  # None: the model's default
     seed: int | None = None  # None: a random one, drawn when the request runs
@@ -122,11 +122,11 @@ class GenerationRequest:
         prepared = _prepared_images(images, strength, names)
         first = prepared[0].size if prepared else (DEFAULT_SIZE, DEFAULT_SIZE)
         width, height = first[0] if width is None else width, first[1] if height is None else height
-        check_size(width, height)
+        width, height = check_size(width, height)
         return cls(
             tuple(prompts), width, height,
-            tuple(negative_prompts(negative_prompt, len(prompts), names["negative_prompt"])),
-            steps, guidance, _seed(seed), None if latents is None else to_mx(latents, mx.float32),
+            _negatives(negative_prompt, len(prompts), names["negative_prompt"]),
+            steps, guidance, _seed(seed), _latents(latents),
             tuple(prepared), strength, num_images, output_type, sigmas, tiled_vae,
         )
 
@@ -142,10 +142,24 @@ def _steps(steps, sigmas) -> tuple[int | None, tuple[float, ...] | None]:
             raise BonsaiError(f"steps={steps} but {len(sigmas)} sigmas were given; pass one "
                               "of them")
         steps = len(sigmas)
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
-                              or not 1 <= steps <= MAX_STEPS):
-        raise BonsaiError(f"steps must be an integer in 1..{MAX_STEPS}, not {steps!r}")
+    if steps is not None:
+        steps = integer(steps, "steps", low=1, high=MAX_STEPS)
     return steps, sigmas
+
+
+def _negatives(negative_prompt, n: int, name: str) -> tuple[str, ...] | None:
+    if negative_prompt is None:
+        return None
+    return tuple(negative_prompts(negative_prompt, n, name))
+
+
+def _latents(latents) -> mx.array | None:
+    if latents is None:
+        return None
+    latents = to_mx(latents, mx.float32)
+    if not mx.isfinite(latents).all().item():
+        raise BonsaiError("latents contain NaN or infinity")
+    return latents
 
 
 def _strength(strength, name: str) -> float:
@@ -168,4 +182,7 @@ def _prepared_images(images, strength, names: Mapping[str, str]) -> list[PIL.Ima
 def _seed(seed) -> int | None:
     if seed is None:
         return None
-    return integer(seed, "seed", low=0, high=2**64 - 1)
+    seed = integer(seed, "seed", low=0)
+    if seed >= 2**64:
+        raise BonsaiError(f"seed must be below 2**64, not {seed}")
+    return seed
