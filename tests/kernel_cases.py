@@ -27,10 +27,12 @@ needs_pattern_init = pytest.mark.skipif(
     or emulator.PATTERN_INIT not in emulator.cxx_flags(emulator.compiler()),
     reason="uninitialised locals are only caught with -ftrivial-auto-var-init (g++ >= 12, clang)")
 
-# (M, N, K). GEMM: partial tiles in M and N (tile 64 x 64), N = 1, K up to 1152 (9 scale
-# groups: K > 1024 catches a scale index wrapping at 8 groups). GEMV: M = 1 .. 8, N off the
-# 32 rows per threadgroup, K = 2176 (68 binary words per row: each lane loops 3 times; 17
-# scale groups). Dequantize: N off the 8-row threadgroup, K > 1024.
+# (M, N, K). GEMM: both tile heights (32 rows for M < 64, else 64), partial tiles in M and N
+# (64 columns), N = 1, K up to 1152 (9 scale groups: K > 1024 catches a scale index wrapping at
+# 8 groups). GEMV: M = 1, 2, 3, 8 (slices of 32, 16, 16 and 8 inputs per lane), N off the
+# 8 rows per threadgroup, K = 2176 (17 scale groups; 5 steps of 512 inputs at M = 2, the last
+# one partial), lanes idle in a partial last step everywhere. Dequantize: N off the 4-row
+# threadgroup, K off the 512 inputs of a 32-lane row, K > 1024.
 GEMM_SHAPES = [(33, 64, 128), (300, 130, 384), (9, 1, 640), (64, 70, 256), (65, 65, 1152)]
 GEMV_SHAPES = [(1, 70, 384), (3, 33, 128), (8, 64, 640), (2, 33, 2176)]
 DEQUANTIZE_SHAPES = [(70, 384), (1, 128), (33, 640), (9, 1152)]

@@ -2,8 +2,9 @@
 
 No kernel is trusted on a device it has not been seen to work on. The first time a kernel
 ("gemv", "gemm", "dequantize") x format ("binary", "ternary") x activation dtype is about to
-run, it runs once on a small random problem with awkward shapes (edges in M and N, every
-loop over K) and its output is compared with the plain-MLX reference (`reference.py`). An
+run, it runs once on small random problems with awkward shapes, one per compiled variant
+(every M of the small-M kernel, both GEMM tile heights; edges in M and N, every loop over K),
+and its outputs are compared with the plain-MLX reference (`reference.py`). An
 exception (compile or launch error), a non-finite output or a mismatch beyond tolerance makes
 the kernel unusable for the process: one `KernelFallbackWarning` line names it, the MLX and
 OS versions and the chip, and its calls take the reference path (stock MLX ops only).
