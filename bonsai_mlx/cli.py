@@ -404,10 +404,14 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 @click.option("--tile-vae/--no-tile-vae", default=None,
               help="Decode in tiles (less memory) [default: automatic by size].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--tensor-parallel", is_flag=True,
+              help="Under mlx.launch: split the transformer across the processes, each image "
+                   "faster [default there: each process makes a share of the images].")
 @quiet_option
 @verbose_option
 def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
-        images, strength, dtype, no_offload, tile_vae, revision, quiet) -> None:
+        images, strength, dtype, no_offload, tile_vae, revision, tensor_parallel,
+        quiet) -> None:
     """Generate images from a prompt (text-to-image, editing, image-to-image).
 
     \b
@@ -415,6 +419,10 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     bonsai-mlx gen -m binary -p "a red fox" --size 768x512 --seed 1 --seed 2 -o fox.png
     bonsai-mlx gen -p "make it night" --image photo.png
     bonsai-mlx gen -p "an oil painting" --image photo.png --strength 0.6
+    mlx.launch --backend ring -n 2 -- bonsai-mlx gen -p "a red fox" --seeds 4
+
+    Under mlx.launch (docs/distributed.md) rank 0 writes every file, exactly as one
+    process would.
     """
     # Every check that needs no model comes first, so mistakes fail in milliseconds.
     width, height = parse_size(size) if size else (None, None)
@@ -434,17 +442,24 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         seed_list = [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
 
+    from bonsai_mlx import distributed
     from bonsai_mlx.pipeline import Pipeline
 
-    with warnings.catch_warnings():
+    group = distributed.world()  # the processes mlx.launch started; one otherwise
+    seed_list = distributed.broadcast_ints(seed_list, group)  # rank 0's random seeds
+    data_parallel = group.size() > 1 and not tensor_parallel
+    with warnings.catch_warnings(), distributed.peer_errors(group):
         warnings.showwarning = _print_warning
         t0 = time.perf_counter()
         with _hub_progress(show):
             pipe = Pipeline.from_pretrained(model_id, dtype=dtype, revision=revision,
-                                            keep_text_encoder=no_offload)
+                                            keep_text_encoder=no_offload,
+                                            tensor_parallel=tensor_parallel)
         load_seconds = time.perf_counter() - t0
+        first = [True]  # the load time goes on this process's first summary
 
-        for i, seed in enumerate(seed_list):
+        def make(job: tuple[int, int]):
+            i, seed = job
             label = f"[{i + 1}/{len(seed_list)}] " if len(seed_list) > 1 else ""
             progress = _Progress(show, label)
             progress.start()
@@ -456,6 +471,18 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                 )
             finally:
                 progress.close()
+            if not quiet and (data_parallel or group.rank() == 0):
+                summary = format_summary(pipe.last_timings, pipe.last_peak_memory,
+                                         load_seconds if first[0] else None)
+                where = f"rank {group.rank()}: " if data_parallel else ""
+                click.echo(f"{where}{label}seed {seed}: {summary}", err=True)
+            first[0] = False
+            return image
+
+        jobs = list(enumerate(seed_list))
+        for (_, seed), image in _made(jobs, make, group, data_parallel):
+            if group.rank() != 0:
+                continue  # rank 0 writes every file
             meta = {
                 "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
                 # the schedule's length (image-to-image runs only its last part)
@@ -471,10 +498,26 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
             path = write_png_exclusive(image, plan.folder / plan.name(prompt, seed),
                                        png_metadata(meta))
             click.echo(str(path))
-            if not quiet:
-                summary = format_summary(pipe.last_timings, pipe.last_peak_memory,
-                                         load_seconds if i == 0 else None)
-                click.echo(f"{label}seed {seed}: {summary}", err=True)
+
+
+def _made(jobs: list, make, group, data_parallel: bool) -> Iterator[tuple[object, object]]:
+    """(job, image) in job order on every rank. Data-parallel: each rank makes a share and
+    the uint8 pixels are gathered (no shared file system needed); otherwise every rank runs
+    every job (together, when the transformer is sharded)."""
+    if not data_parallel:
+        yield from ((job, make(job)) for job in jobs)
+        return
+    from bonsai_mlx import distributed
+
+    import mlx.core as mx
+    import numpy as np
+    from PIL import Image
+
+    def pixels(job) -> mx.array:
+        return mx.array(np.asarray(make(job)))  # (H, W, 3) uint8
+
+    for job, px in distributed.map_in_rounds(jobs, pixels, group):
+        yield job, Image.fromarray(np.array(px))
 
 
 # ----------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bonsai_mlx import distributed
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import Flux2Transformer
@@ -78,7 +79,8 @@ class Pipeline:
 
     After each `generate`, `last_timings` holds seconds per stage (`encode`, `images` when
     images were encoded, `steps` as a list, `decode`), `last_peak_memory` the peak MLX
-    memory in bytes and `last_seed` the seed used.
+    memory in bytes and `last_seed` the seed used. `parallel` says how a call is spread
+    over the ranks of `mlx.launch` (docs/distributed.md).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class Pipeline:
         self.last_peak_memory: int | None = None
         self.last_seed: int | None = None
         self.source: Path | None = None  # the folder from_pretrained read (save_pretrained)
+        self.parallel = distributed.Parallel()  # one process unless from_pretrained says so
 
     # ---- loading --------------------------------------------------------------------
 
@@ -113,6 +116,8 @@ class Pipeline:
         *,
         keep_text_encoder: bool = False,
         prompt_cache_dir: str | Path | None = None,
+        tensor_parallel: bool = False,
+        data_parallel: bool = False,
     ) -> Pipeline:
         """Load a diffusers `Flux2KleinPipeline` folder or a Bonsai MLX pack.
 
@@ -122,7 +127,14 @@ class Pipeline:
         models (`"auto"`: bfloat16 on a GPU, float32 on the CPU). The text encoder is released
         after each prompt encoding unless `keep_text_encoder`; `prompt_cache_dir` caches
         prompt embeddings on disk.
+
+        Under `mlx.launch` (docs/distributed.md), with every rank running the same calls:
+        `tensor_parallel` shards the transformer across the ranks (each image faster);
+        `data_parallel` makes `generate` split each batch (prompts x `num_images`) across
+        them. Both are no-ops in a single process.
         """
+        if tensor_parallel and data_parallel:
+            raise BonsaiError("choose tensor_parallel or data_parallel, not both")
         dtype = parse_dtype(dtype)
         root = resolve_model_path(path_or_repo_id, revision=revision,
                                   allow_patterns=ALLOW_PATTERNS)
@@ -150,6 +162,10 @@ class Pipeline:
         distilled = index.get("is_distilled", layout == "bonsai-mlx-pack")
         pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled))
         pipe.source = root
+        if tensor_parallel:
+            distributed.use_tensor_parallel(pipe)
+        elif data_parallel:
+            distributed.use_data_parallel(pipe)
         return pipe
 
     # ---- saving ---------------------------------------------------------------------
@@ -191,6 +207,9 @@ class Pipeline:
         if self.source is None:
             raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
                               "files are unknown; load it from a folder to save it")
+        if self.parallel.mode == "tensor":
+            raise BonsaiError("this pipeline holds one rank's shard of the transformer "
+                              "(tensor_parallel); load it without tensor_parallel to save it")
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
         umask = os.umask(0)
@@ -310,17 +329,20 @@ class Pipeline:
         check_size(width, height)
         h, w = height // MULTIPLE, width // MULTIPLE
         batch = len(prompts) * num_images
+        seed = self.parallel.seed(seed) if latents is None else seed  # the same on every rank
         noise = self._initial_noise(latents, seed, (batch, 128, h, w))  # (B, h*w, 128)
         timings: dict[str, float | list[float]] = {}
 
         # 1. prompts (the text encoder is released by the PromptEncoder afterwards)
         t0 = time.perf_counter()
         negatives = _negative_prompts(negative_prompt, len(prompts)) if use_cfg else []
-        embeds = self.prompt_encoder.encode(prompts + negatives)
+        embeds = self.parallel.encode(lambda: self.prompt_encoder.encode(prompts + negatives))
         embeds = embeds.astype(self.transformer.dtype)
-        cond = mx.repeat(embeds[: len(prompts)], num_images, axis=0)
-        uncond = mx.repeat(embeds[len(prompts):], num_images, axis=0) if use_cfg else None
+        rows = self.parallel.rows(batch)  # this rank's images: all unless data-parallel
+        cond = mx.repeat(embeds[: len(prompts)], num_images, axis=0)[rows]
+        uncond = mx.repeat(embeds[len(prompts):], num_images, axis=0)[rows] if use_cfg else None
         mx.eval([a for a in (cond, uncond) if a is not None])
+        noise, batch = noise[rows], rows.stop - rows.start
         del embeds
         txt_ids = text_ids(cond.shape[1])
         timings["encode"] = time.perf_counter() - t0
@@ -373,15 +395,19 @@ class Pipeline:
 
         # 4. decode, one image at a time (peak memory of one decode)
         t0 = time.perf_counter()
-        packed = x.reshape(batch, h, w, -1)
-        out = []
-        for b in range(batch):
-            z = self.vae.denormalize_latents(packed[b : b + 1])
-            img = self.vae.decode(z, tiled=tiled_vae).astype(mx.float32)
-            img = mx.clip(img * 0.5 + 0.5, 0.0, 1.0)
-            mx.eval(img)
-            out.append(img)
-        result = mx.concatenate(out, axis=0) if len(out) > 1 else out[0]
+
+        def decode() -> mx.array:
+            packed = x.reshape(batch, h, w, -1)
+            out = []
+            for b in range(batch):
+                z = self.vae.denormalize_latents(packed[b : b + 1])
+                img = self.vae.decode(z, tiled=tiled_vae).astype(mx.float32)
+                img = mx.clip(img * 0.5 + 0.5, 0.0, 1.0)
+                mx.eval(img)
+                out.append(img)
+            return mx.concatenate(out, axis=0) if len(out) > 1 else out[0]
+
+        result = self.parallel.decode(decode, len(prompts) * num_images)
         mx.eval(result)
         timings["decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
