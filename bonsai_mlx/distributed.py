@@ -90,6 +90,13 @@ def all_sum(x: mx.array, group: Group) -> mx.array:
     return y
 
 
+def _done(x: mx.array) -> mx.array:
+    """Evaluate a collective now, so that a lost peer raises here. (`np.array()` of an
+    unevaluated collective that failed returns uninitialised memory instead, MLX 0.32.)"""
+    mx.eval(x)
+    return x
+
+
 # A header describes an array another rank does not know the shape of: dtype, ndim, shape.
 _WIRE_DTYPES = (mx.uint8, mx.uint32, mx.uint64, mx.int32, mx.int64,
                 mx.float16, mx.bfloat16, mx.float32)
@@ -120,8 +127,8 @@ def broadcast(x: mx.array | None, group: Group) -> mx.array:
         return x
     root = group.rank() == 0
     header = _header(x) if root else mx.zeros(2 + _MAX_NDIM, mx.int64)
-    dtype, shape = _parse_header(np.array(mx.distributed.all_sum(header, group=group)))
-    return mx.distributed.all_sum(x if root else mx.zeros(shape, dtype), group=group)
+    dtype, shape = _parse_header(np.array(_done(mx.distributed.all_sum(header, group=group))))
+    return _done(mx.distributed.all_sum(x if root else mx.zeros(shape, dtype), group=group))
 
 
 def broadcast_ints(values: Sequence[int], group: Group) -> list[int]:
@@ -136,7 +143,7 @@ def all_gather_list(x: mx.array | None, group: Group) -> list[mx.array | None]:
     first axis), or nothing (None); the other axes and the dtype must agree."""
     if group.size() == 1:
         return [x]
-    headers = np.array(mx.distributed.all_gather(_header(x)[None], group=group))
+    headers = np.array(_done(mx.distributed.all_gather(_header(x)[None], group=group)))
     described = [_parse_header(h) for h in headers]
     known = [d for d in described if d is not None]
     if not known:
@@ -148,7 +155,7 @@ def all_gather_list(x: mx.array | None, group: Group) -> list[mx.array | None]:
     mine = mx.zeros((rows, *shape[1:]), dtype)
     if x is not None and x.shape[0]:
         mine = mx.concatenate([x, mine[x.shape[0]:]]) if x.shape[0] < rows else x
-    everything = mx.distributed.all_gather(mine, group=group)  # (size * rows, ...)
+    everything = _done(mx.distributed.all_gather(mine, group=group))  # (size * rows, ...)
     return [None if d is None else everything[i * rows: i * rows + d[1][0]]
             for i, d in enumerate(described)]
 
