@@ -58,13 +58,22 @@ def pipelines(out: Path, folder: str) -> None:
     }
     tensor = Pipeline.from_pretrained(folder, dtype="float32", tensor_parallel=True,
                                       keep_text_encoder=True)
+    decodes, decode = [0], tensor.vae.decode
+
+    def counted_decode(*args, **kwargs):
+        decodes[0] += 1
+        return decode(*args, **kwargs)
+
+    tensor.vae.decode = counted_decode
     runs["tensor"] = lambda: tensor.generate(PROMPTS[0], seed=8, **SIZE, output_type="np")
     runs["tensor-random-seed"] = lambda: tensor.generate(PROMPTS[1], **SIZE, output_type="np")
     for name, run in runs.items():
         t0 = time.perf_counter()
         np.save(out / f"{name}-rank{rank}.npy", run())
         print(f"rank {rank}: {name} {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    (out / f"seed-rank{rank}.json").write_text(json.dumps(tensor.last_seed))
+    (out / f"tensor-rank{rank}.json").write_text(json.dumps({
+        "seed": tensor.last_seed, "decodes": decodes[0],
+        "text_encoder_loads": tensor.prompt_encoder.loads}))
 
 
 def die_at(call: int, gen_args: list[str]) -> None:

@@ -365,7 +365,12 @@ def test_data_parallel_generate_matches_one_process(worker_results):
 def test_tensor_parallel_generate_matches_one_process(worker_results):
     from distributed_worker import PROMPTS, SIZE
 
-    seeds = [json.loads((worker_results / f"seed-rank{r}.json").read_text()) for r in range(2)]
+    """Rank 0 alone encodes the prompt and decodes the image; both ranks return it."""
+    stats = [json.loads((worker_results / f"tensor-rank{r}.json").read_text())
+             for r in range(2)]
+    assert [s["text_encoder_loads"] for s in stats] == [1, 0]
+    assert [s["decodes"] for s in stats] == [2, 0]
+    seeds = [s["seed"] for s in stats]
     assert seeds[0] == seeds[1] is not None  # rank 0's random seed reached rank 1
     pipe = Pipeline.from_pretrained(TINY, dtype="float32")
     refs = {
