@@ -14,7 +14,9 @@ timed runs. Each timed run gives one JSON record:
 - the roofline: FLOPs of one transformer step counted from the config, the achieved
   TFLOP/s, and the fraction of the chip's approximate peak (`PEAK_TFLOPS`);
 - the machine (chip, CPU, memory, OS, MLX version and backend, bonsai-mlx version, git
-  revision).
+  revision);
+- under `mlx.launch` (docs/distributed.md): every rank's peak memory, seconds per step and
+  seconds per step in tensor-parallel `all_sum` (`"ranks"`); rank 0 reports.
 
 Synthetic runs time the real code: the transformer with `BinaryLinear` / `TernaryLinear`
 layers holding random packed arrays, the Qwen3 encoder quantized to 4 bits (its first 27
@@ -42,7 +44,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bonsai_mlx import __version__
+from bonsai_mlx import __version__, distributed
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import parse_dtype, read_json, safetensors_files
 
@@ -616,7 +618,7 @@ def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: s
     mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
-    with MemorySampler() as sampler:
+    with MemorySampler() as sampler, distributed.timing_communication() as comm:
         t0 = time.perf_counter()
         image = pipe.generate(prompt, width=width, height=height, steps=steps, seed=seed,
                               output_type="mx", callback=progress)
@@ -639,7 +641,24 @@ def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: s
             "samples": sampler.count,
             "interval_s": sampler.interval,
         },
+        # tensor-parallel all_sum, each timed on its own (adds one sync per call)
+        "communication": {"all_sum_seconds": comm.seconds, "all_sum_calls": comm.calls},
     }
+
+
+def rank_report(result: dict[str, Any], target: BenchTarget, group) -> list[dict[str, Any]]:
+    """Every rank's memory, step and communication seconds (gathered; all ranks call it)."""
+    steps = result["seconds"]["steps"]
+    mine = {
+        "rank": group.rank(),
+        "peak_bytes": result["memory"]["peak_bytes"],
+        "transformer_bytes": sum(v.nbytes for _, v in
+                                 tree_flatten(target.pipeline.transformer.parameters())),
+        "median_step_seconds": statistics.median(steps) if steps else None,
+        "all_sum_seconds_per_step": result["communication"]["all_sum_seconds"] / len(steps),
+        "total_seconds": result["seconds"]["total"],
+    }
+    return distributed.gather_json(mine, group)
 
 
 def _kernel_paths(precision: str, flops: dict[str, int]) -> dict[str, str] | None:
@@ -710,13 +729,21 @@ def run_bench(
     json_path: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    tensor_parallel: bool = False,
 ) -> list[dict[str, Any]]:
     """Benchmark and return the records: one `"kind": "run"` record per timed run, and with
     `compare` one `"kind": "compare"` record per size and framework. `json_path` appends
     them as JSON lines. `log` receives progress lines (default: stderr). `skip_encode`
     (synthetic only) feeds zeros instead of running the text encoder; encode seconds are
-    then None."""
+    then None. Under `mlx.launch` every rank runs the benchmark, the transformer sharded
+    across them with `tensor_parallel` (else each makes its own images); rank 0 logs,
+    returns the records with every rank's numbers and writes `json_path`."""
+    group = distributed.world()
     log = log or (lambda s: click.echo(s, err=True))
+    if group.rank() != 0:
+        log = _silent  # rank 0 speaks for all
+    if compare and group.size() > 1:
+        raise BonsaiError("--compare runs in one process; run it without mlx.launch")
     if sizes is None:
         sizes = TINY_SIZES if tiny else DEFAULT_SIZES
     from bonsai_mlx.pipeline import check_size
@@ -730,6 +757,8 @@ def run_bench(
     log(f"machine: {machine['chip']} ({machine['backend']}), MLX {machine['mlx_version']}")
     t0 = time.perf_counter()
     target = load_target(model, synthetic, dtype, tiny, skip_encode)
+    if tensor_parallel:
+        distributed.use_tensor_parallel(target.pipeline, group)
     log(f"loaded {target.model} in {time.perf_counter() - t0:.1f} s")
     config = target.pipeline.transformer.config
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -768,6 +797,9 @@ def run_bench(
                 },
                 "packed_kernels": _kernel_paths(target.precision, flops),
                 "machine": machine,
+                "parallel": "none" if group.size() == 1 else (
+                    "tensor" if tensor_parallel else "data"),
+                "ranks": rank_report(result, target, group) if group.size() > 1 else None,
             }
             log(f"{w}x{h}: run {i + 1}/{repeats}: {result['seconds']['total']:.2f} s")
             records.append(record)
@@ -776,11 +808,15 @@ def run_bench(
                     if r["kind"] == "run" and (r["width"], r["height"]) == (w, h)]
             records.extend(compare_frameworks(target, synthetic, model, w, h, steps, repeats,
                                               warmup, ours, stamp, machine, log))
-    if json_path is not None:
+    if json_path is not None and group.rank() == 0:
         with open(json_path, "a", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
     return records
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 # ---------------------------------------------------------------------------------------
@@ -1053,6 +1089,12 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
             f"{rs[0]['roofline']['flops_per_step'] / 1e12:>10.3f} "
             f"{_num(roof['achieved_tflops'], '.3f'):>8} "
             f"{_num(frac * 100 if frac is not None else None, '.1f'):>7}")
+        for rank in rs[-1].get("ranks") or []:  # the last run, as each rank saw it
+            lines.append(
+                f"  rank {rank['rank']} ({rs[-1]['parallel']}-parallel): step "
+                f"{_num(rank['median_step_seconds'], '.3f')} s, all_sum "
+                f"{rank['all_sum_seconds_per_step']:.3f} s/step, peak "
+                f"{_human(rank['peak_bytes'])}, transformer {_human(rank['transformer_bytes'])}")
     if runs:
         peak = runs[0]["roofline"]
         lines.append(f"peak: {_num(peak['peak_tflops'], '.1f')} TFLOP/s ({peak['peak_source']}); "
@@ -1107,8 +1149,10 @@ def parse_size(text: str) -> tuple[int, int]:
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=False)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Append the records to this file as JSON lines.")
+@click.option("--tensor-parallel", is_flag=True,
+              help="Under mlx.launch: shard the transformer across the processes.")
 def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, skip_encode,
-                  compare, prompt, json_path) -> None:
+                  compare, prompt, json_path, tensor_parallel) -> None:
     """Benchmark MODEL (alias, Hub repo or folder) or a --synthetic model: seconds per
     stage, memory, footprint and the distance to the chip's peak."""
     if tiny and synthetic is None:
@@ -1118,8 +1162,10 @@ def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, 
         steps=steps, repeats=repeats, warmup=warmup, dtype=dtype, tiny=tiny,
         skip_encode=skip_encode, compare=compare, prompt=prompt, json_path=json_path,
         command=_command_line(click.get_current_context().params),
+        tensor_parallel=tensor_parallel,
     )
-    click.echo(format_table(records))
+    if distributed.world().rank() == 0:
+        click.echo(format_table(records))
 
 
 def _command_line(params: dict[str, Any]) -> str:
@@ -1133,8 +1179,8 @@ def _command_line(params: dict[str, Any]) -> str:
         parts += ["--size", s]
     for name in ("steps", "repeats", "warmup", "dtype"):
         parts += [f"--{name}", str(params[name])]
-    parts += [f"--{flag.replace('_', '-')}" for flag in ("tiny", "skip_encode", "compare")
-              if params.get(flag)]
+    parts += [f"--{flag.replace('_', '-')}" for flag in ("tiny", "skip_encode", "compare",
+                                                          "tensor_parallel") if params.get(flag)]
     if params.get("prompt") not in (None, DEFAULT_PROMPT):
         parts += ["--prompt", params["prompt"]]
     return shlex.join(parts)

@@ -3,7 +3,8 @@ with MLX_RANK / MLX_HOSTFILE); writes this rank's results under OUT, and the tes
 them with single-process references it computes itself.
 
     python distributed_worker.py OUT compare PIPELINE MODEL...  tensor-parallel transformer
-        outputs of each MODEL folder, then Pipeline.generate data- and tensor-parallel
+        outputs of each MODEL folder, Pipeline.generate data- and tensor-parallel, and a
+        tensor-parallel tiny `bench` run (its records, as rank 0 returns them)
     python distributed_worker.py OUT die-at CALL GEN-ARGS  `bonsai-mlx gen`; rank 1 exits
         inside its CALL-th transformer call
 """
@@ -76,6 +77,15 @@ def pipelines(out: Path, folder: str) -> None:
         "text_encoder_loads": tensor.prompt_encoder.loads}))
 
 
+def benchmark(out: Path) -> None:
+    from bonsai_mlx import bench
+
+    records = bench.run_bench(synthetic="bf16", tiny=True, steps=2, repeats=1, warmup=0,
+                              dtype="float32", tensor_parallel=True, log=lambda s: None)
+    if distributed.world().rank() == 0:
+        (out / "bench.json").write_text(json.dumps(records))
+
+
 def die_at(call: int, gen_args: list[str]) -> None:
     """`bonsai-mlx gen`, with rank 1 exiting abruptly inside its `call`-th transformer call."""
     from bonsai_mlx import cli
@@ -100,6 +110,7 @@ def main(argv: list[str]) -> None:
     if task == "compare":
         transformers(Path(out), rest[1:])
         pipelines(Path(out), rest[0])
+        benchmark(Path(out))
     elif task == "die-at":
         die_at(int(rest[0]), rest[1:])
     else:

@@ -384,6 +384,24 @@ def test_tensor_parallel_generate_matches_one_process(worker_results):
             np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
+def test_bench_reports_every_rank_under_mlx_launch(worker_results):
+    from bonsai_mlx import bench
+
+    (record,) = json.loads((worker_results / "bench.json").read_text())
+    assert record["parallel"] == "tensor"
+    ranks = record["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    full = bench.shipped_bytes(bench.synthetic_transformer("bf16", mx.float32, tiny=True)) * 2
+    for r in ranks:
+        assert r["median_step_seconds"] > 0 and r["peak_bytes"] > 0
+        assert 0 < r["all_sum_seconds_per_step"] < r["median_step_seconds"]
+        assert r["transformer_bytes"] < 0.75 * full  # float32: 4 bytes, shipped 2
+    assert record["communication"]["all_sum_calls"] == 2 * 5  # 2 steps x (4 + 1) sums
+    table = bench.format_table([record])
+    assert "rank 1 (tensor-parallel)" in table and "all_sum" in table
+
+
 @launched
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tensor", "data"])
