@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.scheduler import MAX_STEPS
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import (
     SAFETENSORS_DTYPE_NAMES,
@@ -221,11 +222,15 @@ def _round16(v: int) -> int:
     return max(16, int(round(v / 16)) * 16)
 
 
-def _check_image(path: str) -> None:
+def _check_image(path: str) -> tuple[int, int]:
+    """Checks that --image PATH is a readable image; returns its size once prepared."""
+    from bonsai_mlx.pipeline import prepared_size
+
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            size = im.size
             im.verify()
     except FileNotFoundError:
         raise BonsaiError(f"--image {path} does not exist; check the path") from None
@@ -233,6 +238,7 @@ def _check_image(path: str) -> None:
         raise BonsaiError(
             f"--image {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"
         ) from None
+    return prepared_size(*size, path)
 
 
 @dataclass
@@ -385,7 +391,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
               help="Random seed; repeat for several images.")
 @click.option("--seeds", "n_random", type=click.IntRange(min=1), default=None,
               help="Make N images with random seeds.")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="Denoising steps [model default: 4 distilled, 50 base].")
 @click.option("--guidance", type=float, default=None,
               help="Guidance scale (base models) [model default].")
@@ -434,8 +440,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         if len(images) != 1:
             raise BonsaiError("--strength (image-to-image) needs exactly one --image; "
                               f"got {len(images)}")
-    for path in images:
-        _check_image(path)
+    image_sizes = [_check_image(path) for path in images]
     plan = OutputPlan.from_option(output)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
     if not seed_list:
@@ -443,7 +448,8 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     show = _show_progress(quiet)
 
     from bonsai_mlx import distributed
-    from bonsai_mlx.pipeline import Pipeline
+    from bonsai_mlx.memory import check_memory
+    from bonsai_mlx.pipeline import ALLOW_PATTERNS, DEFAULT_SIZE, Pipeline
 
     group = distributed.world()  # the processes mlx.launch started; one otherwise
     seed_list = distributed.broadcast_ints(seed_list, group)  # rank 0's random seeds
@@ -452,11 +458,16 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         warnings.showwarning = _print_warning
         t0 = time.perf_counter()
         with _hub_progress(show):
-            pipe = Pipeline.from_pretrained(model_id, dtype=dtype, revision=revision,
-                                            keep_text_encoder=no_offload,
-                                            tensor_parallel=tensor_parallel)
+            root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+        # the pipeline's own size rule: --size, else the first image's, else the default
+        first = image_sizes[0] if image_sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
+        check_memory(root, width or first[0], height or first[1], dtype=dtype,
+                     tiled_vae=tile_vae,
+                     reference_sizes=tuple(image_sizes) if strength is None else ())
+        pipe = Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload,
+                                        tensor_parallel=tensor_parallel)
         load_seconds = time.perf_counter() - t0
-        first = [True]  # the load time goes on this process's first summary
+        first_image = [True]  # the load time goes on this process's first summary
 
         def make(job: tuple[int, int]):
             i, seed = job
@@ -473,10 +484,10 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                 progress.close()
             if not quiet and (data_parallel or group.rank() == 0):
                 summary = format_summary(pipe.last_timings, pipe.last_peak_memory,
-                                         load_seconds if first[0] else None)
+                                         load_seconds if first_image[0] else None)
                 where = f"rank {group.rank()}: " if data_parallel else ""
                 click.echo(f"{where}{label}seed {seed}: {summary}", err=True)
-            first[0] = False
+            first_image[0] = False
             return image
 
         jobs = list(enumerate(seed_list))
