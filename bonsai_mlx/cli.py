@@ -452,10 +452,10 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     from bonsai_mlx.pipeline import ALLOW_PATTERNS, DEFAULT_SIZE, Pipeline
 
     group = distributed.world()  # the processes mlx.launch started; one otherwise
-    seed_list = distributed.broadcast_ints(seed_list, group)  # rank 0's random seeds
     data_parallel = group.size() > 1 and not tensor_parallel
     with warnings.catch_warnings(), distributed.peer_errors(group):
         warnings.showwarning = _print_warning
+        seed_list = distributed.broadcast_ints(seed_list, group)  # rank 0's random seeds
         t0 = time.perf_counter()
         with _hub_progress(show):
             root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)

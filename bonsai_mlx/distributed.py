@@ -121,8 +121,8 @@ def _parse_header(h: np.ndarray) -> tuple[mx.Dtype, tuple[int, ...]] | None:
 
 
 def broadcast(x: mx.array | None, group: Group) -> mx.array:
-    """Rank 0's `x` on every rank (other ranks pass None). A sum with zeros from every other
-    rank is exact, so the array arrives bit for bit."""
+    """Rank 0's `x` on every rank (other ranks pass None). It is summed with zeros from every
+    other rank, which is exact: the array arrives bit for bit (a -0.0 as 0.0)."""
     if group.size() == 1:
         return x
     root = group.rank() == 0
@@ -150,7 +150,9 @@ def all_gather_list(x: mx.array | None, group: Group) -> list[mx.array | None]:
         return [None] * group.size()
     dtype, shape = known[0]
     if any(d != dtype or s[1:] != shape[1:] for d, s in known):
-        raise BonsaiError(f"ranks hold arrays of different kinds: {sorted(set(known))}")
+        raise BonsaiError(
+            f"the ranks made arrays of different shapes or types ({sorted(set(known))}); give "
+            "every rank the same inputs (the same --image files on every machine, or --size)")
     rows = max(s[0] for _, s in known)
     mine = mx.zeros((rows, *shape[1:]), dtype)
     if x is not None and x.shape[0]:
@@ -207,7 +209,7 @@ def map_in_rounds(items: Sequence, make: Callable[[object], mx.array],
                   group: Group) -> Iterator[tuple[object, mx.array]]:
     """(item, make(item)) for every item in order, on every rank, each made by one rank:
     round k gives items[k * size + r] to rank r, then all ranks gather that round's
-    results (so rank 0 can write them while the next round runs nowhere else)."""
+    results, so they arrive round by round and only one round is held at a time."""
     size, rank = group.size(), group.rank()
     for start in range(0, len(items), size):
         batch = items[start:start + size]
