@@ -158,12 +158,18 @@ def run_all(commands: list[list[str]], cwd: Path, envs: list[dict] | None = None
             for p, (o, e) in zip(procs, outs, strict=True)]
 
 
+BIND_FAILED = "Couldn't bind socket"  # another process took a port we found free
+
+
 def launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`mlx.launch --backend ring -n 2` on localhost; every rank must exit 0 (mlx.launch
     itself exits 0 either way and only warns)."""
-    cmd = [str(LAUNCHER), "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(2)),
-           "--python", sys.executable, "--", *args]
-    (result,) = run_all([cmd], cwd)
+    for _ in range(3):
+        cmd = [str(LAUNCHER), "--backend", "ring", "-n", "2", "--starting-port",
+               str(free_ports(2)), "--python", sys.executable, "--", *args]
+        (result,) = run_all([cmd], cwd)
+        if BIND_FAILED not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr
     assert "exited with code" not in result.stderr and "was killed" not in result.stderr, (
         result.stderr)
@@ -408,15 +414,18 @@ def test_bench_reports_every_rank_under_mlx_launch(worker_results):
 def test_a_rank_that_dies_makes_the_other_exit_with_an_error(tmp_path, mode):
     """Rank 1 exits abruptly in its second transformer call; rank 0 (started directly, so
     no launcher kills it for us) must report one error line and exit 2, not hang."""
-    base = free_ports(2)
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
     args = gen_args(tmp_path / "out", "--seed", "1", "--seed", "2", "--seed", "3")
     if mode == "tensor":
         args.append("--tensor-parallel")
     cmd = [sys.executable, str(WORKER), str(tmp_path), "die-at", "2", *args]
-    rank0, rank1 = run_all([cmd, cmd], tmp_path, [
-        {"MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(r)} for r in range(2)])
+    hostfile = tmp_path / "hosts.json"
+    for _ in range(3):
+        base = free_ports(2)
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
+        rank0, rank1 = run_all([cmd, cmd], tmp_path, [
+            {"MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(r)} for r in range(2)])
+        if BIND_FAILED not in rank0.stderr + rank1.stderr:
+            break
     assert rank1.returncode == 3
     assert rank0.returncode == 2, (rank0.returncode, rank0.stderr)
     error = [line for line in rank0.stderr.splitlines() if line.startswith("error: ")]
