@@ -277,6 +277,15 @@ def test_a_tensor_parallel_pipeline_is_not_saved(tmp_path):
         Pipeline.from_pretrained(TINY, tensor_parallel=True, data_parallel=True)
 
 
+def test_lora_and_tensor_parallel_is_one_user_error(tmp_path):
+    result = CliRunner().invoke(cli, ["gen", *gen_args(tmp_path), "--lora", "ink.safetensors",
+                                      "--tensor-parallel"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: --lora and --tensor-parallel do not combine yet: a LoRA is not sharded; leave "
+        "out --tensor-parallel (each process then makes a share of the images with the LoRA)"]
+
+
 # ----------------------------------------------------------------------------------------
 # Two ranks of mlx.launch
 
