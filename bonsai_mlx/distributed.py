@@ -389,11 +389,12 @@ class Parallel:
     mode: str = "none"
     group: Group | None = field(default=None, compare=False)
 
-    def seed(self, seed: int | None) -> int | None:
-        """The seed every rank uses: rank 0's random one when none is given."""
-        if self.mode == "none" or seed is not None:
+    def seed(self, seed: int | None) -> int:
+        """`seed`, or a random one: rank 0's, on every rank."""
+        if seed is not None:
             return seed
-        return broadcast_ints([secrets.randbelow(2**32)], self.group)[0]
+        drawn = secrets.randbelow(2**32)
+        return drawn if self.mode == "none" else broadcast_ints([drawn], self.group)[0]
 
     def encode(self, encode: Callable[[], mx.array]) -> mx.array:
         """Prompt embeddings: on rank 0 only when tensor-parallel (then broadcast)."""

@@ -15,7 +15,11 @@ from pathlib import Path
 from bonsai_mlx import distributed
 from bonsai_mlx.cli import cli
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.models.transformer import Flux2Transformer, Flux2TransformerConfig
+from bonsai_mlx.models.transformer import (
+    Flux2Transformer,
+    Flux2TransformerConfig,
+    packed_layer_paths,
+)
 from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import quantize_model
 from bonsai_mlx.quant.model import get_module
@@ -91,8 +95,7 @@ def write_tp_models(root: Path) -> Path:
 
 
 def distributed_layer_paths() -> list[str]:
-    from bonsai_mlx.quant import packed_layer_paths
-
+    """The sharded layers: every linear layer of the blocks (the ones binary / ternary pack)."""
     return packed_layer_paths(TP_CONFIG.num_layers, TP_CONFIG.num_single_layers)
 
 
