@@ -14,7 +14,6 @@ import os
 import re
 import secrets
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -24,6 +23,12 @@ from pathlib import Path
 
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.png import (
+    generation_metadata,
+    image_file_name,
+    png_metadata,
+    write_png_exclusive,
+)
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import (
     SAFETENSORS_DTYPE_NAMES,
@@ -75,6 +80,7 @@ def _usage_message(e: click.ClickException) -> str:
 _LAZY_COMMANDS = {
     "bench": "Benchmark seconds per stage, memory and footprint (`bench --help`)",
     "convert": "Convert a model to packed binary / ternary weights (`convert --help`)",
+    "serve": "Serve the studio (web page) and an OpenAI-compatible Images API",
 }
 
 
@@ -192,24 +198,24 @@ def _show_progress(quiet: bool) -> bool:
 # gen
 
 
-def parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
     """`"WxH"` -> (width, height), multiples of 16 within the pipeline's bounds, else
-    BonsaiError."""
+    BonsaiError naming `option` (the CLI's --size, the server's size field)."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX×*]\s*(\d+)\s*", text)
     if not m:
         raise BonsaiError(
-            f"--size {text!r} is not WIDTHxHEIGHT; write it like 1024x1024 or 512x768"
+            f"{option} {text!r} is not WIDTHxHEIGHT; write it like 1024x1024 or 512x768"
         )
     width, height = int(m.group(1)), int(m.group(2))
     for name, v in (("width", width), ("height", height)):
         if v < 16:
-            raise BonsaiError(f"--size {text}: {name} {v} is too small; use at least 16")
+            raise BonsaiError(f"{option} {text}: {name} {v} is too small; use at least 16")
         if v % 16:
             lo, hi = v // 16 * 16, v // 16 * 16 + 16
             options = f"{lo} or {hi}" if lo >= 16 else f"{hi}"
             raise BonsaiError(
-                f"--size {text}: {name} {v} is not a multiple of 16; use {options} "
-                f"(e.g. --size {_round16(width)}x{_round16(height)})"
+                f"{option} {text}: {name} {v} is not a multiple of 16; use {options} "
+                f"(e.g. {option} {_round16(width)}x{_round16(height)})"
             )
     from bonsai_mlx.pipeline import check_size
 
@@ -259,58 +265,7 @@ class OutputPlan:
         return cls(p, None)  # no suffix: a folder, created
 
     def name(self, prompt: str, seed: int) -> str:
-        if self.stem is not None:
-            return f"{self.stem}.png"
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-")
-        return f"{slug or 'image'}-{seed}.png"
-
-
-def write_png_exclusive(image, target: Path, info) -> Path:
-    """Save `image` at `target`, or `stem-1.png`, `stem-2.png`, ... when taken. Never
-    overwrites: the PNG is written to a temporary file and linked to a name that must not
-    exist yet (atomic on POSIX), so concurrent runs do not clobber each other either."""
-    folder = target.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".bonsai-", suffix=".png", dir=folder)
-    except OSError as e:
-        raise BonsaiError(f"cannot write to {folder} ({e.strerror}); choose another -o") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        for i in range(100_000):
-            path = target if i == 0 else target.with_name(f"{target.stem}-{i}{target.suffix}")
-            if _claim(tmp, path):
-                return path
-        raise BonsaiError(f"too many numbered files beside {target}; choose another -o")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _claim(tmp: str, path: Path) -> bool:
-    """Give the finished file `tmp` the name `path` if nothing has that name yet."""
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # file systems without hard links: reserve the name, then replace it
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            return False
-        os.replace(tmp, path)
-        return True
-
-
-def png_metadata(fields: dict[str, object]):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in fields.items():
-        if value is not None:
-            info.add_itxt(key, str(value))
-    return info
+        return f"{self.stem}.png" if self.stem is not None else image_file_name(prompt, seed)
 
 
 @dataclass
@@ -456,18 +411,11 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                 )
             finally:
                 progress.close()
-            meta = {
-                "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
-                # the schedule's length (image-to-image runs only its last part)
-                "steps": steps or pipe.default_steps,
-                # distilled models ignore --guidance (the pipeline warns)
-                "guidance": pipe.default_guidance if guidance is None or pipe.is_distilled
-                else guidance,
-                "size": f"{image.width}x{image.height}", "model": model_id,
-                "strength": strength,
-                "images": ", ".join(Path(p).name for p in images) or None,
-                "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
-            }
+            meta = generation_metadata(
+                pipe, prompt=prompt, seed=seed, size=image.size, model=model_id, steps=steps,
+                guidance=guidance, negative_prompt=negative_prompt, strength=strength,
+                images=[Path(p).name for p in images],
+            )
             path = write_png_exclusive(image, plan.folder / plan.name(prompt, seed),
                                        png_metadata(meta))
             click.echo(str(path))
