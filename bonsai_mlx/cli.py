@@ -24,10 +24,12 @@ from pathlib import Path
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.png import (
+    check_preview_target,
     generation_metadata,
     image_file_name,
     png_metadata,
     write_png_exclusive,
+    write_preview,
 )
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import (
@@ -270,10 +272,12 @@ class OutputPlan:
 
 @dataclass
 class _Progress:
-    """tqdm bars on stderr for one image: encoding, each denoising step, decoding."""
+    """tqdm bars on stderr for one image: encoding, each denoising step, decoding; and the
+    step's preview written to `preview_file` when given."""
 
     enabled: bool
     label: str = ""
+    preview_file: Path | None = None
     _bar: object = None
     _stage: str = ""
 
@@ -288,7 +292,9 @@ class _Progress:
     def start(self) -> None:
         self._open("encoding", 1, "prompt")
 
-    def callback(self, step: int, total: int, latents=None) -> None:
+    def callback(self, step: int, total: int, latents=None, preview=None) -> None:
+        if preview is not None and self.preview_file is not None:
+            write_preview(preview, self.preview_file, step, total)
         if self._stage != "denoising":
             self._open("denoising", total, "step")
         done = min(int(step), total)
@@ -359,10 +365,13 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 @click.option("--tile-vae/--no-tile-vae", default=None,
               help="Decode in tiles (less memory) [default: automatic by size].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--preview", "preview_file", default=None, metavar="FILE.png",
+              help="Write a small preview of every step to FILE.png, replacing it each time "
+                   "(the one file bonsai-mlx overwrites, and only its own previews).")
 @quiet_option
 @verbose_option
 def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
-        images, strength, dtype, no_offload, tile_vae, revision, quiet) -> None:
+        images, strength, dtype, no_offload, tile_vae, revision, preview_file, quiet) -> None:
     """Generate images from a prompt (text-to-image, editing, image-to-image).
 
     \b
@@ -384,6 +393,9 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     for path in images:
         _check_image(path)
     plan = OutputPlan.from_option(output)
+    if preview_file is not None:
+        preview_file = Path(preview_file).expanduser()
+        check_preview_target(preview_file)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
     if not seed_list:
         seed_list = [secrets.randbelow(2**32)]
@@ -401,13 +413,14 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
 
         for i, seed in enumerate(seed_list):
             label = f"[{i + 1}/{len(seed_list)}] " if len(seed_list) > 1 else ""
-            progress = _Progress(show, label)
+            progress = _Progress(show, label, preview_file)
             progress.start()
             try:
                 image = pipe.generate(
                     prompt, width=width, height=height, steps=steps, guidance=guidance,
                     seed=seed, negative_prompt=negative_prompt, images=list(images) or None,
                     strength=strength, tiled_vae=tile_vae, callback=progress.callback,
+                    preview=preview_file is not None,
                 )
             finally:
                 progress.close()

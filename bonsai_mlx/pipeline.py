@@ -73,6 +73,11 @@ DIFFUSERS_COMPONENTS = {  # model_index.json entries of a saved pipeline
 ImageInput = "PIL.Image.Image | str | Path"
 
 
+class GenerationCancelled(Exception):
+    """Raise it from a `generate` callback to stop between steps: `generate` lets it
+    propagate, returns nothing, and leaves the pipeline ready for the next call."""
+
+
 class Pipeline:
     """FLUX.2 [klein]: `from_pretrained`, `generate`, `encode_prompt`.
 
@@ -101,6 +106,7 @@ class Pipeline:
         self.last_peak_memory: int | None = None
         self.last_seed: int | None = None
         self.source: Path | None = None  # the folder from_pretrained read (save_pretrained)
+        self._latent_preview = None
 
     # ---- loading --------------------------------------------------------------------
 
@@ -261,9 +267,10 @@ class Pipeline:
         negative_prompt: str | Sequence[str] | None = None,
         num_images: int = 1,
         output_type: str = "pil",
-        callback: Callable[[int, int, mx.array], None] | None = None,
+        callback: Callable[..., None] | None = None,
         sigmas: Sequence[float] | None = None,
         tiled_vae: bool | None = None,
+        preview: bool = False,
     ):
         """Generate images.
 
@@ -279,7 +286,11 @@ class Pipeline:
         - `num_images` per prompt; a list of prompts gives a batch.
         - `output_type`: "pil" (an image, or a list for a batch), "np" (float32 (B, H, W, 3)
           in [0, 1]) or "mx".
-        - `callback(step, total, latents)` after each step, latents (B, 128, H/16, W/16).
+        - `callback(step, total, latents)` after each step, latents (B, 128, H/16, W/16);
+          raising `GenerationCancelled` in it stops the generation. With `preview=True`
+          it is called as `callback(step, total, latents, preview)`: `preview` is a small
+          RGB picture (H/8 x W/8, a PIL image, or a list for a batch) of the model's
+          current estimate of the final image (`bonsai_mlx.preview`).
         - `sigmas`: a custom schedule (the configured shift still applies).
         - `tiled_vae`: force tiled (True) or untiled (False) decoding; default automatic.
         """
@@ -362,13 +373,19 @@ class Pipeline:
                 v_neg = self.transformer(inputs, uncond, t, rope=rope)[:, :n_tokens]
                 v_neg = v_neg.astype(mx.float32)
                 v = v_neg + guidance * (v - v_neg)
+            x_prev = x
             x = euler_step(x, v, float(schedule.sigmas[i]), float(schedule.sigmas[i + 1]))
             mx.eval(x)
             step_times.append(time.perf_counter() - t0)
-            if callback is not None:
+            if callback is not None and preview:
+                # the denoised estimate x0 = x_t - sigma_t v: the final image, roughly
+                x0 = x_prev - float(schedule.sigmas[i]) * v
+                callback(i + 1, total, unpack_latents(x, h, w),
+                         to_pil(self.latent_preview()(unpack_latents(x0, h, w))))
+            elif callback is not None:
                 callback(i + 1, total, unpack_latents(x, h, w))
         timings["steps"] = step_times
-        del cond, uncond, refs, rope, inputs, v
+        del cond, uncond, refs, rope, inputs, v, x_prev
         mx.clear_cache()
 
         # 4. decode, one image at a time (peak memory of one decode)
@@ -395,6 +412,15 @@ class Pipeline:
         if output_type == "np":
             return arr
         return to_pil(arr)
+
+    def latent_preview(self):
+        """The VAE's cheap latent -> RGB preview (`bonsai_mlx.preview.LatentPreview`),
+        fitted on first use (or read from its cache) and kept."""
+        if self._latent_preview is None:
+            from bonsai_mlx.preview import LatentPreview
+
+            self._latent_preview = LatentPreview.for_vae(self.vae)
+        return self._latent_preview
 
     # ---- helpers --------------------------------------------------------------------
 

@@ -115,3 +115,35 @@ def _claim(tmp: str, path: Path) -> bool:
             return False
         os.replace(tmp, path)
         return True
+
+
+# ---- live previews: the one file bonsai-mlx overwrites ---------------------------------
+
+PREVIEW_KEY = "bonsai-mlx-preview"  # the text chunk that marks a preview file as ours
+
+
+def check_preview_target(path: Path) -> None:
+    """`gen --preview FILE` overwrites FILE at every step, so FILE must be a new .png or
+    a preview bonsai-mlx wrote before (marked by its PREVIEW_KEY text chunk)."""
+    if path.suffix.lower() != ".png":
+        raise BonsaiError(f"--preview {path}: previews are PNG files; use a name ending "
+                          "in .png")
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        ours = path.is_file() and not path.is_symlink() and PREVIEW_KEY in read_png_metadata(path)
+    except (OSError, SyntaxError, ValueError, BonsaiError):
+        ours = False
+    if not ours:
+        raise BonsaiError(f"--preview {path} exists and is not a bonsai-mlx preview; it "
+                          "would be overwritten at every step: choose another file")
+
+
+def write_preview(image, path: Path, step: int, total: int) -> None:
+    """Replace `path` with `image` atomically (a viewer never sees half a file)."""
+    from bonsai_mlx.weights import atomic_path
+
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG",
+                   pnginfo=png_metadata({PREVIEW_KEY: f"step {step}/{total}",
+                                         "Software": f"bonsai-mlx {__version__}"}))
