@@ -1,0 +1,182 @@
+"""Request bodies -> `ImageRequest`, with OpenAI-shaped 400s naming the field.
+
+JSON bodies (`/v1/images/generations`, `/jobs`) carry typed values; multipart forms
+(`/v1/images/edits`, `/jobs` with reference images) carry strings, parsed here. The checks
+that need no model are done before a job is queued (types, `n`, `size` with the pipeline's
+own `check_size` via `parse_size`); the rest (strength with one image, steps, guidance on a
+distilled model, ...) are the pipeline's, and a `BonsaiError` from `generate` becomes a 400.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.serve.errors import ApiError
+from bonsai_mlx.serve.jobs import ImageRequest
+
+from starlette.datastructures import FormData, UploadFile
+
+MAX_N = 8  # images per request
+MAX_REFERENCES = 8  # input images per edit
+MAX_STEPS = 500  # a request cannot hold the only worker for hours
+MAX_PROMPT_CHARS = 32_000
+MAX_UPLOAD_PIXELS = 50_000_000  # per input image; larger ones are refused before decoding
+UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
+RESPONSE_FORMATS = ("b64_json", "url")
+
+
+def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+def _integer(value, name: str, lo: int, hi: int, form: bool) -> int:
+    if form and isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise invalid(name, f"{name} must be an integer, not {value!r}") from None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise invalid(name, f"{name} must be an integer, not {value!r}")
+    if not lo <= value <= hi:
+        raise invalid(name, f"{name} must be between {lo} and {hi}, not {value}")
+    return value
+
+
+def _number(value, name: str, form: bool) -> float:
+    if form and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise invalid(name, f"{name} must be a number, not {value!r}") from None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise invalid(name, f"{name} must be a number, not {value!r}")
+    return float(value)
+
+
+def _text(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise invalid(name, f"{name} must be a string, not {value!r}")
+    return value
+
+
+def _size(value, max_pixels: int) -> tuple[int | None, int | None]:
+    if value is None or value == "auto":
+        return None, None
+    if not isinstance(value, str):
+        raise invalid("size", f"size must be a string like '1024x1024', not {value!r}",
+                      "invalid_size")
+    from bonsai_mlx.cli import parse_size
+
+    try:
+        width, height = parse_size(value, option="size")
+    except BonsaiError as e:
+        raise invalid("size", str(e), "invalid_size") from None
+    if width * height > max_pixels:
+        raise invalid("size", f"size {value} is {width * height / 1e6:.1f} megapixels; this "
+                              f"server makes at most {max_pixels / 1e6:.1f} "
+                              "(bonsai-mlx serve --max-megapixels)", "invalid_size")
+    return width, height
+
+
+def image_request(fields, *, form: bool, max_pixels: int) -> tuple[ImageRequest, str]:
+    """The fields every endpoint shares -> (ImageRequest, response_format)."""
+    get = fields.get
+    prompt = get("prompt")
+    if prompt is None:
+        raise invalid("prompt", "prompt is required", "missing_required_parameter")
+    prompt = _text(prompt, "prompt")
+    if not prompt.strip():
+        raise invalid("prompt", "prompt must not be empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise invalid("prompt", f"prompt is {len(prompt)} characters; the limit is "
+                                f"{MAX_PROMPT_CHARS}")
+    response_format = get("response_format") or "b64_json"
+    if response_format not in RESPONSE_FORMATS:
+        raise invalid("response_format", f"response_format must be 'b64_json' or 'url', not "
+                                         f"{response_format!r}")
+    if get("output_format") not in (None, "png"):
+        raise invalid("output_format", "only PNG is written (output_format 'png')")
+    if get("stream") not in (None, False, "false"):
+        raise invalid("stream", "streaming responses are not supported; the studio's job API "
+                                "(POST /jobs, GET /jobs/{id}/events) streams progress")
+    n = 1 if get("n") is None else _integer(get("n"), "n", 1, MAX_N, form)
+    width, height = _size(get("size"), max_pixels)
+    seed = get("seed")
+    request = ImageRequest(
+        prompt=prompt, n=n, width=width, height=height,
+        seed=None if seed is None else _integer(seed, "seed", 0, 2**64 - n, form),
+        steps=None if get("steps") is None else _integer(get("steps"), "steps", 1, MAX_STEPS,
+                                                         form),
+        guidance=None if get("guidance") is None else _number(get("guidance"), "guidance",
+                                                              form),
+        negative_prompt=(None if get("negative_prompt") is None
+                         else _text(get("negative_prompt"), "negative_prompt")),
+        strength=None if get("strength") is None else _number(get("strength"), "strength",
+                                                              form),
+    )
+    return request, response_format
+
+
+def json_fields(body) -> dict:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+async def form_images(form: FormData, *, required: bool) -> tuple[list, list[str]]:
+    """The uploaded `image` / `image[]` files, decoded and checked -> (images, names)."""
+    uploads = form.getlist("image") + form.getlist("image[]")
+    if not uploads and required:
+        raise invalid("image", "image is required: upload one or more PNG, JPEG or WebP files",
+                      "missing_required_parameter")
+    if len(uploads) > MAX_REFERENCES:
+        raise invalid("image", f"{len(uploads)} images were uploaded; the limit is "
+                               f"{MAX_REFERENCES}")
+    images, names = [], []
+    for i, upload in enumerate(uploads):
+        if not isinstance(upload, UploadFile):
+            raise invalid("image", "image must be an uploaded file (multipart file field)")
+        label = f"image {i + 1}" + (f" ({upload.filename})" if upload.filename else "")
+        images.append(decode_upload(await upload.read(), label))
+        names.append(_safe_name(upload.filename) or f"image-{i + 1}")
+    return images, names
+
+
+def decode_upload(data: bytes, label: str):
+    """Uploaded bytes -> a decoded PIL image: PNG, JPEG or WebP only, at most
+    MAX_UPLOAD_PIXELS (checked from the header, before the pixels are decompressed)."""
+    from PIL import Image, UnidentifiedImageError
+
+    problem = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in UPLOAD_FORMATS:
+                problem = f"is a {image.format} image"
+            elif image.width * image.height > MAX_UPLOAD_PIXELS:
+                problem = (f"is {image.width}x{image.height}, more than the "
+                           f"{MAX_UPLOAD_PIXELS // 1_000_000} megapixels accepted")
+            else:
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        problem = f"has more than the {MAX_UPLOAD_PIXELS // 1_000_000} megapixels accepted"
+    except UnidentifiedImageError:
+        problem = "is not a readable image"
+    except (OSError, SyntaxError, ValueError) as e:
+        problem = f"could not be decoded ({e})"
+    if problem is not None:
+        raise invalid("image", f"{label} {problem}; upload a PNG, JPEG or WebP file",
+                      "invalid_image")
+    return image
+
+
+def _safe_name(filename: str | None) -> str:
+    """An uploaded file's base name for the PNG metadata (never used as a path)."""
+    if not filename:
+        return ""
+    return "".join(c for c in filename.replace("\\", "/").rsplit("/", 1)[-1]
+                   if c.isprintable())[:100]
