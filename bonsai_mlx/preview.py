@@ -4,15 +4,21 @@ A preview is an affine map from each latent pixel's channels to RGB: the normali
 patchified latents (B, 128, h, w) of the pipeline are un-normalised and unpatchified to
 (B, 2h, 2w, 32), and each of those latent pixels, which the VAE decodes into an 8x8 block
 of the image, becomes one RGB pixel. The map is fitted once per VAE by least squares
-against that VAE's own decoder (`LatentPreview.fit`): random smooth latent fields are
-decoded and the decoded images, averaged over 8x8 blocks, are the targets. Fitting costs a
-few small decodes; the result, 33 x 3 numbers, is cached on disk keyed by a hash of the
-decoder's weights, so each VAE is fitted once per machine. A preview then costs one
-(2h * 2w, 33) x (33, 3) product per step: nothing next to a denoising step, where decoding
-even a quarter-size image would cost a large fraction of one.
+against that VAE's own decoder (`fit_matrix`): random smooth latent fields are decoded and
+the decoded images, averaged over 8x8 blocks, are the targets. The result, 33 x 3 numbers,
+is cached on disk keyed by a hash of the decoder's weights (`decoder_fingerprint`), so each
+VAE is fitted once per machine.
 
-The approximation is good for a trained decoder, whose colours follow the latents
-smoothly; see tests/test_preview.py for the error measured on a small trained VAE.
+Why this and not decoding a smaller latent: with the full-size FLUX.2 VAE (random weights,
+float32, this project's shared 2-core CPU under load) a 1024x1024 preview costs 10 ms, the
+fingerprint 0.23 s, and the one-time fit 80 s (6 decodes of 128x128); decoding the latent
+pooled 4x (a 256x256 picture) costs 26-35 s at every step (benchmarks/RESULTS.md), about
+3000 times more, and still differs from the full decode. On an Apple GPU the fit takes a
+fraction of a second. A trained decoder's colours follow its latents smoothly, which is
+what makes an affine map a good preview (tests/test_preview.py bounds its error on such a
+decoder); the tiny random test VAEs decode latents into texture noise that no cheap preview
+follows (an affine map explains 4% of their block means' variance; pooled-latent decodes
+do worse than a constant colour).
 """
 
 from __future__ import annotations
