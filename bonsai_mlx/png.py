@@ -18,7 +18,7 @@ from bonsai_mlx.errors import BonsaiError
 
 # The text keys an image's settings are stored under (and read back by the studio).
 SETTINGS_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "size", "model",
-                 "strength", "images")
+                 "strength", "images", "loras")
 
 
 def image_file_name(prompt: str, seed: int) -> str:
@@ -39,6 +39,7 @@ def generation_metadata(
     negative_prompt: str | None = None,
     strength: float | None = None,
     images: Sequence[str] = (),
+    loras: str | None = None,
 ) -> dict[str, object]:
     """The text fields of a generated image, as the pipeline ran it: the model's default
     steps when none were given (the schedule's length; image-to-image runs only its last
@@ -51,8 +52,16 @@ def generation_metadata(
         "size": f"{size[0]}x{size[1]}", "model": model,
         "strength": strength,
         "images": ", ".join(images) or None,
+        "loras": loras or None,
         "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
     }
+
+
+def png_size_bound(width: int, height: int) -> int:
+    """Bytes an RGB PNG of this size takes at most: raw rows (filter byte + 3 per pixel),
+    zlib's worst case and room for the chunks and metadata."""
+    raw = height * (1 + 3 * width)
+    return raw + raw // 1000 + 64 * 1024
 
 
 def png_metadata(fields: dict[str, object]):
@@ -97,6 +106,9 @@ def write_png_exclusive(image, target: Path, info) -> Path:
             if _claim(tmp, path):
                 return path
         raise BonsaiError(f"too many numbered files beside {target}; choose another -o")
+    except OSError as e:  # the disk filled up, or the folder changed under us
+        raise BonsaiError(f"cannot write {target} ({e.strerror or e}); free some space or "
+                          "choose another -o") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 

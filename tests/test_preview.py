@@ -109,7 +109,7 @@ def test_the_preview_follows_the_full_decode_of_a_smooth_decoder(pipe):
     for seed in range(2):  # the tiny pipeline's own final latents (std ~2.4, not 1)
         latents = []
         pipe.generate("a red fox", width=128, height=96, steps=4, seed=seed,
-                      callback=lambda s, t, lat: latents.append(np.array(lat)))
+                      callback=lambda s, t, lat, out=latents: out.append(np.array(lat)))
         z = vae.denormalize_latents(mx.array(latents[-1].transpose(0, 2, 3, 1)))
         full = np.array(vae.decode(z)) * 0.5 + 0.5  # (1, 96, 128, 3)
         blocks = np.clip(full.reshape(1, 12, 8, 16, 8, 3).mean(axis=(2, 4)), 0, 1)

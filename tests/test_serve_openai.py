@@ -150,12 +150,14 @@ def error_of(excinfo) -> dict:
     ({"size": "8192x8192"}, "size", "out of range"),
     ({"size": "2048x4096"}, "size", "8.4 megapixels"),
     ({"size": "big"}, "size", "is not WIDTHxHEIGHT"),
-    ({"n": 0}, "n", "n must be between 1 and 8, not 0"),
-    ({"n": 100}, "n", "n must be between 1 and 8, not 100"),
+    ({"n": 0}, "n", "n must be an integer in 1..8, not 0"),
+    ({"n": 100}, "n", "n must be an integer in 1..8, not 100"),
     ({"response_format": "jpeg"}, "response_format", "'b64_json' or 'url'"),
-    ({"extra_body": {"steps": 0}}, "steps", "steps must be between 1 and 500"),
-    ({"extra_body": {"seed": -1}}, "seed", "seed must be between 0"),
+    ({"extra_body": {"steps": 0}}, "steps", "steps must be an integer in 1..1000, not 0"),
+    ({"extra_body": {"steps": 2.5}}, "steps", "steps must be an integer, not 2.5"),
+    ({"extra_body": {"seed": -1}}, "seed", "seed must be an integer in 0.."),
     ({"extra_body": {"guidance": "high"}}, "guidance", "guidance must be a number"),
+    ({"extra_body": {"negative_prompt": 3}}, "negative_prompt", "must be a string"),
     ({"prompt": "   "}, "prompt", "prompt must not be empty"),
 ])
 def test_bad_generation_requests_are_400_and_the_server_keeps_serving(
@@ -270,6 +272,17 @@ def test_a_body_that_is_not_a_json_object_is_400(server, body):
                                      "Authorization": f"Bearer {KEY}"})
     assert status == 400
     assert json.loads(raw)["error"]["code"] == "invalid_json"
+
+
+def test_a_non_finite_number_is_400(server):
+    # Python's json (the server's) reads NaN; the openai client would not send it
+    status, _, raw = server.request("POST", "/v1/images/generations",
+                                    b'{"prompt": "a fox", "guidance": NaN}',
+                                    {"Content-Type": "application/json",
+                                     "Authorization": f"Bearer {KEY}"})
+    assert status == 400
+    error = json.loads(raw)["error"]
+    assert error["param"] == "guidance" and "finite" in error["message"]
 
 
 def test_unknown_routes_and_methods_are_openai_shaped(server):

@@ -10,10 +10,11 @@ distilled model, ...) are the pipeline's, and a `BonsaiError` from `generate` be
 from __future__ import annotations
 
 import io
-import math
 import warnings
 
+from bonsai_mlx import checks
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.scheduler import MAX_STEPS
 from bonsai_mlx.serve.errors import ApiError
 from bonsai_mlx.serve.jobs import ImageRequest
 
@@ -21,7 +22,6 @@ from starlette.datastructures import FormData, UploadFile
 
 MAX_N = 8  # images per request
 MAX_REFERENCES = 8  # input images per edit
-MAX_STEPS = 500  # a request cannot hold the only worker for hours
 MAX_PROMPT_CHARS = 32_000
 MAX_UPLOAD_PIXELS = 50_000_000  # per input image; larger ones are refused before decoding
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -32,34 +32,37 @@ def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
-def _integer(value, name: str, lo: int, hi: int, form: bool) -> int:
-    if form and isinstance(value, str):
+def _checked(param: str, check, value, *args, **kwargs):
+    """A `bonsai_mlx.checks` check, its BonsaiError as a 400 naming `param`."""
+    try:
+        return check(value, param, *args, **kwargs)
+    except BonsaiError as e:
+        raise invalid(param, str(e)) from None
+
+
+def _from_form(value, kind):
+    """A form field's text as an int / float when it reads as one (else as it is, for the
+    check to refuse with its message)."""
+    if isinstance(value, str):
         try:
-            value = int(value.strip())
+            return kind(value.strip())
         except ValueError:
-            raise invalid(name, f"{name} must be an integer, not {value!r}") from None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise invalid(name, f"{name} must be an integer, not {value!r}")
-    if not lo <= value <= hi:
-        raise invalid(name, f"{name} must be between {lo} and {hi}, not {value}")
+            return value
     return value
+
+
+def _integer(value, name: str, low: int, high: int, form: bool) -> int:
+    value = _from_form(value, int) if form else value
+    return _checked(name, checks.integer, value, low=low, high=high)
 
 
 def _number(value, name: str, form: bool) -> float:
-    if form and isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise invalid(name, f"{name} must be a number, not {value!r}") from None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise invalid(name, f"{name} must be a number, not {value!r}")
-    return float(value)
+    value = _from_form(value, float) if form else value
+    return _checked(name, checks.number, value)
 
 
 def _text(value, name: str) -> str:
-    if not isinstance(value, str):
-        raise invalid(name, f"{name} must be a string, not {value!r}")
-    return value
+    return _checked(name, checks.text, value)
 
 
 def _size(value, max_pixels: int) -> tuple[int | None, int | None]:
