@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import time
 
 import pytest
@@ -191,3 +192,39 @@ def test_the_studio_page_and_its_files_are_served(server):
     for name in ("studio.js", "studio.css"):
         assert server.request("GET", f"/static/{name}")[0] == 200
     assert request("GET", server.url + "static/../app.py")[0] == 404
+
+
+def test_a_client_that_hangs_up_cancels_its_request(server):
+    before = set(server.output.glob("*.png"))
+    host, port = server.url.split("//")[1].strip("/").split(":")
+    body = json.dumps(SLOW).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    deadline = time.monotonic() + 60
+    while (running := json.loads(server.request("GET", "/health")[2])["queue"]["running"]) \
+            is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    wait_until_running(server, running)
+    sock.close()
+    while (status := json.loads(server.request("GET", f"/jobs/{running}")[2])["status"]) \
+            == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert status == "cancelled"
+    assert set(server.output.glob("*.png")) == before
+
+
+def test_a_lazy_server_loads_the_model_on_the_first_job(tmp_path, tmp_path_factory):
+    with running_server(tmp_path, "--lazy",
+                        preview_cache=tmp_path_factory.getbasetemp() / "previews") as lazy:
+        health = json.loads(lazy.request("GET", "/health")[2])
+        assert health["model"] == {"id": "distilled", "loaded": False}
+        job = submit(lazy, {"prompt": "first", "steps": 1, "size": "32x32"})
+        kinds = [k for _, k, _ in sse_events(lazy.url + f"jobs/{job['id']}/events")]
+        assert kinds[:4] == ["queued", "started", "loading", "encode"]
+        assert kinds[-1] == "done"
+        health = json.loads(lazy.request("GET", "/health")[2])
+        assert health["model"]["loaded"] is True and health["model"]["default_steps"] == 4

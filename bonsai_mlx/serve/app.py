@@ -41,6 +41,7 @@ from starlette.staticfiles import StaticFiles
 STATIC = Path(__file__).parent / "static"
 TERMINAL_EVENTS = ("done", "error", "cancelled")
 KEEPALIVE_SECONDS = 15.0
+DISCONNECT_POLL_SECONDS = 0.5
 
 
 @dataclass
@@ -186,7 +187,7 @@ async def _respond(app: FastAPI, request: Request, image_req: ImageRequest,
                    response_format: str) -> JSONResponse:
     """Queue the job, wait for it, answer as the OpenAI Images API does."""
     job = _submit(app, image_req)
-    await asyncio.wrap_future(job.future)
+    await _wait(app, request, job)
     if job.status == "error":
         status, message = job.error
         raise ApiError(status, message, code="invalid_value" if status == 400
@@ -204,6 +205,17 @@ async def _respond(app: FastAPI, request: Request, image_req: ImageRequest,
     first = job.images[0]
     return JSONResponse({"created": int(job.created), "data": data, "output_format": "png",
                          "size": f"{first['width']}x{first['height']}"})
+
+
+async def _wait(app: FastAPI, request: Request, job: Job) -> None:
+    """Until the job ends; a client that hangs up cancels it (nobody would get the images)."""
+    done = asyncio.wrap_future(job.future)
+    while not done.done():
+        await asyncio.wait([done], timeout=DISCONNECT_POLL_SECONDS)
+        if not done.done() and await request.is_disconnected():
+            app.state.worker.cancel(job)
+            await done
+            return
 
 
 def _submit(app: FastAPI, image_req: ImageRequest) -> Job:
