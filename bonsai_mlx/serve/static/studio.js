@@ -247,8 +247,9 @@ async function cancel() {
 }
 
 function setBusy(busy) {
+  if (busy) $("stage-info").hidden = true; // it described the previous picture
   $("generate").disabled = busy;
-  $("variations").disabled = busy;
+  $("variations").hidden = busy;
   $("cancel").hidden = !busy;
   $("cancel").disabled = false;
   $("generate").textContent = busy ? "Generating…" : "Generate";
