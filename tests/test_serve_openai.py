@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 
 from bonsai_mlx.pipeline import Pipeline
@@ -291,3 +292,32 @@ def test_unknown_routes_and_methods_are_openai_shaped(server):
     assert status == 404 and json.loads(raw)["error"]["code"] == "not_found"
     status, _, raw = server.request("GET", "/v1/images/generations", headers=auth)
     assert status == 405 and json.loads(raw)["error"]["type"] == "invalid_request_error"
+
+
+def test_a_body_far_over_the_limit_is_413_not_a_broken_connection(server):
+    # more than the kernel's socket buffers hold: the server must read it to be heard
+    body = b"x" * (24 * 1024 * 1024)
+    status, _, raw = server.request("POST", "/v1/images/edits", body,
+                                    {"Content-Type": "multipart/form-data; boundary=b",
+                                     "Authorization": f"Bearer {KEY}"})
+    assert status == 413
+    assert json.loads(raw)["error"]["code"] == "request_too_large"
+    assert server.healthy()
+
+
+def test_a_chunked_body_over_the_limit_is_413(server):
+    import http.client
+
+    host, port = server.url.split("//")[1].strip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    head = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    chunks = itertools.chain([head], (b"y" * 65536 for _ in range(32)))  # 2 MB, unsized
+    conn.request("POST", "/v1/images/edits", body=chunks, encode_chunked=True,
+                 headers={"Content-Type": "multipart/form-data; boundary=b",
+                          "Authorization": f"Bearer {KEY}"})
+    response = conn.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["error"]["code"] == "request_too_large"
+    conn.close()
+    assert server.healthy()

@@ -7,8 +7,8 @@
   is refused, unless that origin was allowed with --allow-origin.
 - API key: with --api-key, everything but the studio's static page and /health needs
   `Authorization: Bearer KEY` (compared in constant time) or the studio's session cookie.
-- Size: a body larger than the upload limit is answered 413, after reading (and
-  discarding) what the client sends, so that the client sees the answer.
+- Size: a body larger than the upload limit is answered 413 (from its Content-Length, or
+  as soon as more than the limit has arrived).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from starlette.datastructures import Headers
 PUBLIC_PATHS = ("/", "/health", "/session", "/favicon.ico")
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-DRAIN_LIMIT = 256 * 1024 * 1024  # a client sending more than this is cut off
 SESSION_COOKIE = "bonsai_session"
 
 
@@ -61,7 +60,6 @@ class Guard:
         try:
             self._check(scope, headers)
         except ApiError as e:
-            await _drain(receive)
             await e.response()(scope, receive, send)
             return
         received = 0
@@ -72,8 +70,6 @@ class Guard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    if message.get("more_body"):
-                        await _drain(receive)
                     raise self._too_large()
             return message
 
@@ -118,18 +114,6 @@ class Guard:
         mb = self.max_body / (1024 * 1024)
         return ApiError(413, f"the request body is larger than the upload limit ({mb:g} MB; "
                              "see --max-upload-mb)", code="request_too_large")
-
-
-async def _drain(receive) -> None:
-    """Read and drop the rest of a request body (up to DRAIN_LIMIT bytes)."""
-    total = 0
-    while total <= DRAIN_LIMIT:
-        message = await receive()
-        if message["type"] != "http.request":
-            return
-        total += len(message.get("body", b""))
-        if not message.get("more_body"):
-            return
 
 
 def _hostname(host: str) -> str:
