@@ -137,6 +137,10 @@ verbose_option = click.option(
 quiet_option = click.option(
     "-q", "--quiet", is_flag=True, help="No progress bars and no summary on stderr."
 )
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+    show_default=True, help="Compute dtype; auto is bfloat16 on a GPU, float32 on the CPU.",
+)
 
 
 @click.group("bonsai-mlx", cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -399,9 +403,7 @@ def _lora_label(source: str) -> str:
               help="Reference image for editing; repeat for several.")
 @click.option("--strength", type=float, default=None,
               help="Image-to-image from one --image: 0 < strength <= 1 (1 = ignore the image).")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-              default="auto", show_default=True,
-              help="Compute dtype; auto is bfloat16 on a GPU, float32 on the CPU.")
+@dtype_option
 @click.option("--no-offload", is_flag=True,
               help="Keep the text encoder loaded after encoding (more memory, faster reruns).")
 @click.option("--tile-vae/--no-tile-vae", default=None,

@@ -62,6 +62,22 @@ def running_server(tmp: Path, *args: str, model: Path = TINY, preview_cache: Pat
             process.wait()
 
 
+def module_server(name: str, *args: str):
+    """A module-scoped pytest fixture: one server for the module's tests, whose log must
+    show no traceback at the end (no request made it fail)."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        with running_server(tmp_path_factory.mktemp(name), *args,
+                            preview_cache=tmp_path_factory.getbasetemp() / "previews") as s:
+            yield s
+        log = s.log.read_text()
+        assert "Traceback" not in log, log
+
+    return server
+
+
 def _read_url(process: subprocess.Popen, log: Path) -> str:
     deadline = time.monotonic() + START_TIMEOUT
     line = b""

@@ -12,19 +12,12 @@ import time
 
 import pytest
 from PIL import Image
-from serve_server import request, running_server, sse_events
+from serve_server import module_server, request, running_server, sse_events
 
 SLOW = {"prompt": "a very slow picture", "size": "16x16", "steps": 500}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("jobs")
-    with running_server(tmp, "--max-queue", "1",
-                        preview_cache=tmp_path_factory.getbasetemp() / "previews") as s:
-        yield s
-    log = s.log.read_text()
-    assert "Traceback" not in log, log
+server = module_server("jobs", "--max-queue", "1")
 
 
 def submit(server, body) -> dict:
@@ -38,6 +31,13 @@ def wait_until_running(server, job_id: str) -> None:
         if kind == "step":
             return
     raise AssertionError("the job ended before its first step")
+
+
+def wait_idle(server) -> None:
+    deadline = time.monotonic() + 60
+    while json.loads(server.request("GET", "/health")[2])["queue"]["running"]:
+        assert time.monotonic() < deadline, "the server stayed busy"
+        time.sleep(0.05)
 
 
 def data_url_image(url: str) -> Image.Image:
@@ -99,6 +99,7 @@ def test_cancel_stops_between_steps_and_saves_nothing(server):
 
 def test_a_full_queue_is_429_with_retry_after(server):
     openai = pytest.importorskip("openai")
+    wait_idle(server)
     running = submit(server, SLOW)
     wait_until_running(server, running["id"])
     waiting = submit(server, SLOW)  # fills the queue (--max-queue 1)
@@ -119,10 +120,7 @@ def test_a_full_queue_is_429_with_retry_after(server):
             server.request("DELETE", f"/jobs/{job['id']}")
     status, _, raw = server.request("GET", f"/jobs/{waiting['id']}")
     assert json.loads(raw)["status"] == "cancelled"  # a waiting job ends at once
-    deadline = time.monotonic() + 60
-    while json.loads(server.request("GET", "/health")[2])["queue"]["running"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_idle(server)
     job = submit(server, {"prompt": "after the rush", "steps": 1, "size": "32x32"})
     assert list(sse_events(server.url + f"jobs/{job['id']}/events"))[-1][1] == "done"
 
@@ -195,6 +193,7 @@ def test_the_studio_page_and_its_files_are_served(server):
 
 
 def test_a_client_that_hangs_up_cancels_its_request(server):
+    wait_idle(server)  # then the first job running is this request's
     before = set(server.output.glob("*.png"))
     host, port = server.url.split("//")[1].strip("/").split(":")
     body = json.dumps(SLOW).encode()

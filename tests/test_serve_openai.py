@@ -15,7 +15,7 @@ from bonsai_mlx.pipeline import Pipeline
 import numpy as np
 import pytest
 from PIL import Image
-from serve_server import REFERENCE, REFERENCE2, TINY, request, running_server
+from serve_server import REFERENCE, REFERENCE2, TINY, module_server, request
 
 openai = pytest.importorskip("openai")
 
@@ -23,14 +23,7 @@ KEY = "test-key-0123456789"
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("openai")
-    with running_server(tmp, "--api-key", KEY, "--max-upload-mb", "1",
-                        preview_cache=tmp_path_factory.getbasetemp() / "previews") as s:
-        yield s
-    log = s.log.read_text()
-    assert "Traceback" not in log, log  # no request made the server fail
+server = module_server("openai", "--api-key", KEY, "--max-upload-mb", "1")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from bonsai_mlx.cli import cli
 
 import pytest
 from click.testing import CliRunner
-from serve_server import TINY, running_server
+from serve_server import TINY, module_server
 
 KEY = "s3cret-key"
 
@@ -49,13 +49,8 @@ def test_an_empty_key_is_refused(tmp_path):
         serve("--api-key", " ", "--port", "0", "-o", str(tmp_path / "o")))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("security")
-    with running_server(tmp, "--api-key", KEY, "--allow-origin", "http://friend.example",
-                        preview_cache=tmp_path_factory.getbasetemp() / "previews") as s:
-        yield s
-    assert "Traceback" not in s.log.read_text()
+server = module_server("security", "--api-key", KEY, "--allow-origin",
+                       "http://friend.example")
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from bonsai_mlx.cli import DEFAULT_MODEL, verbose_option
+from bonsai_mlx.cli import DEFAULT_MODEL, dtype_option, verbose_option
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import MODEL_ALIASES, resolve_model
 
@@ -43,9 +43,7 @@ DEFAULT_OUTPUT = "bonsai-images"
               help="Let web pages from this origin call the API (CORS); repeatable.")
 @click.option("--insecure", is_flag=True,
               help="Serve a non-loopback --host without an API key.")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-              default="auto", show_default=True,
-              help="Compute dtype; auto is bfloat16 on a GPU, float32 on the CPU.")
+@dtype_option
 @click.option("--no-offload", is_flag=True,
               help="Keep the text encoder loaded between prompts (more memory, faster).")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")

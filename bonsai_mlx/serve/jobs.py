@@ -104,17 +104,15 @@ class Job:
                 pass
 
     def finish(self, outcome: str, **data) -> None:
-        """End the job: `outcome` ("done", "error", "cancelled") is its status and the
-        type of its last event."""
+        """End the job: `outcome` ("done", "error" with `status` and `message`,
+        "cancelled") is its status and the type of its last event."""
         if self.finished:
             return
+        if outcome == "error":
+            self.error = (data["status"], data["message"])
         self.status = outcome
         self.emit(outcome, **data)
         self.future.set_result(self)
-
-    def fail(self, status: int, message: str) -> None:
-        self.error = (status, message)
-        self.finish("error", status=status, message=message)
 
     async def events_after(self, seen: int, timeout: float) -> list[dict]:
         """Events after the first `seen`, waiting up to `timeout` s for one to arrive."""
@@ -270,19 +268,20 @@ class Worker:
         job.status = "running"
         job.emit("started")
         try:
-            self._make_images(job)
-            job.finish("done", images=job.summary()["images"])
+            outcome, data = self._make_images(job)
         except Exception as e:  # anything else is a bug: logged, and the job says so
             traceback.print_exc(file=sys.stderr)
-            job.fail(500, f"internal error ({type(e).__name__}); see the server's log")
-        finally:
-            job.finish("cancelled")  # no-op unless it stopped without an outcome
-            with self._cond:
-                self.running = None
+            outcome, data = "error", {"status": 500, "message": f"internal error "
+                                      f"({type(e).__name__}); see the server's log"}
+        with self._cond:  # no longer running once its end is announced
+            self.running = None
+        if outcome == "done":
             self._measure(job, time.perf_counter() - t0)
+        job.finish(outcome, **data)
 
-    def _make_images(self, job: Job) -> None:
-        """Every image of the job; user errors and cancellation end the job here."""
+    def _make_images(self, job: Job) -> tuple[str, dict]:
+        """Every image of the job -> its outcome and the data of its last event; user errors
+        and cancellation are outcomes too."""
         from bonsai_mlx.pipeline import GenerationCancelled
 
         try:
@@ -291,16 +290,16 @@ class Worker:
             try:
                 pipe = self._pipeline()
             except BonsaiError as e:
-                job.fail(500, f"the model could not be loaded: {e}")
-                return
+                return "error", {"status": 500, "message": f"the model could not be loaded: {e}"}
             for i, seed in enumerate(job.request.seeds()):
                 if job.cancel_requested.is_set():
                     raise GenerationCancelled
                 self._make_image(pipe, job, i, seed)
         except GenerationCancelled:
-            job.finish("cancelled")
+            return "cancelled", {}
         except BonsaiError as e:  # the request does not suit this model
-            job.fail(400, str(e))
+            return "error", {"status": 400, "message": str(e)}
+        return "done", {"images": job.summary()["images"]}
 
     def _make_image(self, pipe, job: Job, index: int, seed: int) -> None:
         r = job.request
@@ -323,8 +322,6 @@ class Worker:
         job.emit("image", image=index, **{k: v for k, v in record.items() if k != "path"})
 
     def _measure(self, job: Job, seconds: float) -> None:
-        if job.status != "done":
-            return
         per_image = seconds / max(1, job.request.n)
         self._seconds_per_image = (per_image if not self._measured
                                    else 0.7 * self._seconds_per_image + 0.3 * per_image)
