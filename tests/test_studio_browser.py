@@ -101,3 +101,30 @@ def test_the_studio_generates_and_shows_the_image_in_the_gallery(tmp_path, brows
     with Image.open(screenshot) as shot:
         assert shot.size[0] >= 1000
     assert "Traceback" not in server.log.read_text()
+
+
+def test_the_studio_asks_once_for_the_api_key(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with running_server(tmp_path, "--api-key", "studio-key",
+                        preview_cache=tmp_path / "previews") as server:
+        (server.output / "old-1.png").parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), "teal").save(server.output / "old-1.png")
+        browser.get(server.url)
+        wait = WebDriverWait(browser, TIMEOUT)
+        dialog = wait.until(lambda d: d.find_element(By.ID, "key-dialog"))
+        wait.until(lambda d: dialog.get_attribute("open") is not None)
+        browser.find_element(By.ID, "key-input").send_keys("wrong")
+        browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+        wait.until(lambda d: d.find_element(By.ID, "key-error").is_displayed())
+        key = browser.find_element(By.ID, "key-input")
+        key.clear()
+        key.send_keys("studio-key")
+        browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+        # the gallery (an authenticated listing and images) loads with the session cookie
+        tile = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .tile"))[0]
+        assert tile.get_attribute("data-name") == "old-1.png"
+        wait.until(lambda d: d.execute_script(
+            "return document.querySelector('#gallery .tile img').naturalWidth") == 32)
+        assert dialog.get_attribute("open") is None

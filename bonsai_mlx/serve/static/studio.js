@@ -38,7 +38,13 @@ async function api(path, options = {}) {
   return body;
 }
 
+let signingIn = null; // one dialog, however many requests were refused
 function signIn() {
+  signingIn = signingIn || askForKey().finally(() => { signingIn = null; });
+  return signingIn;
+}
+
+function askForKey() {
   return new Promise((resolve) => {
     const dialog = $("key-dialog");
     $("key-error").hidden = true;
