@@ -227,3 +227,46 @@ def test_a_lazy_server_loads_the_model_on_the_first_job(tmp_path, tmp_path_facto
         assert kinds[-1] == "done"
         health = json.loads(lazy.request("GET", "/health")[2])
         assert health["model"]["loaded"] is True and health["model"]["default_steps"] == 4
+
+
+def test_a_bug_is_a_500_without_a_traceback_and_the_server_serves_on(tmp_path, capfd):
+    """In-process (uvicorn in a thread) with a pipeline that fails the way a bug would."""
+    import threading
+
+    from bonsai_mlx.serve.app import Settings, create_app
+    from bonsai_mlx.serve.jobs import Worker
+
+    import uvicorn
+
+    class BrokenPipeline:
+        is_distilled, default_steps, default_guidance = True, 4, 1.0
+
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("an internal detail that must not reach the client")
+
+    worker = Worker(BrokenPipeline, tmp_path, "broken", max_queue=2)
+    worker.start(preload=True)
+    app = create_app(Settings(model="broken", model_id="broken", output=tmp_path), worker)
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for _ in range(2):
+            status, _, raw = request("POST", url + "v1/images/generations",
+                                     {"prompt": "a fox", "size": "32x32"})
+            assert status == 500
+            error = json.loads(raw)["error"]
+            assert error["type"] == "server_error" and error["code"] == "internal_error"
+            assert error["message"] == "internal error (RuntimeError); see the server's log"
+            assert request("GET", url + "health")[0] == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        worker.stop()
+    assert "an internal detail" in capfd.readouterr().err  # in the log, for the developer

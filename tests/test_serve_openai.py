@@ -128,6 +128,43 @@ def test_models_lists_the_served_model(client):
     assert models.data[0].model_extra["served"] is True
 
 
+def test_models_lists_the_served_one_then_cached_klein_pipelines(tmp_path, monkeypatch):
+    import os
+
+    from bonsai_mlx.serve.models import model_list
+
+    import huggingface_hub.constants as hf
+
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+
+    def cached(repo: str, name: str, content: str) -> None:  # the Hub cache's layout
+        folder = tmp_path / ("models--" + repo.replace("/", "--"))
+        snapshot = folder / "snapshots" / "0123abcd"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0123abcd")
+        (folder / "blobs").mkdir()
+        (folder / "blobs" / "blob0").write_text(content)
+        (snapshot / name).parent.mkdir(parents=True)
+        (snapshot / name).symlink_to(os.path.relpath(folder / "blobs" / "blob0",
+                                                     (snapshot / name).parent))
+
+    cached("prism-ml/bonsai-image-ternary-4B-mlx-2bit", "transformer-packed-mflux/config.json",
+           "{}")
+    cached("someone/klein-finetune", "model_index.json", '{"_class_name": "Flux2KleinPipeline"}')
+    cached("someone/sdxl", "model_index.json", '{"_class_name": "StableDiffusionXLPipeline"}')
+    cached("someone/klein-finetune-served", "model_index.json",
+           '{"_class_name": "Flux2KleinPipeline"}')
+    models = model_list("klein-finetune-served", "someone/klein-finetune-served", loaded=True,
+                        created=1)
+    assert [(m["id"], m["served"], m.get("alias")) for m in models] == [
+        ("klein-finetune-served", True, None),
+        ("prism-ml/bonsai-image-ternary-4B-mlx-2bit", False, "ternary"),
+        ("someone/klein-finetune", False, None),
+    ]
+    assert all(m["object"] == "model" and isinstance(m["created"], int) for m in models)
+
+
 # ---- what fails, and how -----------------------------------------------------------------
 
 

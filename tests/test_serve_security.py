@@ -118,3 +118,4 @@ def test_the_server_still_serves(server):
     assert server.healthy()
     status, _, raw = server.request("POST", "/v1/images/generations", JOB, headers=AUTH)
     assert status == 200 and json.loads(raw)["data"][0]["b64_json"]
+
