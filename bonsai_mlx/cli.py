@@ -86,6 +86,7 @@ def _usage_message(e: click.ClickException) -> str:
 _LAZY_COMMANDS = {
     "bench": "Benchmark seconds per stage, memory and footprint (`bench --help`)",
     "convert": "Convert a model to packed binary / ternary weights (`convert --help`)",
+    "doctor": "Check this machine: Metal kernels, BLAS, compilers, cached models",
     "serve": "Serve the studio (web page) and an OpenAI-compatible Images API",
 }
 

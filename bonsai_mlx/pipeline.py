@@ -18,14 +18,13 @@ import math
 import os
 import secrets
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bonsai_mlx import lora
-from bonsai_mlx.checks import text
+from bonsai_mlx.checks import integer, number, text
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import Flux2Transformer
@@ -38,6 +37,7 @@ from bonsai_mlx.scheduler import (
     make_schedule,
 )
 from bonsai_mlx.weights import (
+    atomic_dir,
     check_no_custom_code,
     check_writable,
     load_weights,
@@ -205,26 +205,12 @@ class Pipeline:
             raise BonsaiError(f"LoRAs are loaded ({', '.join(self.loras)}); unload_lora() "
                               "first, or fuse_lora() on a dense model to save them merged")
         check_writable(dst.parent, hint="choose another folder")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
         try:
-            self._write(tmp, text_encoder_bits, transformer_dtype, vae_dtype)
-            if dst.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-                os.replace(dst, old / dst.name)
-                os.replace(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dst)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError):  # a full or read-only disk: nothing was left behind
-                raise BonsaiError(f"cannot write {dst} ({e.strerror or e}); nothing was "
-                                  "written: free some space or choose another folder") from e
-            raise
+            with atomic_dir(dst, replace=overwrite) as tmp:
+                self._write(tmp, text_encoder_bits, transformer_dtype, vae_dtype)
+        except OSError as e:  # a full or read-only disk: nothing was left behind
+            raise BonsaiError(f"cannot write {dst} ({e.strerror or e}); nothing was "
+                              "written: free some space or choose another folder") from e
         return dst
 
     def _write(self, folder: Path, text_encoder_bits, transformer_dtype, vae_dtype) -> None:
@@ -342,13 +328,18 @@ class Pipeline:
         prompts = _check_prompts(prompt)
         if output_type not in ("pil", "np", "mx"):
             raise BonsaiError(f"output_type must be 'pil', 'np' or 'mx', not {output_type!r}")
-        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
-            raise BonsaiError(f"num_images must be a positive integer, not {num_images!r}")
+        num_images = integer(num_images, "num_images", low=1)
         steps, guidance = self._steps_and_guidance(steps, guidance, sigmas)
         use_cfg = guidance > 1.0 and not self.is_distilled
+        if negative_prompt is not None and not use_cfg:
+            why = ("this model is guidance-distilled (is_distilled in model_index.json)"
+                   if self.is_distilled else f"guidance {guidance:g} <= 1 uses none")
+            warnings.warn(f"negative_prompt is ignored: it needs classifier-free guidance, "
+                          f"and {why}", stacklevel=2)
         image_list = _as_image_list(images)
         if strength is not None:
-            if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            strength = number(strength, "strength")
+            if not 0 < strength <= 1:
                 raise BonsaiError(f"strength must be in (0, 1], not {strength!r}")
             if len(image_list) != 1:
                 raise BonsaiError(
@@ -361,7 +352,7 @@ class Pipeline:
             height = height if height is not None else prepared[0].size[1]
         width = DEFAULT_SIZE if width is None else width
         height = DEFAULT_SIZE if height is None else height
-        check_size(width, height)
+        width, height = check_size(width, height)
         h, w = height // MULTIPLE, width // MULTIPLE
         batch = len(prompts) * num_images
         noise = self._initial_noise(latents, seed, (batch, 128, h, w))  # (B, h*w, 128)
@@ -418,7 +409,15 @@ class Pipeline:
                 v = v_neg + guidance * (v - v_neg)
             x_prev = x
             x = euler_step(x, v, float(schedule.sigmas[i]), float(schedule.sigmas[i + 1]))
-            mx.eval(x)
+            finite = mx.isfinite(x).all()  # one reduction: never decode NaN into an image
+            mx.eval(x, finite)
+            if not finite.item():
+                raise BonsaiError(
+                    f"step {i + 1} of {total} produced non-finite latents (NaN or infinity); "
+                    + (f"lower the guidance ({guidance:g}) or " if use_cfg else "")
+                    + f"use another dtype than {str(self.transformer.dtype).split('.')[-1]} "
+                    "(float32 is the most robust)"
+                )
             step_times.append(time.perf_counter() - t0)
             if callback is not None and preview:
                 # the denoised estimate x0 = x_t - sigma_t v: the final image, roughly
@@ -438,8 +437,15 @@ class Pipeline:
         for b in range(batch):
             z = self.vae.denormalize_latents(packed[b : b + 1])
             img = self.vae.decode(z, tiled=tiled_vae).astype(mx.float32)
+            finite = mx.isfinite(img).all()
             img = mx.clip(img * 0.5 + 0.5, 0.0, 1.0)
-            mx.eval(img)
+            mx.eval(img, finite)
+            if not finite.item():
+                raise BonsaiError(
+                    f"decoding image {b + 1} produced non-finite pixels (NaN or infinity); use "
+                    f"another dtype than {str(self.vae.dtype).split('.')[-1]} (float32 is the "
+                    "most robust)"
+                )
             out.append(img)
         result = mx.concatenate(out, axis=0) if len(out) > 1 else out[0]
         mx.eval(result)
@@ -475,13 +481,10 @@ class Pipeline:
             steps = n
         if steps is None:
             steps = self.default_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-            raise BonsaiError(f"steps must be an integer in 1..{MAX_STEPS}, not {steps!r}")
+        steps = integer(steps, "steps", low=1, high=MAX_STEPS)
         if guidance is None:
             guidance = self.default_guidance
-        elif not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise BonsaiError(f"guidance must be a number, not {guidance!r}")
-        elif self.is_distilled and guidance > 1.0:
+        elif (guidance := number(guidance, "guidance")) > 1.0 and self.is_distilled:
             warnings.warn(
                 f"guidance {guidance} is ignored: this model is guidance-distilled "
                 "(is_distilled in model_index.json)", stacklevel=3,
@@ -498,12 +501,14 @@ class Pipeline:
                     f"latents must have shape {shape} (batch, 128, height/16, width/16), got "
                     f"{tuple(latents.shape)}"
                 )
+            if not mx.isfinite(latents).all().item():
+                raise BonsaiError("latents contain NaN or infinity")
             self.last_seed = None
         else:
             if seed is None:
                 seed = secrets.randbelow(2**32)
-            elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-                raise BonsaiError(f"seed must be a non-negative integer, not {seed!r}")
+            elif (seed := integer(seed, "seed", low=0)) >= 2**64:
+                raise BonsaiError(f"seed must be below 2**64, not {seed}")
             self.last_seed = seed
             latents = mx.random.normal(shape, dtype=mx.float32, key=mx.random.key(seed))
         b, c, h, w = shape
@@ -673,11 +678,11 @@ def _negative_prompts(negative_prompt, n: int) -> list[str]:
     return [text(p, "the negative prompt") for p in negatives]
 
 
-def check_size(width, height) -> None:
-    """Multiples of 16 within [MIN_SIZE, MAX_SIZE]; the error suggests valid sizes."""
+def check_size(width, height) -> tuple[int, int]:
+    """Multiples of 16 within [MIN_SIZE, MAX_SIZE], as Python ints; the error suggests valid
+    sizes."""
+    width, height = integer(width, "width"), integer(height, "height")
     for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise BonsaiError(f"{name} must be an integer number of pixels, not {v!r}")
         if not MIN_SIZE <= v <= MAX_SIZE:
             raise BonsaiError(f"{name} {v} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
     bad = [(n, v) for n, v in (("width", width), ("height", height)) if v % MULTIPLE]
@@ -689,6 +694,7 @@ def check_size(width, height) -> None:
 
         parts = ", ".join(f"{n} {v} (nearest valid: {near(v)})" for n, v in bad)
         raise BonsaiError(f"width and height must be multiples of {MULTIPLE}: {parts}")
+    return width, height
 
 
 def text_ids(length: int) -> np.ndarray:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.weights import atomic_path, normal_mode
 
 # The text keys an image's settings are stored under (and read back by the studio).
 SETTINGS_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "size", "model",
@@ -43,12 +44,15 @@ def generation_metadata(
 ) -> dict[str, object]:
     """The text fields of a generated image, as the pipeline ran it: the model's default
     steps when none were given (the schedule's length; image-to-image runs only its last
-    part) and its default guidance on distilled models (they ignore guidance)."""
+    part), its default guidance on distilled models (they ignore guidance), and no
+    negative prompt where there was no guidance to use it (the pipeline warns)."""
+    used_guidance = (pipe.default_guidance if guidance is None or pipe.is_distilled
+                     else guidance)
     return {
-        "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+        "prompt": prompt, "seed": seed,
+        "negative_prompt": negative_prompt if used_guidance > 1.0 else None,
         "steps": steps or pipe.default_steps,
-        "guidance": pipe.default_guidance if guidance is None or pipe.is_distilled
-        else guidance,
+        "guidance": used_guidance,
         "size": f"{size[0]}x{size[1]}", "model": model,
         "strength": strength,
         "images": ", ".join(images) or None,
@@ -98,9 +102,7 @@ def write_png_exclusive(image, target: Path, info) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; an image is not
+        normal_mode(tmp)  # mkstemp made it private; an image is an ordinary file
         for i in range(100_000):
             path = target if i == 0 else target.with_name(f"{target.stem}-{i}{target.suffix}")
             if _claim(tmp, path):
@@ -153,8 +155,6 @@ def check_preview_target(path: Path) -> None:
 
 def write_preview(image, path: Path, step: int, total: int) -> None:
     """Replace `path` with `image` atomically (a viewer never sees half a file)."""
-    from bonsai_mlx.weights import atomic_path
-
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG",
                    pnginfo=png_metadata({PREVIEW_KEY: f"step {step}/{total}",

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonsai_mlx.kernels.device import cache_folder
 from bonsai_mlx.models.vae import VAE
 from bonsai_mlx.weights import atomic_path
 
@@ -134,11 +134,7 @@ def decoder_fingerprint(vae: VAE) -> str:
 
 def default_cache_dir() -> Path:
     """$BONSAI_PREVIEW_CACHE, else $XDG_CACHE_HOME/bonsai-mlx/previews (~/.cache/...)."""
-    env = os.environ.get("BONSAI_PREVIEW_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bonsai-mlx" / "previews"
+    return cache_folder("previews", "BONSAI_PREVIEW_CACHE")
 
 
 def _read_cached(path: Path, latent_channels: int) -> np.ndarray | None:

@@ -30,10 +30,10 @@ def model_list(name: str, model_id: str, *, loaded: bool, created: int) -> list[
 
 def cached_models() -> list[tuple[str, int]]:
     """(repo id, last modified) of cached repos that hold a FLUX.2 [klein] pipeline."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
     try:
-        cache = scan_cache_dir()
+        cache = scan_cache_dir(str(constants.HF_HUB_CACHE))
     except Exception:  # no cache folder yet, or one we cannot read: nothing cached
         return []
     found = []
