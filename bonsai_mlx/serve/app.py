@@ -29,8 +29,9 @@ from bonsai_mlx import __version__
 from bonsai_mlx.serve.errors import ApiError, error_response
 from bonsai_mlx.serve.gallery import Gallery
 from bonsai_mlx.serve.guard import Guard, session_cookie
-from bonsai_mlx.serve.jobs import ImageRequest, Job, QueueFull, Worker
+from bonsai_mlx.serve.jobs import ImageRequest, Job, QueueFull, Stopping, Worker
 from bonsai_mlx.serve.params import form_images, image_request, invalid, json_fields
+from bonsai_mlx.weights import MODEL_ALIASES
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,9 +60,10 @@ class Settings:
 
     @property
     def model_names(self) -> set[str]:
-        """What a request's `model` may say: the name given, the repo id or folder, and the
-        folder's name."""
-        return {self.model, self.model_id, Path(self.model_id).name, self.public_name}
+        """What a request's `model` may say: the name given, the repo id or folder, the
+        folder's name, an alias of the repo."""
+        aliases = {alias for alias, repo in MODEL_ALIASES.items() if repo == self.model_id}
+        return {self.model, self.model_id, Path(self.model_id).name, *aliases}
 
     @property
     def public_name(self) -> str:
@@ -141,7 +143,7 @@ def _add_openai_routes(app: FastAPI) -> None:
         return await _respond(app, request, image_req, response_format)
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    def models() -> dict:  # reads the Hub cache's folders: in the thread pool
         from bonsai_mlx.serve.models import model_list
 
         settings = app.state.settings
@@ -224,6 +226,8 @@ def _submit(app: FastAPI, image_req: ImageRequest) -> Job:
     except QueueFull as e:
         raise ApiError(429, str(e), code="queue_full",
                        headers={"Retry-After": str(e.retry_after)}) from None
+    except Stopping:
+        raise ApiError(503, "the server is stopping", code="stopping") from None
 
 
 def _check_model(app: FastAPI, model) -> None:

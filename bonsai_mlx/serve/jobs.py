@@ -66,6 +66,10 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class Stopping(Exception):
+    """The server is shutting down: no new jobs."""
+
+
 class Job:
     """A request in the queue: its status, its events (for server-sent events), its images.
 
@@ -119,7 +123,7 @@ class Job:
         event = asyncio.Event()
         key = (asyncio.get_running_loop(), event)
         with self._lock:
-            if len(self.events) > seen or self.finished:
+            if len(self.events) > seen:  # (a job's last event always comes)
                 return self.events[seen:]
             self._listeners.add(key)
         try:
@@ -186,6 +190,8 @@ class Worker:
     def submit(self, request: ImageRequest) -> Job:
         job = Job(request)
         with self._cond:
+            if self._stopping:
+                raise Stopping
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(self.retry_after(), self.max_queue)
             self._queue.append(job)

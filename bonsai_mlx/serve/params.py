@@ -9,6 +9,7 @@ distilled model, ...) are the pipeline's, and a `BonsaiError` from `generate` be
 
 from __future__ import annotations
 
+import asyncio
 import io
 import warnings
 
@@ -143,7 +144,8 @@ async def form_images(form: FormData, *, required: bool) -> tuple[list, list[str
         if not isinstance(upload, UploadFile):
             raise invalid("image", "image must be an uploaded file (multipart file field)")
         label = f"image {i + 1}" + (f" ({upload.filename})" if upload.filename else "")
-        images.append(decode_upload(await upload.read(), label))
+        # decoding a large image takes a while: off the event loop
+        images.append(await asyncio.to_thread(decode_upload, await upload.read(), label))
         names.append(_safe_name(upload.filename) or f"image-{i + 1}")
     return images, names
 
