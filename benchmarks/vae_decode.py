@@ -30,15 +30,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=2048, help="image side in pixels")
     ap.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels")
-    ap.add_argument("--tile-overlap", type=int, default=0,
-                    help="accepted for older command lines; tiles need no overlap now")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--modes", default="untiled,exact,estimate")
     args = ap.parse_args()
 
     mx.random.seed(0)
-    vae = VAE(VAEConfig(), parse_dtype(args.dtype))
-    vae._cast_weights()
+    vae = VAE(VAEConfig(), parse_dtype(args.dtype))  # weights in the dtype, statistics float32
     mx.eval(vae.parameters())
     f = vae.scale_factor
     z = mx.random.normal((1, args.size // f, args.size // f, vae.config.latent_channels))

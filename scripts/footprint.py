@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 
-from bonsai_mlx.quant import GROUP_SIZE, packed_layer_paths  # noqa: E402
+from bonsai_mlx.models.transformer import packed_layer_paths  # noqa: E402
+from bonsai_mlx.quant import GROUP_SIZE  # noqa: E402
 from bonsai_mlx.quant.model import DENSE_GROUP_SIZE  # noqa: E402
 from bonsai_mlx.weights import save_safetensors  # noqa: E402
 

@@ -26,13 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bonsai_mlx.bench import QWEN3_4B  # noqa: E402  (Qwen/Qwen3-4B's config.json)
 from bonsai_mlx.models.text_encoder import (  # noqa: E402
     DEFAULT_OUT_LAYERS,
     QUANTIZE_GROUP_SIZE,
+    QWEN3_4B,
     Qwen3Encoder,
 )
-from bonsai_mlx.models.vae import VAE, Encoder, VAEConfig  # noqa: E402
+from bonsai_mlx.models.vae import VAE, VAEConfig  # noqa: E402
+from bonsai_mlx.models.vae_layers import Encoder  # noqa: E402
 
 import footprint  # noqa: E402
 import mlx.core as mx  # noqa: E402

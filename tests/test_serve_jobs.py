@@ -241,7 +241,7 @@ def test_a_bug_is_a_500_without_a_traceback_and_the_server_serves_on(tmp_path, c
     class BrokenPipeline:
         is_distilled, default_steps, default_guidance = True, 4, 1.0
 
-        def generate(self, *args, **kwargs):
+        def run(self, *args, **kwargs):
             raise RuntimeError("an internal detail that must not reach the client")
 
     worker = Worker(BrokenPipeline, tmp_path, "broken", max_queue=2)

@@ -186,7 +186,9 @@ def error_of(excinfo) -> dict:
     ({"response_format": "jpeg"}, "response_format", "'b64_json' or 'url'"),
     ({"extra_body": {"steps": 0}}, "steps", "steps must be an integer in 1..1000, not 0"),
     ({"extra_body": {"steps": 2.5}}, "steps", "steps must be an integer, not 2.5"),
-    ({"extra_body": {"seed": -1}}, "seed", "seed must be an integer in 0.."),
+    ({"extra_body": {"seed": -1}}, "seed", "seed must be an integer >= 0, not -1"),
+    ({"extra_body": {"seed": 2**64}}, "seed", "seed must be at most 2**64 - n"),
+    ({"extra_body": {"strength": 1.5}}, "strength", "strength 1.5 is out of range"),
     ({"extra_body": {"guidance": "high"}}, "guidance", "guidance must be a number"),
     ({"extra_body": {"negative_prompt": 3}}, "negative_prompt", "must be a string"),
     ({"prompt": "   "}, "prompt", "prompt must not be empty"),
@@ -203,11 +205,13 @@ def test_bad_generation_requests_are_400_and_the_server_keeps_serving(
     assert server.healthy()
 
 
-def test_a_pipeline_check_after_queueing_is_a_400_too(client):
-    # strength needs exactly one image: the pipeline's own check, run by the worker
+def test_strength_without_an_image_is_400(client):
+    # the generation's own check (GenerationRequest), run before the job is queued
     with pytest.raises(openai.BadRequestError) as excinfo:
         client.images.generate(prompt="a fox", size="32x32", extra_body={"strength": 0.5})
-    assert "exactly one input image" in error_of(excinfo)["message"]
+    error = error_of(excinfo)
+    assert error["param"] == "image"
+    assert "image-to-image (strength) needs exactly one image, got 0" in error["message"]
 
 
 def test_not_an_image_is_400(server, client):

@@ -172,17 +172,16 @@ async def _read_request(app: FastAPI, request: Request, *, images: str
     if images == "none":
         fields = json_fields(await _json(request))
         _check_model(app, fields.get("model"))
-        return image_request(fields, form=False, max_pixels=max_pixels)
+        return await image_request(fields, form=False, max_pixels=max_pixels)
     form = await _form(request)
     _check_model(app, form.get("model"))
-    image_req, response_format = image_request(form, form=True, max_pixels=max_pixels)
     if form.get("mask") is not None:
         raise invalid("mask", "mask (inpainting) is not supported by this version of "
                               "bonsai-mlx yet; leave it out to edit the whole image",
                       "unsupported_parameter")
-    image_req.images, image_req.image_names = await form_images(
-        form, required=images == "required")
-    return image_req, response_format
+    decoded, names = await form_images(form, required=images == "required")
+    return await image_request(form, form=True, max_pixels=max_pixels, images=decoded,
+                               image_names=names)
 
 
 async def _respond(app: FastAPI, request: Request, image_req: ImageRequest,

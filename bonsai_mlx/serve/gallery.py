@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.png import SETTINGS_KEYS, read_png_metadata
+from bonsai_mlx.outputs import SETTINGS_KEYS, read_png_metadata
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.png")
 THUMB_SIDE = 384

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.png import (
+from bonsai_mlx.outputs import (
     generation_metadata,
     image_file_name,
     png_metadata,
     write_png_exclusive,
 )
+from bonsai_mlx.request import GenerationRequest
 
 KEEP_FINISHED_JOBS = 200  # finished jobs kept for GET /jobs/{id} (oldest dropped first)
 FIRST_GUESS_SECONDS = 20.0  # per image, for Retry-After before anything was measured
@@ -39,25 +40,18 @@ FIRST_GUESS_SECONDS = 20.0  # per image, for Retry-After before anything was mea
 
 @dataclass
 class ImageRequest:
-    """One request's images: what `Pipeline.generate` is called with, `n` times."""
+    """One HTTP request's images: a checked generation made `n` times, image i with seed
+    seed + i (or a random seed each when the request has none)."""
 
-    prompt: str
+    request: GenerationRequest
     n: int = 1
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None  # image i gets seed + i; None: a random seed per image
-    steps: int | None = None
-    guidance: float | None = None
-    negative_prompt: str | None = None
-    strength: float | None = None
-    images: list = field(default_factory=list)  # PIL images (editing / image-to-image)
-    image_names: list[str] = field(default_factory=list)
+    image_names: list[str] = field(default_factory=list)  # the uploads', for the metadata
     preview: bool = False  # per-step previews in the events (the studio asks for them)
 
     def seeds(self) -> list[int]:
-        if self.seed is None:
+        if self.request.seed is None:
             return [secrets.randbelow(2**32) for _ in range(self.n)]
-        return [self.seed + i for i in range(self.n)]
+        return [self.request.seed + i for i in range(self.n)]
 
 
 class QueueFull(Exception):
@@ -310,17 +304,15 @@ class Worker:
     def _make_image(self, pipe, job: Job, index: int, seed: int) -> None:
         r = job.request
         job.emit("encode", image=index, n=r.n, seed=seed)
-        image = pipe.generate(
-            r.prompt, width=r.width, height=r.height, steps=r.steps, guidance=r.guidance,
-            seed=seed, negative_prompt=r.negative_prompt, images=r.images or None,
-            strength=r.strength, callback=_StepEvents(job, index), preview=r.preview,
-        )
-        meta = generation_metadata(
-            pipe, prompt=r.prompt, seed=seed, size=image.size, model=self.model_id,
-            steps=r.steps, guidance=r.guidance, negative_prompt=r.negative_prompt,
-            strength=r.strength, images=r.image_names,
-        )
-        path = write_png_exclusive(image, self.output / image_file_name(r.prompt, seed),
+        request = r.request.with_seed(seed)
+        image = pipe.run(request, callback=_StepEvents(job, index),
+                         preview=r.preview).output("pil")
+        prompt = request.prompts[0]
+        negative = request.negative_prompts[0] if request.negative_prompts else None
+        meta = generation_metadata(pipe, request, image, prompt=prompt,
+                                   negative_prompt=negative, model=self.model_id,
+                                   images=", ".join(r.image_names) or None)
+        path = write_png_exclusive(image, self.output / image_file_name(prompt, seed),
                                    png_metadata(meta))
         record = {"path": path, "name": path.name, "url": f"/gallery/{path.name}",
                   "seed": seed, "width": image.width, "height": image.height}

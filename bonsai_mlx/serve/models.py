@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.pipeline import PIPELINE_CLASSES
+from bonsai_mlx.layout import PIPELINE_CLASSES
 from bonsai_mlx.weights import MODEL_ALIASES, read_json
 
 

@@ -1,10 +1,10 @@
-"""Request bodies -> `ImageRequest`, with OpenAI-shaped 400s naming the field.
+"""Request bodies -> checked requests, with OpenAI-shaped 400s naming the field.
 
 JSON bodies (`/v1/images/generations`, `/jobs`) carry typed values; multipart forms
-(`/v1/images/edits`, `/jobs` with reference images) carry strings, parsed here. The checks
-that need no model are done before a job is queued (types, `n`, `size` with the pipeline's
-own `check_size` via `parse_size`); the rest (strength with one image, steps, guidance on a
-distilled model, ...) are the pipeline's, and a `BonsaiError` from `generate` becomes a 400.
+(`/v1/images/edits`, `/jobs` with reference images) carry strings, read as numbers here.
+What only the HTTP API has is checked here (`n`, `response_format`, the size limit, the
+upload formats); everything a generation may ask for is checked by the one check every
+caller uses, `GenerationRequest.create`, before the job is queued.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import warnings
 
 from bonsai_mlx import checks
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.scheduler import MAX_STEPS
+from bonsai_mlx.images import parse_size
+from bonsai_mlx.request import GenerationRequest
 from bonsai_mlx.serve.errors import ApiError
 from bonsai_mlx.serve.jobs import ImageRequest
 
@@ -27,9 +28,16 @@ MAX_PROMPT_CHARS = 32_000
 MAX_UPLOAD_PIXELS = 50_000_000  # per input image; larger ones are refused before decoding
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
 RESPONSE_FORMATS = ("b64_json", "url")
+# How GenerationRequest names what it checks, here: the request's field names.
+API_NAMES = {"prompt": "prompt", "negative_prompt": "negative_prompt", "strength": "strength",
+             "image": "image"}
+# A check's message starts with what it checked: that word -> the request's field.
+PARAMS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "strength": "strength",
+          "image": "image", "image-to-image": "image", "input": "image", "steps": "steps",
+          "guidance": "guidance", "seed": "seed", "width": "size", "height": "size"}
 
 
-def invalid(param: str, message: str, code: str = "invalid_value") -> ApiError:
+def invalid(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
 
@@ -52,28 +60,12 @@ def _from_form(value, kind):
     return value
 
 
-def _integer(value, name: str, low: int, high: int, form: bool) -> int:
-    value = _from_form(value, int) if form else value
-    return _checked(name, checks.integer, value, low=low, high=high)
-
-
-def _number(value, name: str, form: bool) -> float:
-    value = _from_form(value, float) if form else value
-    return _checked(name, checks.number, value)
-
-
-def _text(value, name: str) -> str:
-    return _checked(name, checks.text, value)
-
-
 def _size(value, max_pixels: int) -> tuple[int | None, int | None]:
     if value is None or value == "auto":
         return None, None
     if not isinstance(value, str):
         raise invalid("size", f"size must be a string like '1024x1024', not {value!r}",
                       "invalid_size")
-    from bonsai_mlx.cli import parse_size
-
     try:
         width, height = parse_size(value, option="size")
     except BonsaiError as e:
@@ -85,43 +77,55 @@ def _size(value, max_pixels: int) -> tuple[int | None, int | None]:
     return width, height
 
 
-def image_request(fields, *, form: bool, max_pixels: int) -> tuple[ImageRequest, str]:
-    """The fields every endpoint shares -> (ImageRequest, response_format)."""
-    get = fields.get
-    prompt = get("prompt")
-    if prompt is None:
+def _prompt(value) -> str:
+    if value is None:
         raise invalid("prompt", "prompt is required", "missing_required_parameter")
-    prompt = _text(prompt, "prompt")
+    prompt = _checked("prompt", checks.text, value)
     if not prompt.strip():
         raise invalid("prompt", "prompt must not be empty")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise invalid("prompt", f"prompt is {len(prompt)} characters; the limit is "
                                 f"{MAX_PROMPT_CHARS}")
-    response_format = get("response_format") or "b64_json"
+    return prompt
+
+
+def _response_format(fields) -> str:
+    response_format = fields.get("response_format") or "b64_json"
     if response_format not in RESPONSE_FORMATS:
         raise invalid("response_format", f"response_format must be 'b64_json' or 'url', not "
                                          f"{response_format!r}")
-    if get("output_format") not in (None, "png"):
+    if fields.get("output_format") not in (None, "png"):
         raise invalid("output_format", "only PNG is written (output_format 'png')")
-    if get("stream") not in (None, False, "false"):
+    if fields.get("stream") not in (None, False, "false"):
         raise invalid("stream", "streaming responses are not supported; the studio's job API "
                                 "(POST /jobs, GET /jobs/{id}/events) streams progress")
-    n = 1 if get("n") is None else _integer(get("n"), "n", 1, MAX_N, form)
+    return response_format
+
+
+async def image_request(fields, *, form: bool, max_pixels: int, images=(),
+                        image_names=()) -> tuple[ImageRequest, str]:
+    """The fields every endpoint shares (and the decoded input images) -> the queued job's
+    ImageRequest and the response format."""
+    get = fields.get
+    prompt = _prompt(get("prompt"))
+    response_format = _response_format(fields)
+    n = 1 if get("n") is None else _checked(
+        "n", checks.integer, _from_form(get("n"), int) if form else get("n"), low=1, high=MAX_N)
     width, height = _size(get("size"), max_pixels)
-    seed = get("seed")
-    request = ImageRequest(
-        prompt=prompt, n=n, width=width, height=height,
-        seed=None if seed is None else _integer(seed, "seed", 0, 2**64 - n, form),
-        steps=None if get("steps") is None else _integer(get("steps"), "steps", 1, MAX_STEPS,
-                                                         form),
-        guidance=None if get("guidance") is None else _number(get("guidance"), "guidance",
-                                                              form),
-        negative_prompt=(None if get("negative_prompt") is None
-                         else _text(get("negative_prompt"), "negative_prompt")),
-        strength=None if get("strength") is None else _number(get("strength"), "strength",
-                                                              form),
-    )
-    return request, response_format
+    number = {"steps": int, "seed": int, "guidance": float, "strength": float}
+    values = {k: _from_form(get(k), kind) if form else get(k) for k, kind in number.items()}
+    if isinstance(values["seed"], int) and not isinstance(values["seed"], bool) \
+            and values["seed"] > 2**64 - n:
+        raise invalid("seed", f"seed must be at most 2**64 - n (image i gets seed + i), not "
+                              f"{values['seed']}")
+    try:  # off the event loop: input images are resized here
+        request = await asyncio.to_thread(
+            GenerationRequest.create, prompt, width=width, height=height,
+            negative_prompt=get("negative_prompt"), images=list(images) or None,
+            names=API_NAMES, **values)
+    except BonsaiError as e:
+        raise invalid(PARAMS.get(str(e).split(" ", 1)[0]), str(e)) from None
+    return ImageRequest(request, n=n, image_names=list(image_names)), response_format
 
 
 def json_fields(body) -> dict:

@@ -1,25 +1,53 @@
-"""Generated images as PNG files: the name, the metadata, a write that never overwrites.
-
-`bonsai-mlx gen` and `bonsai-mlx serve` save through here, so an image carries the same
-text metadata (prompt, seed, steps, guidance, size, model, ...) and gets the same kind of
-name (`<prompt-words>-<seed>.png`, then `-1`, `-2`, ... when taken) whichever made it.
-"""
+"""Where generated images go: PNG files carrying their settings as text metadata, written
+under a name that is never taken (`gen` and the server save images the same way), and
+`gen --preview`'s live preview file."""
 
 from __future__ import annotations
 
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import atomic_path, normal_mode
 
+import PIL.Image
+from PIL.PngImagePlugin import PngInfo
+
 # The text keys an image's settings are stored under (and read back by the studio).
 SETTINGS_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "size", "model",
                  "strength", "images", "loras")
+PREVIEW_KEY = "bonsai-mlx-preview"  # the text chunk that marks a preview file as ours
+
+
+@dataclass
+class OutputPlan:
+    """Where images go: one file name (numbered for several images) or a folder."""
+
+    folder: Path
+    stem: str | None  # None: names come from the prompt and seed
+
+    @classmethod
+    def from_option(cls, output: str | None) -> OutputPlan:
+        if output is None:
+            return cls(Path("."), None)
+        p = Path(output).expanduser()
+        if p.is_dir() or output.endswith(("/", os.sep)):
+            return cls(p, None)
+        if p.suffix.lower() == ".png":
+            return cls(p.parent, p.stem)
+        if p.suffix:
+            raise BonsaiError(
+                f"-o {output}: only PNG is written (it carries the metadata); "
+                f"use {p.with_suffix('.png')} or a folder"
+            )
+        return cls(p, None)  # no suffix: a folder, created
+
+    def name(self, prompt: str, seed: int) -> str:
+        return f"{self.stem}.png" if self.stem is not None else image_file_name(prompt, seed)
 
 
 def image_file_name(prompt: str, seed: int) -> str:
@@ -28,68 +56,27 @@ def image_file_name(prompt: str, seed: int) -> str:
     return f"{slug or 'image'}-{seed}.png"
 
 
-def generation_metadata(
-    pipe,
-    *,
-    prompt: str,
-    seed: int,
-    size: tuple[int, int],
-    model: str,
-    steps: int | None = None,
-    guidance: float | None = None,
-    negative_prompt: str | None = None,
-    strength: float | None = None,
-    images: Sequence[str] = (),
-    loras: str | None = None,
-) -> dict[str, object]:
-    """The text fields of a generated image, as the pipeline ran it: the model's default
-    steps when none were given (the schedule's length; image-to-image runs only its last
-    part), its default guidance on distilled models (they ignore guidance), and no
-    negative prompt where there was no guidance to use it (the pipeline warns)."""
-    used_guidance = (pipe.default_guidance if guidance is None or pipe.is_distilled
-                     else guidance)
+def generation_metadata(pipe, request, image: PIL.Image.Image, *, prompt: str,
+                        negative_prompt: str | None, model: str, images: str | None = None,
+                        loras: str | None = None) -> dict[str, object]:
+    """The text fields of an image as the pipeline made it from `request` (seeded): the
+    model's default steps when none were given (the schedule's length; image-to-image runs
+    only its last part), the guidance used (distilled models ignore it), and the negative
+    prompt only where guidance used it (the pipeline warns otherwise)."""
+    guidance = (pipe.default_guidance if request.guidance is None or pipe.is_distilled
+                else request.guidance)
     return {
-        "prompt": prompt, "seed": seed,
-        "negative_prompt": negative_prompt if used_guidance > 1.0 else None,
-        "steps": steps or pipe.default_steps,
-        "guidance": used_guidance,
-        "size": f"{size[0]}x{size[1]}", "model": model,
-        "strength": strength,
-        "images": ", ".join(images) or None,
-        "loras": loras or None,
+        "prompt": prompt, "seed": request.seed,
+        "negative_prompt": negative_prompt if guidance > 1.0 else None,
+        "steps": request.steps or pipe.default_steps,
+        "guidance": guidance,
+        "size": f"{image.width}x{image.height}", "model": model,
+        "strength": request.strength, "images": images, "loras": loras or None,
         "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
     }
 
 
-def png_size_bound(width: int, height: int) -> int:
-    """Bytes an RGB PNG of this size takes at most: raw rows (filter byte + 3 per pixel),
-    zlib's worst case and room for the chunks and metadata."""
-    raw = height * (1 + 3 * width)
-    return raw + raw // 1000 + 64 * 1024
-
-
-def png_metadata(fields: dict[str, object]):
-    """A PngInfo with one iTXt chunk per field that is not None."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in fields.items():
-        if value is not None:
-            info.add_itxt(key, str(value))
-    return info
-
-
-def read_png_metadata(path: str | Path) -> dict[str, str]:
-    """The text chunks of a PNG (only the header is parsed, not the pixels)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.format != "PNG":
-            raise BonsaiError(f"{path} is not a PNG file")
-        return {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
-
-
-def write_png_exclusive(image, target: Path, info) -> Path:
+def write_png_exclusive(image: PIL.Image.Image, target: Path, info: PngInfo | None) -> Path:
     """Save `image` at `target`, or `stem-1.png`, `stem-2.png`, ... when taken. Never
     overwrites: the PNG is written to a temporary file and linked to a name that must not
     exist yet (atomic on POSIX), so concurrent runs do not clobber each other either."""
@@ -131,9 +118,31 @@ def _claim(tmp: str, path: Path) -> bool:
         return True
 
 
-# ---- live previews: the one file bonsai-mlx overwrites ---------------------------------
+def png_size_bound(width: int, height: int) -> int:
+    """Bytes an RGB PNG of this size takes at most: raw rows (filter byte + 3 per pixel),
+    zlib's worst case and room for the chunks and metadata."""
+    raw = height * (1 + 3 * width)
+    return raw + raw // 1000 + 64 * 1024
 
-PREVIEW_KEY = "bonsai-mlx-preview"  # the text chunk that marks a preview file as ours
+
+def png_metadata(fields: dict[str, object]) -> PngInfo:
+    """PNG text chunks (iTXt) of the fields that are not None."""
+    info = PngInfo()
+    for key, value in fields.items():
+        if value is not None:
+            info.add_itxt(key, str(value))
+    return info
+
+
+def read_png_metadata(path: str | Path) -> dict[str, str]:
+    """The text chunks of a PNG (only the header is parsed, not the pixels)."""
+    with PIL.Image.open(path) as im:
+        if im.format != "PNG":
+            raise BonsaiError(f"{path} is not a PNG file")
+        return {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
+
+
+# ---- live previews: the one file bonsai-mlx overwrites ---------------------------------
 
 
 def check_preview_target(path: Path) -> None:
@@ -145,7 +154,8 @@ def check_preview_target(path: Path) -> None:
     if not path.exists() and not path.is_symlink():
         return
     try:
-        ours = path.is_file() and not path.is_symlink() and PREVIEW_KEY in read_png_metadata(path)
+        ours = (path.is_file() and not path.is_symlink()
+                and PREVIEW_KEY in read_png_metadata(path))
     except (OSError, SyntaxError, ValueError, BonsaiError):
         ours = False
     if not ours:
@@ -153,7 +163,7 @@ def check_preview_target(path: Path) -> None:
                           "would be overwritten at every step: choose another file")
 
 
-def write_preview(image, path: Path, step: int, total: int) -> None:
+def write_preview(image: PIL.Image.Image, path: Path, step: int, total: int) -> None:
     """Replace `path` with `image` atomically (a viewer never sees half a file)."""
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG",
