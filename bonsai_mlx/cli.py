@@ -78,6 +78,7 @@ _LAZY_COMMANDS = {
     "bench": "Benchmark seconds per stage, memory and footprint (`bench --help`)",
     "convert": "Convert a model to packed binary / ternary weights (`convert --help`)",
     "doctor": "Check this machine: Metal kernels, BLAS, compilers, cached models",
+    "serve": "Serve the studio (web page) and an OpenAI-compatible Images API",
 }
 
 
@@ -127,6 +128,10 @@ verbose_option = click.option(
 )
 quiet_option = click.option(
     "-q", "--quiet", is_flag=True, help="No progress bars and no summary on stderr."
+)
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+    show_default=True, help="Compute dtype; auto is bfloat16 on a GPU, float32 on the CPU.",
 )
 
 
@@ -183,10 +188,12 @@ def _show_progress(quiet: bool) -> bool:
 
 @dataclass
 class _Progress:
-    """tqdm bars on stderr for one image: encoding, each denoising step, decoding."""
+    """tqdm bars on stderr for one image: encoding, each denoising step, decoding; and the
+    step's preview written to `preview_file` when given."""
 
     enabled: bool
     label: str = ""
+    preview_file: Path | None = None
     _bar: object = None
     _stage: str = ""
 
@@ -201,7 +208,11 @@ class _Progress:
     def start(self) -> None:
         self._open("encoding", 1, "prompt")
 
-    def callback(self, step: int, total: int, latents=None) -> None:
+    def callback(self, step: int, total: int, latents=None, preview=None) -> None:
+        if preview is not None and self.preview_file is not None:
+            from bonsai_mlx.outputs import write_preview
+
+            write_preview(preview, self.preview_file, step, total)
         if self._stage != "denoising":
             self._open("denoising", total, "step")
         done = min(int(step), total)
@@ -302,9 +313,7 @@ def _lora_label(source: str) -> str:
               help="Reference image for editing; repeat for several.")
 @click.option("--strength", type=float, default=None,
               help="Image-to-image from one --image: 0 < strength <= 1 (1 = ignore the image).")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-              default="auto", show_default=True,
-              help="Compute dtype; auto is bfloat16 on a GPU, float32 on the CPU.")
+@dtype_option
 @click.option("--no-offload", is_flag=True,
               help="Keep the text encoder loaded after encoding (more memory, faster reruns).")
 @click.option("--tile-vae/--no-tile-vae", default=None,
@@ -318,11 +327,14 @@ def _lora_label(source: str) -> str:
 @click.option("--tensor-parallel", is_flag=True,
               help="Under mlx.launch: split the transformer across the processes, each image "
                    "faster [default there: each process makes a share of the images].")
+@click.option("--preview", "preview_file", default=None, metavar="FILE.png",
+              help="Write a small preview of every step to FILE.png, replacing it each time "
+                   "(the one file bonsai-mlx overwrites, and only its own previews).")
 @quiet_option
 @verbose_option
 def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
         images, strength, dtype, no_offload, tile_vae, revision, loras, lora_ignore_unmatched,
-        tensor_parallel, quiet) -> None:
+        tensor_parallel, preview_file, quiet) -> None:
     """Generate images from a prompt (text-to-image, editing, image-to-image).
 
     \b
@@ -337,7 +349,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     process would.
     """
     # Every check that needs no model comes first, so mistakes fail in milliseconds.
-    from bonsai_mlx.outputs import OutputPlan, png_size_bound
+    from bonsai_mlx.outputs import OutputPlan, check_preview_target, png_size_bound
     from bonsai_mlx.request import GenerationRequest
 
     width, height = parse_size(size) if size else (None, None)
@@ -352,6 +364,9 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                           "sharded; leave out --tensor-parallel (each process then makes a "
                           "share of the images with the LoRA)")
     plan = OutputPlan.from_option(output)
+    if preview_file is not None:
+        preview_file = Path(preview_file).expanduser()
+        check_preview_target(preview_file)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
     seed_list = seed_list or [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
@@ -380,7 +395,9 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         def make(job: tuple[int, int]):
             i, seed = job
             label = f"[{i + 1}/{len(seed_list)}] " if len(seed_list) > 1 else ""
-            image = _generate(pipe, request.with_seed(seed), label, show)
+            # one preview file: only rank 0 writes it (of the images it makes)
+            progress = _Progress(show, label, preview_file if group.rank() == 0 else None)
+            image = _generate(pipe, request.with_seed(seed), progress)
             if not quiet and (data_parallel or group.rank() == 0):
                 summary = format_summary(pipe.last_timings, pipe.last_peak_memory,
                                          load_seconds.pop() if load_seconds else None)
@@ -431,36 +448,23 @@ def _load_pipeline(model_id: str, revision: str | None, dtype: str, request, no_
                                     tensor_parallel=tensor_parallel)
 
 
-def _generate(pipe, request, label: str, show: bool):
-    """One image, with progress bars."""
-    progress = _Progress(show, label)
+def _generate(pipe, request, progress: _Progress):
+    """One image, with progress bars (and previews)."""
     progress.start()
     try:
-        return pipe.run(request, callback=progress.callback).output("pil")
+        return pipe.run(request, callback=progress.callback,
+                        preview=progress.preview_file is not None).output("pil")
     finally:
         progress.close()
 
 
 def _write_png(pipe, request, image, plan, fields: dict[str, object]) -> Path:
     """The image written as a PNG carrying its settings."""
-    from bonsai_mlx.outputs import png_metadata, write_png_exclusive
+    from bonsai_mlx.outputs import generation_metadata, png_metadata, write_png_exclusive
 
-    # distilled models ignore --guidance, and without guidance --negative-prompt is ignored
-    # too (the pipeline warns): the metadata records what was used
-    guidance = (pipe.default_guidance if request.guidance is None or pipe.is_distilled
-                else request.guidance)
-    meta = {
-        "prompt": fields["prompt"], "seed": request.seed,
-        "negative_prompt": fields["negative_prompt"] if guidance > 1.0 else None,
-        # the schedule's length (image-to-image runs only its last part)
-        "steps": request.steps or pipe.default_steps,
-        "guidance": guidance,
-        "size": f"{image.width}x{image.height}", "model": fields["model"],
-        "strength": request.strength, "images": fields["images"],
-        "loras": "; ".join(f"{_lora_label(i.source)}:{i.scale:g}"
-                           for i in pipe.loras.values()) or None,  # as --lora takes
-        "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
-    }
+    loras = "; ".join(f"{_lora_label(i.source)}:{i.scale:g}"  # as --lora takes them
+                      for i in pipe.loras.values())
+    meta = generation_metadata(pipe, request, image, loras=loras, **fields)
     return write_png_exclusive(image, plan.folder / plan.name(fields["prompt"], request.seed),
                                png_metadata(meta))
 

@@ -1,5 +1,6 @@
 """Where generated images go: PNG files carrying their settings as text metadata, written
-under a name that is never taken (`gen` and the server save images the same way)."""
+under a name that is never taken (`gen` and the server save images the same way), and
+`gen --preview`'s live preview file."""
 
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.weights import normal_mode
+from bonsai_mlx.weights import atomic_path, normal_mode
 
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
+
+# The text keys an image's settings are stored under (and read back by the studio).
+SETTINGS_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "size", "model",
+                 "strength", "images", "loras")
+PREVIEW_KEY = "bonsai-mlx-preview"  # the text chunk that marks a preview file as ours
 
 
 @dataclass
@@ -40,10 +47,33 @@ class OutputPlan:
         return cls(p, None)  # no suffix: a folder, created
 
     def name(self, prompt: str, seed: int) -> str:
-        if self.stem is not None:
-            return f"{self.stem}.png"
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-")
-        return f"{slug or 'image'}-{seed}.png"
+        return f"{self.stem}.png" if self.stem is not None else image_file_name(prompt, seed)
+
+
+def image_file_name(prompt: str, seed: int) -> str:
+    """`<first prompt words>-<seed>.png`, lower-case letters, digits and dashes only."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-")
+    return f"{slug or 'image'}-{seed}.png"
+
+
+def generation_metadata(pipe, request, image: PIL.Image.Image, *, prompt: str,
+                        negative_prompt: str | None, model: str, images: str | None = None,
+                        loras: str | None = None) -> dict[str, object]:
+    """The text fields of an image as the pipeline made it from `request` (seeded): the
+    model's default steps when none were given (the schedule's length; image-to-image runs
+    only its last part), the guidance used (distilled models ignore it), and the negative
+    prompt only where guidance used it (the pipeline warns otherwise)."""
+    guidance = (pipe.default_guidance if request.guidance is None or pipe.is_distilled
+                else request.guidance)
+    return {
+        "prompt": prompt, "seed": request.seed,
+        "negative_prompt": negative_prompt if guidance > 1.0 else None,
+        "steps": request.steps or pipe.default_steps,
+        "guidance": guidance,
+        "size": f"{image.width}x{image.height}", "model": model,
+        "strength": request.strength, "images": images, "loras": loras or None,
+        "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
+    }
 
 
 def write_png_exclusive(image: PIL.Image.Image, target: Path, info: PngInfo | None) -> Path:
@@ -102,3 +132,40 @@ def png_metadata(fields: dict[str, object]) -> PngInfo:
         if value is not None:
             info.add_itxt(key, str(value))
     return info
+
+
+def read_png_metadata(path: str | Path) -> dict[str, str]:
+    """The text chunks of a PNG (only the header is parsed, not the pixels)."""
+    with PIL.Image.open(path) as im:
+        if im.format != "PNG":
+            raise BonsaiError(f"{path} is not a PNG file")
+        return {str(k): str(v) for k, v in getattr(im, "text", {}).items()}
+
+
+# ---- live previews: the one file bonsai-mlx overwrites ---------------------------------
+
+
+def check_preview_target(path: Path) -> None:
+    """`gen --preview FILE` overwrites FILE at every step, so FILE must be a new .png or
+    a preview bonsai-mlx wrote before (marked by its PREVIEW_KEY text chunk)."""
+    if path.suffix.lower() != ".png":
+        raise BonsaiError(f"--preview {path}: previews are PNG files; use a name ending "
+                          "in .png")
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        ours = (path.is_file() and not path.is_symlink()
+                and PREVIEW_KEY in read_png_metadata(path))
+    except (OSError, SyntaxError, ValueError, BonsaiError):
+        ours = False
+    if not ours:
+        raise BonsaiError(f"--preview {path} exists and is not a bonsai-mlx preview; it "
+                          "would be overwritten at every step: choose another file")
+
+
+def write_preview(image: PIL.Image.Image, path: Path, step: int, total: int) -> None:
+    """Replace `path` with `image` atomically (a viewer never sees half a file)."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG",
+                   pnginfo=png_metadata({PREVIEW_KEY: f"step {step}/{total}",
+                                         "Software": f"bonsai-mlx {__version__}"}))

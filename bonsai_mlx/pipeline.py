@@ -40,6 +40,7 @@ from bonsai_mlx.request import GenerationRequest, check_prompts
 from bonsai_mlx.scheduler import (
     Schedule,
     SchedulerConfig,
+    denoised_estimate,
     euler_step,
     img2img_start_index,
     make_schedule,
@@ -61,6 +62,11 @@ import numpy as np
 import PIL.Image
 
 REFERENCE_TIME_STEP = 10  # reference image i gets time coordinate 10 + 10 i
+
+
+class GenerationCancelled(Exception):
+    """Raise it from a `generate` callback to stop between steps: `generate` lets it
+    propagate, returns nothing, and leaves the pipeline ready for the next call."""
 
 
 class Pipeline:
@@ -94,6 +100,7 @@ class Pipeline:
         self.last_seed: int | None = None
         self.source: Path | None = None  # the folder from_pretrained read (save_pretrained)
         self.parallel = distributed.Parallel()  # one process unless from_pretrained says so
+        self._latent_preview = None
 
     # ---- loading --------------------------------------------------------------------
 
@@ -290,9 +297,10 @@ class Pipeline:
         negative_prompt: str | Sequence[str] | None = None,
         num_images: int = 1,
         output_type: str = "pil",
-        callback: Callable[[int, int, mx.array], None] | None = None,
+        callback: Callable[..., None] | None = None,
         sigmas: Sequence[float] | None = None,
         tiled_vae: bool | None = None,
+        preview: bool = False,
     ) -> PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | mx.array:
         """Generate images.
 
@@ -308,7 +316,11 @@ class Pipeline:
         - `num_images` per prompt; a list of prompts gives a batch.
         - `output_type`: "pil" (an image, or a list for a batch), "np" (float32 (B, H, W, 3)
           in [0, 1]) or "mx".
-        - `callback(step, total, latents)` after each step, latents (B, 128, H/16, W/16).
+        - `callback(step, total, latents)` after each step, latents (B, 128, H/16, W/16);
+          raising `GenerationCancelled` in it stops the generation. With `preview=True`
+          it is called as `callback(step, total, latents, preview)`: `preview` is a small
+          RGB picture (H/8 x W/8, a PIL image, or a list for a batch) of the model's
+          current estimate of the final image (`bonsai_mlx.preview`).
         - `sigmas`: a custom schedule (the configured shift still applies).
         - `tiled_vae`: force tiled (True) or untiled (False) decoding; default automatic.
         """
@@ -317,16 +329,17 @@ class Pipeline:
             latents=latents, images=images, strength=strength, negative_prompt=negative_prompt,
             num_images=num_images, output_type=output_type, sigmas=sigmas, tiled_vae=tiled_vae,
         )
-        return self.run(request, callback).output(request.output_type)
+        return self.run(request, callback, preview=preview).output(request.output_type)
 
-    def run(self, request: GenerationRequest,
-            callback: Callable[[int, int, mx.array], None] | None = None) -> GenerationResult:
+    def run(self, request: GenerationRequest, callback: Callable[..., None] | None = None,
+            *, preview: bool = False) -> GenerationResult:
         """Generate what a checked request asks for (`generate` checks its arguments into
-        one); sets `last_timings`, `last_peak_memory` and `last_seed` too."""
+        one; `callback` and `preview` as there); sets `last_timings`, `last_peak_memory`
+        and `last_seed` too."""
         t_start = time.perf_counter()
         mx.reset_peak_memory()
         timings: dict[str, float | list[float]] = {}
-        x, seed = self._sample(request, timings, callback)
+        x, seed = self._sample(request, timings, callback, preview)
         mx.clear_cache()  # the conditioning and the transformer's activations are gone
         t0 = time.perf_counter()
         images = self.parallel.decode(lambda: self._decode(x, request), request.batch)
@@ -338,7 +351,7 @@ class Pipeline:
         return result
 
     def _sample(self, request: GenerationRequest, timings: dict,
-                callback: Callable[[int, int, mx.array], None] | None,
+                callback: Callable[..., None] | None, preview: bool = False,
                 ) -> tuple[mx.array, int | None]:
         """The final packed latents (B, h*w, C) and the seed; what they were made from is
         released on return."""
@@ -352,18 +365,32 @@ class Pipeline:
         start = self._start_latents(request, noise, steps, timings)
         h, w = request.height // MULTIPLE, request.width // MULTIPLE
         total = start.schedule.num_steps
-        step_times, x, t0 = [], start.x, time.perf_counter()
+        step_times, x, x_prev, t0 = [], start.x, start.x, time.perf_counter()
         for i, x in enumerate(self._denoise(start, cond, guidance), start=1):
             finite = mx.isfinite(x).all()  # one reduction: never decode NaN into an image
             mx.eval(x, finite)
             if not finite.item():
                 raise self._non_finite(i, total, guidance)
             step_times.append(time.perf_counter() - t0)
-            if callback is not None:
+            if callback is not None and preview:
+                sigma, sigma_next = start.schedule.sigmas[i - 1 : i + 1]
+                x0 = denoised_estimate(x_prev, x, float(sigma), float(sigma_next))
+                picture = to_pil(self.latent_preview()(unpack_latents(x0, h, w)))
+                callback(i, total, unpack_latents(x, h, w), picture)
+            elif callback is not None:
                 callback(i, total, unpack_latents(x, h, w))
-            t0 = time.perf_counter()
+            x_prev, t0 = x, time.perf_counter()
         timings["steps"] = step_times
         return x, seed
+
+    def latent_preview(self):
+        """The VAE's cheap latent -> RGB preview (`bonsai_mlx.preview.LatentPreview`),
+        fitted on first use (or read from its cache) and kept."""
+        if self._latent_preview is None:
+            from bonsai_mlx.preview import LatentPreview
+
+            self._latent_preview = LatentPreview.for_vae(self.vae)
+        return self._latent_preview
 
     def _non_finite(self, step: int, total: int, guidance: float | None) -> BonsaiError:
         dtype = str(self.transformer.dtype).split(".")[-1]

@@ -44,7 +44,7 @@ def negative_prompts(negative_prompt: str | Sequence[str] | None, n: int,
         return [""] * n  # diffusers' Flux2KleinPipeline always uses ""
     if isinstance(negative_prompt, str):
         return [text(negative_prompt, name)] * n
-    negatives = list(negative_prompt)
+    negatives = list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else []
     if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
         raise BonsaiError(
             f"negative_prompt must be a string or a list of {n} strings (one per prompt)"

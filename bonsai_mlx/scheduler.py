@@ -190,3 +190,11 @@ def euler_step(x: mx.array, velocity: mx.array, sigma: float, sigma_next: float)
     """One Euler step of the flow ODE: `x + (sigma_next - sigma) * v`, in float32."""
     dt = float(np.float32(sigma_next) - np.float32(sigma))
     return x.astype(mx.float32) + dt * velocity.astype(mx.float32)
+
+
+def denoised_estimate(x: mx.array, x_next: mx.array, sigma: float,
+                      sigma_next: float) -> mx.array:
+    """The clean latents an Euler step from `x` (at sigma) to `x_next` (at sigma_next) is
+    heading for: `x - sigma * v`, v recovered from the step (after the last step, x_next)."""
+    dt = float(np.float32(sigma_next) - np.float32(sigma))
+    return x - sigma * ((x_next - x) / dt)

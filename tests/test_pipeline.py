@@ -324,6 +324,26 @@ def test_bonsai_mlx_pack_generates_what_its_dense_twin_does(tmp_path, arrays):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_a_callback_can_cancel_between_steps_and_the_pipeline_carries_on(pipes):
+    from bonsai_mlx.pipeline import GenerationCancelled
+
+    pipe = pipes["distilled"]
+    seen = []
+
+    def stop_at_two(step, total, latents):
+        seen.append(step)
+        if step == 2:
+            raise GenerationCancelled
+
+    with pytest.raises(GenerationCancelled):
+        pipe.generate("a fox", width=64, height=32, steps=4, seed=3, callback=stop_at_two)
+    assert seen == [1, 2]
+    after = pipe.generate("a fox", width=64, height=32, steps=4, seed=3, output_type="np")
+    fresh = Pipeline.from_pretrained(FIXTURES / "distilled", dtype="float32")
+    np.testing.assert_array_equal(
+        after, fresh.generate("a fox", width=64, height=32, steps=4, seed=3, output_type="np"))
+
+
 def test_a_request_is_checked_without_a_model_and_runs_as_generate(pipes):
     from bonsai_mlx.cli import CLI_NAMES
     from bonsai_mlx.request import GenerationRequest
