@@ -31,7 +31,7 @@ import io
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -59,6 +59,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 if TYPE_CHECKING:
     from mlx_lm.models import qwen3
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_OUT_LAYERS = (9, 18, 27)
 # Qwen3-4B, the FLUX.2 [klein] 4B text encoder (Qwen/Qwen3-4B's config.json).
@@ -185,7 +186,7 @@ class DequantizedLinear(nn.Module):
 
 
 @contextlib.contextmanager
-def dequantized_linears(module: nn.Module):
+def dequantized_linears(module: nn.Module) -> Iterator[nn.Module]:
     """Within the block, `module`'s `nn.QuantizedLinear`s are `DequantizedLinear`s; they
     are put back after it (also on an error), which frees the float weights. Evaluate what
     you compute inside the block before leaving it, or the float weights outlive it in the
@@ -473,7 +474,8 @@ class PromptEncoder:
         mx.clear_cache()
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded on first use (never with the folder's own code)."""
         if self._tokenizer is None:
             # We use only transformers' tokenizers: its "PyTorch was not found" advice (and
             # mlx-lm's, which sets the same variable) is noise for our users.
