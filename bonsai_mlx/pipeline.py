@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonsai_mlx import lora
+from bonsai_mlx.checks import check_prompts
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import LANCZOS, MULTIPLE, ImageInput, image_to_array, to_pil
 from bonsai_mlx.layout import (
@@ -37,7 +38,7 @@ from bonsai_mlx.layout import (
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import ContextMemo, Flux2Transformer, Rope
 from bonsai_mlx.models.vae import VAE
-from bonsai_mlx.request import GenerationRequest, check_prompts
+from bonsai_mlx.request import GenerationRequest
 from bonsai_mlx.scheduler import (
     Schedule,
     SchedulerConfig,

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bonsai_mlx.arrays import to_mx
-from bonsai_mlx.checks import integer, number, text
+from bonsai_mlx.checks import check_prompts, integer, number, text
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import (
     DEFAULT_SIZE,
@@ -26,15 +26,6 @@ from bonsai_mlx.scheduler import MAX_STEPS
 import mlx.core as mx
 import numpy as np
 import PIL.Image
-
-
-def check_prompts(prompt: str | Sequence[str], name: str = "the prompt") -> list[str]:
-    """One prompt or a non-empty list of them -> a list, else a BonsaiError."""
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if (not isinstance(prompts, (list, tuple)) or not prompts
-            or not all(isinstance(p, str) for p in prompts)):
-        raise BonsaiError("prompt must be a string or a non-empty list of strings")
-    return [text(p, name) for p in prompts]
 
 
 def negative_prompts(negative_prompt: str | Sequence[str] | None, n: int,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from bonsai_mlx.checks import check_prompts
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.text_encoder import (
     DEFAULT_OUT_LAYERS,
@@ -27,7 +28,6 @@ from bonsai_mlx.models.vae_layers import Encoder
 from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import use_packed_layers
 from bonsai_mlx.quant.model import get_module
-from bonsai_mlx.request import check_prompts
 from bonsai_mlx.scheduler import SchedulerConfig
 from bonsai_mlx.weights import parse_dtype
 

@@ -35,10 +35,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bonsai_mlx.checks import integer, number
+from bonsai_mlx.checks import check_prompts, integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.prompt_cache import PromptCache
-from bonsai_mlx.request import check_prompts
 from bonsai_mlx.weights import (
     check_no_custom_code,
     checkpoint_float_dtype,
