@@ -14,7 +14,6 @@ with time coordinate 10 + 10 i; they are never noised.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import shutil
 import time
 import warnings
@@ -22,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonsai_mlx import lora
+from bonsai_mlx import distributed, lora
 from bonsai_mlx.checks import check_prompts
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import LANCZOS, MULTIPLE, ImageInput, image_to_array, to_pil
@@ -70,7 +69,8 @@ class Pipeline:
 
     After each `generate`, `last_timings` holds seconds per stage (`encode`, `images` when
     images were encoded, `steps` as a list, `decode`), `last_peak_memory` the peak MLX
-    memory in bytes and `last_seed` the seed used.
+    memory in bytes and `last_seed` the seed used. `parallel` says how a call is spread
+    over the ranks of `mlx.launch` (docs/distributed.md).
     """
 
     def __init__(
@@ -94,6 +94,7 @@ class Pipeline:
         self.last_peak_memory: int | None = None
         self.last_seed: int | None = None
         self.source: Path | None = None  # the folder from_pretrained read (save_pretrained)
+        self.parallel = distributed.Parallel()  # one process unless from_pretrained says so
 
     # ---- loading --------------------------------------------------------------------
 
@@ -106,6 +107,8 @@ class Pipeline:
         *,
         keep_text_encoder: bool = False,
         prompt_cache_dir: str | Path | None = None,
+        tensor_parallel: bool = False,
+        data_parallel: bool = False,
     ) -> Pipeline:
         """Load a diffusers `Flux2KleinPipeline` folder or a Bonsai MLX pack.
 
@@ -115,7 +118,14 @@ class Pipeline:
         models (`"auto"`: bfloat16 on a GPU, float32 on the CPU). The text encoder is released
         after each prompt encoding unless `keep_text_encoder`; `prompt_cache_dir` caches
         prompt embeddings on disk.
+
+        Under `mlx.launch` (docs/distributed.md), with every rank running the same calls:
+        `tensor_parallel` shards the transformer across the ranks (each image faster);
+        `data_parallel` makes `generate` split each batch (prompts x `num_images`) across
+        them. Both are no-ops in a single process.
         """
+        if tensor_parallel and data_parallel:
+            raise BonsaiError("choose tensor_parallel or data_parallel, not both")
         dtype = parse_dtype(dtype)
         root = resolve_model_path(path_or_repo_id, revision=revision,
                                   allow_patterns=ALLOW_PATTERNS)
@@ -144,6 +154,10 @@ class Pipeline:
         distilled = index.get("is_distilled", layout == "bonsai-mlx-pack")
         pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled))
         pipe.source = root
+        if tensor_parallel:
+            distributed.use_tensor_parallel(pipe)
+        elif data_parallel:
+            distributed.use_data_parallel(pipe)
         return pipe
 
     # ---- saving ---------------------------------------------------------------------
@@ -180,6 +194,9 @@ class Pipeline:
         if self.source is None:
             raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
                               "files are unknown; load it from a folder to save it")
+        if self.parallel.mode == "tensor":
+            raise BonsaiError("this pipeline holds one rank's shard of the transformer "
+                              "(tensor_parallel); load it without tensor_parallel to save it")
         if self.loras:
             raise BonsaiError(f"LoRAs are loaded ({', '.join(self.loras)}); unload_lora() "
                               "first, or fuse_lora() on a dense model to save them merged")
@@ -232,6 +249,9 @@ class Pipeline:
         .safetensors file, a folder, a Hugging Face repo id (`weight_name` picks the file
         when it holds several) or a `lora.LoraFile` already read. Formats: diffusers/PEFT,
         BFL/ai-toolkit, kohya. See README "LoRA adapters"."""
+        if self.parallel.mode == "tensor":
+            raise BonsaiError("LoRA adapters and tensor_parallel do not combine yet (the "
+                              "adapters are not sharded); load the pipeline data_parallel")
         return lora.load_lora(self.transformer, path_or_repo_id, scale=scale, name=name,
                               weight_name=weight_name, revision=revision,
                               ignore_unmatched=ignore_unmatched)
@@ -310,7 +330,7 @@ class Pipeline:
         x, seed = self._sample(request, timings, callback)
         mx.clear_cache()  # the conditioning and the transformer's activations are gone
         t0 = time.perf_counter()
-        images = self._decode(x, request)
+        images = self.parallel.decode(lambda: self._decode(x, request), request.batch)
         timings["decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         result = GenerationResult(images, seed, timings, int(mx.get_peak_memory()))
@@ -327,6 +347,8 @@ class Pipeline:
         noise, seed = self._noise(request)  # first: wrong latents fail before any encoding
         t0 = time.perf_counter()
         cond = self._encode(request, guidance)
+        rows = self.parallel.rows(request.batch)  # this rank's images: all unless data-parallel
+        noise, cond = noise[rows], cond.rows(rows)
         timings["encode"] = time.perf_counter() - t0
         start = self._start_latents(request, noise, steps, timings)
         h, w = request.height // MULTIPLE, request.width // MULTIPLE
@@ -382,7 +404,7 @@ class Pipeline:
                 )
             latents, seed = request.latents, None
         else:
-            seed = secrets.randbelow(2**32) if request.seed is None else request.seed
+            seed = self.parallel.seed(request.seed)  # the same on every rank
             latents = mx.random.normal((b, c, h, w), dtype=mx.float32, key=mx.random.key(seed))
         return mx.contiguous(latents.transpose(0, 2, 3, 1).reshape(b, h * w, c)), seed
 
@@ -392,7 +414,8 @@ class Pipeline:
         n = len(request.prompts)
         negatives = (list(request.negative_prompts or [""] * n)  # diffusers' default: ""
                      if guidance is not None else [])
-        embeds = self.prompt_encoder.encode(list(request.prompts) + negatives)
+        embeds = self.parallel.encode(
+            lambda: self.prompt_encoder.encode(list(request.prompts) + negatives))
         embeds = embeds.astype(self.transformer.dtype)
         positive = mx.repeat(embeds[:n], request.num_images, axis=0)
         negative = mx.repeat(embeds[n:], request.num_images, axis=0) if negatives else None
@@ -410,7 +433,7 @@ class Pipeline:
             return start
         t0 = time.perf_counter()
         if request.strength is None:
-            refs, ref_ids = self._encode_references(request.images, request.batch)
+            refs, ref_ids = self._encode_references(request.images, noise.shape[0])
             start = dataclasses.replace(start, refs=refs,
                                         ids=np.concatenate([start.ids, ref_ids], axis=0))
         else:
@@ -451,12 +474,12 @@ class Pipeline:
         return v[:, :n].astype(mx.float32)
 
     def _decode(self, x: mx.array, request: GenerationRequest) -> mx.array:
-        """Packed latents -> images (B, H, W, 3) float32 in [0, 1], one image at a time (the
-        peak memory of one decode)."""
+        """Packed latents (B, h*w, C) -> images (B, H, W, 3) float32 in [0, 1], one image at
+        a time (the peak memory of one decode)."""
         h, w = request.height // MULTIPLE, request.width // MULTIPLE
-        packed = x.reshape(request.batch, h, w, -1)
+        packed = x.reshape(x.shape[0], h, w, -1)
         out = []
-        for b in range(request.batch):
+        for b in range(x.shape[0]):
             z = self.vae.denormalize_latents(packed[b : b + 1])
             img = self.vae.decode(z, tiled=request.tiled_vae).astype(mx.float32)
             finite = mx.isfinite(img).all()  # never a NaN image written as black
@@ -502,6 +525,11 @@ class Conditioning:
     positive: mx.array  # (B, L, joint_attention_dim), the transformer's dtype
     negative: mx.array | None  # the negative prompts', with classifier-free guidance
     ids: np.ndarray  # (L, 4) text position ids
+
+    def rows(self, rows: slice) -> Conditioning:
+        """These rows of the batch (a data-parallel rank's images)."""
+        negative = None if self.negative is None else self.negative[rows]
+        return dataclasses.replace(self, positive=self.positive[rows], negative=negative)
 
 
 @dataclass
