@@ -1,4 +1,4 @@
-"""What a generation may ask for, checked before any model is loaded.
+"""What a generation may ask for, checked before any model is loaded, and what it gives back.
 
 The CLI, the Python API and the server all check sizes, prompts, strength and images here,
 so a mistake reads the same everywhere and fails in milliseconds.
@@ -20,6 +20,7 @@ from bonsai_mlx.images import (
     check_size,
     load_image,
     prepare_image,
+    to_pil,
 )
 from bonsai_mlx.scheduler import MAX_STEPS
 
@@ -124,6 +125,24 @@ class GenerationRequest:
     def with_seed(self, seed: int | None) -> GenerationRequest:
         """The same request with another seed (one request, several images)."""
         return dataclasses.replace(self, seed=_seed(seed))
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What `Pipeline.run` made."""
+
+    images: mx.array  # (B, H, W, 3) float32 in [0, 1]
+    seed: int | None  # None when the request gave latents
+    timings: dict[str, float | list[float]]  # seconds: encode, images, steps, decode, total
+    peak_memory: int  # bytes
+
+    def output(self, output_type: str = "pil"
+               ) -> PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | mx.array:
+        """"pil": an image, or a list for a batch; "np": float32 (B, H, W, 3); "mx"."""
+        if output_type == "mx":
+            return self.images
+        arr = np.array(self.images)
+        return arr if output_type == "np" else to_pil(arr)
 
 
 def _steps(steps, sigmas) -> tuple[int | None, tuple[float, ...] | None]:
