@@ -1,5 +1,5 @@
-"""Checks of values a user or a config file supplies: integers, numbers, flags, text, and
-config dataclasses filled from config.json (`BaseConfig`, as mlx-lm's `BaseModelArgs`).
+"""Checks of values a user or a config file supplies: integers, numbers, flags, text, prompts,
+and config dataclasses filled from config.json (`BaseConfig`, as mlx-lm's `BaseModelArgs`).
 
 Each check returns the value as a plain Python int / float / bool / str, or raises a
 BonsaiError naming it. numpy scalars are accepted wherever numbers are (`np.float32(0.5)` is
@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,6 +67,16 @@ def text(value: str, name: str) -> str:
             "write it as UTF-8"
         ) from None
     return value
+
+
+def check_prompts(prompt: str | Sequence[str], name: str = "the prompt") -> list[str]:
+    """One prompt or a non-empty list of them -> a list, else a BonsaiError."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if (not isinstance(prompts, (list, tuple)) or not prompts
+            or not all(isinstance(p, str) for p in prompts)):
+        raise BonsaiError("prompt must be a string or a non-empty list of strings")
+    return [text(p, name) for p in prompts]
+
 
 
 C = TypeVar("C", bound="BaseConfig")

@@ -349,6 +349,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     process would.
     """
     # Every check that needs no model comes first, so mistakes fail in milliseconds.
+    from bonsai_mlx import distributed
     from bonsai_mlx.outputs import OutputPlan, check_preview_target, png_size_bound
     from bonsai_mlx.request import GenerationRequest
 
@@ -372,10 +373,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     show = _show_progress(quiet)
     with _hub_progress(show):  # LoRA files are read (and checked) before the model loads
         lora_files = _read_loras(loras)
-    from bonsai_mlx import distributed
-
     group = distributed.world()  # the processes mlx.launch started; one otherwise
-    data_parallel = group.size() > 1 and not tensor_parallel
     if group.rank() == 0:  # the only rank that writes
         check_writable(plan.folder, len(seed_list) * png_size_bound(request.width,
                                                                     request.height),
@@ -387,29 +385,39 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         pipe = _load_pipeline(model_id, revision, dtype, request, no_offload, show,
                               tensor_parallel)
         _apply_loras(pipe, lora_files, lora_ignore_unmatched, quiet)
-        load_seconds = [time.perf_counter() - t0]  # on this process's first summary
         fields = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model_id,
                   "images": ", ".join(Path(p).name for p in images) or None}
-        summaries: dict[int, str] = {}  # of this process's images, shown once written
+        _generate_all(pipe, request, seed_list, plan, fields, group,
+                      group.size() > 1 and not tensor_parallel, show,
+                      None if quiet else time.perf_counter() - t0, preview_file)
 
-        def make(job: tuple[int, int]):
-            i, seed = job
-            label = f"[{i + 1}/{len(seed_list)}] " if len(seed_list) > 1 else ""
-            # one preview file: only rank 0 writes it (of the images it makes)
-            progress = _Progress(show, label, preview_file if group.rank() == 0 else None)
-            image = _generate(pipe, request.with_seed(seed), progress)
-            if not quiet and (data_parallel or group.rank() == 0):
-                summary = format_summary(pipe.last_timings, pipe.last_peak_memory,
-                                         load_seconds.pop() if load_seconds else None)
-                where = f"rank {group.rank()}: " if data_parallel else ""
-                summaries[i] = f"{where}{label}seed {seed}: {summary}"
-            return image
 
-        for (i, seed), image in _made(list(enumerate(seed_list)), make, group, data_parallel):
-            if group.rank() == 0:  # rank 0 writes every file
-                click.echo(str(_write_png(pipe, request.with_seed(seed), image, plan, fields)))
-            if i in summaries:
-                click.echo(summaries.pop(i), err=True)
+def _generate_all(pipe, request, seed_list: list[int], plan, fields: dict[str, object], group,
+                  data_parallel: bool, show: bool, load_seconds: float | None,
+                  preview_file: Path | None = None) -> None:
+    """One image per seed, written by rank 0, each followed by the summary line of the
+    process that made it (none with `load_seconds` None: --quiet); rank 0 writes the step
+    previews of the images it makes to `preview_file`."""
+    pending_load = [load_seconds]  # on this process's first summary
+    summaries: dict[int, str] = {}  # of this process's images, shown once written
+
+    def make(job: tuple[int, int]):
+        i, seed = job
+        label = f"[{i + 1}/{len(seed_list)}] " if len(seed_list) > 1 else ""
+        progress = _Progress(show, label, preview_file if group.rank() == 0 else None)
+        image = _generate(pipe, request.with_seed(seed), progress)
+        if load_seconds is not None and (data_parallel or group.rank() == 0):
+            summary = format_summary(pipe.last_timings, pipe.last_peak_memory,
+                                     pending_load.pop() if pending_load else None)
+            where = f"rank {group.rank()}: " if data_parallel else ""
+            summaries[i] = f"{where}{label}seed {seed}: {summary}"
+        return image
+
+    for (i, seed), image in _made(list(enumerate(seed_list)), make, group, data_parallel):
+        if group.rank() == 0:  # rank 0 writes every file
+            click.echo(str(_write_png(pipe, request.with_seed(seed), image, plan, fields)))
+        if i in summaries:
+            click.echo(summaries.pop(i), err=True)
 
 
 def _made(jobs: list, make, group, data_parallel: bool) -> Iterator[tuple[object, object]]:
@@ -539,62 +547,19 @@ def info(model, revision, as_json) -> None:
     Reads only safetensors headers and file sizes (a LoRA file is read whole): nothing is
     downloaded.
     """
+    from bonsai_mlx import info as folder_info
+
     if model.endswith(".safetensors") and Path(model).expanduser().is_file():
         from bonsai_mlx.lora import read_lora
 
-        _lora_info(read_lora(model), as_json)
+        summary = read_lora(model).summary()
+        click.echo(json.dumps(summary, indent=2) if as_json
+                   else "\n".join(folder_info.lora_lines(summary)))
         return
-    from bonsai_mlx.info import Component, cached_model_folder, describe_folder, pipeline_class
-
-    folder, name = cached_model_folder(model, revision)
-    comps = describe_folder(folder)
-    if not comps:
-        raise BonsaiError(f"{folder} holds no files; is this the right folder?")
-    total = sum(c.bytes for c in comps)
-    index_class = pipeline_class(folder)
-    if as_json:
-        click.echo(json.dumps({
-            "model": name, "folder": str(folder), "pipeline": index_class,
-            "components": [
-                {"name": c.name, "format": c.format, "files": c.files, "bytes": c.bytes,
-                 "tensors": c.tensors, "dtype_bytes": c.dtype_bytes} for c in comps
-            ],
-            "total_bytes": total,
-        }, indent=2))
-        return
-    click.echo(f"{name}" + (f"  ({index_class})" if index_class else ""))
-    if name != str(folder):
-        click.echo(f"  {folder}")
-    width = max(len(c.name) for c in comps + [Component("component")])
-    fwidth = max(len(c.format) for c in comps + [Component("", format="format")])
-    click.echo(f"{'component':<{width}}  {'format':<{fwidth}}  {'bytes':>15}")
-    for c in comps:
-        click.echo(f"{c.name:<{width}}  {c.format:<{fwidth}}  {c.bytes:>15,}  "
-                   f"{human_bytes(c.bytes)}")
-    click.echo(f"{'total':<{width}}  {'':<{fwidth}}  {total:>15,}  {human_bytes(total)}")
-
-
-def _lora_info(lora_file, as_json: bool) -> None:
-    info = lora_file.summary()
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    click.echo(f"{info['file']}  (LoRA, {info['format']} format)")
-    click.echo(f"  layers      {len(info['layers'])} transformer layers from "
-               f"{info['file_layers']} in the file, rank {'/'.join(map(str, info['ranks']))}")
-    click.echo(f"  parameters  {info['parameters']:,} ({', '.join(info['dtypes'])}, "
-               f"{human_bytes(info['bytes'])})")
-    if info["text_encoder_tensors"]:
-        click.echo(f"  ignored     {info['text_encoder_tensors']} text-encoder tensors "
-                   "(FLUX.2 LoRAs apply to the transformer)")
-    if info["unknown_tensors"]:
-        click.echo(f"  unknown     {len(info['unknown_tensors'])} tensors of no known layer, "
-                   f"e.g. {info['unknown_tensors'][0]}")
-    width = max((len(layer["module"]) for layer in info["layers"]), default=5)
-    click.echo(f"{'layer':<{width}}  rank  alpha/rank  in -> out")
-    for layer in info["layers"]:
-        click.echo(f"{layer['module']:<{width}}  {layer['rank']:>4}  {layer['scaling']:>10.4g}  "
-                   f"{layer['in']} -> {layer['out']}")
+    folder, name = folder_info.cached_model_folder(model, revision)
+    report = folder_info.folder_report(folder, name)
+    click.echo(json.dumps(report, indent=2) if as_json
+               else "\n".join(folder_info.report_lines(report)))
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""What a model folder holds, from file sizes, safetensors headers and configs only (no
-weights are loaded): `bonsai-mlx info`."""
+"""What a model folder (or a LoRA file) holds, from file sizes, safetensors headers and
+configs only (no weights are loaded): `bonsai-mlx info`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.text_encoder import mlx_quantization
@@ -19,6 +20,7 @@ from bonsai_mlx.weights import (
     TOP_LEVEL,
     folder_bytes,
     folder_files,
+    human_bytes,
     read_json,
     read_safetensors_header,
     resolve_model,
@@ -120,3 +122,54 @@ def cached_model_folder(model: str, revision: str | None = None) -> tuple[Path, 
             f"{resolved} is not in the local Hugging Face cache; run `bonsai-mlx download "
             f"{resolved}` first, or give a local folder"
         ) from None
+
+
+def folder_report(folder: Path, name: str) -> dict[str, Any]:
+    """`bonsai-mlx info --json`: the folder's components, formats and bytes."""
+    comps = describe_folder(folder)
+    if not comps:
+        raise BonsaiError(f"{folder} holds no files; is this the right folder?")
+    return {
+        "model": name, "folder": str(folder), "pipeline": pipeline_class(folder),
+        "components": [
+            {"name": c.name, "format": c.format, "files": c.files, "bytes": c.bytes,
+             "tensors": c.tensors, "dtype_bytes": c.dtype_bytes} for c in comps
+        ],
+        "total_bytes": sum(c.bytes for c in comps),
+    }
+
+
+def report_lines(report: dict[str, Any]) -> list[str]:
+    """`folder_report` as a table: component, format, bytes."""
+    name, folder, comps = report["model"], report["folder"], report["components"]
+    lines = [name + (f"  ({report['pipeline']})" if report["pipeline"] else "")]
+    if name != folder:
+        lines.append(f"  {folder}")
+    width = max(len(c["name"]) for c in [*comps, {"name": "component"}])
+    fwidth = max(len(c["format"]) for c in [*comps, {"format": "format"}])
+    lines.append(f"{'component':<{width}}  {'format':<{fwidth}}  {'bytes':>15}")
+    lines += [f"{c['name']:<{width}}  {c['format']:<{fwidth}}  {c['bytes']:>15,}  "
+              f"{human_bytes(c['bytes'])}" for c in comps]
+    total = report["total_bytes"]
+    lines.append(f"{'total':<{width}}  {'':<{fwidth}}  {total:>15,}  {human_bytes(total)}")
+    return lines
+
+
+def lora_lines(info: dict[str, Any]) -> list[str]:
+    """A LoRA file's summary (`LoraFile.summary`) as lines: format, ranks, layers."""
+    lines = [f"{info['file']}  (LoRA, {info['format']} format)",
+             f"  layers      {len(info['layers'])} transformer layers from "
+             f"{info['file_layers']} in the file, rank {'/'.join(map(str, info['ranks']))}",
+             f"  parameters  {info['parameters']:,} ({', '.join(info['dtypes'])}, "
+             f"{human_bytes(info['bytes'])})"]
+    if info["text_encoder_tensors"]:
+        lines.append(f"  ignored     {info['text_encoder_tensors']} text-encoder tensors "
+                     "(FLUX.2 LoRAs apply to the transformer)")
+    if info["unknown_tensors"]:
+        lines.append(f"  unknown     {len(info['unknown_tensors'])} tensors of no known "
+                     f"layer, e.g. {info['unknown_tensors'][0]}")
+    width = max((len(layer["module"]) for layer in info["layers"]), default=5)
+    lines.append(f"{'layer':<{width}}  rank  alpha/rank  in -> out")
+    lines += [f"{layer['module']:<{width}}  {layer['rank']:>4}  {layer['scaling']:>10.4g}  "
+              f"{layer['in']} -> {layer['out']}" for layer in info["layers"]]
+    return lines

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonsai_mlx import distributed, lora
+from bonsai_mlx.checks import check_prompts
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import LANCZOS, MULTIPLE, ImageInput, image_to_array, to_pil
 from bonsai_mlx.layout import (
@@ -36,7 +37,7 @@ from bonsai_mlx.layout import (
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import ContextMemo, Flux2Transformer, Rope
 from bonsai_mlx.models.vae import VAE
-from bonsai_mlx.request import GenerationRequest, check_prompts
+from bonsai_mlx.request import GenerationRequest, GenerationResult
 from bonsai_mlx.scheduler import (
     Schedule,
     SchedulerConfig,
@@ -148,14 +149,7 @@ class Pipeline:
             root / dirs["text_encoder"], root / "tokenizer", dtype=dtype,
             keep_loaded=keep_text_encoder, cache_dir=prompt_cache_dir,
         )
-        latent_channels = vae.config.latent_channels
-        in_channels = transformer.config.in_channels
-        if vae.scale_factor * 2 != MULTIPLE or in_channels != 4 * latent_channels:
-            raise BonsaiError(
-                f"{root}: the VAE (factor {vae.scale_factor}, {latent_channels} latent channels) "
-                f"does not fit the transformer ({in_channels} input channels); "
-                "FLUX.2 [klein] needs factor 8 and 4 x latent channels"
-            )
+        _check_fit(root, transformer, vae)
         # Bonsai packs are compressions of the distilled FLUX.2 [klein] 4B.
         distilled = index.get("is_distilled", layout == "bonsai-mlx-pack")
         pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled))
@@ -568,22 +562,15 @@ class StartLatents:
     schedule: Schedule
 
 
-@dataclass(frozen=True)
-class GenerationResult:
-    """What `Pipeline.run` made."""
-
-    images: mx.array  # (B, H, W, 3) float32 in [0, 1]
-    seed: int | None  # None when the request gave latents
-    timings: dict[str, float | list[float]]  # seconds: encode, images, steps, decode, total
-    peak_memory: int  # bytes
-
-    def output(self, output_type: str = "pil"
-               ) -> PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | mx.array:
-        """"pil": an image, or a list for a batch; "np": float32 (B, H, W, 3); "mx"."""
-        if output_type == "mx":
-            return self.images
-        arr = np.array(self.images)
-        return arr if output_type == "np" else to_pil(arr)
+def _check_fit(root: Path, transformer: Flux2Transformer, vae: VAE) -> None:
+    latent_channels = vae.config.latent_channels
+    in_channels = transformer.config.in_channels
+    if vae.scale_factor * 2 != MULTIPLE or in_channels != 4 * latent_channels:
+        raise BonsaiError(
+            f"{root}: the VAE (factor {vae.scale_factor}, {latent_channels} latent channels) "
+            f"does not fit the transformer ({in_channels} input channels); "
+            "FLUX.2 [klein] needs factor 8 and 4 x latent channels"
+        )
 
 
 def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = None) -> None:

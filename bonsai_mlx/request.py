@@ -1,4 +1,4 @@
-"""What a generation may ask for, checked before any model is loaded.
+"""What a generation may ask for, checked before any model is loaded, and what it gives back.
 
 The CLI, the Python API and the server all check sizes, prompts, strength and images here,
 so a mistake reads the same everywhere and fails in milliseconds.
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bonsai_mlx.arrays import to_mx
-from bonsai_mlx.checks import integer, number, text
+from bonsai_mlx.checks import check_prompts, integer, number, text
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import (
     DEFAULT_SIZE,
@@ -20,21 +20,13 @@ from bonsai_mlx.images import (
     check_size,
     load_image,
     prepare_image,
+    to_pil,
 )
 from bonsai_mlx.scheduler import MAX_STEPS
 
 import mlx.core as mx
 import numpy as np
 import PIL.Image
-
-
-def check_prompts(prompt: str | Sequence[str], name: str = "the prompt") -> list[str]:
-    """One prompt or a non-empty list of them -> a list, else a BonsaiError."""
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if (not isinstance(prompts, (list, tuple)) or not prompts
-            or not all(isinstance(p, str) for p in prompts)):
-        raise BonsaiError("prompt must be a string or a non-empty list of strings")
-    return [text(p, name) for p in prompts]
 
 
 def negative_prompts(negative_prompt: str | Sequence[str] | None, n: int,
@@ -133,6 +125,24 @@ class GenerationRequest:
     def with_seed(self, seed: int | None) -> GenerationRequest:
         """The same request with another seed (one request, several images)."""
         return dataclasses.replace(self, seed=_seed(seed))
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What `Pipeline.run` made."""
+
+    images: mx.array  # (B, H, W, 3) float32 in [0, 1]
+    seed: int | None  # None when the request gave latents
+    timings: dict[str, float | list[float]]  # seconds: encode, images, steps, decode, total
+    peak_memory: int  # bytes
+
+    def output(self, output_type: str = "pil"
+               ) -> PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | mx.array:
+        """"pil": an image, or a list for a batch; "np": float32 (B, H, W, 3); "mx"."""
+        if output_type == "mx":
+            return self.images
+        arr = np.array(self.images)
+        return arr if output_type == "np" else to_pil(arr)
 
 
 def _steps(steps, sigmas) -> tuple[int | None, tuple[float, ...] | None]:

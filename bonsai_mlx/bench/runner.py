@@ -276,11 +276,8 @@ def run_bench(
         log = _silent  # rank 0 speaks for all
     if compare and group.size() > 1:
         raise BonsaiError("--compare runs in one process; run it without mlx.launch")
-    sizes = sizes if sizes is not None else TINY_SIZES if tiny else DEFAULT_SIZES
-    for w, h in sizes:
-        check_size(w, h)
-    if steps < 1 or repeats < 1 or warmup < 0:
-        raise BonsaiError("steps and repeats must be >= 1 and warmup >= 0")
+    sizes = _checked(sizes if sizes is not None else TINY_SIZES if tiny else DEFAULT_SIZES,
+                     steps, repeats, warmup)
     machine = machine_info()
     log(f"machine: {machine['chip']} ({machine['backend']}), MLX {machine['mlx_version']}")
     t0 = time.perf_counter()
@@ -300,10 +297,23 @@ def run_bench(
             records += compare_frameworks(target, synthetic, w, h, steps, repeats, warmup,
                                           ours, stamp, machine, log)
     if json_path is not None and group.rank() == 0:
-        with open(json_path, "a", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        _append_json_lines(json_path, records)
     return records
+
+
+def _append_json_lines(path: str | Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def _checked(sizes: Sequence[tuple[int, int]], steps: int, repeats: int,
+             warmup: int) -> Sequence[tuple[int, int]]:
+    for w, h in sizes:
+        check_size(w, h)
+    if steps < 1 or repeats < 1 or warmup < 0:
+        raise BonsaiError("steps and repeats must be >= 1 and warmup >= 0")
+    return sizes
 
 
 def _silent(line: str) -> None:

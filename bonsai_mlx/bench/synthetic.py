@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from bonsai_mlx.checks import check_prompts
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.text_encoder import (
     DEFAULT_OUT_LAYERS,
@@ -27,7 +28,6 @@ from bonsai_mlx.models.vae_layers import Encoder
 from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import use_packed_layers
 from bonsai_mlx.quant.model import get_module
-from bonsai_mlx.request import check_prompts
 from bonsai_mlx.scheduler import SchedulerConfig
 from bonsai_mlx.weights import parse_dtype
 
@@ -78,7 +78,8 @@ def _random_like_packed(layer, rng_key) -> None:
     layer.scales = (s * mx.random.uniform(0.75, 1.25, (n, k // 128), key=k2)).astype(mx.float16)
 
 
-def synthetic_transformer(kind: str, dtype: mx.Dtype, tiny: bool = False, seed: int = 0):
+def synthetic_transformer(kind: str, dtype: mx.Dtype, tiny: bool = False,
+                          seed: int = 0) -> Flux2Transformer:
     """The Klein 4B transformer (or a miniature) with random weights; `kind` 'binary' or
     'ternary' swaps its 100 packed layers for BinaryLinear / TernaryLinear with random
     packed arrays. The dense float weights are never materialised for packed layers."""
@@ -181,7 +182,7 @@ class SyntheticPromptEncoder:
         return embeds
 
 
-def synthetic_vae(dtype: mx.Dtype, tiny: bool = False, seed: int = 0):
+def synthetic_vae(dtype: mx.Dtype, tiny: bool = False, seed: int = 0) -> VAE:
     """FLUX.2's VAE decoder (or a miniature) with random weights in `dtype`."""
     mx.random.seed(seed)
     vae = VAE(VAEConfig(**(TINY_VAE if tiny else {})), dtype)  # statistics 0 and 1, float32
@@ -202,7 +203,7 @@ SYNTHETIC_SCHEDULER = {"use_dynamic_shifting": True, "shift": 3.0}  # Klein's sc
 
 
 def synthetic_pipeline(kind: str, dtype: str | mx.Dtype = "bfloat16", tiny: bool = False,
-                       encode: bool = True):
+                       encode: bool = True) -> tuple[Pipeline, dict[str, int]]:
     """A `Pipeline` of synthetic Klein 4B components (or miniatures): the transformer in
     `kind` ('binary', 'ternary' or 'bf16' = all dense in `dtype`), the 4-bit Qwen3 encoder
     (zeros instead when `encode` is False) and the VAE. Returns (pipeline, footprint bytes

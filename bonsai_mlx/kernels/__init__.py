@@ -118,13 +118,15 @@ def ternary_matmul(x: mx.array, packed: mx.array, scales: mx.array) -> mx.array:
     return _matmul(x, packed, scales, reference.ternary_matmul)
 
 
-def dequantize_binary(packed: mx.array, scales: mx.array, dtype: mx.Dtype = mx.float32):
+def dequantize_binary(packed: mx.array, scales: mx.array,
+                      dtype: mx.Dtype = mx.float32) -> mx.array:
     """Binary packed W -> dense (N, K) in `dtype`."""
     path = kernel_path(None, "binary", dtype)
     return _dequantize(packed, scales, packed.shape[1] * 32, dtype, path)
 
 
-def dequantize_ternary(packed: mx.array, scales: mx.array, k: int, dtype: mx.Dtype = mx.float32):
+def dequantize_ternary(packed: mx.array, scales: mx.array, k: int,
+                       dtype: mx.Dtype = mx.float32) -> mx.array:
     """Ternary packed W -> dense (N, K) in `dtype`."""
     path = kernel_path(None, "ternary", dtype)
     return _dequantize(packed, scales, k, dtype, path)

@@ -95,7 +95,8 @@ def all_ids() -> list[str]:
 # The check itself (in this process, on device.current())
 
 
-def random_problem(fmt: str, dtype: mx.Dtype, m: int, n: int, k: int, seed: int = 0):
+def random_problem(fmt: str, dtype: mx.Dtype, m: int, n: int, k: int,
+                   seed: int = 0) -> tuple[mx.array, mx.array, mx.array]:
     """x (M, K) in `dtype` and a random packed W (N, K): (x, packed, scales)."""
     rng = np.random.default_rng(seed)
     if fmt == "binary":

@@ -11,8 +11,8 @@ sharded) and the mlx-lm layout of Bonsai's `text_encoder-mlx-4bit/` (affine-quan
 "quantization" in config.json).
 
 `PromptEncoder` loads the weights on the first prompt it has not seen, frees them after
-encoding (unless keep_loaded=True), and caches embeddings in memory and optionally on disk,
-so a seed sweep over one prompt runs Qwen3 once.
+encoding (unless keep_loaded=True), and caches embeddings in memory and optionally on disk
+(`prompt_cache.py`), so a seed sweep over one prompt runs Qwen3 once.
 
 mlx-lm is imported when a model is first built, not with this module: it imports
 transformers, which takes seconds.
@@ -31,24 +31,21 @@ import io
 import os
 import re
 import warnings
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bonsai_mlx.checks import integer, number
+from bonsai_mlx.checks import check_prompts, integer, number
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.request import check_prompts
+from bonsai_mlx.models.prompt_cache import PromptCache
 from bonsai_mlx.weights import (
     check_no_custom_code,
     checkpoint_float_dtype,
     file_sha256,
     load_into,
-    load_safetensors,
     load_weights,
     parse_dtype,
     read_json,
-    read_safetensors_header,
     safetensors_files,
     save_safetensors,
     write_json,
@@ -61,6 +58,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 if TYPE_CHECKING:
     from mlx_lm.models import qwen3
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_OUT_LAYERS = (9, 18, 27)
 # Qwen3-4B, the FLUX.2 [klein] 4B text encoder (Qwen/Qwen3-4B's config.json).
@@ -187,7 +185,7 @@ class DequantizedLinear(nn.Module):
 
 
 @contextlib.contextmanager
-def dequantized_linears(module: nn.Module):
+def dequantized_linears(module: nn.Module) -> Iterator[nn.Module]:
     """Within the block, `module`'s `nn.QuantizedLinear`s are `DequantizedLinear`s; they
     are put back after it (also on an error), which frees the float weights. Evaluate what
     you compute inside the block before leaving it, or the float weights outlive it in the
@@ -343,13 +341,8 @@ class PromptEncoder:
     """Prompts -> FLUX.2 [klein] prompt embeddings (B, L, len(out_layers) * hidden).
 
     Matches diffusers' `Flux2KleinPipeline.encode_prompt`. Qwen3 is loaded on the first
-    prompt not found in a cache and released after each encode unless `keep_loaded`.
-    Embeddings are cached per prompt: the last `cache_size` in memory (this encoder's model,
-    layers and length), and all of them under `cache_dir` if given, keyed by a hash of the
-    weights' bytes, config and tokenizer files, dtype, quantization, layers, length and
-    prompt. Each entry carries the checksum of its bytes; an entry that does not verify is
-    recomputed and rewritten (with a warning), and a cache folder that cannot be written
-    leaves the embeddings in memory only (with a warning).
+    prompt not found in `cache` (a `PromptCache`: the last `cache_size` in memory, all of
+    them under `cache_dir` if given) and released after each encode unless `keep_loaded`.
 
     `dequantize` ("auto", True, False): run a quantized encoder one float32 layer at a
     time (see `should_dequantize`; "auto" does on the CPU, not on a GPU). In float32 the
@@ -378,16 +371,31 @@ class PromptEncoder:
         self.max_sequence_length = int(max_sequence_length)
         self.quantize_bits = quantize_bits
         self.keep_loaded = keep_loaded
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.cache_size = cache_size
         if dequantize not in ("auto", True, False):
             raise BonsaiError(f'dequantize must be True, False or "auto", not {dequantize!r}')
         self.dequantize = dequantize
 
         check_no_custom_code(self.text_encoder_dir, self.tokenizer_dir)
+        self.hidden_size = self._check_layers()
+        if self.max_sequence_length < 1:
+            raise BonsaiError(f"max_sequence_length must be positive, not {max_sequence_length}")
+        if quantize_bits not in (None, *LOAD_QUANTIZE_BITS):
+            raise BonsaiError(f"quantize_bits must be 4, 8 or None, not {quantize_bits}")
+        if not self.tokenizer_dir.is_dir():
+            raise BonsaiError(f"{self.tokenizer_dir} is not a folder (the tokenizer/ folder)")
+
+        self.model: Qwen3Encoder | None = None
+        self.loads = 0  # how many times Qwen3 was loaded (tests, benchmarks)
+        self._tokenizer = None
+        self._identity: str | None = None
+        shape = (1, self.max_sequence_length, len(self.out_layers) * self.hidden_size)
+        self.cache = PromptCache(cache_dir, cache_size, self._cache_key, shape, self.dtype)
+
+    def _check_layers(self) -> int:
+        """The hidden size, once the layers asked for are checked against the config."""
         config_path = self.text_encoder_dir / "config.json"
         config = read_json(config_path)
-        num_layers, self.hidden_size = qwen3_sizes(config, config_path)
+        num_layers, hidden_size = qwen3_sizes(config, config_path)
         truncated = config.get(TRUNCATED_KEY)
         too_deep = [k for k in self.out_layers if k > num_layers]
         if isinstance(truncated, dict) and self.out_layers and too_deep:
@@ -402,19 +410,7 @@ class PromptEncoder:
                 f"out_layers {self.out_layers} must be non-empty hidden-state indices in "
                 f"0..{num_layers} ({config_path})"
             )
-        if self.max_sequence_length < 1:
-            raise BonsaiError(f"max_sequence_length must be positive, not {max_sequence_length}")
-        if quantize_bits not in (None, *LOAD_QUANTIZE_BITS):
-            raise BonsaiError(f"quantize_bits must be 4, 8 or None, not {quantize_bits}")
-        if not self.tokenizer_dir.is_dir():
-            raise BonsaiError(f"{self.tokenizer_dir} is not a folder (the tokenizer/ folder)")
-
-        self.model: Qwen3Encoder | None = None
-        self.loads = 0  # how many times Qwen3 was loaded (tests, benchmarks)
-        self._tokenizer = None
-        self._identity: str | None = None
-        self._memory: OrderedDict[str, mx.array] = OrderedDict()
-        self._cache_unwritable = False  # warned once that cache_dir cannot be written
+        return hidden_size
 
     @classmethod
     def from_pretrained(
@@ -428,13 +424,13 @@ class PromptEncoder:
     def encode(self, prompt: str | Sequence[str]) -> mx.array:
         """One prompt or a list -> (B, max_sequence_length, len(out_layers) * hidden)."""
         prompts = check_prompts(prompt)
-        found = {p: self._cached(p) for p in dict.fromkeys(prompts)}
+        found = {p: self.cache.get(p) for p in dict.fromkeys(prompts)}
         missing = [p for p, e in found.items() if e is None]
         if missing:
             embeds = self._run_model(missing)
             for i, p in enumerate(missing):
                 found[p] = embeds[i : i + 1]
-                self._remember(p, found[p])
+                self.cache.put(p, found[p])
         return mx.concatenate([found[p] for p in prompts], axis=0)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[mx.array, mx.array]:
@@ -477,7 +473,8 @@ class PromptEncoder:
         mx.clear_cache()
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded on first use (never with the folder's own code)."""
         if self._tokenizer is None:
             # We use only transformers' tokenizers: its "PyTorch was not found" advice (and
             # mlx-lm's, which sets the same variable) is noise for our users.
@@ -513,66 +510,10 @@ class PromptEncoder:
                 self.unload()
         return embeds
 
-    def _cached(self, prompt: str) -> mx.array | None:
-        if prompt in self._memory:
-            self._memory.move_to_end(prompt)
-            return self._memory[prompt]
-        if self.cache_dir is None:
-            return None
-        path = self._disk_path(prompt)
-        if not path.is_file():
-            return None
-        try:
-            embeds = self._read_entry(path)
-        except (BonsaiError, OSError, KeyError) as e:  # recomputed, then rewritten
-            warnings.warn(f"prompt cache entry {path} is unusable ({e}); recomputing it",
-                          stacklevel=3)
-            return None
-        self._remember(prompt, embeds, to_disk=False)
-        return embeds
-
-    def _read_entry(self, path: Path) -> mx.array:
-        """A disk cache entry, checked: its key, shape, dtype and the checksum of its bytes."""
-        meta = read_safetensors_header(path).get("__metadata__") or {}
-        embeds = load_safetensors(path)["prompt_embeds"]
-        expected = (1, self.max_sequence_length, len(self.out_layers) * self.hidden_size)
-        if meta.get("key") != path.stem:
-            raise BonsaiError("written for another key")
-        if tuple(embeds.shape) != expected or embeds.dtype != self.dtype:
-            raise BonsaiError(f"shape {tuple(embeds.shape)} {embeds.dtype}, expected "
-                              f"{expected} {self.dtype}")
-        if meta.get("sha256") != _checksum(embeds):
-            raise BonsaiError("checksum mismatch: the file was changed or damaged")
-        return embeds
-
-    def _remember(self, prompt: str, embeds: mx.array, to_disk: bool = True) -> None:
-        if self.cache_size > 0:
-            self._memory[prompt] = embeds
-            self._memory.move_to_end(prompt)
-            while len(self._memory) > self.cache_size:
-                self._memory.popitem(last=False)
-        if to_disk and self.cache_dir is not None:
-            path = self._disk_path(prompt)
-            try:
-                save_safetensors(path, {"prompt_embeds": embeds},
-                                 metadata={"key": path.stem, "sha256": _checksum(embeds)})
-            except OSError as e:  # a read-only or full cache folder: keep generating
-                if not self._cache_unwritable:
-                    warnings.warn(f"cannot write the prompt cache in {self.cache_dir} "
-                                  f"({e.strerror or e}); prompts are cached in memory only",
-                                  stacklevel=3)
-                self._cache_unwritable = True
-
-    def _disk_path(self, prompt: str) -> Path:
-        key = hashlib.sha256()
-        for part in (self._model_identity(), repr(self.out_layers),
-                     str(self.max_sequence_length), prompt):
-            key.update(part.encode("utf-8") + b"\0")
-        return self.cache_dir / f"{key.hexdigest()}.safetensors"
-
-    def _model_identity(self) -> str:
-        """A hash of what determines the embeddings: the weights' bytes (hashed once per
-        file and process, `file_sha256`), config, tokenizer files, dtype, quantization."""
+    def _cache_key(self) -> tuple[str, ...]:
+        """What determines the embeddings, for the disk cache: a hash of the weights' bytes
+        (hashed once per file and process, `file_sha256`), config, tokenizer files, dtype
+        and quantization; the layers read; the length."""
         if self._identity is None:
             h = hashlib.sha256()
             h.update((self.text_encoder_dir / "config.json").read_bytes())
@@ -583,12 +524,7 @@ class PromptEncoder:
                     h.update(f.name.encode() + b"\0" + f.read_bytes())
             h.update(f"{self.dtype} {self.quantize_bits}".encode())
             self._identity = h.hexdigest()
-        return self._identity
-
-
-def _checksum(embeds: mx.array) -> str:
-    """SHA-256 of an array's bytes, as stored (any dtype, bfloat16 included)."""
-    return hashlib.sha256(np.array(embeds.view(mx.uint8)).tobytes()).hexdigest()
+        return self._identity, repr(self.out_layers), str(self.max_sequence_length)
 
 
 # ---- saving ---------------------------------------------------------------------------

@@ -14,6 +14,8 @@ BonsaiError naming the layer (`name`) and, where it applies, the group.
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 from bonsai_mlx.arrays import to_numpy
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.kernels import reference
@@ -23,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 FORMATS = ("binary", "ternary")
+Array: TypeAlias = np.ndarray | mx.array  # pack / unpack: numpy in, numpy out; MLX, MLX
 
 _POW3 = 3 ** np.arange(5, dtype=np.uint16)  # (5,)
 # byte of 2-bit codes -> its 4 codes as the 4 bytes of one little-endian word (a fast lookup)
@@ -48,7 +51,7 @@ def check_input_dims(k: int, name: str = "weight") -> None:
 # ---------------------------------------------------------------- pack / unpack
 
 
-def pack_binary(q):
+def pack_binary(q: Array) -> Array:
     """q (N, K) with K % 32 == 0, +1 where q > 0 else -1 -> uint32 (N, K/32).
 
     numpy in -> numpy out; mx.array in -> mx.array out.
@@ -63,7 +66,7 @@ def pack_binary(q):
     return packed.view("<u4").reshape(*bits.shape[:-1], -1)  # (N, K/32, 4) bytes -> words
 
 
-def unpack_binary(packed):
+def unpack_binary(packed: Array) -> Array:
     """uint32 (N, K/32) -> int8 (N, K) in {-1, +1}. numpy or mx in, the same out."""
     if isinstance(packed, mx.array):
         return reference.unpack_binary(packed)
@@ -72,7 +75,7 @@ def unpack_binary(packed):
     return bits.astype(np.int8) * 2 - 1
 
 
-def pack_ternary(q):
+def pack_ternary(q: Array) -> Array:
     """q (N, K) in {-1, 0, +1} -> uint8 (N, ceil(K/5)). numpy or mx in, the same out."""
     k = q.shape[-1]
     pad = -k % 5
@@ -94,7 +97,7 @@ def _pack_digits(t: np.ndarray) -> np.ndarray:
     return t[..., 0] + 3 * t[..., 1] + 9 * t[..., 2] + 27 * t[..., 3] + 81 * t[..., 4]
 
 
-def unpack_ternary(packed, k: int):
+def unpack_ternary(packed: Array, k: int) -> Array:
     """uint8 (N, ceil(K/5)) -> int8 (N, K) in {-1, 0, +1}. numpy or mx in, the same out."""
     if packed.shape[-1] != -(-k // 5):
         raise BonsaiError(f"ternary packing of K={k} needs {-(-k // 5)} bytes per row, "
@@ -145,7 +148,8 @@ def _scales_f16(s: np.ndarray, name: str, exact: bool) -> np.ndarray:
     return s16
 
 
-def quantize_binary(w, *, lossless: bool | None = None, name: str = "weight"):
+def quantize_binary(w: Array, *, lossless: bool | None = None,
+                    name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """Dense (N, K) -> (packed uint32 (N, K/32), scales float16 (N, K/128)), numpy out.
 
     lossless=None: exact if the weight is already binary per group, else absmean
@@ -161,7 +165,8 @@ def quantize_binary(w, *, lossless: bool | None = None, name: str = "weight"):
     return pack_binary(g.reshape(w.shape[0], -1) >= 0), _scales_f16(s, name, exact)
 
 
-def quantize_ternary(w, *, lossless: bool | None = None, name: str = "weight"):
+def quantize_ternary(w: Array, *, lossless: bool | None = None,
+                     name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """Dense (N, K) -> (packed uint8 (N, ceil(K/5)), scales float16 (N, K/128)), numpy out.
 
     lossless=None: exact if the weight is already ternary per group, else absmean
@@ -215,8 +220,9 @@ def _check_affine_shapes(wq, scales, bits: int, group_size: int, name: str) -> i
     return k
 
 
-def binary_from_affine(wq, scales, biases, *, group_size: int = GROUP_SIZE,
-                       name: str = "weight"):
+def binary_from_affine(wq: Array, scales: Array, biases: Array, *,
+                       group_size: int = GROUP_SIZE,
+                       name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """MLX affine 1-bit (w = scale * bit + bias) -> binary (packed, scales), numpy out.
 
     Exact. A group must decode to {-s, +s}: bias == -scale/2, s = scale/2 (where only one
@@ -249,8 +255,9 @@ def binary_from_affine(wq, scales, biases, *, group_size: int = GROUP_SIZE,
     return packed, _scales_f16(s, name, exact=True)
 
 
-def ternary_from_affine(wq, scales, biases, *, group_size: int = GROUP_SIZE,
-                        name: str = "weight"):
+def ternary_from_affine(wq: Array, scales: Array, biases: Array, *,
+                        group_size: int = GROUP_SIZE,
+                        name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """MLX affine 2-bit -> ternary (packed, scales), numpy out, after checking exactness.
 
     Every group's codes must decode to values in {-s, 0, +s} for one s >= 0 (Bonsai uses

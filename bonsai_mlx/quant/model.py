@@ -40,7 +40,7 @@ def packed_format(model: nn.Module) -> str:
     return "dense"
 
 
-def get_module(model: nn.Module, path: str):
+def get_module(model: nn.Module, path: str) -> nn.Module:
     """The sub-module at a dotted path (`a.b.0.c`), or BonsaiError naming the path."""
     m = model
     for part in path.split("."):
