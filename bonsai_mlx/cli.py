@@ -131,12 +131,12 @@ quiet_option = click.option(
 @click.version_option(__version__, prog_name="bonsai-mlx")
 @verbose_option
 def cli() -> None:
-    """FLUX.2 [klein] 4B and its 1-bit / ternary Bonsai compressions on MLX.
+    """FLUX.2 [klein] (4B, 9B) and its 1-bit / ternary Bonsai compressions on MLX.
 
     \b
     First image:  bonsai-mlx gen -p "a bonsai tree in a misty forest, morning light"
-    Models:       ternary (default), binary, klein-4b, klein-base-4b,
-                  any Hugging Face repo id or a local folder
+    Models:       ternary (default), binary, klein-4b, klein-base-4b, klein-9b,
+                  klein-base-9b, klein-9b-kv, any Hugging Face repo id or a local folder
     """
 
 
@@ -221,17 +221,17 @@ def _round16(v: int) -> int:
     return max(16, int(round(v / 16)) * 16)
 
 
-def _check_image(path: str) -> None:
+def _check_image(path: str, option: str = "--image") -> None:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.verify()
     except FileNotFoundError:
-        raise BonsaiError(f"--image {path} does not exist; check the path") from None
+        raise BonsaiError(f"{option} {path} does not exist; check the path") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BonsaiError(
-            f"--image {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"
+            f"{option} {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"
         ) from None
 
 
@@ -395,7 +395,17 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 @click.option("--image", "images", multiple=True, metavar="PATH",
               help="Reference image for editing; repeat for several.")
 @click.option("--strength", type=float, default=None,
-              help="Image-to-image from one --image: 0 < strength <= 1 (1 = ignore the image).")
+              help="Image-to-image from one --image (or inpainting with --mask): "
+                   "0 < strength <= 1 (1 = ignore the image).")
+@click.option("--mask", metavar="PATH", default=None,
+              help="Inpaint the first --image: white = repaint, black = keep (same size as "
+                   "the image; --strength default 0.8).")
+@click.option("--vae", default=None, metavar="small|REPO|FOLDER",
+              help="Swap the VAE decoder, e.g. small (FLUX.2 small decoder, ~1.4x faster "
+                   "decode); images are still encoded with the model's own encoder.")
+@click.option("--reference-kv-cache/--no-reference-kv-cache", default=None,
+              help="Compute the --image references once and reuse their attention keys and "
+                   "values [default: on for klein-9b-kv, off otherwise (an approximation)].")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
               default="auto", show_default=True,
               help="Compute dtype; auto is bfloat16 on a GPU, float32 on the CPU.")
@@ -407,41 +417,50 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 @quiet_option
 @verbose_option
 def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
-        images, strength, dtype, no_offload, tile_vae, revision, quiet) -> None:
-    """Generate images from a prompt (text-to-image, editing, image-to-image).
+        images, strength, mask, vae, reference_kv_cache, dtype, no_offload, tile_vae, revision,
+        quiet) -> None:
+    """Generate images from a prompt (text-to-image, editing, image-to-image, inpainting).
 
     \b
     bonsai-mlx gen -p "a red fox in the snow"
     bonsai-mlx gen -m binary -p "a red fox" --size 768x512 --seed 1 --seed 2 -o fox.png
     bonsai-mlx gen -p "make it night" --image photo.png
     bonsai-mlx gen -p "an oil painting" --image photo.png --strength 0.6
+    bonsai-mlx gen -p "a red balloon" --image photo.png --mask mask.png
+    bonsai-mlx gen -p "a red fox" --vae small
     """
     # Every check that needs no model comes first, so mistakes fail in milliseconds.
     width, height = parse_size(size) if size else (None, None)
     model_id = resolve_model(model)
-    if strength is not None:
-        if not 0.0 < strength <= 1.0:
-            raise BonsaiError(f"--strength {strength} is out of range; use 0 < strength <= 1 "
-                              "(lower keeps more of the input image)")
-        if len(images) != 1:
-            raise BonsaiError("--strength (image-to-image) needs exactly one --image; "
-                              f"got {len(images)}")
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise BonsaiError(f"--strength {strength} is out of range; use 0 < strength <= 1 "
+                          "(lower keeps more of the input image)")
+    if mask is not None and not images:
+        raise BonsaiError("--mask needs the image to inpaint: give it with --image")
+    if strength is not None and mask is None and len(images) != 1:
+        raise BonsaiError("--strength (image-to-image) needs exactly one --image; "
+                          f"got {len(images)}")
     for path in images:
         _check_image(path)
+    if mask is not None:
+        _check_image(mask, "--mask")
     plan = OutputPlan.from_option(output)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
     if not seed_list:
         seed_list = [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
 
+    from bonsai_mlx.inpaint import DEFAULT_STRENGTH
     from bonsai_mlx.pipeline import Pipeline
 
+    if mask is not None and strength is None:
+        strength = DEFAULT_STRENGTH  # said in the PNG's metadata
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         t0 = time.perf_counter()
         with _hub_progress(show):
             pipe = Pipeline.from_pretrained(model_id, dtype=dtype, revision=revision,
-                                            keep_text_encoder=no_offload)
+                                            keep_text_encoder=no_offload, vae=vae)
         load_seconds = time.perf_counter() - t0
 
         for i, seed in enumerate(seed_list):
@@ -453,6 +472,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                     prompt, width=width, height=height, steps=steps, guidance=guidance,
                     seed=seed, negative_prompt=negative_prompt, images=list(images) or None,
                     strength=strength, tiled_vae=tile_vae, callback=progress.callback,
+                    mask=mask, reference_kv_cache=reference_kv_cache,
                 )
             finally:
                 progress.close()
@@ -466,6 +486,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                 "size": f"{image.width}x{image.height}", "model": model_id,
                 "strength": strength,
                 "images": ", ".join(Path(p).name for p in images) or None,
+                "mask": Path(mask).name if mask else None, "vae": vae,
                 "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
             }
             path = write_png_exclusive(image, plan.folder / plan.name(prompt, seed),

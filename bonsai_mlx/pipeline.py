@@ -25,14 +25,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.inpaint import DEFAULT_STRENGTH as INPAINT_STRENGTH
+from bonsai_mlx.inpaint import KnownRegion, mask_image, mask_latents
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import Flux2Transformer
-from bonsai_mlx.models.vae import VAE
+from bonsai_mlx.models.vae import VAE, save_vae_with_decoder
 from bonsai_mlx.scheduler import (
     SchedulerConfig,
     euler_step,
     img2img_start_index,
     make_schedule,
+    noise_latents,
 )
 from bonsai_mlx.weights import (
     load_weights,
@@ -61,7 +64,9 @@ ALLOW_PATTERNS = [
     "transformer-packed-mflux/*.json", "transformer-packed-mflux/*.safetensors",
     "text_encoder-mlx-4bit/*.json", "text_encoder-mlx-4bit/*.safetensors",
 ]
-PIPELINE_CLASSES = ("Flux2KleinPipeline",)
+# model_index.json `_class_name`s we run; the KV one turns reference_kv_cache on by default
+PIPELINE_CLASSES = ("Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline")
+KV_PIPELINE_CLASS = "Flux2KleinKVPipeline"
 DIFFUSERS_COMPONENTS = {  # model_index.json entries of a saved pipeline
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     "text_encoder": ["transformers", "Qwen3ForCausalLM"],
@@ -71,6 +76,7 @@ DIFFUSERS_COMPONENTS = {  # model_index.json entries of a saved pipeline
 }
 
 ImageInput = "PIL.Image.Image | str | Path"
+MaskInput = "PIL.Image.Image | str | Path | np.ndarray"
 
 
 class Pipeline:
@@ -89,6 +95,7 @@ class Pipeline:
         scheduler_config: SchedulerConfig,
         *,
         is_distilled: bool,
+        reference_kv_cache: bool = False,
     ):
         self.transformer = transformer
         self.vae = vae
@@ -97,6 +104,8 @@ class Pipeline:
         self.is_distilled = bool(is_distilled)
         self.default_steps = 4 if self.is_distilled else 50
         self.default_guidance = 1.0 if self.is_distilled else 4.0
+        # generate's default: keep the reference images' keys and values (FLUX.2 [klein] KV)
+        self.reference_kv_cache = bool(reference_kv_cache)
         self.last_timings: dict[str, float | list[float]] = {}
         self.last_peak_memory: int | None = None
         self.last_seed: int | None = None
@@ -113,15 +122,18 @@ class Pipeline:
         *,
         keep_text_encoder: bool = False,
         prompt_cache_dir: str | Path | None = None,
+        vae: str | Path | None = None,
     ) -> Pipeline:
         """Load a diffusers `Flux2KleinPipeline` folder or a Bonsai MLX pack.
 
         `path_or_repo_id` is a local folder, a Hugging Face repo id or an alias (`ternary`,
-        `binary`, `klein-4b`, `klein-base-4b`); only the files used are downloaded, and
-        HF_HUB_OFFLINE and the cache are respected. `dtype` is the compute dtype of all three
-        models (`"auto"`: bfloat16 on a GPU, float32 on the CPU). The text encoder is released
-        after each prompt encoding unless `keep_text_encoder`; `prompt_cache_dir` caches
-        prompt embeddings on disk.
+        `binary`, `klein-4b`, `klein-base-4b`, `klein-9b`, `klein-base-9b`, `klein-9b-kv`);
+        only the files used are downloaded, and HF_HUB_OFFLINE and the cache are respected.
+        `dtype` is the compute dtype of all three models (`"auto"`: bfloat16 on a GPU,
+        float32 on the CPU). The text encoder is released after each prompt encoding unless
+        `keep_text_encoder`; `prompt_cache_dir` caches prompt embeddings on disk. `vae`
+        swaps the VAE decoder: `"small"` (FLUX.2's small decoder, about 1.4x faster), a
+        Hub repo or a folder; images are still encoded with the model's own encoder.
         """
         dtype = parse_dtype(dtype)
         root = resolve_model_path(path_or_repo_id, revision=revision,
@@ -133,7 +145,8 @@ class Pipeline:
         scheduler = SchedulerConfig.from_pretrained(root / "scheduler")
         # dense, or packed (our layout or a Bonsai MLX 1-/2-bit pack, converted exactly)
         transformer = Flux2Transformer.from_pretrained(root / dirs["transformer"], dtype=dtype)
-        vae = VAE.from_pretrained(root / "vae", dtype=dtype)
+        vae = (VAE.from_pretrained(root / "vae", dtype=dtype) if vae is None else
+               VAE.from_pretrained(vae, dtype=dtype, encoder=root / "vae"))
         prompt_encoder = PromptEncoder.from_pretrained(
             root / dirs["text_encoder"], root / "tokenizer", dtype=dtype,
             keep_loaded=keep_text_encoder, cache_dir=prompt_cache_dir,
@@ -146,9 +159,12 @@ class Pipeline:
                 f"does not fit the transformer ({in_channels} input channels); "
                 "FLUX.2 [klein] needs factor 8 and 4 x latent channels"
             )
-        # Bonsai packs are compressions of the distilled FLUX.2 [klein] 4B.
-        distilled = index.get("is_distilled", layout == "bonsai-mlx-pack")
-        pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled))
+        # Bonsai packs compress the distilled FLUX.2 [klein] 4B; diffusers' KV pipeline is
+        # distilled without saying so in model_index.json.
+        is_kv = index.get("_class_name") == KV_PIPELINE_CLASS
+        distilled = index.get("is_distilled", layout == "bonsai-mlx-pack" or is_kv)
+        pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled),
+                   reference_kv_cache=is_kv)
         pipe.source = root
         return pipe
 
@@ -215,13 +231,18 @@ class Pipeline:
         index_path = source / "model_index.json"
         index = read_json(index_path) if index_path.is_file() else {}
         index = {k: v for k, v in index.items() if not k.startswith("bonsai_mlx")}
-        index.update({"_class_name": PIPELINE_CLASSES[0], "is_distilled": self.is_distilled})
+        cls_name = KV_PIPELINE_CLASS if self.reference_kv_cache else PIPELINE_CLASSES[0]
+        index.update({"_class_name": cls_name, "is_distilled": self.is_distilled})
         for name, entry in DIFFUSERS_COMPONENTS.items():
             index.setdefault(name, entry)
         quant = self.transformer.save_pretrained(folder / "transformer", dtype=transformer_dtype)
         text = self.prompt_encoder.save_pretrained(folder / "text_encoder",
                                                    bits=text_encoder_bits)
-        save_vae_files(source / "vae", folder / "vae", vae_dtype)
+        if self.vae.source is not None and self.vae.encoder_source != self.vae.source:
+            save_vae_with_decoder(folder / "vae", self.vae.source, self.vae.encoder_source,
+                                  None if vae_dtype is None else parse_dtype(vae_dtype))
+        else:
+            save_vae_files(source / "vae", folder / "vae", vae_dtype)
         (folder / "tokenizer").mkdir()
         for f in sorted(Path(self.prompt_encoder.tokenizer_dir).iterdir()):
             if f.is_file():
@@ -264,6 +285,8 @@ class Pipeline:
         callback: Callable[[int, int, mx.array], None] | None = None,
         sigmas: Sequence[float] | None = None,
         tiled_vae: bool | None = None,
+        mask: MaskInput | None = None,
+        reference_kv_cache: bool | None = None,
     ):
         """Generate images.
 
@@ -276,6 +299,15 @@ class Pipeline:
           diffusers' layout, replaces the seeded noise.
         - `images`: reference images (PIL images or paths) for editing; with `strength` in
           (0, 1], exactly one image is the start of image-to-image instead.
+        - `mask`: inpainting (diffusers' Flux2KleinInpaintPipeline): white = repaint, black =
+          keep; a PIL image, a path or a (H, W) array, the size of `images[0]`, the image to
+          repaint (resized, not cropped, to multiples of 16, or to `width` x `height`);
+          further images are references. `strength` defaults to 0.8.
+        - `reference_kv_cache`: run the reference images once, keep their attention keys and
+          values, and give later steps only the text and noise tokens (FLUX.2 [klein] KV,
+          `Flux2KleinKVPipeline`). Default: on for models whose model_index.json names that
+          pipeline, else off. On other models it is an approximation (references then see
+          neither text nor noise), faster with several references.
         - `num_images` per prompt; a list of prompts gives a batch.
         - `output_type`: "pil" (an image, or a list for a batch), "np" (float32 (B, H, W, 3)
           in [0, 1]) or "mx".
@@ -292,25 +324,14 @@ class Pipeline:
             raise BonsaiError(f"num_images must be a positive integer, not {num_images!r}")
         steps, guidance = self._steps_and_guidance(steps, guidance, sigmas)
         use_cfg = guidance > 1.0 and not self.is_distilled
+        use_kv = self._use_reference_kv(reference_kv_cache)
         image_list = _as_image_list(images)
-        if strength is not None:
-            if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-                raise BonsaiError(f"strength must be in (0, 1], not {strength!r}")
-            if len(image_list) != 1:
-                raise BonsaiError(
-                    f"image-to-image (strength) takes exactly one input image, got "
-                    f"{len(image_list)}"
-                )
-        prepared = [prepare_image(load_image(im), im) for im in image_list]
-        if prepared:
-            width = width if width is not None else prepared[0].size[0]
-            height = height if height is not None else prepared[0].size[1]
-        width = 1024 if width is None else width
-        height = 1024 if height is None else height
-        check_size(width, height)
+        strength = _check_strength(strength, len(image_list), mask is not None)
+        prepared, width, height, mask_tokens = _prepare_inputs(
+            image_list, mask, width, height, image_to_image=strength is not None)
         h, w = height // MULTIPLE, width // MULTIPLE
         batch = len(prompts) * num_images
-        noise = self._initial_noise(latents, seed, (batch, 128, h, w))  # (B, h*w, 128)
+        noise = self._initial_noise(latents, seed, (batch, self.latent_channels, h, w))
         timings: dict[str, float | list[float]] = {}
 
         # 1. prompts (the text encoder is released by the PromptEncoder afterwards)
@@ -325,27 +346,18 @@ class Pipeline:
         txt_ids = text_ids(cond.shape[1])
         timings["encode"] = time.perf_counter() - t0
 
-        # 2. input images: editing references, or the image-to-image start
+        # 2. input images: editing references, the image-to-image start, or both (inpainting)
         schedule = make_schedule(self.scheduler_config, steps, h * w, sigmas=sigmas)
-        img_ids = latent_ids(h, w)
-        refs = None
-        x = noise
+        x, refs, ref_ids, known = noise, None, None, None
         if prepared:
             t0 = time.perf_counter()
-            if strength is None:
-                refs, ref_ids = self._encode_references(prepared, batch)
-                img_ids = np.concatenate([img_ids, ref_ids], axis=0)
-            else:
-                # strength > 0 always leaves at least the last step to run
-                schedule = schedule.start_at(img2img_start_index(schedule.num_steps, strength))
-                init = prepared[0]
-                if init.size != (width, height):
-                    init = init.resize((width, height), _lanczos())
-                z = self._encode_image(init)  # (1, h*w, 128)
-                x = noise_latents(z, noise, float(schedule.sigmas[0]))
+            x, schedule, refs, ref_ids, known = self._encode_inputs(
+                prepared, strength, mask_tokens, noise, schedule)
             self.vae.unload_encoder()
             timings["images"] = time.perf_counter() - t0
         del prepared
+        refs, img_ids, kv = self._reference_tokens(refs, ref_ids, latent_ids(h, w), batch,
+                                                   use_kv, timings)
 
         # 3. denoise
         rope = self.transformer.rope_tables(img_ids, txt_ids)
@@ -356,19 +368,21 @@ class Pipeline:
             t0 = time.perf_counter()
             inputs = x if refs is None else mx.concatenate([x, refs], axis=1)
             t = schedule.model_timestep(i)
-            v = self.transformer(inputs, cond, t, rope=rope)[:, :n_tokens]
+            v = self.transformer(inputs, cond, t, rope=rope, reference_kv=kv)[:, :n_tokens]
             v = v.astype(mx.float32)
             if use_cfg:
-                v_neg = self.transformer(inputs, uncond, t, rope=rope)[:, :n_tokens]
-                v_neg = v_neg.astype(mx.float32)
+                v_neg = self.transformer(inputs, uncond, t, rope=rope, reference_kv=kv)
+                v_neg = v_neg[:, :n_tokens].astype(mx.float32)
                 v = v_neg + guidance * (v - v_neg)
             x = euler_step(x, v, float(schedule.sigmas[i]), float(schedule.sigmas[i + 1]))
+            if known is not None:
+                x = known.blend(x, float(schedule.sigmas[i + 1]))
             mx.eval(x)
             step_times.append(time.perf_counter() - t0)
             if callback is not None:
                 callback(i + 1, total, unpack_latents(x, h, w))
         timings["steps"] = step_times
-        del cond, uncond, refs, rope, inputs, v
+        del cond, uncond, refs, rope, inputs, v, kv, known
         mx.clear_cache()
 
         # 4. decode, one image at a time (peak memory of one decode)
@@ -420,13 +434,14 @@ class Pipeline:
         return steps, float(guidance)
 
     def _initial_noise(self, latents, seed, shape) -> mx.array:
-        """(B, 128, h, w) noise or given latents -> packed (B, h*w, 128) float32."""
+        """(B, C, h, w) noise or given latents -> packed (B, h*w, C) float32."""
         if latents is not None:
             latents = mx.array(np.asarray(latents, dtype=np.float32)) if not isinstance(
                 latents, mx.array) else latents.astype(mx.float32)
             if tuple(latents.shape) != shape:
                 raise BonsaiError(
-                    f"latents must have shape {shape} (batch, 128, height/16, width/16), got "
+                    f"latents must have shape {shape} (batch, {shape[1]}, height/16, "
+                    f"width/16), got "
                     f"{tuple(latents.shape)}"
                 )
             self.last_seed = None
@@ -440,24 +455,70 @@ class Pipeline:
         b, c, h, w = shape
         return mx.contiguous(latents.transpose(0, 2, 3, 1).reshape(b, h * w, c))
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of a packed latent token: the VAE's latent channels x its 2x2 patch
+        (the transformer's input channels, as from_pretrained checks)."""
+        return math.prod(self.vae.config.patch_size) * self.vae.config.latent_channels
+
+    def _use_reference_kv(self, reference_kv_cache) -> bool:
+        if reference_kv_cache is None:
+            return self.reference_kv_cache
+        if not isinstance(reference_kv_cache, bool):
+            raise BonsaiError(f"reference_kv_cache must be True, False or None (the model's "
+                              f"default), not {reference_kv_cache!r}")
+        return reference_kv_cache
+
+    def _encode_inputs(self, prepared, strength, mask_tokens, noise, schedule):
+        """Encode the prepared input images. Returns the start latents, the schedule (cut
+        by `strength`), reference tokens (1, R, C) and their ids (None without), and what
+        inpainting keeps (None otherwise)."""
+        if strength is None:  # editing: every image is a reference
+            refs, ref_ids = self._encode_references(prepared)
+            return noise, schedule, refs, ref_ids, None
+        # strength > 0 always leaves at least the last step to run
+        schedule = schedule.start_at(img2img_start_index(schedule.num_steps, strength))
+        sigma = float(schedule.sigmas[0])
+        if mask_tokens is None:  # image-to-image
+            z = self._encode_image(prepared[0])  # (1, h*w, C)
+            return noise_latents(z, noise, sigma), schedule, None, None, None
+        # inpainting: the image to repaint is also the first reference
+        refs, ref_ids = self._encode_references(prepared)
+        z = refs[:, : noise.shape[1]]
+        known = KnownRegion(z, noise, mx.array(mask_tokens))
+        return noise_latents(z, noise, sigma), schedule, refs, ref_ids, known
+
+    def _reference_tokens(self, refs, ref_ids, img_ids, batch, use_kv, timings):
+        """Reference tokens as the transformer takes them: appended after the noise tokens
+        (tokens (B, R, C), the joint ids), or, with `use_kv`, cached once as keys and
+        values (no tokens, the noise tokens' ids, the cache)."""
+        if refs is None:
+            return None, img_ids, None
+        if not use_kv:
+            tokens = mx.broadcast_to(refs, (batch, *refs.shape[1:]))
+            return tokens, np.concatenate([img_ids, ref_ids], axis=0), None
+        t0 = time.perf_counter()
+        kv = self.transformer.reference_kv(refs, ref_ids)
+        timings["reference_kv"] = time.perf_counter() - t0
+        return None, img_ids, kv
+
     def _encode_image(self, image) -> mx.array:
-        """A prepared PIL image -> normalised packed latents (1, h*w, 128)."""
+        """A prepared PIL image -> normalised packed latents (1, h*w, C)."""
         x = mx.array(image_to_array(image))[None]  # (1, H, W, 3) in [-1, 1]
         p = self.vae.normalize_latents(self.vae.encode(x).astype(mx.float32))
         p = p.astype(mx.float32)
         mx.eval(p)
         return p.reshape(1, -1, p.shape[-1])
 
-    def _encode_references(self, images, batch: int) -> tuple[mx.array, np.ndarray]:
+    def _encode_references(self, images) -> tuple[mx.array, np.ndarray]:
+        """Prepared images -> reference tokens (1, R, C) and their ids (R, 4), t = 10 + 10 i."""
         tokens, ids = [], []
         for i, image in enumerate(images):
-            tokens.append(self._encode_image(image)[0])
+            tokens.append(self._encode_image(image))
             w, h = image.size
             ids.append(latent_ids(h // MULTIPLE, w // MULTIPLE,
                                   t=REFERENCE_TIME_STEP + REFERENCE_TIME_STEP * i))
-        refs = mx.concatenate(tokens, axis=0)
-        refs = mx.broadcast_to(refs[None], (batch, *refs.shape))
-        return refs, np.concatenate(ids, axis=0)
+        return mx.concatenate(tokens, axis=1), np.concatenate(ids, axis=0)
 
 
 # ---- layout ---------------------------------------------------------------------------
@@ -550,6 +611,48 @@ def _negative_prompts(negative_prompt, n: int) -> list[str]:
     return negatives
 
 
+def _check_strength(strength, n_images: int, inpainting: bool) -> float | None:
+    """The image-to-image / inpainting strength (inpainting's default: 0.8), checked."""
+    if inpainting:
+        if n_images == 0:
+            raise BonsaiError("mask (inpainting) needs the image to repaint: pass "
+                              "images=[image, *references]")
+        strength = INPAINT_STRENGTH if strength is None else strength
+    if strength is None:
+        return None
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not (
+            0 < strength <= 1):
+        raise BonsaiError(f"strength must be in (0, 1], not {strength!r}")
+    if not inpainting and n_images != 1:
+        raise BonsaiError(
+            f"image-to-image (strength) takes exactly one input image, got {n_images}")
+    return float(strength)
+
+
+def _prepare_inputs(images: list, mask, width, height, *, image_to_image: bool):
+    """Open and prepare the input images and settle the output size. Returns the prepared
+    images, width, height and, when inpainting, the mask's weight per latent token."""
+    if mask is None:
+        prepared = [prepare_image(load_image(im), im) for im in images]
+    else:
+        first = load_image(images[0])
+        if isinstance(mask, (str, Path)):
+            mask = load_image(mask, "mask")
+        mask = mask_image(mask, first.size)
+        prepared = [prepare_inpaint_image(first, images[0], width, height)]
+        prepared += [prepare_image(load_image(im), im) for im in images[1:]]
+    if prepared:
+        width = prepared[0].size[0] if width is None else width
+        height = prepared[0].size[1] if height is None else height
+    width = 1024 if width is None else width
+    height = 1024 if height is None else height
+    check_size(width, height)
+    if image_to_image and mask is None and prepared[0].size != (width, height):
+        prepared[0] = prepared[0].resize((width, height), _lanczos())
+    tokens = None if mask is None else mask_latents(mask, width, height)
+    return prepared, width, height, tokens
+
+
 def check_size(width, height) -> None:
     """Multiples of 16 within [MIN_SIZE, MAX_SIZE]; the error suggests valid sizes."""
     for name, v in (("width", width), ("height", height)):
@@ -590,11 +693,6 @@ def unpack_latents(x: mx.array, h: int, w: int) -> mx.array:
     return x.reshape(b, h, w, c).transpose(0, 3, 1, 2)
 
 
-def noise_latents(z: mx.array, noise: mx.array, sigma: float) -> mx.array:
-    """Flow-matching forward process: sigma * noise + (1 - sigma) * z."""
-    return sigma * noise + (1.0 - sigma) * z
-
-
 # ---- images ---------------------------------------------------------------------------
 
 
@@ -622,17 +720,17 @@ def _lanczos():
     return PIL.Image.Resampling.LANCZOS
 
 
-def load_image(image):
+def load_image(image, what: str = "image"):
     """A PIL image as is, or a path opened and decoded (BonsaiError naming the file)."""
     import PIL.Image
 
     if _is_pil(image):
         return image
     if not isinstance(image, (str, Path)):
-        raise BonsaiError(f"an input image must be a PIL image or a path, not {type(image)}")
+        raise BonsaiError(f"an input {what} must be a PIL image or a path, not {type(image)}")
     path = Path(image).expanduser()
     if not path.is_file():
-        raise BonsaiError(f"image {path} does not exist")
+        raise BonsaiError(f"{what} {path} does not exist")
     try:
         img = PIL.Image.open(path)
         img.load()
@@ -647,6 +745,31 @@ def prepare_image(image, name=None):
     Larger than 1 MP: LANCZOS-resized to about 1 MP (aspect kept, sides truncated); then
     centre-cropped to multiples of 16; then converted to RGB.
     """
+    image = _limit_area(image, name)
+    width, height = image.size
+    w16, h16 = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
+    left, top = (width - w16) // 2, (height - h16) // 2
+    image = image.crop((left, top, left + w16, top + h16))
+    return image.convert("RGB")
+
+
+def prepare_inpaint_image(image, name=None, width: int | None = None,
+                          height: int | None = None):
+    """The image to inpaint, as Flux2KleinInpaintPipeline prepares it; an RGB PIL image.
+
+    Larger than 1 MP: shrunk to about 1 MP as in `prepare_image`; then LANCZOS-resized (not
+    cropped: the mask must stay aligned) to multiples of 16, or to `width` x `height`.
+    """
+    image = _limit_area(image, name)
+    w, h = image.size
+    size = (w // MULTIPLE * MULTIPLE if width is None else width,
+            h // MULTIPLE * MULTIPLE if height is None else height)
+    return image.resize(size, _lanczos()).convert("RGB")
+
+
+def _limit_area(image, name=None):
+    """Check an input image's size (sides >= 64 px, aspect <= 8:1) and LANCZOS-resize it to
+    about 1 MP when larger (aspect kept, sides truncated), as diffusers does."""
     label = f"image {name}" if isinstance(name, (str, Path)) else "input image"
     width, height = image.size
     if width < 64 or height < 64:
@@ -656,11 +779,7 @@ def prepare_image(image, name=None):
     if width * height > MAX_REFERENCE_PIXELS:
         scale = math.sqrt(MAX_REFERENCE_PIXELS / (width * height))
         image = image.resize((int(width * scale), int(height * scale)), _lanczos())
-        width, height = image.size
-    w16, h16 = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
-    left, top = (width - w16) // 2, (height - h16) // 2
-    image = image.crop((left, top, left + w16, top + h16))
-    return image.convert("RGB")
+    return image
 
 
 def image_to_array(image) -> np.ndarray:

@@ -175,3 +175,8 @@ def euler_step(x: mx.array, velocity: mx.array, sigma: float, sigma_next: float)
     """One Euler step of the flow ODE: `x + (sigma_next - sigma) * v`, in float32."""
     dt = float(np.float32(sigma_next) - np.float32(sigma))
     return x.astype(mx.float32) + dt * velocity.astype(mx.float32)
+
+
+def noise_latents(z: mx.array, noise: mx.array, sigma: float) -> mx.array:
+    """Flow-matching forward process: sigma * noise + (1 - sigma) * z."""
+    return sigma * noise + (1.0 - sigma) * z

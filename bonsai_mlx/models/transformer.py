@@ -221,11 +221,41 @@ def _heads(x: mx.array, head_dim: int) -> mx.array:
     return x.reshape(*x.shape[:-1], -1, head_dim)
 
 
-def _attention(q: mx.array, k: mx.array, v: mx.array, rope: Rope) -> mx.array:
-    """q, k, v (B, S, H, D) after the q/k norms -> (B, S, H * D)."""
+class ReferenceKV:
+    """Keys and values of the reference-image tokens in one attention layer, each
+    (1 or B, H, R, D) after the q/k norms and RoPE: what FLUX.2 [klein] KV
+    (`Flux2KleinKVPipeline`) computes once and reuses at every denoising step.
+
+    Empty, `fetch` keeps the keys and values it is given and returns them: the reference
+    pass, in which reference tokens attend only to each other. Filled, it appends its own
+    after the given ones: a denoising step, in which text and image tokens also attend to
+    the references (attention is order-free over keys, so their place does not matter).
+    """
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+
+    def fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None:
+            self.keys, self.values = keys, values
+            return keys, values
+        b = keys.shape[0]
+        ref_k = mx.broadcast_to(self.keys, (b, *self.keys.shape[1:]))
+        ref_v = mx.broadcast_to(self.values, (b, *self.values.shape[1:]))
+        return mx.concatenate([keys, ref_k], axis=2), mx.concatenate([values, ref_v], axis=2)
+
+
+def _attention(
+    q: mx.array, k: mx.array, v: mx.array, rope: Rope, cache: ReferenceKV | None = None
+) -> mx.array:
+    """q, k, v (B, S, H, D) after the q/k norms -> (B, S, H * D); `cache` adds (or, empty,
+    records) reference keys and values."""
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     cos, sin = rope
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.fetch(k, v)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
     b, h, s, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
@@ -300,15 +330,20 @@ class JointAttention(nn.Module):
         self.norm_added_k = nn.RMSNorm(d, eps=eps)
         self.to_add_out = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, x: mx.array, c: mx.array, rope: Rope) -> tuple[mx.array, mx.array]:
+    def __call__(
+        self, x: mx.array, c: mx.array | None, rope: Rope, cache: ReferenceKV | None = None
+    ) -> tuple[mx.array, mx.array | None]:
         d = self.head_dim
+        q = self.norm_q(_heads(self.to_q(x), d))
+        k = self.norm_k(_heads(self.to_k(x), d))
+        v = _heads(self.to_v(x), d)
+        if c is None:  # the reference pass: the image stream alone
+            return self.to_out[0](_attention(q, k, v, rope, cache)), None
         # joint sequence [txt; img], each (B, S, H, D)
-        q = mx.concatenate([self.norm_added_q(_heads(self.add_q_proj(c), d)),
-                            self.norm_q(_heads(self.to_q(x), d))], axis=1)
-        k = mx.concatenate([self.norm_added_k(_heads(self.add_k_proj(c), d)),
-                            self.norm_k(_heads(self.to_k(x), d))], axis=1)
-        v = mx.concatenate([_heads(self.add_v_proj(c), d), _heads(self.to_v(x), d)], axis=1)
-        out = _attention(q, k, v, rope)
+        q = mx.concatenate([self.norm_added_q(_heads(self.add_q_proj(c), d)), q], axis=1)
+        k = mx.concatenate([self.norm_added_k(_heads(self.add_k_proj(c), d)), k], axis=1)
+        v = mx.concatenate([_heads(self.add_v_proj(c), d), v], axis=1)
+        out = _attention(q, k, v, rope, cache)
         n_txt = c.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -323,15 +358,21 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(config.inner_dim, config.mlp_hidden_dim)
         self.ff_context = FeedForward(config.inner_dim, config.mlp_hidden_dim)
 
-    def __call__(self, x, c, mod_img, mod_txt, rope: Rope) -> tuple[mx.array, mx.array]:
+    def __call__(
+        self, x, c, mod_img, mod_txt, rope: Rope, cache: ReferenceKV | None = None
+    ) -> tuple[mx.array, mx.array | None]:
+        """`c` None (with `mod_txt` None): the image stream alone (the reference pass)."""
         (shift, scale, gate), (shift2, scale2, gate2) = mod_img
-        (c_shift, c_scale, c_gate), (c_shift2, c_scale2, c_gate2) = mod_txt
         eps = self.eps
-        attn_x, attn_c = self.attn(
-            _modulated_norm(x, shift, scale, eps), _modulated_norm(c, c_shift, c_scale, eps), rope
-        )
+        c_in = None
+        if c is not None:
+            (c_shift, c_scale, c_gate), (c_shift2, c_scale2, c_gate2) = mod_txt
+            c_in = _modulated_norm(c, c_shift, c_scale, eps)
+        attn_x, attn_c = self.attn(_modulated_norm(x, shift, scale, eps), c_in, rope, cache)
         x = _gated_add(x, gate, attn_x)
         x = _gated_add(x, gate2, self.ff(_modulated_norm(x, shift2, scale2, eps)))
+        if c is None:
+            return x, None
         c = _gated_add(c, c_gate, attn_c)
         c = _gated_add(c, c_gate2, self.ff_context(_modulated_norm(c, c_shift2, c_scale2, eps)))
         if c.dtype == mx.float16:
@@ -352,12 +393,13 @@ class ParallelSelfAttention(nn.Module):
         self.norm_k = nn.RMSNorm(d, eps=config.eps)
         self.to_out = nn.Linear(dim + self.mlp_hidden, dim, bias=False)
 
-    def __call__(self, x: mx.array, rope: Rope) -> mx.array:
+    def __call__(self, x: mx.array, rope: Rope, cache: ReferenceKV | None = None) -> mx.array:
         h = self.to_qkv_mlp_proj(x)
         dim = (h.shape[-1] - 2 * self.mlp_hidden) // 3
         q, k, v, mlp = mx.split(h, [dim, 2 * dim, 3 * dim], axis=-1)
         d = self.head_dim
-        out = _attention(self.norm_q(_heads(q, d)), self.norm_k(_heads(k, d)), _heads(v, d), rope)
+        q, k, v = self.norm_q(_heads(q, d)), self.norm_k(_heads(k, d)), _heads(v, d)
+        out = _attention(q, k, v, rope, cache)
         return self.to_out(mx.concatenate([out, _swiglu(mlp)], axis=-1))
 
 
@@ -367,9 +409,9 @@ class SingleTransformerBlock(nn.Module):
         self.eps = config.eps
         self.attn = ParallelSelfAttention(config)
 
-    def __call__(self, x: mx.array, mod, rope: Rope) -> mx.array:
+    def __call__(self, x: mx.array, mod, rope: Rope, cache: ReferenceKV | None = None) -> mx.array:
         shift, scale, gate = mod
-        x = _gated_add(x, gate, self.attn(_modulated_norm(x, shift, scale, self.eps), rope))
+        x = _gated_add(x, gate, self.attn(_modulated_norm(x, shift, scale, self.eps), rope, cache))
         if x.dtype == mx.float16:
             x = mx.clip(x, -65504, 65504)
         return x
@@ -473,11 +515,13 @@ class Flux2Transformer(nn.Module):
         *,
         guidance: np.ndarray | mx.array | float | None = None,
         rope: Rope | None = None,
+        reference_kv: list[ReferenceKV] | None = None,
     ) -> mx.array:
         """hidden_states (B, N, in_channels), encoder_hidden_states (B, L, joint_attention_dim),
         timestep (B,) or scalar sigma in [0, 1], img_ids (N, 4) | (B, N, 4), txt_ids (L, 4) |
-        (B, L, 4) (not needed when `rope` is given). Returns (B, N, out_channels) in the
-        model dtype."""
+        (B, L, 4) (not needed when `rope` is given). `reference_kv` (from `reference_kv`):
+        every attention also sees the cached reference tokens. Returns (B, N, out_channels)
+        in the model dtype."""
         cfg = self.config
         x = _as_mx(hidden_states, self.dtype)
         if x.ndim != 3 or x.shape[-1] != cfg.in_channels:
@@ -508,14 +552,58 @@ class Flux2Transformer(nn.Module):
         mod_txt = self.double_stream_modulation_txt(temb)
         (mod_single,) = self.single_stream_modulation(temb)
 
+        double, single = self._split_caches(reference_kv)
         x = self.x_embedder(x)
-        for block in self.transformer_blocks:
-            x, c = block(x, c, mod_img, mod_txt, rope)
+        for block, cache in zip(self.transformer_blocks, double, strict=True):
+            x, c = block(x, c, mod_img, mod_txt, rope, cache)
         x = mx.concatenate([c, x], axis=1)
-        for block in self.single_transformer_blocks:
-            x = block(x, mod_single, rope)
+        for block, cache in zip(self.single_transformer_blocks, single, strict=True):
+            x = block(x, mod_single, rope, cache)
         x = self.norm_out(x[:, n_txt:], temb)
         return self.proj_out(x)
+
+    def reference_kv(
+        self,
+        references: np.ndarray | mx.array,
+        reference_ids: np.ndarray | mx.array,
+        timestep: float = 0.0,
+    ) -> list[ReferenceKV]:
+        """The reference-image tokens (1 or B, R, in_channels) run alone through every block,
+        attending only to each other, modulated at `timestep` (0: clean); returns each
+        attention layer's keys and values (double blocks, then single blocks), for
+        `__call__(..., reference_kv=)`. This is diffusers' KV "extract" step: its reference
+        tokens see neither text nor noise, so they never change and are computed once."""
+        cfg = self.config
+        x = _as_mx(references, self.dtype)
+        if x.ndim != 3 or x.shape[-1] != cfg.in_channels:
+            raise BonsaiError(
+                f"references must be (B, R, {cfg.in_channels}), got {tuple(x.shape)}")
+        rope = rope_tables(reference_ids, cfg.axes_dims_rope, cfg.rope_theta)
+        if rope[0].shape[0] != x.shape[1]:
+            raise BonsaiError(f"{rope[0].shape[0]} reference ids for {x.shape[1]} tokens")
+        t = _per_sample(timestep, x.shape[0], "timestep") * 1000
+        temb = self.time_guidance_embed(t, None, self.dtype)
+        mod_img = self.double_stream_modulation_img(temb)
+        (mod_single,) = self.single_stream_modulation(temb)
+        caches = [ReferenceKV() for _ in range(cfg.num_layers + cfg.num_single_layers)]
+        double, single = self._split_caches(caches)
+        x = self.x_embedder(x)
+        for block, cache in zip(self.transformer_blocks, double, strict=True):
+            x, _ = block(x, None, mod_img, None, rope, cache)
+        for block, cache in zip(self.single_transformer_blocks, single, strict=True):
+            x = block(x, mod_single, rope, cache)
+        # the last block's output is never used; evaluating the caches computes only them
+        mx.eval([(c.keys, c.values) for c in caches])
+        return caches
+
+    def _split_caches(self, caches: list[ReferenceKV] | None) -> tuple[list, list]:
+        n, n_single = len(self.transformer_blocks), len(self.single_transformer_blocks)
+        if caches is None:
+            return [None] * n, [None] * n_single
+        if len(caches) != n + n_single:
+            raise BonsaiError(f"reference_kv has {len(caches)} layers; this transformer has "
+                              f"{n + n_single} (make it with this model's reference_kv)")
+        return caches[:n], caches[n:]
 
     # -- loading --------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import functools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from itertools import pairwise
 from pathlib import Path
 
@@ -31,11 +31,21 @@ from bonsai_mlx.weights import (
     parse_dtype,
     read_json,
     resolve_model_path,
+    save_safetensors,
+    write_json,
 )
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
+
+# Hub VAEs by short name (Pipeline.from_pretrained's vae=, the CLI's --vae).
+VAE_ALIASES = {"small": "black-forest-labs/FLUX.2-small-decoder"}
+# The files read from a Hub repo: a pipeline's vae/, or a VAE repo's top-level files.
+HUB_FILES = ["vae/*", "config.json", "diffusion_pytorch_model.safetensors",
+             "diffusion_pytorch_model.safetensors.index.json"]
+# Config fields that only the decoder uses: a decoder may differ from its encoder in these.
+DECODER_ONLY_FIELDS = ("decoder_block_out_channels", "out_channels", "use_post_quant_conv")
 
 # Above this many output pixels, decode/encode tile by default (2048x2048 tiles, 1024x1024
 # does not). Tiles cut the peak memory of the full-resolution layers to about two whole
@@ -383,6 +393,33 @@ class LatentBatchNorm(nn.Module):
         self.running_var = mx.ones((channels,))
 
 
+def _open_checkpoint(path: str | Path) -> tuple[Path, VAEConfig, Callable[[], dict]]:
+    """A VAE path, alias or repo id -> (the folder or file, its config, a function reading
+    its sanitized tensors; MLX reads lazily, so only the tensors used are loaded)."""
+    path = VAE_ALIASES.get(str(path), path)
+    local = Path(path).expanduser()
+    # A local file or folder as is; anything else is a Hub repo id (a pipeline's `vae/`, or
+    # a VAE repo with its files at the top, as the small decoder).
+    source = local if local.exists() else resolve_model_path(path, allow_patterns=HUB_FILES)
+    if source.is_dir() and (source / "vae").is_dir() and not any(source.glob("*.safetensors")):
+        source = source / "vae"  # a whole pipeline folder or Hub repo
+
+    def read() -> dict[str, mx.array]:
+        return sanitize(load_weights(source, ("diffusion_pytorch_model", "ae")))
+
+    config_file = source / "config.json" if source.is_dir() else None
+    if config_file is not None and config_file.is_file():
+        config = VAEConfig.from_dict(read_json(config_file))
+    else:
+        config = infer_config(read(), source)
+    return source, config, read
+
+
+def _encoder_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.{k}": v.shape for name, module in _encoder_modules(cfg).items()
+            for k, v in tree_flatten(module.parameters())}
+
+
 def _encoder_modules(cfg: VAEConfig) -> dict[str, nn.Module]:
     """What `encode` adds to a VAE, by attribute name: the encoder and its quant_conv."""
     modules = {"encoder": Encoder(cfg)}
@@ -409,6 +446,10 @@ class VAE(nn.Module):
             self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.bn = LatentBatchNorm(math.prod(config.patch_size) * config.latent_channels)
         self._load_encoder_weights: Callable[[], dict[str, mx.array]] | None = None
+        # where from_pretrained read the decoder and the encoder (they differ for a swapped
+        # decoder; the pipeline's save_pretrained writes both into one folder)
+        self.source: Path | None = None
+        self.encoder_source: Path | None = None
 
     @property
     def scale_factor(self) -> int:
@@ -421,49 +462,63 @@ class VAE(nn.Module):
     # ---- loading --------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str | mx.Dtype = "bfloat16") -> VAE:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: str | mx.Dtype = "bfloat16",
+        *,
+        encoder: str | Path | None = None,
+    ) -> VAE:
         """Load a diffusers `vae/` folder or a Black Forest Labs `ae.safetensors` file.
 
         `path` is a folder (diffusers `config.json` + safetensors, a folder holding
-        `ae.safetensors`, or a pipeline folder / Hub repo id with a `vae/` subfolder) or a
-        single `.safetensors` file. Without a config.json the config is inferred from
-        tensor shapes (GroupNorm groups: 32, as in FLUX.2). Only the decoder is read now.
+        `ae.safetensors`, or a pipeline folder / Hub repo id with a `vae/` subfolder), a
+        single `.safetensors` file or an alias (`small`: FLUX.2's small decoder). Without a
+        config.json the config is inferred from tensor shapes (GroupNorm groups: 32, as in
+        FLUX.2). Only the decoder is read now.
+
+        `encoder`: encode images with that VAE's encoder instead (the same kinds of path):
+        a swapped decoder, such as the small one, keeps the pipeline's encoder. The two
+        configs must agree on everything but the decoder's channels.
         """
         dtype = parse_dtype(dtype)
-        local = Path(path).expanduser()
-        # A local file or folder as is; anything else is an alias or a Hub repo id.
-        path = local if local.exists() else resolve_model_path(path, allow_patterns=["vae/*"])
-        if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
-            path = path / "vae"  # a whole pipeline folder or Hub repo
-        source = path
-
-        def read() -> dict[str, mx.array]:
-            return sanitize(load_weights(source, ("diffusion_pytorch_model", "ae")))
-
+        source, config, read = _open_checkpoint(path)
         weights = read()
-        config_file = path / "config.json" if path.is_dir() else None
-        if config_file is not None and config_file.is_file():
-            config = VAEConfig.from_dict(read_json(config_file))
-        else:
-            config = infer_config(weights, path)
-
         vae = cls(config, dtype)
         own = {k: v.shape for k, v in tree_flatten(vae.parameters())}
-        encoder_expected = {
-            f"{name}.{k}": v.shape
-            for name, module in _encoder_modules(config).items()
-            for k, v in tree_flatten(module.parameters())
-        }
+        encoder_expected = _encoder_shapes(config)
         has_encoder = any(k in weights for k in encoder_expected)
         check_weights(weights, {**own, **encoder_expected} if has_encoder else own, source)
 
         vae.load_weights([(k, v) for k, v in weights.items() if k in own])
         vae._cast_weights()
         mx.eval(vae.parameters())
-        if has_encoder:
-            vae._load_encoder_weights = read
         del weights  # the encoder's tensors were never read from disk (mx.load is lazy)
+        vae.source = vae.encoder_source = source
+        if encoder is not None:
+            vae._use_encoder_of(encoder)
+        elif has_encoder:
+            vae._load_encoder_weights = read
         return vae
+
+    def _use_encoder_of(self, path: str | Path) -> None:
+        """Encode with the encoder (and quant_conv) of the VAE at `path`."""
+        source, config, read = _open_checkpoint(path)
+        mismatch = [f"{f.name} {getattr(config, f.name)} vs {getattr(self.config, f.name)}"
+                    for f in fields(VAEConfig) if f.name not in DECODER_ONLY_FIELDS
+                    and getattr(config, f.name) != getattr(self.config, f.name)]
+        if mismatch:
+            raise BonsaiError(
+                f"the VAE decoder from {self.source} does not fit the encoder of {source} "
+                f"({'; '.join(mismatch)}); use a decoder made for this model's VAE")
+        expected = _encoder_shapes(config)
+        weights = {k: v for k, v in read().items() if k in expected}
+        self.encoder_source = source
+        if not weights:  # that VAE cannot encode either
+            self._load_encoder_weights = None
+            return
+        check_weights(weights, expected, source)
+        self._load_encoder_weights = read
 
     def _cast_weights(self) -> None:
         """Cast every weight to the compute dtype; BatchNorm statistics stay float32."""
@@ -840,6 +895,41 @@ def _run_with_shared_norms(
     finally:
         for norm in norms:
             norm.shared = None
+
+
+# ---- saving a swapped decoder --------------------------------------------------------
+
+
+def save_vae_with_decoder(
+    folder: Path, decoder_from: str | Path, encoder_from: str | Path,
+    dtype: mx.Dtype | None = None,
+) -> None:
+    """Write one diffusers `vae/` folder from the decoder side (decoder, post_quant_conv,
+    latent statistics, config) of `decoder_from` and the encoder and quant_conv of
+    `encoder_from`, as `VAE.from_pretrained(decoder_from, encoder=encoder_from)` combines
+    them: diffusers names, PyTorch's (O, I, kH, kW) convolutions, float tensors in `dtype`
+    (None: as stored). Each file is written atomically."""
+    dec_source, dec_config, dec_read = _open_checkpoint(decoder_from)
+    _, _, enc_read = _open_checkpoint(encoder_from)
+    encoder_keys = set(_encoder_shapes(dec_config))
+    tensors = {k: v for k, v in dec_read().items() if k not in encoder_keys}
+    tensors.update({k: v for k, v in enc_read().items() if k in encoder_keys})
+
+    def stored(v: mx.array) -> mx.array:
+        v = v.transpose(0, 3, 1, 2) if v.ndim == 4 else v  # undo sanitize's MLX layout
+        return v.astype(dtype) if dtype is not None and mx.issubdtype(v.dtype, mx.floating) else v
+
+    tensors = {k: stored(v) for k, v in tensors.items()}
+    tensors["bn.num_batches_tracked"] = mx.array(0, dtype=mx.int64)  # diffusers' buffer
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(folder / "diffusion_pytorch_model.safetensors", tensors,
+                     metadata={"format": "pt"})
+    config_file = dec_source / "config.json" if dec_source.is_dir() else None
+    if config_file is not None and config_file.is_file():
+        config = read_json(config_file)
+    else:
+        config = {"_class_name": "AutoencoderKLFlux2", **asdict(dec_config)}
+    write_json(folder / "config.json", config)
 
 
 # ---- weight names -------------------------------------------------------------------
