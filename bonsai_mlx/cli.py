@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.scheduler import MAX_STEPS
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import (
     SAFETENSORS_DTYPE_NAMES,
@@ -221,11 +222,16 @@ def _round16(v: int) -> int:
     return max(16, int(round(v / 16)) * 16)
 
 
-def _check_image(path: str, option: str = "--image") -> None:
+def _check_image(path: str, option: str = "--image") -> tuple[int, int]:
+    """Checks that an image option's PATH is a readable image; returns its size once
+    prepared."""
+    from bonsai_mlx.pipeline import prepared_size
+
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            size = im.size
             im.verify()
     except FileNotFoundError:
         raise BonsaiError(f"{option} {path} does not exist; check the path") from None
@@ -233,6 +239,7 @@ def _check_image(path: str, option: str = "--image") -> None:
         raise BonsaiError(
             f"{option} {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"
         ) from None
+    return prepared_size(*size, path)
 
 
 @dataclass
@@ -385,7 +392,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
               help="Random seed; repeat for several images.")
 @click.option("--seeds", "n_random", type=click.IntRange(min=1), default=None,
               help="Make N images with random seeds.")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="Denoising steps [model default: 4 distilled, 50 base].")
 @click.option("--guidance", type=float, default=None,
               help="Guidance scale (base models) [model default].")
@@ -440,8 +447,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     if strength is not None and mask is None and len(images) != 1:
         raise BonsaiError("--strength (image-to-image) needs exactly one --image; "
                           f"got {len(images)}")
-    for path in images:
-        _check_image(path)
+    image_sizes = [_check_image(path) for path in images]
     if mask is not None:
         _check_image(mask, "--mask")
     plan = OutputPlan.from_option(output)
@@ -451,7 +457,8 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     show = _show_progress(quiet)
 
     from bonsai_mlx.inpaint import DEFAULT_STRENGTH
-    from bonsai_mlx.pipeline import Pipeline
+    from bonsai_mlx.memory import check_memory
+    from bonsai_mlx.pipeline import ALLOW_PATTERNS, DEFAULT_SIZE, Pipeline
 
     if mask is not None and strength is None:
         strength = DEFAULT_STRENGTH  # said in the PNG's metadata
@@ -459,8 +466,15 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         warnings.showwarning = _print_warning
         t0 = time.perf_counter()
         with _hub_progress(show):
-            pipe = Pipeline.from_pretrained(model_id, dtype=dtype, revision=revision,
-                                            keep_text_encoder=no_offload, vae=vae)
+            root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+        # the pipeline's own size rule: --size, else the first image's, else the default;
+        # inpainting's image is a reference too
+        first = image_sizes[0] if image_sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
+        check_memory(root, width or first[0], height or first[1], dtype=dtype,
+                     tiled_vae=tile_vae, reference_sizes=tuple(image_sizes)
+                     if strength is None or mask is not None else ())
+        pipe = Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload,
+                                        vae=vae)
         load_seconds = time.perf_counter() - t0
 
         for i, seed in enumerate(seed_list):

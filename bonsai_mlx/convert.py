@@ -31,7 +31,13 @@ from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.transformer import Flux2Transformer
-from bonsai_mlx.pipeline import ALLOW_PATTERNS, LAYOUTS, Pipeline, detect_layout
+from bonsai_mlx.pipeline import (
+    ALLOW_PATTERNS,
+    LAYOUTS,
+    Pipeline,
+    check_destination,
+    detect_layout,
+)
 from bonsai_mlx.quant import (
     PACKED_LINEAR,
     model_packed_layer_paths,
@@ -39,7 +45,7 @@ from bonsai_mlx.quant import (
     quantize_model,
 )
 from bonsai_mlx.quant.model import get_module
-from bonsai_mlx.weights import checkpoint_float_dtype, resolve_model_path
+from bonsai_mlx.weights import checkpoint_float_dtype, resolve_model, resolve_model_path
 
 import click
 import mlx.core as mx
@@ -158,7 +164,8 @@ def convert(
       Bonsai packs: 4-bit) can only be kept at its own width.
     - `vae`: write this VAE decoder instead of the source's (`"small"`: FLUX.2's small
       decoder; a repo or folder), with the source's encoder (`Pipeline.from_pretrained`).
-    - `overwrite`: replace an existing `dst` (otherwise an error).
+    - `overwrite`: replace an existing `dst` (otherwise an error); only a model folder that
+      is not a source, the current or the home folder (`pipeline.check_destination`).
     `echo` receives progress lines and the byte table (None: silent). Returns the report.
     """
     say = echo or (lambda _: None)
@@ -169,9 +176,8 @@ def convert(
     if text_encoder_bits not in TEXT_ENCODER_BITS:
         raise BonsaiError(f"text_encoder_bits must be 3, 4, 8 or 16, not {text_encoder_bits!r}")
     dst = Path(dst).expanduser()
-    if dst.exists() and not overwrite:  # before any download or loading
-        raise BonsaiError(f"{dst} already exists; choose another folder or pass "
-                          "overwrite=True (--overwrite) to replace it")
+    local = Path(resolve_model(src))  # a repo id is checked once downloaded (save_pretrained)
+    check_destination(dst, overwrite=overwrite, sources=[local] if local.exists() else [])
     root = resolve_model_path(src, revision=revision, allow_patterns=ALLOW_PATTERNS)
     layout = detect_layout(root)
     before = payload(root)

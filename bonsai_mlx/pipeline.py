@@ -31,6 +31,7 @@ from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import Flux2Transformer
 from bonsai_mlx.models.vae import VAE, save_vae_with_decoder
 from bonsai_mlx.scheduler import (
+    MAX_STEPS,
     SchedulerConfig,
     euler_step,
     img2img_start_index,
@@ -38,6 +39,7 @@ from bonsai_mlx.scheduler import (
     noise_latents,
 )
 from bonsai_mlx.weights import (
+    check_no_custom_code,
     load_weights,
     parse_dtype,
     read_json,
@@ -51,13 +53,16 @@ import numpy as np
 
 MULTIPLE = 16  # VAE factor 8 x 2x2 patch: one token per 16x16 pixels
 MIN_SIZE, MAX_SIZE = 16, 4096  # per side, pixels
+DEFAULT_SIZE = 1024  # per side, without a size or an input image
 MAX_REFERENCE_PIXELS = 1024 * 1024  # reference images are shrunk to at most 1 MP
 REFERENCE_TIME_STEP = 10  # reference image i gets time coordinate 10 + 10 i
 
 # Only these files are downloaded from the Hub (both layouts; a repo holds one of them).
 ALLOW_PATTERNS = [
     "model_index.json", "manifest.json",
-    "scheduler/*.json", "tokenizer/*",
+    # tokenizer data only: never a .py file a tokenizer_config.json could point at
+    "scheduler/*.json", "tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.jinja",
+    "tokenizer/*.model",
     "transformer/*.json", "transformer/*.safetensors",
     "text_encoder/*.json", "text_encoder/*.safetensors",
     "vae/*.json", "vae/*.safetensors",
@@ -140,6 +145,7 @@ class Pipeline:
                                   allow_patterns=ALLOW_PATTERNS)
         layout = detect_layout(root)
         dirs = LAYOUTS[layout]
+        check_no_custom_code(root, *(root / d for d in (*dirs.values(), *SHARED_DIRS)))
         index_path = root / "model_index.json"
         index = read_json(index_path) if index_path.is_file() else {}
         scheduler = SchedulerConfig.from_pretrained(root / "scheduler")
@@ -191,19 +197,14 @@ class Pipeline:
         - `vae/`: encoder and decoder, in `vae_dtype` (default: as stored in the source).
 
         Everything is written into a temporary folder beside `path`, then renamed into place:
-        a failure leaves nothing behind. An existing `path` is an error unless `overwrite`.
-        Returns the folder.
+        a failure leaves nothing behind. An existing `path` is an error unless `overwrite`,
+        and even then only a model folder is replaced (`check_destination`). Returns the
+        folder.
         """
         dst = Path(path).expanduser().absolute()
-        if dst.exists():
-            if not overwrite:
-                raise BonsaiError(f"{dst} already exists; choose another folder or pass "
-                                  "overwrite=True (--overwrite) to replace it")
-            if not dst.is_dir():
-                raise BonsaiError(f"{dst} is a file, not a folder; remove it first")
-            if self.source is not None and dst.resolve() == Path(self.source).resolve():
-                raise BonsaiError(f"{dst} is the folder this pipeline was loaded from (its "
-                                  "weights are read lazily); save to another folder")
+        sources = [p for p in (self.source, self.prompt_encoder.text_encoder_dir,
+                               self.prompt_encoder.tokenizer_dir) if p is not None]
+        check_destination(dst, overwrite=overwrite, sources=sources)
         if self.source is None:
             raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
                               "files are unknown; load it from a folder to save it")
@@ -420,8 +421,8 @@ class Pipeline:
             steps = n
         if steps is None:
             steps = self.default_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise BonsaiError(f"steps must be an integer >= 1, not {steps!r}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+            raise BonsaiError(f"steps must be an integer in 1..{MAX_STEPS}, not {steps!r}")
         if guidance is None:
             guidance = self.default_guidance
         elif not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
@@ -523,7 +524,8 @@ class Pipeline:
 
 # ---- layout ---------------------------------------------------------------------------
 
-# Folder of each model per layout (tokenizer/, vae/ and scheduler/ are shared).
+# Folder of each model per layout (SHARED_DIRS are in both).
+SHARED_DIRS = ("tokenizer", "vae", "scheduler")
 LAYOUTS = {
     "diffusers": {"transformer": "transformer", "text_encoder": "text_encoder"},
     "bonsai-mlx-pack": {"transformer": "transformer-packed-mflux",
@@ -568,6 +570,59 @@ def detect_layout(root: Path) -> str:
         f"a Bonsai MLX pack (transformer-packed-mflux/, text_encoder-mlx-4bit/, vae/); found "
         f"{found}"
     )
+
+
+def check_destination(dst: str | Path, *, overwrite: bool, sources: Sequence[str | Path] = ()
+                      ) -> None:
+    """Whether `save_pretrained` / `convert` may write `dst`; a BonsaiError, before anything
+    is touched, if not.
+
+    A new folder is always fine. An existing one needs `overwrite`, and is replaced only if
+    it is a model folder (one bonsai-mlx wrote, or a layout `detect_layout` knows) and not
+    a filesystem root or mount point, the current folder or one holding it, the home folder
+    or one holding it, nor a source folder, one inside a source or one holding a source.
+    """
+    dst = Path(dst).expanduser().absolute()
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not overwrite:
+        raise BonsaiError(f"{dst} already exists; choose another folder or pass "
+                          "overwrite=True (--overwrite) to replace it")
+    if not dst.is_dir():
+        raise BonsaiError(f"{dst} is a file, not a folder; remove it first")
+    reason = _unreplaceable(dst.resolve(), [Path(s).expanduser().resolve() for s in sources])
+    if reason:
+        raise BonsaiError(f"refusing to replace {dst}: it is {reason}. --overwrite replaces "
+                          "only a model folder (one bonsai-mlx wrote); choose a new folder")
+
+
+def _unreplaceable(real: Path, sources: list[Path]) -> str | None:
+    """Why the existing folder `real` (resolved) must not be replaced, or None."""
+
+    def within(inner: Path, outer: Path) -> bool:
+        return inner == outer or outer in inner.parents
+
+    if real == Path(real.anchor) or os.path.ismount(real):
+        return "a filesystem root or mount point"
+    if within(Path.cwd().resolve(), real):
+        return "the current folder or a folder holding it"
+    if within(Path.home().expanduser().resolve(), real):
+        return "the home folder or a folder holding it"
+    for source in sources:
+        if real == source:
+            return "the folder the model is loaded from (its weights are read lazily)"
+        if within(source, real):
+            return f"a folder holding the source {source}"
+        if within(real, source):
+            return f"inside the source {source}"
+    index = real / "model_index.json"
+    if index.is_file() and "bonsai_mlx" in read_json(index):
+        return None
+    try:
+        detect_layout(real)
+    except BonsaiError:
+        return "not a model folder (no FLUX.2 [klein] model_index.json or Bonsai MLX pack)"
+    return None
 
 
 def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = None) -> None:
@@ -644,8 +699,8 @@ def _prepare_inputs(images: list, mask, width, height, *, image_to_image: bool):
     if prepared:
         width = prepared[0].size[0] if width is None else width
         height = prepared[0].size[1] if height is None else height
-    width = 1024 if width is None else width
-    height = 1024 if height is None else height
+    width = DEFAULT_SIZE if width is None else width
+    height = DEFAULT_SIZE if height is None else height
     check_size(width, height)
     if image_to_image and mask is None and prepared[0].size != (width, height):
         prepared[0] = prepared[0].resize((width, height), _lanczos())
@@ -739,14 +794,37 @@ def load_image(image, what: str = "image"):
     return img
 
 
+def prepared_size(width: int, height: int, name=None) -> tuple[int, int]:
+    """The size an input image of `width` x `height` has once prepared (`prepare_image`)."""
+    width, height = _resized(width, height, name)
+    return width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
+
+
+def _resized(width: int, height: int, name=None) -> tuple[int, int]:
+    """An input image's size, checked, once resized to at most MAX_REFERENCE_PIXELS (aspect
+    kept, sides truncated; before the crop to multiples of 16)."""
+    label = f"image {name}" if isinstance(name, (str, Path)) else "input image"
+    if width < 64 or height < 64:
+        raise BonsaiError(f"{label} is {width}x{height}; both sides must be at least 64 px")
+    if max(width / height, height / width) > 8:
+        raise BonsaiError(f"{label} is {width}x{height}; the aspect ratio must be at most 8:1")
+    if width * height > MAX_REFERENCE_PIXELS:
+        scale = math.sqrt(MAX_REFERENCE_PIXELS / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return width, height
+
+
 def prepare_image(image, name=None):
     """Resize/crop an input image as Flux2KleinPipeline does; returns an RGB PIL image.
 
     Larger than 1 MP: LANCZOS-resized to about 1 MP (aspect kept, sides truncated); then
     centre-cropped to multiples of 16; then converted to RGB.
     """
-    image = _limit_area(image, name)
     width, height = image.size
+    resized = _resized(width, height, name)
+    if resized != (width, height):
+        image = image.resize(resized, _lanczos())
+        width, height = image.size
     w16, h16 = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
     left, top = (width - w16) // 2, (height - h16) // 2
     image = image.crop((left, top, left + w16, top + h16))
@@ -760,26 +838,13 @@ def prepare_inpaint_image(image, name=None, width: int | None = None,
     Larger than 1 MP: shrunk to about 1 MP as in `prepare_image`; then LANCZOS-resized (not
     cropped: the mask must stay aligned) to multiples of 16, or to `width` x `height`.
     """
-    image = _limit_area(image, name)
-    w, h = image.size
+    resized = _resized(*image.size, name)
+    if resized != image.size:
+        image = image.resize(resized, _lanczos())
+    w, h = resized
     size = (w // MULTIPLE * MULTIPLE if width is None else width,
             h // MULTIPLE * MULTIPLE if height is None else height)
     return image.resize(size, _lanczos()).convert("RGB")
-
-
-def _limit_area(image, name=None):
-    """Check an input image's size (sides >= 64 px, aspect <= 8:1) and LANCZOS-resize it to
-    about 1 MP when larger (aspect kept, sides truncated), as diffusers does."""
-    label = f"image {name}" if isinstance(name, (str, Path)) else "input image"
-    width, height = image.size
-    if width < 64 or height < 64:
-        raise BonsaiError(f"{label} is {width}x{height}; both sides must be at least 64 px")
-    if max(width / height, height / width) > 8:
-        raise BonsaiError(f"{label} is {width}x{height}; the aspect ratio must be at most 8:1")
-    if width * height > MAX_REFERENCE_PIXELS:
-        scale = math.sqrt(MAX_REFERENCE_PIXELS / (width * height))
-        image = image.resize((int(width * scale), int(height * scale)), _lanczos())
-    return image
 
 
 def image_to_array(image) -> np.ndarray:

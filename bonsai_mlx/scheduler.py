@@ -19,6 +19,7 @@ from bonsai_mlx.weights import read_json
 import mlx.core as mx
 import numpy as np
 
+MAX_STEPS = 1000  # a bound on work: diffusers' schedules have 1000 training timesteps
 _UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                 "stochastic_sampling")
 
@@ -122,12 +123,13 @@ def make_schedule(
     """
     if sigmas is not None:
         s = np.array(sigmas, dtype=np.float64).astype(np.float32)
-        if s.ndim != 1 or len(s) < 1:
-            raise BonsaiError(f"sigmas must be a non-empty 1-D list of floats, got shape {s.shape}")
+        if s.ndim != 1 or not 1 <= len(s) <= MAX_STEPS:
+            raise BonsaiError(f"sigmas must be a 1-D list of 1 to {MAX_STEPS} floats, got "
+                              f"shape {s.shape}")
         num_steps = len(s)
     else:
-        if num_steps < 1:
-            raise BonsaiError(f"steps must be >= 1, got {num_steps}")
+        if not 1 <= num_steps <= MAX_STEPS:
+            raise BonsaiError(f"steps must be in 1..{MAX_STEPS}, got {num_steps}")
         if config.use_flow_sigmas:
             # diffusers drops the pipeline's sigmas then: the scheduler's own spacing.
             s = _default_sigmas(config, num_steps)

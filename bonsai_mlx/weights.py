@@ -85,6 +85,39 @@ def read_json(path: str | Path) -> dict:
     return data
 
 
+# Config keys by which transformers and diffusers import Python files shipped with a model:
+# transformers' `auto_map` (it asks "run the custom code? [y/N]" in a terminal and runs it on
+# "y"), diffusers' `custom_pipeline`.
+CUSTOM_CODE_KEYS = ("auto_map", "custom_pipeline")
+_CODE_FREE_LIBRARIES = (None, "diffusers", "transformers")
+
+
+def check_no_custom_code(*folders: str | Path) -> None:
+    """Refuse model folders whose JSON configs name custom code, naming the file.
+
+    bonsai-mlx never runs code from a model folder: every `*config.json` and
+    `model_index.json` in `folders` is checked for `auto_map` / `custom_pipeline`, and
+    `model_index.json` components must come from diffusers or transformers (any other
+    library is a Python module shipped beside the weights). Missing folders are skipped.
+    """
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.glob("*.json")):
+            if not (f.name.endswith("config.json") or f.name == "model_index.json"):
+                continue
+            data = read_json(f)
+            found = [k for k in CUSTOM_CODE_KEYS if k in data]
+            if f.name == "model_index.json":
+                found += [f"{k}: {v[0]}" for k, v in data.items() if isinstance(v, list)
+                          and len(v) == 2 and v[0] not in _CODE_FREE_LIBRARIES]
+            if found:
+                raise BonsaiError(
+                    f"{f} names custom code ({', '.join(found)}); bonsai-mlx never runs "
+                    "code from a model folder: use the original model, or remove those entries"
+                )
+
+
 def write_json(path: str | Path, data: Mapping) -> None:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
     with atomic_path(Path(path)) as tmp:

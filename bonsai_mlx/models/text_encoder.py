@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import (
+    check_no_custom_code,
     check_weights,
     checkpoint_float_dtype,
     load_safetensors,
@@ -366,6 +367,7 @@ class PromptEncoder:
             raise BonsaiError(f'dequantize must be True, False or "auto", not {dequantize!r}')
         self.dequantize = dequantize
 
+        check_no_custom_code(self.text_encoder_dir, self.tokenizer_dir)
         config_path = self.text_encoder_dir / "config.json"
         config = read_json(config_path)
         num_layers, self.hidden_size = qwen3_sizes(config, config_path)
@@ -466,8 +468,9 @@ class PromptEncoder:
             os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
             from transformers import AutoTokenizer
 
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+            try:  # never the folder's own Python code, whatever a terminal answers
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    str(self.tokenizer_dir), trust_remote_code=False)
             except Exception as e:
                 raise BonsaiError(
                     f"could not load the tokenizer from {self.tokenizer_dir}: {e}"
