@@ -456,12 +456,17 @@ class SyntheticPromptEncoder:
         return embeds
 
 
-def synthetic_vae(dtype: mx.Dtype, tiny: bool = False, seed: int = 0):
-    """FLUX.2's VAE decoder (or a miniature) with random weights in `dtype`."""
-    from bonsai_mlx.models.vae import VAE, VAEConfig
+def synthetic_vae(dtype: mx.Dtype, tiny: bool = False, seed: int = 0, small: bool = False):
+    """FLUX.2's VAE decoder (or a miniature) with random weights in `dtype`; `small`: the
+    FLUX.2 small decoder's channels."""
+    from bonsai_mlx.models.vae import SMALL_DECODER_CHANNELS, VAE, VAEConfig
 
     mx.random.seed(seed)
-    vae = VAE(VAEConfig(**(TINY_VAE if tiny else {})), dtype)
+    config = VAEConfig(**(TINY_VAE if tiny else {}))
+    if small:  # the miniature's channels cannot shrink (32 groups of 32)
+        config.decoder_block_out_channels = (config.block_out_channels if tiny
+                                             else SMALL_DECODER_CHANNELS)
+    vae = VAE(config, dtype)
     vae.update(tree_map(lambda v: v.astype(dtype), vae.parameters()))
     vae.bn.running_mean = mx.zeros_like(vae.bn.running_mean).astype(mx.float32)
     vae.bn.running_var = mx.ones_like(vae.bn.running_var).astype(mx.float32)
@@ -482,11 +487,12 @@ SYNTHETIC_SCHEDULER = {"use_dynamic_shifting": True, "shift": 3.0}  # Klein's sc
 
 
 def synthetic_pipeline(kind: str, dtype: str | mx.Dtype = "bfloat16", tiny: bool = False,
-                       encode: bool = True):
+                       encode: bool = True, small_decoder: bool = False):
     """A `Pipeline` of synthetic Klein 4B components (or miniatures): the transformer in
     `kind` ('binary', 'ternary' or 'bf16' = all dense in `dtype`), the 4-bit Qwen3 encoder
-    (zeros instead when `encode` is False) and the VAE. Returns (pipeline, footprint bytes
-    per component as the release would store them)."""
+    (zeros instead when `encode` is False) and the VAE (with the small decoder's shapes when
+    `small_decoder`). Returns (pipeline, footprint bytes per component as the release would
+    store them)."""
     from bonsai_mlx.pipeline import Pipeline
     from bonsai_mlx.scheduler import SchedulerConfig
 
@@ -494,7 +500,7 @@ def synthetic_pipeline(kind: str, dtype: str | mx.Dtype = "bfloat16", tiny: bool
         raise BonsaiError(f"synthetic must be one of {', '.join(SYNTHETIC_KINDS)}, not {kind!r}")
     dtype = parse_dtype(dtype)
     transformer = synthetic_transformer(kind, dtype, tiny)
-    vae = synthetic_vae(dtype, tiny)
+    vae = synthetic_vae(dtype, tiny, small=small_decoder)
     prompt_encoder = SyntheticPromptEncoder(dtype, tiny, run=encode)
     pipe = Pipeline(transformer, vae, prompt_encoder, SchedulerConfig(**SYNTHETIC_SCHEDULER),
                     is_distilled=True)
@@ -563,15 +569,22 @@ def load_target(
     dtype: str = "bfloat16",
     tiny: bool = False,
     skip_encode: bool = False,
+    vae: str | None = None,
 ) -> BenchTarget:
-    """Build the synthetic pipeline or load `model` (alias, repo id or folder)."""
+    """Build the synthetic pipeline or load `model` (alias, repo id or folder); `vae`
+    swaps the decoder (`Pipeline.from_pretrained`; synthetic: only "small")."""
     if (model is None) == (synthetic is None):
         raise BonsaiError("pass a model (alias, Hub repo or folder) or --synthetic, not both")
+    suffix = "" if vae is None else f"+vae-{Path(str(vae)).name}"
     if synthetic is not None:
+        if vae not in (None, "small"):
+            raise BonsaiError(f"--vae {vae}: a --synthetic model takes only --vae small")
         kind = synthetic.lower()
-        pipe, footprint = synthetic_pipeline(kind, dtype, tiny, encode=not skip_encode)
+        pipe, footprint = synthetic_pipeline(kind, dtype, tiny, encode=not skip_encode,
+                                             small_decoder=vae == "small")
         return BenchTarget(
-            pipe, f"synthetic-{kind}" + ("-tiny" if tiny else ""), kind, _dtype_name(dtype),
+            pipe, f"synthetic-{kind}" + ("-tiny" if tiny else "") + suffix, kind,
+            _dtype_name(dtype),
             footprint, "computed", pipe.prompt_encoder.max_sequence_length, tiny,
             not skip_encode,
         )
@@ -579,9 +592,9 @@ def load_target(
         raise BonsaiError("--tiny and --skip-encode apply to --synthetic models only")
     from bonsai_mlx.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(model, dtype=dtype)  # aliases resolve there
+    pipe = Pipeline.from_pretrained(model, dtype=dtype, vae=vae)  # aliases resolve there
     return BenchTarget(
-        pipe, model, model_precision(pipe.transformer), _dtype_name(dtype),
+        pipe, model + suffix, model_precision(pipe.transformer), _dtype_name(dtype),
         folder_footprint(pipe.source),  # the folder it was loaded from
         "files", pipe.prompt_encoder.max_sequence_length, False,
     )
@@ -633,7 +646,8 @@ def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: s
             "total": wall,
         },
         "memory": {
-            "peak_bytes": int(mx.get_peak_memory()),
+            "peak_bytes": pipe.last_peak_memory,
+            "decode_peak_bytes": pipe.last_decode_peak_memory,
             "active_mean_bytes": sampler.mean,
             "active_max_bytes": sampler.max,
             "samples": sampler.count,
@@ -705,6 +719,7 @@ def run_bench(
     tiny: bool = False,
     skip_encode: bool = False,
     compare: bool = False,
+    vae: str | None = None,
     prompt: str = DEFAULT_PROMPT,
     seed: int = 0,
     json_path: str | Path | None = None,
@@ -715,7 +730,7 @@ def run_bench(
     `compare` one `"kind": "compare"` record per size and framework. `json_path` appends
     them as JSON lines. `log` receives progress lines (default: stderr). `skip_encode`
     (synthetic only) feeds zeros instead of running the text encoder; encode seconds are
-    then None."""
+    then None. `vae` swaps the VAE decoder ("small": FLUX.2's small decoder)."""
     log = log or (lambda s: click.echo(s, err=True))
     if sizes is None:
         sizes = TINY_SIZES if tiny else DEFAULT_SIZES
@@ -729,7 +744,7 @@ def run_bench(
     machine = machine_info()
     log(f"machine: {machine['chip']} ({machine['backend']}), MLX {machine['mlx_version']}")
     t0 = time.perf_counter()
-    target = load_target(model, synthetic, dtype, tiny, skip_encode)
+    target = load_target(model, synthetic, dtype, tiny, skip_encode, vae)
     log(f"loaded {target.model} in {time.perf_counter() - t0:.1f} s")
     config = target.pipeline.transformer.config
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -1029,7 +1044,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
                      f"{m['bonsai_mlx_version']} {m['git_revision'] or ''}".rstrip())
     mw = max([22] + [len(r["model"]) for r in runs])
     header = (f"{'model':<{mw}} {'size':>9} {'steps':>5} {'runs':>4} {'encode s':>9} "
-              f"{'step s':>8} {'decode s':>9} {'total s':>8} {'peak GB':>8} "
+              f"{'step s':>8} {'decode s':>9} {'dec. GB':>8} {'total s':>8} {'peak GB':>8} "
               f"{'act mean':>8} {'act max':>8} {'TFLOP/step':>10} {'TFLOP/s':>8} {'% peak':>7}")
     lines += [header, "-" * len(header)]
     groups: dict[tuple, list[dict[str, Any]]] = {}
@@ -1038,7 +1053,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     for (model, w, h, steps), rs in groups.items():
         sec = _median_seconds([r["seconds"] for r in rs])
         mem = {key: int(statistics.median(r["memory"][key] for r in rs))
-               for key in ("peak_bytes", "active_mean_bytes", "active_max_bytes")}
+               for key in ("peak_bytes", "decode_peak_bytes", "active_mean_bytes",
+                           "active_max_bytes")}
         step_all = [s for r in rs for s in r["seconds"]["steps"]]
         roof = roofline(
             {"total": rs[0]["roofline"]["flops_per_step"], "linear": 0, "attention": 0,
@@ -1047,7 +1063,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         lines.append(
             f"{model:<{mw}} {f'{w}x{h}':>9} {steps:>5} {len(rs):>4} "
             f"{_num(sec['encode'], '.3f'):>9} "
-            f"{sec['step']:>8.3f} {sec['decode']:>9.3f} {sec['total']:>8.3f} "
+            f"{sec['step']:>8.3f} {sec['decode']:>9.3f} {_gb(mem['decode_peak_bytes']):>8} "
+            f"{sec['total']:>8.3f} "
             f"{_gb(mem['peak_bytes']):>8} {_gb(mem['active_mean_bytes']):>8} "
             f"{_gb(mem['active_max_bytes']):>8} "
             f"{rs[0]['roofline']['flops_per_step'] / 1e12:>10.3f} "
@@ -1056,7 +1073,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     if runs:
         peak = runs[0]["roofline"]
         lines.append(f"peak: {_num(peak['peak_tflops'], '.1f')} TFLOP/s ({peak['peak_source']}); "
-                     "step = median step; GB = 1e9 bytes")
+                     "step = median step; dec. GB = peak while decoding; GB = 1e9 bytes")
         if any(not r.get("text_encoder_ran", True) for r in runs):
             lines.append("encode n/a: text encoder skipped (--skip-encode); totals exclude it")
         fp = runs[0]["footprint_bytes"]
@@ -1104,11 +1121,14 @@ def parse_size(text: str) -> tuple[int, int]:
               help="Synthetic only: zeros instead of the 4-bit text encoder, to time only "
                    "the transformer and VAE; encode seconds are then n/a.")
 @click.option("--compare", is_flag=True, help="Also time diffusers + torch (and mflux).")
+@click.option("--vae", default=None, metavar="small|REPO|FOLDER",
+              help="Swap the VAE decoder (small: FLUX.2 small decoder; --synthetic: its "
+                   "shapes) to compare decode seconds and memory.")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=False)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Append the records to this file as JSON lines.")
 def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, skip_encode,
-                  compare, prompt, json_path) -> None:
+                  compare, vae, prompt, json_path) -> None:
     """Benchmark MODEL (alias, Hub repo or folder) or a --synthetic model: seconds per
     stage, memory, footprint and the distance to the chip's peak."""
     if tiny and synthetic is None:
@@ -1116,7 +1136,8 @@ def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, 
     records = run_bench(
         model, synthetic=synthetic, sizes=[parse_size(s) for s in sizes] or None,
         steps=steps, repeats=repeats, warmup=warmup, dtype=dtype, tiny=tiny,
-        skip_encode=skip_encode, compare=compare, prompt=prompt, json_path=json_path,
+        skip_encode=skip_encode, compare=compare, vae=vae, prompt=prompt,
+        json_path=json_path,
         command=_command_line(click.get_current_context().params),
     )
     click.echo(format_table(records))
@@ -1133,6 +1154,8 @@ def _command_line(params: dict[str, Any]) -> str:
         parts += ["--size", s]
     for name in ("steps", "repeats", "warmup", "dtype"):
         parts += [f"--{name}", str(params[name])]
+    if params.get("vae"):
+        parts += ["--vae", params["vae"]]
     parts += [f"--{flag.replace('_', '-')}" for flag in ("tiny", "skip_encode", "compare")
               if params.get(flag)]
     if params.get("prompt") not in (None, DEFAULT_PROMPT):

@@ -100,6 +100,12 @@ class Flux2TransformerConfig:
         return {"_class_name": DIFFUSERS_CLASS, **d}
 
 
+# The published transformers' shapes (their transformer/config.json), for byte counts and
+# synthetic benchmarks: Klein 4B (and its Bonsai compressions) and Klein 9B (base, KV).
+KLEIN_4B = Flux2TransformerConfig()
+KLEIN_9B = Flux2TransformerConfig(num_layers=8, num_single_layers=24, num_attention_heads=32,
+                                  joint_attention_dim=12288)
+
 # ---------------------------------------------------------------------------------------
 # Small pure functions, fused with mx.compile on a GPU. On the CPU backend compiling means
 # seconds of C++ compilation per new kernel for little gain, so they run eagerly there.

@@ -41,6 +41,7 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 # Hub VAEs by short name (Pipeline.from_pretrained's vae=, the CLI's --vae).
 VAE_ALIASES = {"small": "black-forest-labs/FLUX.2-small-decoder"}
+SMALL_DECODER_CHANNELS = (96, 192, 384, 384)  # its decoder_block_out_channels (config.json)
 # The files read from a Hub repo: a pipeline's vae/, or a VAE repo's top-level files.
 HUB_FILES = ["vae/*", "config.json", "diffusion_pytorch_model.safetensors",
              "diffusion_pytorch_model.safetensors.index.json"]
