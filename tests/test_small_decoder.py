@@ -107,3 +107,22 @@ def test_cli_vae_option(tmp_path):
         "gen", "-m", str(PIPELINES / "distilled"), "--vae", str(VARIANTS / "klein9b/vae"),
         "-p", "a cat", "--size", "32x32", "--steps", "1"])
     assert bad.exit_code == 2 and "does not fit the encoder" in bad.output
+
+
+def test_bench_reports_decode_seconds_and_memory_for_both_decoders():
+    from bonsai_mlx.bench import run_bench, synthetic_vae
+
+    runs = {vae: run_bench(str(PIPELINES / "distilled"), vae=vae, sizes=[(64, 64)], steps=1,
+                           repeats=1, warmup=0, dtype="float32", log=lambda _: None)[0]
+            for vae in (None, str(SMALL))}
+    full, small = runs[None], runs[str(SMALL)]
+    assert small["model"].endswith("+vae-small_decoder") and full["model"] != small["model"]
+    for r in (full, small):
+        assert r["seconds"]["decode"] > 0
+        assert 0 < r["memory"]["decode_peak_bytes"] <= r["memory"]["peak_bytes"]
+    # the smaller decoder's weights and activations: less memory while decoding
+    assert small["memory"]["decode_peak_bytes"] < full["memory"]["decode_peak_bytes"]
+    # --synthetic --vae small has the published small decoder's shapes
+    vae = synthetic_vae(mx.bfloat16, small=True)
+    assert [b.resnets[0].conv1.weight.shape[0] for b in vae.decoder.up_blocks] == [
+        384, 384, 192, 96]
