@@ -126,3 +126,25 @@ def test_bench_reports_decode_seconds_and_memory_for_both_decoders():
     vae = synthetic_vae(mx.bfloat16, small=True)
     assert [b.resnets[0].conv1.weight.shape[0] for b in vae.decoder.up_blocks] == [
         384, 384, 192, 96]
+
+
+def test_decode_peak_memory_counts_only_the_decode(pipe):
+    real = pipe.transformer
+
+    class Heavy:  # a denoising step that briefly holds 64 MiB
+        dtype = real.dtype
+
+        def rope_tables(self, *a):
+            return real.rope_tables(*a)
+
+        def __call__(self, x, c, t, **kw):
+            mx.eval(mx.zeros((16, 1024, 1024)))
+            return real(x, c, t, **kw)
+
+    pipe.transformer = Heavy()
+    try:
+        pipe.generate("a cat on a sofa", width=32, height=32, steps=1, seed=0,
+                      output_type="np")
+    finally:
+        pipe.transformer = real
+    assert pipe.last_peak_memory >= 64 * 2**20 > pipe.last_decode_peak_memory > 0
