@@ -8,7 +8,11 @@ the prompt (Qwen3, evicted afterwards), draw noise in the patchified latent spac
 (B, 128, H/16, W/16) and pack it row-major into tokens, run the FlowMatch Euler schedule
 (with classifier-free guidance for base models), un-normalise, unpatchify and decode.
 Reference images for editing are encoded, normalised and appended after the noise tokens
-with time coordinate 10 + 10 i; they are never noised.
+with time coordinate 10 + 10 i; they are never noised. With `reference_kv_cache` (diffusers'
+`Flux2KleinKVPipeline`) they run once, alone, and every step attends to their cached keys and
+values instead. Inpainting (`Flux2KleinInpaintPipeline`) starts from the noised image, puts
+its kept region back after every step (bonsai_mlx/inpaint.py) and shows it to the model as
+the first reference.
 """
 
 from __future__ import annotations
