@@ -33,3 +33,23 @@ def preload_openblas() -> bool:
         OPENBLAS_LOADED = True
         return True
     return False
+
+
+def openblas_status() -> dict:
+    """What `bonsai-mlx doctor` reports: `loaded` (bool), `library` (path or None),
+    `corename` (`openblas_get_corename()`, or None), `coretype` (an OPENBLAS_CORETYPE forced
+    by bonsai-mlx, or None) and `verified` (a check of that choice, or None)."""
+    status = {"loaded": OPENBLAS_LOADED, "library": None, "corename": None, "coretype": None,
+              "verified": None}
+    if not OPENBLAS_LOADED:
+        return status
+    try:  # the path of the library this process mapped
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libopenblas" in line}
+        status["library"] = min(paths) if paths else None
+        lib = ctypes.CDLL(status["library"] or "libopenblas.so.0")
+        lib.openblas_get_corename.restype = ctypes.c_char_p
+        status["corename"] = lib.openblas_get_corename().decode()
+    except (OSError, AttributeError):
+        pass
+    return status

@@ -45,7 +45,12 @@ from bonsai_mlx.quant import (
     quantize_model,
 )
 from bonsai_mlx.quant.model import get_module
-from bonsai_mlx.weights import checkpoint_float_dtype, resolve_model, resolve_model_path
+from bonsai_mlx.weights import (
+    check_writable,
+    checkpoint_float_dtype,
+    resolve_model,
+    resolve_model_path,
+)
 
 import click
 import mlx.core as mx
@@ -178,6 +183,7 @@ def convert(
     dst = Path(dst).expanduser()
     local = Path(resolve_model(src))  # a repo id is checked once downloaded (save_pretrained)
     check_destination(dst, overwrite=overwrite, sources=[local] if local.exists() else [])
+    check_writable(dst.parent, hint="choose another destination")
     root = resolve_model_path(src, revision=revision, allow_patterns=ALLOW_PATTERNS)
     layout = detect_layout(root)
     before = payload(root)

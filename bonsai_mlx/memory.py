@@ -98,11 +98,10 @@ def read_model_sizes(root: str | Path, dtype: str | mx.Dtype = "auto") -> ModelS
     itemsize = parse_dtype(dtype).size
     transformer_dir, vae_dir = root / dirs["transformer"], root / "vae"
     config_file = transformer_dir / "config.json"
-    transformer = Flux2TransformerConfig.from_dict(read_json(config_file))
-    vae_config = vae_dir / "config.json"
-    if not vae_config.is_file():
-        raise BonsaiError(f"{vae_config} does not exist; the download is incomplete")
-    vae = VAEConfig.from_dict(read_json(vae_config))
+    transformer = Flux2TransformerConfig.from_dict(read_json(config_file), config_file)
+    vae_config = vae_dir / "config.json"  # without one (BFL's ae.safetensors): Klein's VAE
+    vae = (VAEConfig.from_dict(read_json(vae_config), vae_config) if vae_config.is_file()
+           else VAEConfig())
     deepest = max(DEFAULT_OUT_LAYERS)
     layer = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

@@ -22,12 +22,13 @@ import math
 import os
 import secrets
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bonsai_mlx import lora
+from bonsai_mlx.checks import integer, number, text
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.inpaint import DEFAULT_STRENGTH as INPAINT_STRENGTH
 from bonsai_mlx.inpaint import KnownRegion, mask_image, mask_latents
@@ -43,7 +44,9 @@ from bonsai_mlx.scheduler import (
     noise_latents,
 )
 from bonsai_mlx.weights import (
+    atomic_dir,
     check_no_custom_code,
+    check_writable,
     load_weights,
     parse_dtype,
     read_json,
@@ -214,23 +217,16 @@ class Pipeline:
         if self.source is None:
             raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
                               "files are unknown; load it from a folder to save it")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
+        if self.loras:
+            raise BonsaiError(f"LoRAs are loaded ({', '.join(self.loras)}); unload_lora() "
+                              "first, or fuse_lora() on a dense model to save them merged")
+        check_writable(dst.parent, hint="choose another folder")
         try:
-            self._write(tmp, text_encoder_bits, transformer_dtype, vae_dtype)
-            if dst.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-                os.replace(dst, old / dst.name)
-                os.replace(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            with atomic_dir(dst, replace=overwrite) as tmp:
+                self._write(tmp, text_encoder_bits, transformer_dtype, vae_dtype)
+        except OSError as e:  # a full or read-only disk: nothing was left behind
+            raise BonsaiError(f"cannot write {dst} ({e.strerror or e}); nothing was "
+                              "written: free some space or choose another folder") from e
         return dst
 
     def _write(self, folder: Path, text_encoder_bits, transformer_dtype, vae_dtype) -> None:
@@ -271,6 +267,38 @@ class Pipeline:
     def encode_prompt(self, prompt: str | Sequence[str]) -> mx.array:
         """Prompt(s) -> embeddings (B, 512, 3 * text hidden size), as diffusers."""
         return self.prompt_encoder.encode(_check_prompts(prompt))
+
+    # ---- LoRA adapters (bonsai_mlx.lora) ----------------------------------------------
+
+    def load_lora(self, path_or_repo_id: str | Path, scale: float = 1.0, name: str | None = None,
+                  weight_name: str | None = None, *, revision: str | None = None,
+                  ignore_unmatched: bool = False) -> str:
+        """Apply a FLUX.2 LoRA to the transformer, unmerged (dense, 1-bit and ternary
+        models alike); returns its name (default: the file's stem). `path_or_repo_id`: a
+        .safetensors file, a folder, a Hugging Face repo id (`weight_name` picks the file
+        when it holds several) or a `lora.LoraFile` already read. Formats: diffusers/PEFT,
+        BFL/ai-toolkit, kohya. See README "LoRA adapters"."""
+        return lora.load_lora(self.transformer, path_or_repo_id, scale=scale, name=name,
+                              weight_name=weight_name, revision=revision,
+                              ignore_unmatched=ignore_unmatched)
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        """Rescale loaded LoRAs by name (`{name: scale}`); 0 turns one off."""
+        lora.set_lora_scales(self.transformer, scales)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all; the original layers come back unchanged."""
+        lora.unload_lora(self.transformer, name)
+
+    def fuse_lora(self) -> list[str]:
+        """Merge the loaded LoRAs into a dense transformer's weights (faster steps; a packed
+        model refuses). Permanent: reload the model to undo."""
+        return lora.fuse_lora(self.transformer)
+
+    @property
+    def loras(self) -> dict[str, lora.LoraInfo]:
+        """Loaded LoRAs by name: source, format, scale, ranks, layers, bytes."""
+        return lora.lora_infos(self.transformer)
 
     # ---- generation -----------------------------------------------------------------
 
@@ -327,10 +355,14 @@ class Pipeline:
         prompts = _check_prompts(prompt)
         if output_type not in ("pil", "np", "mx"):
             raise BonsaiError(f"output_type must be 'pil', 'np' or 'mx', not {output_type!r}")
-        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
-            raise BonsaiError(f"num_images must be a positive integer, not {num_images!r}")
+        num_images = integer(num_images, "num_images", low=1)
         steps, guidance = self._steps_and_guidance(steps, guidance, sigmas)
         use_cfg = guidance > 1.0 and not self.is_distilled
+        if negative_prompt is not None and not use_cfg:
+            why = ("this model is guidance-distilled (is_distilled in model_index.json)"
+                   if self.is_distilled else f"guidance {guidance:g} <= 1 uses none")
+            warnings.warn(f"negative_prompt is ignored: it needs classifier-free guidance, "
+                          f"and {why}", stacklevel=2)
         use_kv = self._use_reference_kv(reference_kv_cache)
         image_list = _as_image_list(images)
         strength = _check_strength(strength, len(image_list), mask is not None)
@@ -384,7 +416,15 @@ class Pipeline:
             x = euler_step(x, v, float(schedule.sigmas[i]), float(schedule.sigmas[i + 1]))
             if known is not None:
                 x = known.blend(x, float(schedule.sigmas[i + 1]))
-            mx.eval(x)
+            finite = mx.isfinite(x).all()  # one reduction: never decode NaN into an image
+            mx.eval(x, finite)
+            if not finite.item():
+                raise BonsaiError(
+                    f"step {i + 1} of {total} produced non-finite latents (NaN or infinity); "
+                    + (f"lower the guidance ({guidance:g}) or " if use_cfg else "")
+                    + f"use another dtype than {str(self.transformer.dtype).split('.')[-1]} "
+                    "(float32 is the most robust)"
+                )
             step_times.append(time.perf_counter() - t0)
             if callback is not None:
                 callback(i + 1, total, unpack_latents(x, h, w))
@@ -402,8 +442,15 @@ class Pipeline:
         for b in range(batch):
             z = self.vae.denormalize_latents(packed[b : b + 1])
             img = self.vae.decode(z, tiled=tiled_vae).astype(mx.float32)
+            finite = mx.isfinite(img).all()
             img = mx.clip(img * 0.5 + 0.5, 0.0, 1.0)
-            mx.eval(img)
+            mx.eval(img, finite)
+            if not finite.item():
+                raise BonsaiError(
+                    f"decoding image {b + 1} produced non-finite pixels (NaN or infinity); use "
+                    f"another dtype than {str(self.vae.dtype).split('.')[-1]} (float32 is the "
+                    "most robust)"
+                )
             out.append(img)
         result = mx.concatenate(out, axis=0) if len(out) > 1 else out[0]
         mx.eval(result)
@@ -431,13 +478,10 @@ class Pipeline:
             steps = n
         if steps is None:
             steps = self.default_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-            raise BonsaiError(f"steps must be an integer in 1..{MAX_STEPS}, not {steps!r}")
+        steps = integer(steps, "steps", low=1, high=MAX_STEPS)
         if guidance is None:
             guidance = self.default_guidance
-        elif not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise BonsaiError(f"guidance must be a number, not {guidance!r}")
-        elif self.is_distilled and guidance > 1.0:
+        elif (guidance := number(guidance, "guidance")) > 1.0 and self.is_distilled:
             warnings.warn(
                 f"guidance {guidance} is ignored: this model is guidance-distilled "
                 "(is_distilled in model_index.json)", stacklevel=3,
@@ -455,12 +499,14 @@ class Pipeline:
                     f"width/16), got "
                     f"{tuple(latents.shape)}"
                 )
+            if not mx.isfinite(latents).all().item():
+                raise BonsaiError("latents contain NaN or infinity")
             self.last_seed = None
         else:
             if seed is None:
                 seed = secrets.randbelow(2**32)
-            elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-                raise BonsaiError(f"seed must be a non-negative integer, not {seed!r}")
+            elif (seed := integer(seed, "seed", low=0)) >= 2**64:
+                raise BonsaiError(f"seed must be below 2**64, not {seed}")
             self.last_seed = seed
             latents = mx.random.normal(shape, dtype=mx.float32, key=mx.random.key(seed))
         b, c, h, w = shape
@@ -660,20 +706,20 @@ def _check_prompts(prompt) -> list[str]:
     if (not isinstance(prompts, (list, tuple)) or not prompts
             or not all(isinstance(p, str) for p in prompts)):
         raise BonsaiError("prompt must be a string or a non-empty list of strings")
-    return list(prompts)
+    return [text(p, "the prompt") for p in prompts]
 
 
 def _negative_prompts(negative_prompt, n: int) -> list[str]:
     if negative_prompt is None:
         return [""] * n  # diffusers' Flux2KleinPipeline always uses ""
     if isinstance(negative_prompt, str):
-        return [negative_prompt] * n
+        return [text(negative_prompt, "the negative prompt")] * n
     negatives = list(negative_prompt)
     if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
         raise BonsaiError(
             f"negative_prompt must be a string or a list of {n} strings (one per prompt)"
         )
-    return negatives
+    return [text(p, "the negative prompt") for p in negatives]
 
 
 def _check_strength(strength, n_images: int, inpainting: bool) -> float | None:
@@ -685,44 +731,45 @@ def _check_strength(strength, n_images: int, inpainting: bool) -> float | None:
         strength = INPAINT_STRENGTH if strength is None else strength
     if strength is None:
         return None
-    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not (
-            0 < strength <= 1):
+    strength = number(strength, "strength")
+    if not 0 < strength <= 1:
         raise BonsaiError(f"strength must be in (0, 1], not {strength!r}")
     if not inpainting and n_images != 1:
         raise BonsaiError(
             f"image-to-image (strength) takes exactly one input image, got {n_images}")
-    return float(strength)
+    return strength
 
 
 def _prepare_inputs(images: list, mask, width, height, *, image_to_image: bool):
-    """Open and prepare the input images and settle the output size. Returns the prepared
-    images, width, height and, when inpainting, the mask's weight per latent token."""
+    """Open and prepare the input images and settle the output size (given, else the first
+    image's once prepared, else the default). Returns the prepared images, width, height
+    and, when inpainting, the mask's weight per latent token."""
+    opened = [load_image(im) for im in images]
+    if opened:
+        w, h = prepared_size(*opened[0].size, images[0])
+        width = w if width is None else width
+        height = h if height is None else height
+    width, height = check_size(DEFAULT_SIZE if width is None else width,
+                               DEFAULT_SIZE if height is None else height)
     if mask is None:
-        prepared = [prepare_image(load_image(im), im) for im in images]
-    else:
-        first = load_image(images[0])
-        if isinstance(mask, (str, Path)):
-            mask = load_image(mask, "mask")
-        mask = mask_image(mask, first.size)
-        prepared = [prepare_inpaint_image(first, images[0], width, height)]
-        prepared += [prepare_image(load_image(im), im) for im in images[1:]]
-    if prepared:
-        width = prepared[0].size[0] if width is None else width
-        height = prepared[0].size[1] if height is None else height
-    width = DEFAULT_SIZE if width is None else width
-    height = DEFAULT_SIZE if height is None else height
-    check_size(width, height)
-    if image_to_image and mask is None and prepared[0].size != (width, height):
-        prepared[0] = prepared[0].resize((width, height), _lanczos())
-    tokens = None if mask is None else mask_latents(mask, width, height)
-    return prepared, width, height, tokens
+        prepared = [prepare_image(im, name) for im, name in zip(opened, images, strict=True)]
+        if image_to_image and prepared[0].size != (width, height):
+            prepared[0] = prepared[0].resize((width, height), _lanczos())
+        return prepared, width, height, None
+    if isinstance(mask, (str, Path)):
+        mask = load_image(mask, "mask")
+    mask = mask_image(mask, opened[0].size)
+    prepared = [prepare_inpaint_image(opened[0], images[0], width, height)]
+    prepared += [prepare_image(im, name) for im, name in zip(opened[1:], images[1:],
+                                                               strict=True)]
+    return prepared, width, height, mask_latents(mask, width, height)
 
 
-def check_size(width, height) -> None:
-    """Multiples of 16 within [MIN_SIZE, MAX_SIZE]; the error suggests valid sizes."""
+def check_size(width, height) -> tuple[int, int]:
+    """Multiples of 16 within [MIN_SIZE, MAX_SIZE], as Python ints; the error suggests valid
+    sizes."""
+    width, height = integer(width, "width"), integer(height, "height")
     for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise BonsaiError(f"{name} must be an integer number of pixels, not {v!r}")
         if not MIN_SIZE <= v <= MAX_SIZE:
             raise BonsaiError(f"{name} {v} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
     bad = [(n, v) for n, v in (("width", width), ("height", height)) if v % MULTIPLE]
@@ -734,6 +781,7 @@ def check_size(width, height) -> None:
 
         parts = ", ".join(f"{n} {v} (nearest valid: {near(v)})" for n, v in bad)
         raise BonsaiError(f"width and height must be multiples of {MULTIPLE}: {parts}")
+    return width, height
 
 
 def text_ids(length: int) -> np.ndarray:
@@ -794,14 +842,25 @@ def load_image(image, what: str = "image"):
     if not isinstance(image, (str, Path)):
         raise BonsaiError(f"an input {what} must be a PIL image or a path, not {type(image)}")
     path = Path(image).expanduser()
-    if not path.is_file():
-        raise BonsaiError(f"{what} {path} does not exist")
+    check_image_file(path, f"{what} {path}")
     try:
         img = PIL.Image.open(path)
         img.load()
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as e:
+    except PIL.Image.DecompressionBombError as e:
+        raise BonsaiError(f"image {path}: {str(e).rstrip('.')}; use a smaller image") from None
+    except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise BonsaiError(f"cannot read image {path}: {e}; use a PNG, JPEG or WebP file") from e
     return img
+
+
+def check_image_file(path: Path, label: str) -> None:
+    """An input image must be a regular file: a FIFO or a device would block or never end
+    when read, a folder cannot be an image."""
+    if not path.exists():
+        raise BonsaiError(f"{label} does not exist; check the path")
+    if not path.is_file():
+        raise BonsaiError(f"{label} is not a regular file (a folder, FIFO or device); "
+                          "give a PNG, JPEG or WebP file")
 
 
 def prepared_size(width: int, height: int, name=None) -> tuple[int, int]:

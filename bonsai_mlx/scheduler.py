@@ -10,9 +10,10 @@ in float32 in the same order as diffusers, so sigmas and timesteps match bit for
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from bonsai_mlx.checks import config_from_dict, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import read_json
 
@@ -53,6 +54,24 @@ class SchedulerConfig:
     invert_sigmas: bool = False
     use_flow_sigmas: bool = False
 
+    def __post_init__(self) -> None:
+        def put(name, value):  # frozen: fields are normalised once, here
+            object.__setattr__(self, name, value)
+
+        put("num_train_timesteps", integer(self.num_train_timesteps, "num_train_timesteps",
+                                           low=1))
+        put("shift", number(self.shift, "shift", positive=True))
+        for name in ("use_dynamic_shifting", "invert_sigmas", "use_flow_sigmas"):
+            put(name, flag(getattr(self, name), name))
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise BonsaiError(f"time_shift_type {self.time_shift_type!r} must be "
+                              "'exponential' or 'linear'")
+        if self.shift_terminal is not None:
+            terminal = number(self.shift_terminal, "shift_terminal")
+            if not 0 <= terminal < 1:
+                raise BonsaiError(f"shift_terminal must be in [0, 1), not {terminal}")
+            put("shift_terminal", terminal)
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "scheduler config") -> SchedulerConfig:
         cls_name = d.get("_class_name", "FlowMatchEulerDiscreteScheduler")
@@ -64,13 +83,7 @@ class SchedulerConfig:
         used = [k for k in _UNSUPPORTED if d.get(k)]
         if used:
             raise BonsaiError(f"{source}: {', '.join(used)} is not supported; set it to false")
-        if d.get("time_shift_type", "exponential") not in ("exponential", "linear"):
-            raise BonsaiError(
-                f"{source}: time_shift_type {d['time_shift_type']!r} must be "
-                "'exponential' or 'linear'"
-            )
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return config_from_dict(cls, d, source)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> SchedulerConfig:

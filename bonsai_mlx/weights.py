@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
+import hashlib
 import json
 import os
+import re
+import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -173,6 +178,29 @@ def read_safetensors_header(path: str | Path) -> dict:
     return header
 
 
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks. Remembered per path, size, modification
+    time and inode, so a model's weights are hashed once per process (about a second per
+    GB)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _hash_file(path)
+    return _DIGESTS[key]
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_safetensors(path: str | Path) -> dict[str, mx.array]:
     """All tensors of one safetensors file as MLX arrays (checked first)."""
     read_safetensors_header(path)
@@ -267,7 +295,41 @@ def save_safetensors(
 ) -> None:
     """Write a safetensors file atomically (temporary name, then rename)."""
     with atomic_path(Path(path)) as tmp:
-        mx.save_safetensors(str(tmp), dict(weights), metadata=dict(metadata or {}))
+        try:
+            mx.save_safetensors(str(tmp), dict(weights), metadata=dict(metadata or {}))
+        except RuntimeError as e:  # MLX reports a failed write (disk full) this way
+            raise OSError(errno.EIO, f"{e}; is the disk full?", str(path)) from e
+
+
+def check_writable(folder: str | Path, need_bytes: int = 0, *, hint: str) -> None:
+    """A BonsaiError unless files can be created in `folder` (or, if it does not exist yet,
+    in the nearest folder above it, where it will be made) and `need_bytes` fit there.
+    Run before any long work, so that a bad destination does not waste it; `hint` says
+    what to do instead ("choose another -o")."""
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BonsaiError(f"cannot write to {folder}: {existing} is a file, not a folder; {hint}")
+    try:  # the real test: permissions, read-only mounts, ACLs, quotas on inodes
+        fd, probe = tempfile.mkstemp(prefix=".bonsai-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BonsaiError(f"cannot write to {existing} ({e.strerror or e}); {hint}") from None
+    free = shutil.disk_usage(existing).free
+    if need_bytes > free:
+        raise BonsaiError(f"cannot write to {folder}: {existing} has {free:,} bytes free, "
+                          f"{need_bytes:,} are needed; free some space or {hint}")
+
+
+def normal_mode(path: str | Path, folder: bool = False) -> None:
+    """Give a file (or folder) made private by mkstemp / mkdtemp the mode a plain open()
+    (or mkdir) would have: 0o666 (0o777) less the umask."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
 
 
 @contextlib.contextmanager
@@ -279,13 +341,76 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private
+        normal_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# `atomic_dir`'s temporary folders: .<name>.partial-<pid>-<random> (being written) and
+# .<name>.old-<pid>-<random> (the folder being replaced, for an instant).
+_TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[a-z0-9_]+$")
+_PROCESS_START = time.time()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path, *, replace: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; it becomes `path` (replacing an existing
+    folder if `replace`) only if the block succeeds: an error leaves nothing behind, and a
+    killed process leaves a `.partial` folder that the next `atomic_dir` in the same place
+    removes (`remove_stale_temp_dirs`). The caller checks that `path` may be replaced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(path.parent)
+    pid = os.getpid()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-{pid}-", dir=path.parent))
+    try:
+        normal_mode(tmp, folder=True)
+        yield tmp
+        if path.exists() and replace:
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{pid}-", dir=path.parent))
+            os.replace(path, old / path.name)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / path.name, path)  # the previous folder, as it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        elif path.exists():
+            raise BonsaiError(f"{path} appeared while it was being written; nothing replaced")
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temp_dirs(folder: Path) -> list[Path]:
+    """Remove `atomic_dir` leftovers in `folder` of processes that are gone: only our own
+    naming, only folders (not links) older than this process whose process no longer runs.
+    A stale `.old` folder whose replacement never arrived is put back, not removed (it is
+    the only copy). Returns what was removed or put back."""
+    done = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = _TEMP_DIR.match(entry.name)
+        if (m is None or entry.is_symlink() or not entry.is_dir()
+                or entry.stat().st_mtime >= _PROCESS_START or _process_alive(int(m["pid"]))):
+            continue
+        target, kept = folder / m["name"], entry / m["name"]
+        if m["kind"] == "old" and kept.is_dir() and not target.exists():
+            os.replace(kept, target)
+        shutil.rmtree(entry, ignore_errors=True)
+        done.append(entry)
+    return done
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
 
 
 def resolve_model(model: str | Path) -> str:

@@ -199,14 +199,14 @@ def test_save_pretrained_is_atomic(packs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline_module, "save_vae_files", failing_copy)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(BonsaiError, match="disk full"):
         pipe.save_pretrained(tmp_path / "out")
     assert {"transformer", "text_encoder"} <= set(written)  # it failed mid-write
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     # and an existing model folder survives a failed overwrite untouched
     (previous / "old.txt").write_text("old")
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(BonsaiError, match="disk full"):
         pipe.save_pretrained(previous, overwrite=True)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]

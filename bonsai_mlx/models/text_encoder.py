@@ -36,11 +36,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bonsai_mlx.checks import integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import (
     check_no_custom_code,
     check_weights,
     checkpoint_float_dtype,
+    file_sha256,
     load_safetensors,
     load_weights,
     parse_dtype,
@@ -325,6 +327,16 @@ def qwen3_sizes(config: dict, source: str | Path) -> tuple[int, int]:
 def qwen3_args(config: dict, source: str | Path) -> qwen3.ModelArgs:
     """mlx-lm's ModelArgs from a transformers or mlx-lm Qwen3 config.json."""
     qwen3_sizes(config, source)
+    try:  # what mlx-lm would divide by or build layers of
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size",
+                     "vocab_size", "head_dim"):
+            if name in config or name != "head_dim":
+                integer(config.get(name), name, low=1)
+        number(config.get("rms_norm_eps"), "rms_norm_eps", positive=True)
+        if config["num_attention_heads"] % config["num_key_value_heads"]:
+            raise BonsaiError("num_attention_heads must be a multiple of num_key_value_heads")
+    except BonsaiError as e:
+        raise BonsaiError(f"{source}: {e}") from None
     from mlx_lm.models import qwen3
 
     try:
@@ -340,7 +352,10 @@ class PromptEncoder:
     prompt not found in a cache and released after each encode unless `keep_loaded`.
     Embeddings are cached per prompt: the last `cache_size` in memory (this encoder's model,
     layers and length), and all of them under `cache_dir` if given, keyed by a hash of the
-    model and tokenizer files, dtype, quantization, layers, length and prompt.
+    weights' bytes, config and tokenizer files, dtype, quantization, layers, length and
+    prompt. Each entry carries the checksum of its bytes; an entry that does not verify is
+    recomputed and rewritten (with a warning), and a cache folder that cannot be written
+    leaves the embeddings in memory only (with a warning).
 
     `dequantize` ("auto", True, False): run a quantized encoder one float32 layer at a
     time (see `should_dequantize`; "auto" does on the CPU, not on a GPU). In float32 the
@@ -405,6 +420,7 @@ class PromptEncoder:
         self._tokenizer = None
         self._identity: str | None = None
         self._memory: OrderedDict[str, mx.array] = OrderedDict()
+        self._cache_unwritable = False  # warned once that cache_dir cannot be written
 
     @classmethod
     def from_pretrained(
@@ -515,13 +531,26 @@ class PromptEncoder:
         if not path.is_file():
             return None
         try:
-            embeds = load_safetensors(path)["prompt_embeds"]
-        except (BonsaiError, KeyError):
-            return None  # an unreadable cache entry is recomputed and rewritten
-        expected = (1, self.max_sequence_length, len(self.out_layers) * self.hidden_size)
-        if tuple(embeds.shape) != expected or embeds.dtype != self.dtype:
+            embeds = self._read_entry(path)
+        except (BonsaiError, OSError, KeyError) as e:  # recomputed, then rewritten
+            warnings.warn(f"prompt cache entry {path} is unusable ({e}); recomputing it",
+                          stacklevel=3)
             return None
         self._remember(prompt, embeds, to_disk=False)
+        return embeds
+
+    def _read_entry(self, path: Path) -> mx.array:
+        """A disk cache entry, checked: its key, shape, dtype and the checksum of its bytes."""
+        meta = read_safetensors_header(path).get("__metadata__") or {}
+        embeds = load_safetensors(path)["prompt_embeds"]
+        expected = (1, self.max_sequence_length, len(self.out_layers) * self.hidden_size)
+        if meta.get("key") != path.stem:
+            raise BonsaiError("written for another key")
+        if tuple(embeds.shape) != expected or embeds.dtype != self.dtype:
+            raise BonsaiError(f"shape {tuple(embeds.shape)} {embeds.dtype}, expected "
+                              f"{expected} {self.dtype}")
+        if meta.get("sha256") != _checksum(embeds):
+            raise BonsaiError("checksum mismatch: the file was changed or damaged")
         return embeds
 
     def _remember(self, prompt: str, embeds: mx.array, to_disk: bool = True) -> None:
@@ -531,7 +560,16 @@ class PromptEncoder:
             while len(self._memory) > self.cache_size:
                 self._memory.popitem(last=False)
         if to_disk and self.cache_dir is not None:
-            save_safetensors(self._disk_path(prompt), {"prompt_embeds": embeds})
+            path = self._disk_path(prompt)
+            try:
+                save_safetensors(path, {"prompt_embeds": embeds},
+                                 metadata={"key": path.stem, "sha256": _checksum(embeds)})
+            except OSError as e:  # a read-only or full cache folder: keep generating
+                if not self._cache_unwritable:
+                    warnings.warn(f"cannot write the prompt cache in {self.cache_dir} "
+                                  f"({e.strerror or e}); prompts are cached in memory only",
+                                  stacklevel=3)
+                self._cache_unwritable = True
 
     def _disk_path(self, prompt: str) -> Path:
         key = hashlib.sha256()
@@ -541,21 +579,24 @@ class PromptEncoder:
         return self.cache_dir / f"{key.hexdigest()}.safetensors"
 
     def _model_identity(self) -> str:
-        """A hash of what determines the embeddings, cheap to compute for 8 GB of weights:
-        config, tokenizer files, weight file names, sizes and headers, dtype, quantization."""
+        """A hash of what determines the embeddings: the weights' bytes (hashed once per
+        file and process, `file_sha256`), config, tokenizer files, dtype, quantization."""
         if self._identity is None:
             h = hashlib.sha256()
             h.update((self.text_encoder_dir / "config.json").read_bytes())
             for f in safetensors_files(self.text_encoder_dir):
-                header = read_safetensors_header(f)
-                h.update(f.name.encode() + str(f.stat().st_size).encode())
-                h.update(repr(sorted(header.items(), key=lambda kv: kv[0])).encode())
+                h.update(f.name.encode() + b"\0" + file_sha256(f).encode())
             for f in sorted(self.tokenizer_dir.iterdir()):
                 if f.is_file():
                     h.update(f.name.encode() + b"\0" + f.read_bytes())
             h.update(f"{self.dtype} {self.quantize_bits}".encode())
             self._identity = h.hexdigest()
         return self._identity
+
+
+def _checksum(embeds: mx.array) -> str:
+    """SHA-256 of an array's bytes, as stored (any dtype, bfloat16 included)."""
+    return hashlib.sha256(np.array(embeds.view(mx.uint8)).tobytes()).hexdigest()
 
 
 # ---- saving ---------------------------------------------------------------------------

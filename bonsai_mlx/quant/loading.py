@@ -100,12 +100,27 @@ def _prepare_ours(model, cfg, weights, folder):
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise BonsaiError(f"{folder / QUANT_CONFIG}: 'packed_layers' must be a list of names")
     use_packed_layers(model, fmt, paths=paths)
+    if fmt == "ternary":
+        _check_trits(weights, paths, folder)
     dense_bits = cfg.get("dense_bits", 16)
     if dense_bits == 8:
         quantize_dense_layers(model, 8, cfg.get("dense_group_size", DENSE_GROUP_SIZE))
     elif dense_bits != 16:
         raise BonsaiError(f"{folder / QUANT_CONFIG}: dense_bits {dense_bits}; use 16 or 8")
     return weights
+
+
+def _check_trits(weights: Mapping[str, mx.array], paths: list[str], folder: Path) -> None:
+    """A ternary byte packs 5 base-3 digits, so it is < 243 (docs/formats.md); a larger one
+    is corruption, which would decode to wrong weights without any error."""
+    names = [f"{p}.weight" for p in paths if f"{p}.weight" in weights]
+    maxima = [weights[n].max() for n in names]
+    mx.eval(maxima)
+    for name, top in zip(names, maxima, strict=True):
+        if top.item() >= 243:
+            raise BonsaiError(f"{folder}: {name} holds the byte {top.item()}, but ternary "
+                              "bytes are < 243 (5 base-3 digits): the file is corrupt; "
+                              "re-download or re-convert it")
 
 
 def _prepare_affine(model, cfg, weights, folder, affine_baseline):
