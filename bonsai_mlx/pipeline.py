@@ -331,7 +331,8 @@ class Pipeline:
           models (classifier-free guidance with `negative_prompt`, default ""). Guidance on
           a distilled model is ignored, with a warning.
         - `seed`: same seed, same machine -> identical image. `latents` (B, 128, H/16, W/16),
-          diffusers' layout, replaces the seeded noise.
+          diffusers' layout, replaces the seeded noise (with `strength` it is noised into
+          the image as that noise; diffusers' inpainting instead starts from `latents`).
         - `images`: reference images (PIL images or paths) for editing; with `strength` in
           (0, 1], exactly one image is the start of image-to-image instead.
         - `mask`: inpainting (diffusers' Flux2KleinInpaintPipeline): white = repaint, black =
