@@ -15,18 +15,27 @@ import time
 
 # bonsai_mlx first: on Linux it preloads OpenBLAS before mlx.core is imported.
 from bonsai_mlx.kernels import DEQUANT_MIN_M, metal, reference
+from bonsai_mlx.models.transformer import KLEIN_4B, KLEIN_9B
 
 import mlx.core as mx
 import numpy as np
 
-# (name, N, K) of the packed DiT linears: W is (N, K).
-DIT_SHAPES = [
-    ("attn.to_q/k/v/out", 3072, 3072),
-    ("ff.linear_in", 18432, 3072),
-    ("ff.linear_out", 3072, 9216),
-    ("single.to_qkv_mlp_proj", 27648, 3072),
-    ("single.to_out", 3072, 12288),
-]
+MODELS = {"4b": KLEIN_4B, "9b": KLEIN_9B}
+
+
+def dit_shapes(config) -> list[tuple[str, int, int]]:
+    """(name, N, K) of the packed DiT linears of a transformer config: W is (N, K)."""
+    d, f = config.inner_dim, config.mlp_hidden_dim
+    return [
+        ("attn.to_q/k/v/out", d, d),
+        ("ff.linear_in", 2 * f, d),
+        ("ff.linear_out", d, f),
+        ("single.to_qkv_mlp_proj", 3 * d + 2 * f, d),
+        ("single.to_out", d, d + f),
+    ]
+
+
+DIT_SHAPES = dit_shapes(KLEIN_4B)
 
 
 def timed(fn, repeats: int) -> float:
@@ -92,6 +101,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--shapes", type=int, default=len(DIT_SHAPES), help="first N shapes")
+    parser.add_argument("--model", choices=sorted(MODELS), default="4b",
+                        help="the FLUX.2 [klein] transformer whose shapes to time")
     args = parser.parse_args()
 
     on_metal = mx.metal.is_available()
@@ -101,7 +112,7 @@ def main() -> None:
             "reference path on the CPU. The Metal kernels are exercised by the emulator in "
             "tests/test_kernels.py, which checks correctness, not speed."
         )
-    for name, n, k in DIT_SHAPES[: args.shapes]:
+    for name, n, k in dit_shapes(MODELS[args.model])[: args.shapes]:
         for m in args.tokens:
             print(f"{name}: M={m} N={n} K={k}")
             x = mx.random.normal((m, k)).astype(mx.bfloat16)
