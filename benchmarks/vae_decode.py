@@ -32,8 +32,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=2048, help="image side in pixels")
     ap.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels")
-    ap.add_argument("--tile-overlap", type=int, default=0,
-                    help="accepted for older command lines; tiles need no overlap now")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--modes", default="untiled,exact,estimate")
     ap.add_argument("--decoder", choices=["full", "small"], default="full",
@@ -42,8 +40,8 @@ def main() -> None:
 
     mx.random.seed(0)
     small = SMALL_DECODER_CHANNELS if args.decoder == "small" else None
+    # weights in the dtype, statistics float32
     vae = VAE(VAEConfig(decoder_block_out_channels=small), parse_dtype(args.dtype))
-    vae._cast_weights()
     mx.eval(vae.parameters())
     f = vae.scale_factor
     z = mx.random.normal((1, args.size // f, args.size // f, vae.config.latent_channels))

@@ -30,24 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.layout import ALLOW_PATTERNS, LAYOUTS, check_destination, detect_layout, payload
 from bonsai_mlx.models.transformer import Flux2Transformer
-from bonsai_mlx.pipeline import (
-    ALLOW_PATTERNS,
-    LAYOUTS,
-    Pipeline,
-    check_destination,
-    detect_layout,
-)
+from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import (
     PACKED_LINEAR,
-    model_packed_layer_paths,
     quantize_dense_layers,
     quantize_model,
 )
-from bonsai_mlx.quant.model import get_module
+from bonsai_mlx.quant.model import get_module, packed_format
 from bonsai_mlx.weights import (
     check_writable,
     checkpoint_float_dtype,
+    human_bytes,
     resolve_model,
     resolve_model_path,
 )
@@ -86,51 +81,15 @@ class ConversionReport:
             a = sum(self.after.values()) if name == "total" else self.after.get(name, 0)
             change = f"{(a - b) / b:+.1%}" if b else ""
             rows.append(f"{name:<13} {b:>15,} {a:>15,} {change:>8}   "
-                        f"{_human(b)} -> {_human(a)}")
+                        f"{human_bytes(b)} -> {human_bytes(a)}")
         return "\n".join(rows)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
-def payload(root: str | Path) -> dict[str, int]:
-    """Bytes on disk per component of a pipeline folder (any layout): the files the pipeline
-    reads (`transformer`, `text_encoder`, `vae`, `tokenizer`, `scheduler`; top-level files
-    as `other`). The Bonsai pack's `transformer-packed-mflux/` and `text_encoder-mlx-4bit/`
-    count as transformer and text_encoder."""
-    root = Path(root)
-    dirs = dict(LAYOUTS[detect_layout(root)], vae="vae", tokenizer="tokenizer",
-                scheduler="scheduler")
-    sizes = {}
-    for name, sub in dirs.items():
-        folder = root / sub
-        sizes[name] = sum(f.stat().st_size for f in folder.rglob("*")
-                          if f.is_file() and not _hidden(f, folder))
-    sizes["other"] = sum(f.stat().st_size for f in root.iterdir()
-                         if f.is_file() and not f.name.startswith("."))
-    return sizes
-
-
-def _hidden(path: Path, folder: Path) -> bool:
-    return any(p.startswith(".") for p in path.relative_to(folder).parts)
-
-
-def _packed_format(model: Flux2Transformer) -> str | None:
-    formats = {m.format for _, m in model.named_modules()
-               if isinstance(m, tuple(PACKED_LINEAR.values()))}
-    return formats.pop() if len(formats) == 1 else None
 
 
 def pack_transformer(model: Flux2Transformer, fmt: str) -> str:
     """Pack the transformer's binary / ternary layers in place. Returns the method: exact
     (every layer then checked to decode to its original weight) or absmean, with a
     warning."""
-    paths = model_packed_layer_paths(model)
+    paths = model.packable_layers()
     originals = {p: get_module(model, p).weight for p in paths}
     exact = quantize_model(model, fmt)  # warns when a layer needs absmean
     if not exact:
@@ -170,16 +129,11 @@ def convert(
     - `vae`: write this VAE decoder instead of the source's (`"small"`: FLUX.2's small
       decoder; a repo or folder), with the source's encoder (`Pipeline.from_pretrained`).
     - `overwrite`: replace an existing `dst` (otherwise an error); only a model folder that
-      is not a source, the current or the home folder (`pipeline.check_destination`).
+      is not a source, the current or the home folder (`layout.check_destination`).
     `echo` receives progress lines and the byte table (None: silent). Returns the report.
     """
     say = echo or (lambda _: None)
-    if fmt is not None and fmt not in PACKED_LINEAR:
-        raise BonsaiError(f"unknown format {fmt!r}; use 'binary' or 'ternary'")
-    if dense_bits not in DENSE_BITS:
-        raise BonsaiError(f"dense_bits must be 16 or 8, not {dense_bits!r}")
-    if text_encoder_bits not in TEXT_ENCODER_BITS:
-        raise BonsaiError(f"text_encoder_bits must be 3, 4, 8 or 16, not {text_encoder_bits!r}")
+    _check_options(fmt, dense_bits, text_encoder_bits)
     dst = Path(dst).expanduser()
     local = Path(resolve_model(src))  # a repo id is checked once downloaded (save_pretrained)
     check_destination(dst, overwrite=overwrite, sources=[local] if local.exists() else [])
@@ -187,14 +141,35 @@ def convert(
     root = resolve_model_path(src, revision=revision, allow_patterns=ALLOW_PATTERNS)
     layout = detect_layout(root)
     before = payload(root)
-    transformer_dir = root / LAYOUTS[layout]["transformer"]
     # The checkpoint's own float dtype: fp16 / bf16 values load (and save) unchanged.
-    dtype = checkpoint_float_dtype(transformer_dir)
+    dtype = checkpoint_float_dtype(root / LAYOUTS[layout]["transformer"])
     say(f"loading {root} ({layout}, {str(dtype).removeprefix('mlx.core.')})")
     pipe = Pipeline.from_pretrained(root, dtype=dtype, vae=vae)
+    have = packed_format(pipe.transformer)
+    have = have if have in PACKED_LINEAR else None
+    method = _pack(pipe.transformer, src, have, fmt, dense_bits, layout, say)
+    say(f"writing {dst} (text encoder {text_encoder_bits}-bit, trimmed to layer "
+        f"{max(pipe.prompt_encoder.out_layers)})")
+    out = pipe.save_pretrained(dst, overwrite=overwrite, text_encoder_bits=text_encoder_bits,
+                               transformer_dtype=dtype)
+    report = ConversionReport(root, out, have or fmt or "dense", method, before, payload(out))
+    say(f"transformer: {report.format}, {report.method}")
+    say(report.table())
+    return report
 
-    model = pipe.transformer
-    have = _packed_format(model)
+
+def _check_options(fmt: str | None, dense_bits: int, text_encoder_bits: int) -> None:
+    if fmt is not None and fmt not in PACKED_LINEAR:
+        raise BonsaiError(f"unknown format {fmt!r}; use 'binary' or 'ternary'")
+    if dense_bits not in DENSE_BITS:
+        raise BonsaiError(f"dense_bits must be 16 or 8, not {dense_bits!r}")
+    if text_encoder_bits not in TEXT_ENCODER_BITS:
+        raise BonsaiError(f"text_encoder_bits must be 3, 4, 8 or 16, not {text_encoder_bits!r}")
+
+
+def _pack(model: Flux2Transformer, src: str | Path, have: str | None, fmt: str | None,
+          dense_bits: int, layout: str, say: Callable[[str], None]) -> str:
+    """Pack the transformer as asked (in place); returns how (`ConversionReport.method`)."""
     if have is not None:
         if fmt is not None and fmt != have:
             raise BonsaiError(f"{src} is already {have}-packed; it cannot become {fmt} "
@@ -207,23 +182,15 @@ def convert(
             method = pack_transformer(model, fmt)
         for w in caught:
             say(f"warning: {w.message}")
-            warnings.warn(str(w.message), w.category, stacklevel=2)
+            warnings.warn(str(w.message), w.category, stacklevel=3)
+    elif dense_bits == 8:
+        raise BonsaiError("dense_bits=8 needs a packed transformer: pass a format "
+                          "(--format binary or ternary)")
     else:
-        if dense_bits == 8:
-            raise BonsaiError("dense_bits=8 needs a packed transformer: pass a format "
-                              "(--format binary or ternary)")
         method = "unchanged"
     if dense_bits == 8:
         quantize_dense_layers(model, 8)
-
-    say(f"writing {dst} (text encoder {text_encoder_bits}-bit, trimmed to layer "
-        f"{max(pipe.prompt_encoder.out_layers)})")
-    out = pipe.save_pretrained(dst, overwrite=overwrite, text_encoder_bits=text_encoder_bits,
-                               transformer_dtype=dtype)
-    report = ConversionReport(root, out, have or fmt or "dense", method, before, payload(out))
-    say(f"transformer: {report.format}, {report.method}")
-    say(report.table())
-    return report
+    return method
 
 
 # ---- command line -------------------------------------------------------------------------

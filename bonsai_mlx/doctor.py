@@ -25,6 +25,7 @@ from typing import Any
 
 from bonsai_mlx import __version__, kernels
 from bonsai_mlx.kernels import device, metal, reference, selfcheck
+from bonsai_mlx.weights import human_bytes
 
 import click
 import mlx.core as mx
@@ -159,9 +160,7 @@ def fell_back(rep: dict[str, Any]) -> list[str]:
 
 
 def _human(n: float | None) -> str:
-    from bonsai_mlx.cli import _human as human
-
-    return "unknown" if n is None else human(n)
+    return "unknown" if n is None else human_bytes(n)
 
 
 def _kernel_lines(k: dict[str, Any]) -> list[str]:

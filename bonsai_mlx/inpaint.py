@@ -11,23 +11,30 @@ The image itself also conditions the model, as the first reference image (time 1
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeAlias
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.images import LANCZOS, MULTIPLE, load_image
 from bonsai_mlx.scheduler import noise_latents
 
 import mlx.core as mx
 import numpy as np
+import PIL.Image
 
 DEFAULT_STRENGTH = 0.8  # diffusers' Flux2KleinInpaintPipeline default
-LATENT_PIXELS = 16  # image pixels per latent token along each side
+# A mask: a PIL image, the path of an image file, or a (H, W) array.
+MaskInput: TypeAlias = PIL.Image.Image | str | Path | np.ndarray | mx.array
 
 
-def mask_image(mask, image_size: tuple[int, int], name: str = "mask"):
-    """A PIL image as is, or a (H, W) / (H, W, 1) array (bool; integers 0..255; floats in
-    [0, 1]) as a grey-level PIL image; its size must be the input image's (width, height)."""
-    import PIL.Image
-
-    if not isinstance(mask, PIL.Image.Image):
+def mask_image(mask: MaskInput, image_size: tuple[int, int], name: str = "mask"
+               ) -> PIL.Image.Image:
+    """A PIL image as is, a path read (`images.load_image`), or a (H, W) / (H, W, 1) array
+    (bool; integers 0..255; floats in [0, 1]) as a grey-level PIL image; its size must be
+    the input image's (width, height)."""
+    if isinstance(mask, (str, Path)):
+        mask = load_image(mask, name)
+    elif not isinstance(mask, PIL.Image.Image):
         mask = _array_to_image(mask, name)
     if mask.size != tuple(image_size):
         raise BonsaiError(
@@ -37,9 +44,7 @@ def mask_image(mask, image_size: tuple[int, int], name: str = "mask"):
     return mask
 
 
-def _array_to_image(mask, name: str):
-    import PIL.Image
-
+def _array_to_image(mask, name: str) -> PIL.Image.Image:
     try:
         arr = np.asarray(mask)
     except (TypeError, ValueError):
@@ -63,18 +68,17 @@ def _array_to_image(mask, name: str):
     return PIL.Image.fromarray(arr.astype(np.uint8), mode="L")
 
 
-def mask_latents(mask, width: int, height: int, name: str = "mask") -> np.ndarray:
+def mask_latents(mask: PIL.Image.Image, width: int, height: int, name: str = "mask"
+                 ) -> np.ndarray:
     """The mask (PIL) at the generated size -> (h*w, 1) float32 weights per latent token,
     row-major (1 = repaint). All black, or white only where no token samples it, is an
     error: there would be nothing to repaint."""
-    import PIL.Image
-
-    resized = mask.resize((width, height), PIL.Image.Resampling.LANCZOS).convert("L")
+    resized = mask.resize((width, height), LANCZOS).convert("L")
     binary = (np.asarray(resized, dtype=np.float32) / 255.0 >= 0.5).astype(np.float32)
     if not binary.any():
         raise BonsaiError(f"{name} is all black: nothing to repaint (white marks the area "
                           "to repaint, black the area to keep)")
-    tokens = bilinear_resize(binary, height // LATENT_PIXELS, width // LATENT_PIXELS)
+    tokens = bilinear_resize(binary, height // MULTIPLE, width // MULTIPLE)
     if not tokens.any():
         raise BonsaiError(f"{name}: the white area is too thin to reach any 16 x 16 latent "
                           "pixel's centre; make it larger")

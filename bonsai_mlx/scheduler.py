@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonsai_mlx.checks import config_from_dict, flag, integer, number
+from bonsai_mlx.checks import BaseConfig, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import read_json
 
@@ -43,7 +43,7 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(BaseConfig):
     """The fields of `scheduler/scheduler_config.json` that change the schedule."""
 
     num_train_timesteps: int = 1000
@@ -83,7 +83,7 @@ class SchedulerConfig:
         used = [k for k in _UNSUPPORTED if d.get(k)]
         if used:
             raise BonsaiError(f"{source}: {', '.join(used)} is not supported; set it to false")
-        return config_from_dict(cls, d, source)
+        return super().from_dict(d, source)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> SchedulerConfig:

@@ -30,8 +30,9 @@ from bonsai_mlx.models.transformer import (  # noqa: E402
     KLEIN_9B,
     Flux2Transformer,
     Flux2TransformerConfig,
+    packed_layer_paths,
 )
-from bonsai_mlx.quant import GROUP_SIZE, packed_layer_paths  # noqa: E402
+from bonsai_mlx.quant import GROUP_SIZE  # noqa: E402
 from bonsai_mlx.quant.model import DENSE_GROUP_SIZE  # noqa: E402
 from bonsai_mlx.weights import save_safetensors  # noqa: E402
 

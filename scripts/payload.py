@@ -29,20 +29,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bonsai_mlx.bench import QWEN3_4B  # noqa: E402  (Qwen/Qwen3-4B's config.json)
 from bonsai_mlx.models.text_encoder import (  # noqa: E402
     DEFAULT_OUT_LAYERS,
     QUANTIZE_GROUP_SIZE,
+    QWEN3_4B,
     QWEN3_8B,
     Qwen3Encoder,
 )
 from bonsai_mlx.models.transformer import KLEIN_4B, KLEIN_9B  # noqa: E402
-from bonsai_mlx.models.vae import (  # noqa: E402
-    SMALL_DECODER_CHANNELS,
-    VAE,
-    Encoder,
-    VAEConfig,
-)
+from bonsai_mlx.models.vae import SMALL_DECODER_CHANNELS, VAE, VAEConfig  # noqa: E402
+from bonsai_mlx.models.vae_layers import Encoder  # noqa: E402
 
 import footprint  # noqa: E402
 import mlx.core as mx  # noqa: E402

@@ -3,8 +3,9 @@ scripts/fixtures/make_pipeline.py, cases of scripts/fixtures/make_variants.py), 
 exact arithmetic, the kept region at every step, user errors and the CLI."""
 
 from bonsai_mlx import BonsaiError
+from bonsai_mlx.images import prepare_inpaint_image
 from bonsai_mlx.inpaint import bilinear_resize, mask_latents
-from bonsai_mlx.pipeline import Pipeline, prepare_inpaint_image
+from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.scheduler import img2img_start_index, make_schedule
 
 import mlx.core as mx
@@ -140,7 +141,7 @@ def test_cli_inpaints_with_mask(tmp_path):
     assert image.text["mask"] == "inpaint_mask.png" and image.text["strength"] == "0.8"
     bad = CliRunner().invoke(cli, ["gen", "-m", str(PIPELINES / "distilled"), "-p", "x",
                                    "--mask", str(MASK)])
-    assert bad.exit_code == 2 and "--mask needs the image to inpaint" in bad.output
+    assert bad.exit_code == 2 and "--mask (inpainting) needs the image to repaint" in bad.output
     missing = CliRunner().invoke(cli, ["gen", "-m", str(PIPELINES / "distilled"), "-p", "x",
                                        "--image", str(IMAGE), "--mask", "nope.png"])
     assert missing.exit_code == 2 and "--mask nope.png does not exist" in missing.output

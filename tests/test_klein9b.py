@@ -64,8 +64,7 @@ def _binary_valued_9b_shaped(src, dst):
     """The miniature with a transformer wide enough to pack (width 128: every packed input
     a whole number of groups of 128) and the 9B's 8 double and 24 single blocks, its packed
     layers binary-valued per group, as a diffusers folder."""
-    from bonsai_mlx.models.transformer import Flux2Transformer
-    from bonsai_mlx.quant import packed_layer_paths
+    from bonsai_mlx.models.transformer import Flux2Transformer, packed_layer_paths
 
     config = dict(in_channels=128, num_layers=8, num_single_layers=24, attention_head_dim=32,
                   num_attention_heads=4, joint_attention_dim=96, axes_dims_rope=[8, 8, 8, 8],

@@ -8,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from bonsai_mlx.cli import describe_folder
 from bonsai_mlx.convert import convert, payload
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.info import describe_folder
 from bonsai_mlx.models.text_encoder import PromptEncoder, save_text_encoder
 from bonsai_mlx.models.vae import VAE, VAEConfig
 from bonsai_mlx.pipeline import Pipeline

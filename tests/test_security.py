@@ -103,7 +103,7 @@ def test_the_tokenizer_is_loaded_without_remote_code_whatever_stdin_says(
 def test_hub_downloads_never_fetch_python_files():
     import fnmatch
 
-    from bonsai_mlx.pipeline import ALLOW_PATTERNS
+    from bonsai_mlx.layout import ALLOW_PATTERNS
 
     def fetched(name: str) -> bool:
         return any(fnmatch.fnmatch(name, p) for p in ALLOW_PATTERNS)
@@ -375,7 +375,7 @@ def alarm():
 
 
 def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, loading_forbidden):
-    from bonsai_mlx.pipeline import load_image
+    from bonsai_mlx.images import load_image
 
     bomb = bomb_png(tmp_path / "bomb.png")
     assert bomb.stat().st_size < 100_000
@@ -391,7 +391,7 @@ def test_an_image_that_is_not_a_regular_file_is_refused_without_blocking(
         tmp_path, alarm, loading_forbidden, kind):
     import os
 
-    from bonsai_mlx.pipeline import load_image
+    from bonsai_mlx.images import load_image
 
     path = {"fifo": tmp_path / "photo.png", "device": Path("/dev/zero"),
             "folder": tmp_path}[kind]

@@ -49,7 +49,7 @@ def test_pipeline_with_small_decoder_matches_diffusers(pipe, data, case):
 
 
 def test_swapped_decoder_keeps_the_pipelines_encoder(pipe):
-    assert pipe.vae.source == SMALL and pipe.vae.encoder_source == PIPELINES / "distilled/vae"
+    assert pipe.vae.decoder_source == SMALL and pipe.vae.source == PIPELINES / "distilled/vae"
     channels = [b.resnets[0].conv1.weight.shape[0] for b in pipe.vae.decoder.up_blocks]
     assert channels == [24, 24, 16, 8]
     pipe.vae.load_encoder()

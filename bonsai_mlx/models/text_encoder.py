@@ -38,11 +38,12 @@ from typing import TYPE_CHECKING
 
 from bonsai_mlx.checks import integer, number
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.request import check_prompts
 from bonsai_mlx.weights import (
     check_no_custom_code,
-    check_weights,
     checkpoint_float_dtype,
     file_sha256,
+    load_into,
     load_safetensors,
     load_weights,
     parse_dtype,
@@ -62,6 +63,13 @@ if TYPE_CHECKING:
     from mlx_lm.models import qwen3
 
 DEFAULT_OUT_LAYERS = (9, 18, 27)
+# Qwen3-4B, the FLUX.2 [klein] 4B text encoder (Qwen/Qwen3-4B's config.json).
+QWEN3_4B = {
+    "model_type": "qwen3", "hidden_size": 2560, "num_hidden_layers": 36,
+    "intermediate_size": 9728, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "rms_norm_eps": 1e-6, "vocab_size": 151936,
+    "max_position_embeddings": 40960, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+}
 # Qwen/Qwen3-8B's config.json: the text encoder of FLUX.2 [klein] 9B (hidden 4096 = the 9B
 # transformer's width; its lm_head is not tied to the embedding)
 QWEN3_8B = {
@@ -239,7 +247,6 @@ def load_qwen3_encoder(
     mlx-lm does (affine, group 64); for a quantized checkpoint it must match its bits.
     """
     folder = Path(folder)
-    dtype = parse_dtype(dtype)
     config_path = folder / "config.json"
     config = read_json(config_path)
     args = qwen3_args(config, config_path)
@@ -252,59 +259,54 @@ def load_qwen3_encoder(
     final_norm = num_layers == args.num_hidden_layers and TRUNCATED_KEY not in config
     args.num_hidden_layers = num_layers
     model = Qwen3Encoder(args, final_norm=final_norm)
-
     # mx.load is lazy: the tensors of skipped layers are never read from disk.
     weights = model.sanitize(load_weights(folder))
-    quantization = config.get("quantization")
+    quantization = mlx_quantization(config)
     if quantization is not None:
-        bits = quantization.get("bits")
-        if quantize_bits is not None and quantize_bits != bits:
-            raise BonsaiError(
-                f"{folder} is already quantized to {bits} bits; "
-                f"quantize_bits={quantize_bits} cannot change that (leave it unset)"
-            )
-
-        quantized_paths = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
-
-        def quantized_here(path: str, module: nn.Module) -> bool | dict:
-            if path not in quantized_paths:
-                return False
-            per_layer = quantization.get(path)  # mlx-lm's per-layer overrides
-            return per_layer if isinstance(per_layer, dict) else True
-
-        nn.quantize(
-            model,
-            group_size=quantization.get("group_size", 64),
-            bits=bits,
-            mode=quantization.get("mode", "affine"),
-            class_predicate=quantized_here,
-        )
-    weights = {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-        for k, v in weights.items()
-    }
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    check_weights(weights, expected, folder)
-    model.load_weights(list(weights.items()))
+        _quantize_as_stored(model, quantization, weights, quantize_bits, folder)
+    model.set_dtype(parse_dtype(dtype))
+    load_into(model, weights, folder, evaluate=False)
     del weights
-
     if quantize_bits is not None and quantization is None:
         if quantize_bits not in LOAD_QUANTIZE_BITS:
             raise BonsaiError(f"quantize_bits must be 4 or 8, not {quantize_bits}")
-        nn.quantize(
-            model,
-            group_size=QUANTIZE_GROUP_SIZE,
-            bits=quantize_bits,
-            class_predicate=lambda _, m: (
-                hasattr(m, "to_quantized") and m.weight.shape[-1] % QUANTIZE_GROUP_SIZE == 0
-            ),
-        )
+        nn.quantize(model, group_size=QUANTIZE_GROUP_SIZE, bits=quantize_bits,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % QUANTIZE_GROUP_SIZE == 0)
     # One layer at a time, so quantizing at load never holds all the float weights at once.
     mx.eval(model.model.embed_tokens.parameters())
     for layer in model.model.layers:
         mx.eval(layer.parameters())
     model.eval()
     return model
+
+
+def mlx_quantization(config: dict) -> dict | None:
+    """The MLX affine quantization an mlx-lm config.json records (`"quantization"`: bits,
+    group_size, per-layer overrides), or None for a float checkpoint."""
+    quantization = config.get("quantization")
+    return quantization if isinstance(quantization, dict) else None
+
+
+def _quantize_as_stored(model: Qwen3Encoder, quantization: dict, weights: dict[str, mx.array],
+                        quantize_bits: int | None, folder: Path) -> None:
+    """Make the layers the checkpoint stores quantized (those with `.scales`) quantized."""
+    bits = quantization.get("bits")
+    if quantize_bits is not None and quantize_bits != bits:
+        raise BonsaiError(
+            f"{folder} is already quantized to {bits} bits; "
+            f"quantize_bits={quantize_bits} cannot change that (leave it unset)"
+        )
+    quantized_paths = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
+
+    def quantized_here(path: str, module: nn.Module) -> bool | dict:
+        if path not in quantized_paths:
+            return False
+        per_layer = quantization.get(path)  # mlx-lm's per-layer overrides
+        return per_layer if isinstance(per_layer, dict) else True
+
+    nn.quantize(model, group_size=quantization.get("group_size", 64), bits=bits,
+                mode=quantization.get("mode", "affine"), class_predicate=quantized_here)
 
 
 def qwen3_sizes(config: dict, source: str | Path) -> tuple[int, int]:
@@ -433,9 +435,7 @@ class PromptEncoder:
 
     def encode(self, prompt: str | Sequence[str]) -> mx.array:
         """One prompt or a list -> (B, max_sequence_length, len(out_layers) * hidden)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise BonsaiError("prompt must be a string or a non-empty list of strings")
+        prompts = check_prompts(prompt)
         found = {p: self._cached(p) for p in dict.fromkeys(prompts)}
         missing = [p for p, e in found.items() if e is None]
         if missing:
@@ -633,37 +633,42 @@ def save_text_encoder(
         raise BonsaiError(f"out_layers {out_layers} must be hidden-state indices in "
                           f"0..{args.num_hidden_layers} ({config_path})")
     keep = max(out_layers[-1], 1)
-    quantization = config.get("quantization")
+    quantization = mlx_quantization(config)
     if quantization is not None and quantization.get("bits") != bits:
         raise BonsaiError(
             f"{source} is already MLX affine {quantization.get('bits')}-bit; saving it at {bits} "
             f"bits would not be lossless: use {quantization.get('bits')} bits for it"
         )
-    dtype = checkpoint_float_dtype(source)
-    model = load_qwen3_encoder(source, keep, dtype)
-
+    model = load_qwen3_encoder(source, keep, checkpoint_float_dtype(source))
     out = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    if quantization is not None:
-        out["quantization"] = out["quantization_config"] = quantization
-    elif bits != 16:
+    if quantization is None and bits != 16:
         from mlx_lm.utils import quantize_model
 
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints bits per weight
             model, quantized = quantize_model(model, {}, QUANTIZE_GROUP_SIZE, bits)
-        out["quantization"] = out["quantization_config"] = quantized["quantization"]
+        quantization = quantized["quantization"]
+    if quantization is not None:
+        out["quantization"] = out["quantization_config"] = quantization
     if keep < args.num_hidden_layers or TRUNCATED_KEY in config:
-        previous = config.get(TRUNCATED_KEY) or {}
-        out[TRUNCATED_KEY] = {
-            "source_num_hidden_layers": previous.get("source_num_hidden_layers",
-                                                     args.num_hidden_layers),
-            "out_layers": out_layers,
-        }
-        out["num_hidden_layers"] = keep
-        if isinstance(out.get("layer_types"), list):
-            out["layer_types"] = out["layer_types"][:keep]
-        if isinstance(out.get("max_window_layers"), int):
-            out["max_window_layers"] = min(out["max_window_layers"], keep)
+        out.update(_truncated_config(config, args.num_hidden_layers, keep, out_layers))
     weights = dict(tree_flatten(model.parameters()))
     save_safetensors(folder / "model.safetensors", weights, metadata={"format": "mlx"})
     write_json(folder / "config.json", out)
+    return out
+
+
+def _truncated_config(config: dict, num_layers: int, keep: int, out_layers: list[int]) -> dict:
+    """The config.json entries of an encoder cut after `keep` of `num_layers` layers."""
+    previous = config.get(TRUNCATED_KEY) or {}
+    out = {
+        TRUNCATED_KEY: {
+            "source_num_hidden_layers": previous.get("source_num_hidden_layers", num_layers),
+            "out_layers": out_layers,
+        },
+        "num_hidden_layers": keep,
+    }
+    if isinstance(config.get("layer_types"), list):
+        out["layer_types"] = config["layer_types"][:keep]
+    if isinstance(config.get("max_window_layers"), int):
+        out["max_window_layers"] = min(config["max_window_layers"], keep)
     return out

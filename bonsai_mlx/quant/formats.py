@@ -14,6 +14,7 @@ BonsaiError naming the layer (`name`) and, where it applies, the group.
 
 from __future__ import annotations
 
+from bonsai_mlx.arrays import to_numpy
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.kernels import reference
 from bonsai_mlx.kernels.reference import GROUP_SIZE
@@ -42,14 +43,6 @@ def check_input_dims(k: int, name: str = "weight") -> None:
             f"{name}: input dimension {k} is not a multiple of the group size {GROUP_SIZE}; "
             "binary/ternary packing needs whole groups, so keep this layer dense"
         )
-
-
-def _to_numpy(a) -> np.ndarray:
-    if isinstance(a, mx.array):
-        if a.dtype == mx.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
-            a = a.astype(mx.float32)
-        return np.array(a)
-    return np.asarray(a)
 
 
 # ---------------------------------------------------------------- pack / unpack
@@ -126,13 +119,13 @@ def _groups(w: np.ndarray, name: str) -> np.ndarray:
 
 def is_binary_valued(w) -> bool:
     """Whether every group of 128 takes only the values {-s, +s} for one s (per group)."""
-    a = np.abs(_groups(_to_numpy(w), "weight"))
+    a = np.abs(_groups(to_numpy(w), "weight"))
     return bool(np.all(a == a[..., :1]))
 
 
 def is_ternary_valued(w) -> bool:
     """Whether every group of 128 takes only the values {-s, 0, +s} for one s (per group)."""
-    a = np.abs(_groups(_to_numpy(w), "weight"))
+    a = np.abs(_groups(to_numpy(w), "weight"))
     m = a.max(axis=-1, keepdims=True)
     return bool(np.all((a == 0) | (a == m)))
 
@@ -158,7 +151,7 @@ def quantize_binary(w, *, lossless: bool | None = None, name: str = "weight"):
     lossless=None: exact if the weight is already binary per group, else absmean
     (s = mean|w| per group, q = sign(w)). True: require exactness. False: always absmean.
     """
-    g = _groups(_to_numpy(w), name)
+    g = _groups(to_numpy(w), name)
     a = np.abs(g)
     exact = bool(np.all(a == a[..., :1])) if lossless is not False else False
     if lossless and not exact:
@@ -174,7 +167,7 @@ def quantize_ternary(w, *, lossless: bool | None = None, name: str = "weight"):
     lossless=None: exact if the weight is already ternary per group, else absmean
     (s = mean|w|, q = round(clip(w/s, -1, 1))). True: require exactness. False: absmean.
     """
-    g = _groups(_to_numpy(w), name)
+    g = _groups(to_numpy(w), name)
     a = np.abs(g)
     m = a.max(axis=-1)
     exact = bool(np.all((a == 0) | (a == m[..., None]))) if lossless is not False else False
@@ -196,7 +189,7 @@ def quantize_ternary(w, *, lossless: bool | None = None, name: str = "weight"):
 
 def _affine_values(scales, biases, bits: int, name: str):
     """Per group, the value of each code: (N, G, 2**bits) float32."""
-    s, b = _to_numpy(scales).astype(np.float32), _to_numpy(biases).astype(np.float32)
+    s, b = to_numpy(scales).astype(np.float32), to_numpy(biases).astype(np.float32)
     if s.shape != b.shape or s.ndim != 2:
         raise BonsaiError(f"{name}: scales {s.shape} and biases {b.shape} do not match")
     return s[..., None] * np.arange(2**bits, dtype=np.float32) + b[..., None]
@@ -230,8 +223,8 @@ def binary_from_affine(wq, scales, biases, *, group_size: int = GROUP_SIZE,
     code occurs in a group, its value v alone decides: s = |v|). The words are reused as
     they are; only a group with a negative scale has its bits inverted.
     """
-    wq = _to_numpy(wq)
-    _check_affine_shapes(wq, _to_numpy(scales), 1, group_size, name)
+    wq = to_numpy(wq)
+    _check_affine_shapes(wq, to_numpy(scales), 1, group_size, name)
     v = _affine_values(scales, biases, 1, name)  # (N, G, 2): values of bit 0, bit 1
     words = wq.reshape(wq.shape[0], -1, GROUP_SIZE // 32)  # (N, G, 4)
     used1 = np.any(words != 0, axis=-1)
@@ -263,8 +256,8 @@ def ternary_from_affine(wq, scales, biases, *, group_size: int = GROUP_SIZE,
     Every group's codes must decode to values in {-s, 0, +s} for one s >= 0 (Bonsai uses
     codes 0, 1, 2 with scale = s, bias = -s); otherwise BonsaiError naming the group.
     """
-    wq = _to_numpy(wq)
-    _check_affine_shapes(wq, _to_numpy(scales), 2, group_size, name)
+    wq = to_numpy(wq)
+    _check_affine_shapes(wq, to_numpy(scales), 2, group_size, name)
     v = _affine_values(scales, biases, 2, name)  # (N, G, 4)
     codes = _codes_2bit(wq)  # (N, K)
     if np.all(v[..., 0] == -v[..., 2]) and np.all(v[..., 1] == 0) and np.all(v[..., 2] >= 0) \

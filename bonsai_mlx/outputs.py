@@ -1,0 +1,104 @@
+"""Where generated images go: PNG files carrying their settings as text metadata, written
+under a name that is never taken (`gen` and the server save images the same way)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.weights import normal_mode
+
+import PIL.Image
+from PIL.PngImagePlugin import PngInfo
+
+
+@dataclass
+class OutputPlan:
+    """Where images go: one file name (numbered for several images) or a folder."""
+
+    folder: Path
+    stem: str | None  # None: names come from the prompt and seed
+
+    @classmethod
+    def from_option(cls, output: str | None) -> OutputPlan:
+        if output is None:
+            return cls(Path("."), None)
+        p = Path(output).expanduser()
+        if p.is_dir() or output.endswith(("/", os.sep)):
+            return cls(p, None)
+        if p.suffix.lower() == ".png":
+            return cls(p.parent, p.stem)
+        if p.suffix:
+            raise BonsaiError(
+                f"-o {output}: only PNG is written (it carries the metadata); "
+                f"use {p.with_suffix('.png')} or a folder"
+            )
+        return cls(p, None)  # no suffix: a folder, created
+
+    def name(self, prompt: str, seed: int) -> str:
+        if self.stem is not None:
+            return f"{self.stem}.png"
+        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-")
+        return f"{slug or 'image'}-{seed}.png"
+
+
+def write_png_exclusive(image: PIL.Image.Image, target: Path, info: PngInfo | None) -> Path:
+    """Save `image` at `target`, or `stem-1.png`, `stem-2.png`, ... when taken. Never
+    overwrites: the PNG is written to a temporary file and linked to a name that must not
+    exist yet (atomic on POSIX), so concurrent runs do not clobber each other either."""
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".bonsai-", suffix=".png", dir=folder)
+    except OSError as e:
+        raise BonsaiError(f"cannot write to {folder} ({e.strerror}); choose another -o") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        normal_mode(tmp)  # mkstemp made it private; an image is an ordinary file
+        for i in range(100_000):
+            path = target if i == 0 else target.with_name(f"{target.stem}-{i}{target.suffix}")
+            if _claim(tmp, path):
+                return path
+        raise BonsaiError(f"too many numbered files beside {target}; choose another -o")
+    except OSError as e:  # the disk filled up, or the folder changed under us
+        raise BonsaiError(f"cannot write {target} ({e.strerror or e}); free some space or "
+                          "choose another -o") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _claim(tmp: str, path: Path) -> bool:
+    """Give the finished file `tmp` the name `path` if nothing has that name yet."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # file systems without hard links: reserve the name, then replace it
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return False
+        os.replace(tmp, path)
+        return True
+
+
+def png_size_bound(width: int, height: int) -> int:
+    """Bytes an RGB PNG of this size takes at most: raw rows (filter byte + 3 per pixel),
+    zlib's worst case and room for the chunks and metadata."""
+    raw = height * (1 + 3 * width)
+    return raw + raw // 1000 + 64 * 1024
+
+
+def png_metadata(fields: dict[str, object]) -> PngInfo:
+    """PNG text chunks (iTXt) of the fields that are not None."""
+    info = PngInfo()
+    for key, value in fields.items():
+        if value is not None:
+            info.add_itxt(key, str(value))
+    return info
