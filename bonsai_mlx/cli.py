@@ -325,11 +325,14 @@ def _lora_label(source: str) -> str:
                    "1 by default; repeat for several.")
 @click.option("--lora-ignore-unmatched", is_flag=True,
               help="Skip LoRA layers this model lacks (default: an error listing them).")
+@click.option("--tensor-parallel", is_flag=True,
+              help="Under mlx.launch: split the transformer across the processes, each image "
+                   "faster [default there: each process makes a share of the images].")
 @quiet_option
 @verbose_option
 def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
         images, strength, mask, vae, reference_kv_cache, dtype, no_offload, tile_vae, revision,
-        loras, lora_ignore_unmatched, quiet) -> None:
+        loras, lora_ignore_unmatched, tensor_parallel, quiet) -> None:
     """Generate images from a prompt (text-to-image, editing, image-to-image, inpainting).
 
     \b
@@ -340,6 +343,10 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     bonsai-mlx gen -p "a red balloon" --image photo.png --mask mask.png
     bonsai-mlx gen -p "a red fox" --vae small
     bonsai-mlx gen -m binary -p "a fox, ink style" --lora ink.safetensors:0.8
+    mlx.launch --backend ring -n 2 -- bonsai-mlx gen -p "a red fox" --seeds 4
+
+    Under mlx.launch (docs/distributed.md) rank 0 writes every file, exactly as one
+    process would.
     """
     # Every check that needs no model comes first, so mistakes fail in milliseconds.
     from bonsai_mlx.outputs import OutputPlan, png_size_bound
@@ -352,35 +359,77 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         negative_prompt=negative_prompt, images=list(images) or None, strength=strength,
         tiled_vae=tile_vae, mask=mask, reference_kv_cache=reference_kv_cache, names=CLI_NAMES,
     )
+    if loras and tensor_parallel:
+        raise BonsaiError("--lora and --tensor-parallel do not combine yet: a LoRA is not "
+                          "sharded; leave out --tensor-parallel (each process then makes a "
+                          "share of the images with the LoRA)")
     plan = OutputPlan.from_option(output)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
     seed_list = seed_list or [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
     with _hub_progress(show):  # LoRA files are read (and checked) before the model loads
         lora_files = _read_loras(loras)
-    check_writable(plan.folder, len(seed_list) * png_size_bound(request.width, request.height),
-                   hint="choose another -o")
-    with warnings.catch_warnings():
+    from bonsai_mlx import distributed
+
+    group = distributed.world()  # the processes mlx.launch started; one otherwise
+    data_parallel = group.size() > 1 and not tensor_parallel
+    if group.rank() == 0:  # the only rank that writes
+        check_writable(plan.folder, len(seed_list) * png_size_bound(request.width,
+                                                                    request.height),
+                       hint="choose another -o")
+    with warnings.catch_warnings(), distributed.peer_errors(group):
         warnings.showwarning = _print_warning
+        seed_list = distributed.broadcast_ints(seed_list, group)  # rank 0's random seeds
         t0 = time.perf_counter()
-        pipe = _load_pipeline(model_id, revision, dtype, request, no_offload, show, vae)
+        pipe = _load_pipeline(model_id, revision, dtype, request, no_offload, show,
+                              tensor_parallel, vae)
         _apply_loras(pipe, lora_files, lora_ignore_unmatched, quiet)
-        load_seconds = time.perf_counter() - t0
-        for i, seed in enumerate(seed_list):
+        load_seconds = [time.perf_counter() - t0]  # on this process's first summary
+        fields = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model_id,
+                  "images": ", ".join(Path(p).name for p in images) or None,
+                  "mask": Path(mask).name if mask else None, "vae": vae}
+        summaries: dict[int, str] = {}  # of this process's images, shown once written
+
+        def make(job: tuple[int, int]):
+            i, seed = job
             label = f"[{i + 1}/{len(seed_list)}] " if len(seed_list) > 1 else ""
-            fields = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model_id,
-                      "images": ", ".join(Path(p).name for p in images) or None,
-                      "mask": Path(mask).name if mask else None, "vae": vae}
-            path = _generate_png(pipe, request.with_seed(seed), plan, fields, label, show)
-            click.echo(str(path))
-            if not quiet:
+            image = _generate(pipe, request.with_seed(seed), label, show)
+            if not quiet and (data_parallel or group.rank() == 0):
                 summary = format_summary(pipe.last_timings, pipe.last_peak_memory,
-                                         load_seconds if i == 0 else None)
-                click.echo(f"{label}seed {seed}: {summary}", err=True)
+                                         load_seconds.pop() if load_seconds else None)
+                where = f"rank {group.rank()}: " if data_parallel else ""
+                summaries[i] = f"{where}{label}seed {seed}: {summary}"
+            return image
+
+        for (i, seed), image in _made(list(enumerate(seed_list)), make, group, data_parallel):
+            if group.rank() == 0:  # rank 0 writes every file
+                click.echo(str(_write_png(pipe, request.with_seed(seed), image, plan, fields)))
+            if i in summaries:
+                click.echo(summaries.pop(i), err=True)
+
+
+def _made(jobs: list, make, group, data_parallel: bool) -> Iterator[tuple[object, object]]:
+    """(job, image) in job order on every rank. Data-parallel: each rank makes a share and
+    the uint8 pixels are gathered (no shared file system needed); otherwise every rank runs
+    every job (together, when the transformer is sharded)."""
+    if not data_parallel:
+        yield from ((job, make(job)) for job in jobs)
+        return
+    from bonsai_mlx import distributed
+
+    import mlx.core as mx
+    import numpy as np
+    from PIL import Image
+
+    def pixels(job) -> mx.array:
+        return mx.array(np.asarray(make(job)))  # (H, W, 3) uint8
+
+    for job, px in distributed.map_in_rounds(jobs, pixels, group):
+        yield job, Image.fromarray(np.array(px))
 
 
 def _load_pipeline(model_id: str, revision: str | None, dtype: str, request, no_offload: bool,
-                   show: bool, vae: str | None = None):
+                   show: bool, tensor_parallel: bool = False, vae: str | None = None):
     """Download (or find) the model, check that the request fits in memory, load it (with
     `vae`'s decoder)."""
     from bonsai_mlx.layout import ALLOW_PATTERNS
@@ -394,20 +443,24 @@ def _load_pipeline(model_id: str, revision: str | None, dtype: str, request, no_
                   else tuple(im.size for im in request.images))
     check_memory(root, request.width, request.height, dtype=dtype, tiled_vae=request.tiled_vae,
                  reference_sizes=references)
-    return Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload, vae=vae)
+    return Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload,
+                                    tensor_parallel=tensor_parallel, vae=vae)
 
 
-def _generate_png(pipe, request, plan, fields: dict[str, object], label: str,
-                  show: bool) -> Path:
-    """One image, with progress bars, written as a PNG carrying its settings."""
-    from bonsai_mlx.outputs import png_metadata, write_png_exclusive
-
+def _generate(pipe, request, label: str, show: bool):
+    """One image, with progress bars."""
     progress = _Progress(show, label)
     progress.start()
     try:
-        image = pipe.run(request, callback=progress.callback).output("pil")
+        return pipe.run(request, callback=progress.callback).output("pil")
     finally:
         progress.close()
+
+
+def _write_png(pipe, request, image, plan, fields: dict[str, object]) -> Path:
+    """The image written as a PNG carrying its settings."""
+    from bonsai_mlx.outputs import png_metadata, write_png_exclusive
+
     # distilled models ignore --guidance, and without guidance --negative-prompt is ignored
     # too (the pipeline warns): the metadata records what was used
     guidance = (pipe.default_guidance if request.guidance is None or pipe.is_distilled

@@ -18,7 +18,6 @@ the first reference.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import shutil
 import time
 import warnings
@@ -26,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonsai_mlx import lora
+from bonsai_mlx import distributed, lora
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import LANCZOS, MULTIPLE, ImageInput, image_to_array, to_pil
 from bonsai_mlx.inpaint import KnownRegion, MaskInput
@@ -78,7 +77,8 @@ class Pipeline:
     After each `generate`, `last_timings` holds seconds per stage (`encode`, `images` when
     images were encoded, `reference_kv` when reference keys and values were cached, `steps`
     as a list, `decode`), `last_peak_memory` the peak MLX memory in bytes (of which
-    `last_decode_peak_memory` during decoding) and `last_seed` the seed used.
+    `last_decode_peak_memory` during decoding) and `last_seed` the seed used. `parallel`
+    says how a call is spread over the ranks of `mlx.launch` (docs/distributed.md).
     """
 
     def __init__(
@@ -106,6 +106,7 @@ class Pipeline:
         self.last_decode_peak_memory: int | None = None
         self.last_seed: int | None = None
         self.source: Path | None = None  # the folder from_pretrained read (save_pretrained)
+        self.parallel = distributed.Parallel()  # one process unless from_pretrained says so
 
     # ---- loading --------------------------------------------------------------------
 
@@ -119,6 +120,8 @@ class Pipeline:
         keep_text_encoder: bool = False,
         prompt_cache_dir: str | Path | None = None,
         vae: str | Path | None = None,
+        tensor_parallel: bool = False,
+        data_parallel: bool = False,
     ) -> Pipeline:
         """Load a diffusers `Flux2KleinPipeline` folder or a Bonsai MLX pack.
 
@@ -130,7 +133,14 @@ class Pipeline:
         `keep_text_encoder`; `prompt_cache_dir` caches prompt embeddings on disk. `vae`
         swaps the VAE decoder: `"small"` (FLUX.2's small decoder), a Hub repo or a folder;
         images are still encoded with the model's own encoder.
+
+        Under `mlx.launch` (docs/distributed.md), with every rank running the same calls:
+        `tensor_parallel` shards the transformer across the ranks (each image faster);
+        `data_parallel` makes `generate` split each batch (prompts x `num_images`) across
+        them. Both are no-ops in a single process.
         """
+        if tensor_parallel and data_parallel:
+            raise BonsaiError("choose tensor_parallel or data_parallel, not both")
         dtype = parse_dtype(dtype)
         root = resolve_model_path(path_or_repo_id, revision=revision,
                                   allow_patterns=ALLOW_PATTERNS)
@@ -163,6 +173,10 @@ class Pipeline:
         pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled),
                    reference_kv_cache=is_kv)
         pipe.source = root
+        if tensor_parallel:
+            distributed.use_tensor_parallel(pipe)
+        elif data_parallel:
+            distributed.use_data_parallel(pipe)
         return pipe
 
     # ---- saving ---------------------------------------------------------------------
@@ -199,6 +213,9 @@ class Pipeline:
         if self.source is None:
             raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
                               "files are unknown; load it from a folder to save it")
+        if self.parallel.mode == "tensor":
+            raise BonsaiError("this pipeline holds one rank's shard of the transformer "
+                              "(tensor_parallel); load it without tensor_parallel to save it")
         if self.loras:
             raise BonsaiError(f"LoRAs are loaded ({', '.join(self.loras)}); unload_lora() "
                               "first, or fuse_lora() on a dense model to save them merged")
@@ -256,6 +273,9 @@ class Pipeline:
         .safetensors file, a folder, a Hugging Face repo id (`weight_name` picks the file
         when it holds several) or a `lora.LoraFile` already read. Formats: diffusers/PEFT,
         BFL/ai-toolkit, kohya. See README "LoRA adapters"."""
+        if self.parallel.mode == "tensor":
+            raise BonsaiError("LoRA adapters and tensor_parallel do not combine yet (the "
+                              "adapters are not sharded); load the pipeline data_parallel")
         return lora.load_lora(self.transformer, path_or_repo_id, scale=scale, name=name,
                               weight_name=weight_name, revision=revision,
                               ignore_unmatched=ignore_unmatched)
@@ -351,7 +371,7 @@ class Pipeline:
         peak = mx.get_peak_memory()
         mx.reset_peak_memory()
         t0 = time.perf_counter()
-        images = self._decode(x, request)
+        images = self.parallel.decode(lambda: self._decode(x, request), request.batch)
         timings["decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         self.last_decode_peak_memory = int(mx.get_peak_memory())
@@ -370,6 +390,8 @@ class Pipeline:
         noise, seed = self._noise(request)  # first: wrong latents fail before any encoding
         t0 = time.perf_counter()
         cond = self._encode(request, guidance)
+        rows = self.parallel.rows(request.batch)  # this rank's images: all unless data-parallel
+        noise, cond = noise[rows], cond.rows(rows)
         timings["encode"] = time.perf_counter() - t0
         start = self._start_latents(request, noise, steps, timings)
         h, w = request.height // MULTIPLE, request.width // MULTIPLE
@@ -425,7 +447,7 @@ class Pipeline:
                 )
             latents, seed = request.latents, None
         else:
-            seed = secrets.randbelow(2**32) if request.seed is None else request.seed
+            seed = self.parallel.seed(request.seed)  # the same on every rank
             latents = mx.random.normal((b, c, h, w), dtype=mx.float32, key=mx.random.key(seed))
         return mx.contiguous(latents.transpose(0, 2, 3, 1).reshape(b, h * w, c)), seed
 
@@ -435,7 +457,8 @@ class Pipeline:
         n = len(request.prompts)
         negatives = (list(request.negative_prompts or [""] * n)  # diffusers' default: ""
                      if guidance is not None else [])
-        embeds = self.prompt_encoder.encode(list(request.prompts) + negatives)
+        embeds = self.parallel.encode(
+            lambda: self.prompt_encoder.encode(list(request.prompts) + negatives))
         embeds = embeds.astype(self.transformer.dtype)
         positive = mx.repeat(embeds[:n], request.num_images, axis=0)
         negative = mx.repeat(embeds[n:], request.num_images, axis=0) if negatives else None
@@ -485,8 +508,9 @@ class Pipeline:
         use_kv = (self.reference_kv_cache if request.reference_kv_cache is None
                   else request.reference_kv_cache)
         if not use_kv:
+            rows = start.x.shape[0]  # this rank's images (data-parallel: a share)
             return dataclasses.replace(
-                start, refs=mx.broadcast_to(refs, (request.batch, *refs.shape[1:])),
+                start, refs=mx.broadcast_to(refs, (rows, *refs.shape[1:])),
                 ids=np.concatenate([start.ids, ref_ids], axis=0))
         t0 = time.perf_counter()
         kv = self.transformer.reference_kv(refs, ref_ids)
@@ -520,12 +544,12 @@ class Pipeline:
         return v[:, :n].astype(mx.float32)
 
     def _decode(self, x: mx.array, request: GenerationRequest) -> mx.array:
-        """Packed latents -> images (B, H, W, 3) float32 in [0, 1], one image at a time (the
-        peak memory of one decode)."""
+        """Packed latents (B, h*w, C) -> images (B, H, W, 3) float32 in [0, 1], one image at
+        a time (the peak memory of one decode)."""
         h, w = request.height // MULTIPLE, request.width // MULTIPLE
-        packed = x.reshape(request.batch, h, w, -1)
+        packed = x.reshape(x.shape[0], h, w, -1)
         out = []
-        for b in range(request.batch):
+        for b in range(x.shape[0]):
             z = self.vae.denormalize_latents(packed[b : b + 1])
             img = self.vae.decode(z, tiled=request.tiled_vae).astype(mx.float32)
             finite = mx.isfinite(img).all()  # never a NaN image written as black
@@ -569,6 +593,11 @@ class Conditioning:
     positive: mx.array  # (B, L, joint_attention_dim), the transformer's dtype
     negative: mx.array | None  # the negative prompts', with classifier-free guidance
     ids: np.ndarray  # (L, 4) text position ids
+
+    def rows(self, rows: slice) -> Conditioning:
+        """These rows of the batch (a data-parallel rank's images)."""
+        negative = None if self.negative is None else self.negative[rows]
+        return dataclasses.replace(self, positive=self.positive[rows], negative=negative)
 
 
 @dataclass

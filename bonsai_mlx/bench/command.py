@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 from typing import Any
 
+from bonsai_mlx import distributed
 from bonsai_mlx.bench.report import format_table
 from bonsai_mlx.bench.runner import DEFAULT_PROMPT, run_bench
 from bonsai_mlx.bench.synthetic import SYNTHETIC_KINDS
@@ -35,8 +36,10 @@ import click
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=False)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Append the records to this file as JSON lines.")
+@click.option("--tensor-parallel", is_flag=True,
+              help="Under mlx.launch: shard the transformer across the processes.")
 def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, skip_encode,
-                  compare, vae, prompt, json_path) -> None:
+                  compare, vae, prompt, json_path, tensor_parallel) -> None:
     """Benchmark MODEL (alias, Hub repo or folder) or a --synthetic model: seconds per
     stage, memory, footprint and the distance to the chip's peak."""
     if tiny and synthetic is None:
@@ -47,8 +50,10 @@ def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, 
         skip_encode=skip_encode, compare=compare, vae=vae, prompt=prompt,
         json_path=json_path,
         command=command_line(click.get_current_context().params),
+        tensor_parallel=tensor_parallel,
     )
-    click.echo(format_table(records))
+    if distributed.world().rank() == 0:
+        click.echo(format_table(records))
 
 
 def command_line(params: dict[str, Any]) -> str:
@@ -64,8 +69,8 @@ def command_line(params: dict[str, Any]) -> str:
         parts += [f"--{name}", str(params[name])]
     if params.get("vae"):
         parts += ["--vae", params["vae"]]
-    parts += [f"--{flag.replace('_', '-')}" for flag in ("tiny", "skip_encode", "compare")
-              if params.get(flag)]
+    parts += [f"--{flag.replace('_', '-')}" for flag in ("tiny", "skip_encode", "compare",
+                                                          "tensor_parallel") if params.get(flag)]
     if params.get("prompt") not in (None, DEFAULT_PROMPT):
         parts += ["--prompt", params["prompt"]]
     return shlex.join(parts)

@@ -63,6 +63,15 @@ def _row(rs: list[dict[str, Any]], width: int) -> str:
             f"{_num(frac * 100 if frac is not None else None, '.1f'):>7}")
 
 
+def _rank_rows(r: dict[str, Any]) -> list[str]:
+    """Under mlx.launch: one line per rank, as each saw the run."""
+    return [f"  rank {rank['rank']} ({r['parallel']}-parallel): step "
+            f"{_num(rank['median_step_seconds'], '.3f')} s, all_sum "
+            f"{rank['all_sum_seconds_per_step']:.3f} s/step, peak "
+            f"{human_bytes(rank['peak_bytes'])}, transformer "
+            f"{human_bytes(rank['transformer_bytes'])}" for rank in r.get("ranks") or []]
+
+
 def _footer(runs: list[dict[str, Any]]) -> list[str]:
     peak = runs[0]["roofline"]
     lines = [f"peak: {_num(peak['peak_tflops'], '.1f')} TFLOP/s ({peak['peak_source']}); "
@@ -100,7 +109,8 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["model"], r["width"], r["height"], r["steps"]), []).append(r)
-    lines += [_row(rs, width) for rs in groups.values()]
+    for rs in groups.values():
+        lines += [_row(rs, width), *_rank_rows(rs[-1])]
     if runs:
         lines += _footer(runs)
     lines += [_comparison(r) for r in records if r["kind"] == "compare"]

@@ -11,7 +11,9 @@ size: `warmup` untimed runs, then `repeats` timed runs. Each timed run gives one
 - the roofline: FLOPs of one transformer step counted from the config, the achieved
   TFLOP/s, and the fraction of the chip's approximate peak;
 - the machine (chip, CPU, memory, OS, MLX version and backend, bonsai-mlx version, git
-  revision).
+  revision);
+- under `mlx.launch` (docs/distributed.md): every rank's peak memory, seconds per step and
+  seconds per step in tensor-parallel `all_sum` (`"ranks"`); rank 0 reports for all.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bonsai_mlx import distributed
 from bonsai_mlx.bench.compare import compare_frameworks
 from bonsai_mlx.bench.flops import roofline, text_encoder_flops, transformer_flops
 from bonsai_mlx.bench.machine import machine_info
@@ -39,6 +43,7 @@ from bonsai_mlx.weights import parse_dtype, read_json
 
 import click
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 DEFAULT_SIZES = ((512, 512), (1024, 1024))
 TINY_SIZES = ((64, 64),)
@@ -114,7 +119,7 @@ def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: s
     mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
-    with MemorySampler() as sampler:
+    with MemorySampler() as sampler, distributed.timing_communication() as comm:
         t0 = time.perf_counter()
         image = pipe.generate(prompt, width=width, height=height, steps=steps, seed=seed,
                               output_type="mx", callback=progress)
@@ -138,7 +143,24 @@ def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: s
             "samples": sampler.count,
             "interval_s": sampler.interval,
         },
+        # tensor-parallel all_sum, each timed on its own (adds one sync per call)
+        "communication": {"all_sum_seconds": comm.seconds, "all_sum_calls": comm.calls},
     }
+
+
+def rank_report(result: dict[str, Any], target: BenchTarget, group) -> list[dict[str, Any]]:
+    """Every rank's memory, step and communication seconds (gathered: all ranks call it)."""
+    steps = result["seconds"]["steps"]
+    mine = {
+        "rank": group.rank(),
+        "peak_bytes": result["memory"]["peak_bytes"],
+        "transformer_bytes": sum(v.nbytes for _, v in
+                                 tree_flatten(target.pipeline.transformer.parameters())),
+        "median_step_seconds": statistics.median(steps) if steps else None,
+        "all_sum_seconds_per_step": result["communication"]["all_sum_seconds"] / len(steps),
+        "total_seconds": result["seconds"]["total"],
+    }
+    return distributed.gather_json(mine, group)
 
 
 def _kernel_paths(precision: str, flops: dict[str, int]) -> dict[str, str] | None:
@@ -183,6 +205,8 @@ class _Run:
     command: str | None
     machine: dict[str, Any]
     encode_flops: int | None
+    group: Any  # the ranks of mlx.launch (size 1 in one process)
+    parallel: str  # "none", "tensor" or "data"
 
 
 def _record(run: _Run, width: int, height: int, index: int, result: dict[str, Any],
@@ -204,6 +228,8 @@ def _record(run: _Run, width: int, height: int, index: int, result: dict[str, An
         },
         "packed_kernels": _kernel_paths(target.precision, flops),
         "machine": run.machine,
+        "parallel": run.parallel,
+        "ranks": rank_report(result, target, run.group) if run.group.size() > 1 else None,
     }
 
 
@@ -244,13 +270,22 @@ def run_bench(
     json_path: str | Path | None = None,
     log: Callable[[str], None] | None = None,
     command: str | None = None,
+    tensor_parallel: bool = False,
 ) -> list[dict[str, Any]]:
     """Benchmark and return the records: one `"kind": "run"` record per timed run, and with
     `compare` one `"kind": "compare"` record per size. `json_path` appends them as JSON
     lines. `log` receives progress lines (default: stderr). `skip_encode` (synthetic only)
     feeds zeros instead of running the text encoder; encode seconds are then None. `vae`
-    swaps the VAE decoder ("small": FLUX.2's small decoder)."""
+    swaps the VAE decoder ("small": FLUX.2's small decoder). Under `mlx.launch` every rank
+    runs the benchmark, the transformer sharded across them with `tensor_parallel` (else
+    each makes its own images); rank 0 logs, returns the records with every rank's numbers
+    and writes `json_path`."""
+    group = distributed.world()
     log = log or (lambda s: click.echo(s, err=True))
+    if group.rank() != 0:
+        log = _silent  # rank 0 speaks for all
+    if compare and group.size() > 1:
+        raise BonsaiError("--compare runs in one process; run it without mlx.launch")
     sizes = sizes if sizes is not None else TINY_SIZES if tiny else DEFAULT_SIZES
     for w, h in sizes:
         check_size(w, h)
@@ -260,9 +295,13 @@ def run_bench(
     log(f"machine: {machine['chip']} ({machine['backend']}), MLX {machine['mlx_version']}")
     t0 = time.perf_counter()
     target = load_target(model, synthetic, dtype, tiny, skip_encode, vae)
+    if tensor_parallel:
+        distributed.use_tensor_parallel(target.pipeline, group)
     log(f"loaded {target.model} in {time.perf_counter() - t0:.1f} s")
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    run = _Run(target, steps, warmup, stamp, command, machine, _encode_flops(target))
+    parallel = "none" if group.size() == 1 else "tensor" if tensor_parallel else "data"
+    run = _Run(target, steps, warmup, stamp, command, machine, _encode_flops(target), group,
+               parallel)
     records: list[dict[str, Any]] = []
     for w, h in sizes:
         ours = _run_size(run, w, h, repeats, prompt, seed, log)
@@ -270,8 +309,12 @@ def run_bench(
         if compare:
             records += compare_frameworks(target, synthetic, w, h, steps, repeats, warmup,
                                           ours, stamp, machine, log)
-    if json_path is not None:
+    if json_path is not None and group.rank() == 0:
         with open(json_path, "a", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
     return records
+
+
+def _silent(line: str) -> None:
+    pass
