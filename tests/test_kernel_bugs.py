@@ -37,10 +37,11 @@ def failures(kernel: str, fmt: str, shapes, dtype=mx.float32) -> dict[tuple, Exc
 
 
 def test_half_a_tile_left_unwritten_fails_as_non_finite(tmp_path, monkeypatch):
-    with_bug(tmp_path, monkeypatch, "packed_gemm.metal",
-             "yr[n + 1] = T(stage[r * 8 + c + 1]);", "")
+    # The epilogue writes only the first 4 of each lane's 8 outputs.
+    with_bug(tmp_path, monkeypatch, "packed_gemm.metal", "for (int e = 0; e < 8; ++e) {",
+             "for (int e = 0; e < 4; ++e) {")
     errors = failures("gemm", "binary", GEMM_SHAPES)
-    assert set(errors) == {s for s in GEMM_SHAPES if s[1] > 1}  # N = 1 has no odd column
+    assert set(errors) == {s for s in GEMM_SHAPES if s[1] > 4}  # N = 1 has no column 4
     assert all("not finite" in str(e) for e in errors.values())
 
 
@@ -50,28 +51,26 @@ def test_missing_barrier_between_k_steps_is_caught_one_simdgroup_at_a_time(tmp_p
     # Round-robin keeps SIMD-groups in step and misses this race: CI runs both schedules.
     monkeypatch.setenv("BONSAI_EMULATOR_SCHEDULE", "simdgroups")
     with_bug(tmp_path, monkeypatch, "packed_gemm.metal",
-             "        threadgroup_barrier(mem_flags::mem_threadgroup);\n    }\n\n    // Epilogue",
-             "    }\n\n    // Epilogue")
+             "        threadgroup_barrier(mem_flags::mem_threadgroup);  // before the next step's "
+             "tiles\n", "")
     errors = failures("gemm", "binary", GEMM_SHAPES)
     assert errors and all(isinstance(e, AssertionError) for e in errors.values())
 
 
 def test_simdgroups_sharing_a_staging_buffer_are_caught_round_robin(tmp_path, monkeypatch):
-    # Every SIMD-group stages its 8 x 8 blocks in the same 64 floats: one SIMD-group at a
-    # time never overlaps them, round-robin does (the race the other schedule misses).
+    # Every SIMD-group stages its 8-row strips in the same place: one SIMD-group at a time
+    # never overlaps them, round-robin does (the race the other schedule misses).
     monkeypatch.setenv("BONSAI_EMULATOR_SCHEDULE", "round-robin")
     with_bug(tmp_path, monkeypatch, "packed_gemm.metal",
-             "threadgroup float* stage = smem + sg * 64;", "threadgroup float* stage = smem;")
+             "threadgroup T* stage = smem + sg * (8 * LD);", "threadgroup T* stage = smem;")
     errors = failures("gemm", "ternary", GEMM_SHAPES)
     assert errors and all(isinstance(e, AssertionError) for e in errors.values())
 
 
 def test_uninitialised_gemv_accumulator_is_caught(tmp_path, monkeypatch):
-    with_bug(tmp_path, monkeypatch, "packed_gemv.metal",
-             "        for (int m = 0; m < GEMV_MAX_M; ++m) {\n            acc[m] = 0.0f;\n"
-             "        }\n", "")
+    with_bug(tmp_path, monkeypatch, "packed_gemv.metal", "            acc[m][r] = 0.0f;\n", "")
     errors = failures("gemv", "binary", GEMV_SHAPES)
-    assert set(errors) == set(GEMV_SHAPES)  # (the pattern summed over 32 lanes: -inf)
+    assert set(errors) == set(GEMV_SHAPES)
     assert all(isinstance(e, AssertionError) for e in errors.values())
 
 
@@ -85,52 +84,55 @@ def test_uninitialised_gemm_accumulator_is_caught(tmp_path, monkeypatch):
 
 
 def test_write_past_the_output_is_an_emulator_error(tmp_path, monkeypatch):
-    # Without its column guard the epilogue writes y[m, N] for odd N: past the end of the
-    # buffer in the last row.
-    with_bug(tmp_path, monkeypatch, "packed_gemm.metal", "if (n + 1 < N) {", "if (true) {")
+    # Without its column guard the epilogue writes all 8 outputs of a lane: past the end of the
+    # buffer in the last row when N is not a multiple of 8.
+    with_bug(tmp_path, monkeypatch, "packed_gemm.metal", "if (n + e < N) {", "if (true) {")
     errors = failures("gemm", "binary", GEMM_SHAPES)
-    odd = {s for s in GEMM_SHAPES if s[1] % 2}
-    assert odd and odd <= set(errors)
-    assert all(isinstance(errors[s], EmulatorError) for s in odd)
-    assert all("past the end of output 'y'" in str(errors[s]) for s in odd)
+    ragged = {s for s in GEMM_SHAPES if s[1] % 8}
+    assert ragged and ragged <= set(errors)
+    assert all(isinstance(errors[s], EmulatorError) for s in ragged)
+    assert all("past the end of output 'y'" in str(errors[s]) for s in ragged)
 
 
-def test_ternary_dequantize_writing_the_padding_trits_is_an_emulator_error(tmp_path,
-                                                                            monkeypatch):
-    # When K is not a multiple of 5 the last byte of a ternary row holds padding trits:
-    # decoding them reads a scale past the row (and would write past it): out of bounds in
-    # the last row.
-    with_bug(tmp_path, monkeypatch, "packed.h", "if (k >= K) break;", "")
-    errors = failures("dequantize", "ternary", DEQUANTIZE_SHAPES)
-    assert set(errors) == {s for s in DEQUANTIZE_SHAPES if s[1] % 5}
-    assert all(isinstance(e, EmulatorError) and "past the end of input 'scales'" in str(e)
-               for e in errors.values())
+def test_dequantize_reading_the_next_groups_scale_is_an_emulator_error(tmp_path, monkeypatch):
+    # The scale of a thread's 16 outputs taken at their end, not their start: the last chunk of
+    # a row reads the scale after the row's last (past the end of the scales in the last row).
+    with_bug(tmp_path, monkeypatch, "dequantize.metal", "scales[n * groups + k / GROUP]",
+             "scales[n * groups + (k + 16) / GROUP]")
+    for fmt in ("binary", "ternary"):
+        errors = failures("dequantize", fmt, DEQUANTIZE_SHAPES)
+        assert set(errors) == set(DEQUANTIZE_SHAPES)
+        assert all(isinstance(e, EmulatorError) and "past the end of input 'scales'" in str(e)
+                   for e in errors.values())
 
 
-def test_gemv_reading_one_unit_too_far_is_an_emulator_error(tmp_path, monkeypatch):
-    # The lanes' loop runs one packed unit too far: the inputs of the unit past the row are
-    # read past the end of x (last row of x) and of the weight (last row of W).
-    with_bug(tmp_path, monkeypatch, "packed_gemv.metal", "unit < units_per_row;",
-             "unit <= units_per_row;")
+def test_gemv_reading_one_step_too_far_is_an_emulator_error(tmp_path, monkeypatch):
+    # The lanes' guard lets a lane start a slice at k = K: its inputs are read past the end
+    # of x (last row of x) and its weights past the end of W (last row of W).
+    with_bug(tmp_path, monkeypatch, "packed_gemv.metal", "if (k < K) {", "if (k <= K) {")
     errors = failures("gemv", "binary", GEMV_SHAPES)
     assert set(errors) == set(GEMV_SHAPES)
     assert all(isinstance(e, EmulatorError) and "past the end of input" in str(e)
                for e in errors.values())
 
 
-def test_ternary_gemm_reading_one_byte_too_far_is_an_emulator_error(tmp_path, monkeypatch):
-    # Without `j < 15` the W tile loader fetches the next byte after its last trit: past the
-    # row's end when K is a multiple of 5 (K = 640).
-    with_bug(tmp_path, monkeypatch, "packed.h", "if (++d == 5 && j < 15) {", "if (++d == 5) {")
-    errors = failures("gemm", "ternary", GEMM_SHAPES)
-    assert {s for s in GEMM_SHAPES if s[2] % 5 == 0} <= set(errors)
-    assert any("past the end of input 'w'" in str(e) for e in errors.values())
+def test_ternary_decoder_reading_a_byte_it_does_not_need_is_an_emulator_error(tmp_path,
+                                                                              monkeypatch):
+    # Without its guard the decoder of 8 weights always reads 3 bytes: the third is past the
+    # row when the chunk ends in the row's last byte (K = 640, the last row: past the buffer).
+    with_bug(tmp_path, monkeypatch, "packed.h", "if (5u * uint(j) < d + uint(L)) {",
+             "if (true) {")
+    errors = failures("gemv", "ternary", GEMV_SHAPES)
+    eight = {s for s in GEMV_SHAPES if s[0] > 4}  # M > 4: chunks of 8 weights
+    assert eight and set(errors) == eight
+    assert all(isinstance(e, EmulatorError) and "past the end of input 'w'" in str(e)
+               for e in errors.values())
 
 
 @pytest.mark.parametrize("kernel,file,old,new,shapes", [
-    ("gemv", "packed.h", "ulong(unit / 4)", "ulong((unit / 4) % 8)", GEMV_SHAPES),
-    ("gemm", "packed.h", "ulong(k0 / GROUP)", "ulong((k0 / GROUP) % 8)", GEMM_SHAPES),
-    ("dequantize", "packed.h", "ulong(unit / 4)", "ulong((unit / 4) % 8)", DEQUANTIZE_SHAPES),
+    ("gemv", "packed_gemv.metal", "k / GROUP", "(k / GROUP) % 8", GEMV_SHAPES),
+    ("gemm", "packed.h", "k0 / GROUP", "(k0 / GROUP) % 8", GEMM_SHAPES),
+    ("dequantize", "dequantize.metal", "k / GROUP", "(k / GROUP) % 8", DEQUANTIZE_SHAPES),
 ], ids=["gemv", "gemm", "dequantize"])
 def test_scale_index_wrapping_after_8_groups_is_caught_only_by_k_above_1024(
         tmp_path, monkeypatch, kernel, file, old, new, shapes):

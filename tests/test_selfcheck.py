@@ -7,7 +7,7 @@ import json
 import warnings
 
 from bonsai_mlx import kernels
-from bonsai_mlx.kernels import device, reference, selfcheck
+from bonsai_mlx.kernels import device, metal, reference, selfcheck
 from bonsai_mlx.kernels.device import Device
 from bonsai_mlx.kernels.selfcheck import KernelFallbackWarning
 
@@ -15,7 +15,7 @@ import kernel_doubles
 import mlx.core as mx
 import numpy as np
 import pytest
-from kernel_cases import make_input, make_weight, needs_cxx
+from kernel_cases import make_input, make_weight, needs_cxx, with_bug
 
 pytestmark = needs_cxx
 
@@ -114,6 +114,26 @@ def test_verdicts_are_cached_on_disk_and_a_corrupt_entry_is_a_miss(verdict_cache
             assert not selfcheck.usable("gemm", "binary", mx.float32)  # checked again
     assert kernel_doubles.CALLS == {"bonsai_packed_gemm": 4}
     assert json.loads(entry.read_text())["key"] == record["key"]  # rewritten whole
+
+
+def test_a_changed_kernel_source_is_checked_again(verdict_cache, tmp_path, monkeypatch):
+    # The cache key holds a hash of the kernel's sources (packed.h, its body, metal.py): a
+    # rewritten kernel is never judged by the verdict of the one it replaced.
+    with fake_metal(kernel_doubles.gemm_garbage), pytest.warns(KernelFallbackWarning):
+        assert not selfcheck.usable("gemm", "binary", mx.float32)
+    old_source = selfcheck.cache_key(device.current(), "gemm")["source"]
+    gemv_source = metal.source_hash("gemv")
+    with_bug(tmp_path, monkeypatch, "packed_gemm.metal", "// Fused packed GEMM",
+             "// (a changed comment)\n// Fused packed GEMM")
+    assert metal.source_hash("gemm") != old_source
+    assert metal.source_hash("gemv") == gemv_source  # the other kernels keep their verdicts
+    selfcheck.forget()
+    with fake_metal(kernel_doubles.gemm_garbage), warnings.catch_warnings(record=True) as c:
+        warnings.simplefilter("always")
+        assert not selfcheck.usable("gemm", "binary", mx.float32)
+    assert "(cached verdict)" not in fallback_warnings(c)[0]  # checked again, not read
+    assert kernel_doubles.CALLS == {"bonsai_packed_gemm": 2}
+    assert len(list(verdict_cache.glob("gemm-binary-float32-*.json"))) == 2
 
 
 def test_cache_folder_honours_xdg_and_the_override(monkeypatch, tmp_path):

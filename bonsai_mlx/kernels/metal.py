@@ -1,17 +1,21 @@
 """The Metal kernels for packed binary / ternary weights, through `mx.fast.metal_kernel`.
 
-Sources live in `metal/` (repo) or `bonsai_mlx/metal/` (wheel): `packed.h` (formats, tile
-sizes, decode helpers) and one body per kernel:
+Sources live in `metal/` (repo) or `bonsai_mlx/metal/` (wheel): `packed.h` (formats, decode
+helpers, tile sizes) and one body per kernel, designed after MLX's quantized kernels
+(docs/kernels.md says why each choice):
 
-- `packed_gemm.metal` ("gemm"): fused tiled GEMM, W tiles unpacked into threadgroup memory,
-  `simdgroup_matrix` 8x8 multiply-accumulate (any M; meant for M > 8);
-- `packed_gemv.metal` ("gemv"): small-M kernel (M <= 8), simd_sum reduction over K;
+- `packed_gemm.metal` ("gemm"): fused tiled GEMM, x and decoded W tiles staged in the
+  activation dtype, float `simdgroup_matrix` accumulation; BM = 64 rows per threadgroup, or
+  32 for M < 64 (template parameter);
+- `packed_gemv.metal` ("gemv"): small-M kernel (M <= 8, M a template parameter), x in
+  registers, simd_sum reduction over K;
 - `dequantize.metal` ("dequantize"): packed -> dense (N, K), for dequantize-then-`mx.matmul`.
 
 Each function takes `backend="metal"` (the factory of `device.current()`: `mx.fast.metal_kernel`
 on a Mac, or a test double) or `"emulator"` (the CPU emulator in `emulator.py`, used by the
 tests on Linux). Shapes and dtypes are checked before any launch (`BonsaiError`): a kernel
-never reads past a buffer because a caller passed a mismatched weight.
+never reads past a buffer because a caller passed a mismatched weight. The kernels use 32-bit
+offsets: larger problems are split into launches whose arrays have < 2^31 elements.
 """
 
 from __future__ import annotations
@@ -28,11 +32,16 @@ from bonsai_mlx.kernels.reference import GROUP_SIZE
 
 import mlx.core as mx
 
-GEMM_TILE = (64, 64)  # (BM, BN) in packed.h
+GEMM_BN = 64  # output features per threadgroup (packed.h: BN)
+GEMM_BM = 64  # rows per threadgroup (template parameter BM) ...
+GEMM_BM_NARROW = 32  # ... or this many for M < GEMM_BM: less padding in the last tile
 GEMM_THREADS = 128
 GEMV_MAX_M = 8
-GEMV_THREADS = 256  # 8 simdgroups
-GEMV_ROWS_PER_THREADGROUP = 8 * 4  # 8 simdgroups x GEMV_ROWS
+GEMV_THREADS = 64  # GEMV_SIMDGROUPS (2) x 32 lanes
+GEMV_ROWS_PER_THREADGROUP = 2 * 4  # GEMV_SIMDGROUPS x GEMV_ROWS
+DEQUANTIZE_CHUNK = 16  # outputs per thread
+DEQUANTIZE_THREADGROUP = (32, 4, 1)
+MAX_ELEMENTS = 2**31 - 1  # the kernels' offsets are 32-bit `int`
 ACTIVATION_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 KERNEL_FILES = {"gemv": "packed_gemv", "gemm": "packed_gemm", "dequantize": "dequantize"}
 
@@ -179,19 +188,29 @@ def _pad_rows(packed: mx.array, scales: mx.array) -> tuple[mx.array, mx.array]:
     return packed, scales
 
 
+def gemm_rows(m: int) -> int:
+    """Rows per threadgroup of the tiled GEMM for an M-row problem (template parameter BM)."""
+    return GEMM_BM if m >= GEMM_BM else GEMM_BM_NARROW
+
+
 def matmul_launch(x2: mx.array, packed: mx.array, scales: mx.array, kernel: str) -> Launch:
     """The launch of "gemv" or "gemm" for x2 (M, K) and a checked, row-padded weight."""
     m = x2.shape[0]
     rows = packed.shape[0]
     if kernel == "gemv":
-        threads = GEMV_THREADS
-        grid = (-(-rows // GEMV_ROWS_PER_THREADGROUP) * threads, 1, 1)
-    else:
-        bm, bn = GEMM_TILE
-        threads = GEMM_THREADS
-        grid = (-(-rows // bn) * threads, -(-m // bm), 1)
-    return Launch(kernel, (x2, packed, scales), (("T", x2.dtype),), grid, (threads, 1, 1),
-                  ((m, rows),), (x2.dtype,))
+        grid = (-(-rows // GEMV_ROWS_PER_THREADGROUP) * GEMV_THREADS, 1, 1)
+        return Launch(kernel, (x2, packed, scales), (("T", x2.dtype), ("M", m)), grid,
+                      (GEMV_THREADS, 1, 1), ((m, rows),), (x2.dtype,))
+    bm = gemm_rows(m)
+    grid = (-(-rows // GEMM_BN) * GEMM_THREADS, -(-m // bm), 1)
+    return Launch(kernel, (x2, packed, scales), (("T", x2.dtype), ("BM", bm)), grid,
+                  (GEMM_THREADS, 1, 1), ((m, rows),), (x2.dtype,))
+
+
+def _row_blocks(rows: int, row_elements: int) -> list[tuple[int, int]]:
+    """[start, stop) blocks of `rows` such that rows x row_elements < 2^31 in each."""
+    step = max(1, MAX_ELEMENTS // max(1, row_elements))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 def packed_matmul(
@@ -220,8 +239,14 @@ def packed_matmul(
         raise ValueError(f"kernel must be 'gemv' or 'gemm', got {kernel!r}")
     if kernel == "gemv" and m > GEMV_MAX_M:
         raise ValueError(f"the small-M kernel handles at most {GEMV_MAX_M} rows, got {m}")
+    if packed.size > MAX_ELEMENTS:
+        raise BonsaiError(f"a packed weight of shape {packed.shape} has more than 2^31 - 1 "
+                          "elements, more than the Metal kernels address; split the layer")
     packed, scales = _pad_rows(packed, scales)
-    y = matmul_launch(x.reshape(m, k), packed, scales, kernel).run(backend)
+    x2 = x.reshape(m, k)
+    blocks = [matmul_launch(x2[a:b], packed, scales, kernel).run(backend)
+              for a, b in _row_blocks(m, max(k, packed.shape[0]))]
+    y = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks)
     if packed.shape[0] != n:
         y = y[:, :n]
     return y.reshape(*lead, n)
@@ -229,9 +254,9 @@ def packed_matmul(
 
 def dequantize_launch(packed: mx.array, scales: mx.array, dtype: mx.Dtype, k: int) -> Launch:
     """The launch of "dequantize" for a checked, row-padded weight."""
-    rows, units = packed.shape
-    return Launch("dequantize", (packed, scales), (("T", dtype),), (units, rows, 1), (32, 8, 1),
-                  ((rows, k),), (dtype,))
+    rows = packed.shape[0]
+    return Launch("dequantize", (packed, scales), (("T", dtype),),
+                  (k // DEQUANTIZE_CHUNK, rows, 1), DEQUANTIZE_THREADGROUP, ((rows, k),), (dtype,))
 
 
 def dequantize(
@@ -241,7 +266,9 @@ def dequantize(
     n, k = check_weight(packed, scales)
     _check_dtype(dtype, "an output dtype")
     packed, scales = _pad_rows(packed, scales)
-    w = dequantize_launch(packed, scales, dtype, k).run(backend)
+    blocks = [dequantize_launch(packed[a:b], scales[a:b], dtype, k).run(backend)
+              for a, b in _row_blocks(packed.shape[0], k)]
+    w = blocks[0] if len(blocks) == 1 else mx.concatenate(blocks)
     return w[:n] if packed.shape[0] != n else w
 
 

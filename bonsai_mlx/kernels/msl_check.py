@@ -81,15 +81,28 @@ def check_source(source: str, name: str = "kernel") -> None:
                             f"{proc.stderr.strip()[-6000:]}")
 
 
-def kernel_launches(dtype: mx.Dtype) -> dict[str, metal.Launch]:
-    """One launch per kernel x format at `dtype`, with arrays shaped as in real use."""
-    m, n, k = 16, 64, 256
+def kernel_launches(dtype: mx.Dtype) -> dict[str, list[metal.Launch]]:
+    """Every instantiation of every kernel x format at `dtype`, with arrays shaped as in real
+    use, grouped per kernel and format ("gemv/binary": M = 1 .. 8; "gemm/...": BM = 64 and
+    the narrow 32; "dequantize/...")."""
+    n, k = 64, 256
     launches = {}
     for fmt, packed in (("binary", mx.zeros((n, k // 32), mx.uint32)),
                         ("ternary", mx.zeros((n, -(-k // 5)), mx.uint8))):
         scales = mx.zeros((n, k // 128), mx.float16)
-        x = mx.zeros((m, k), dtype)
-        for kernel in ("gemv", "gemm"):
-            launches[f"{kernel}/{fmt}"] = metal.matmul_launch(x, packed, scales, kernel)
-        launches[f"dequantize/{fmt}"] = metal.dequantize_launch(packed, scales, dtype, k)
+        launches[f"gemv/{fmt}"] = [metal.matmul_launch(mx.zeros((m, k), dtype), packed, scales,
+                                                       "gemv")
+                                   for m in range(1, metal.GEMV_MAX_M + 1)]
+        launches[f"gemm/{fmt}"] = [metal.matmul_launch(mx.zeros((m, k), dtype), packed, scales,
+                                                       "gemm")
+                                   for m in (metal.GEMM_BM, metal.GEMM_BM_NARROW)]
+        launches[f"dequantize/{fmt}"] = [metal.dequantize_launch(packed, scales, dtype, k)]
     return launches
+
+
+def unit_source(launches: list[metal.Launch], spec: dict | None = None) -> str:
+    """One translation unit with every launch's kernel (instantiations of one kernel: the
+    shared header once, then each generated kernel, whose names differ by template values)."""
+    spec = spec or metal.kernel_spec(launches[0].kernel)
+    sources = [generated_source(launch, spec) for launch in launches]
+    return sources[0] + "".join(s.removeprefix(spec["header"]) for s in sources[1:])
