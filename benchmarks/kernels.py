@@ -28,19 +28,21 @@ from pathlib import Path
 
 # bonsai_mlx first: on Linux it preloads OpenBLAS before mlx.core is imported.
 from bonsai_mlx.kernels import DEQUANT_MIN_M, metal, reference
+from bonsai_mlx.models.transformer import KLEIN_4B
 from bonsai_mlx.weights import atomic_path
 
 import mlx.core as mx
 import numpy as np
 
-# W is (N, K): N outputs, K inputs. FLUX.2 [klein] 4B: width 3072, MLP hidden 9216.
+# W is (N, K): N outputs, K inputs. FLUX.2 [klein] 4B: width D 3072, MLP hidden F 9216.
+_D, _F = KLEIN_4B.inner_dim, KLEIN_4B.mlp_hidden_dim
 SHAPES = {
-    "attn": (3072, 3072),  # double-stream to_q/k/v, to_out, add_*_proj, to_add_out
-    "qkv": (9216, 3072),  # a stream's q, k, v in one matmul; single-stream modulation
-    "ff_in": (18432, 3072),  # double-stream feed-forward linear_in (SwiGLU, 2 x 9216)
-    "single_in": (27648, 3072),  # single-stream to_qkv_mlp_proj (3 x 3072 + 2 x 9216)
-    "ff_out": (3072, 9216),  # double-stream feed-forward linear_out
-    "single_out": (3072, 12288),  # single-stream to_out (3072 + 9216 inputs)
+    "attn": (_D, _D),  # double-stream to_q/k/v, to_out, add_*_proj, to_add_out
+    "qkv": (3 * _D, _D),  # a stream's q, k, v in one matmul; single-stream modulation
+    "ff_in": (2 * _F, _D),  # double-stream feed-forward linear_in (SwiGLU, 2 x F)
+    "single_in": (3 * _D + 2 * _F, _D),  # single-stream to_qkv_mlp_proj
+    "ff_out": (_D, _F),  # double-stream feed-forward linear_out
+    "single_out": (_D, _D + _F),  # single-stream to_out (D + F inputs)
 }
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 4096]
 FORMATS = ("binary", "ternary")

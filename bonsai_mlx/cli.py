@@ -39,7 +39,7 @@ __all__ = ["ALIASES", "cli", "default_dtype", "main", "parse_size", "resolve_mod
 DEFAULT_MODEL = "ternary"
 # What errors call the generation's settings: the options that set them.
 CLI_NAMES = {"prompt": "--prompt", "negative_prompt": "--negative-prompt",
-             "strength": "--strength", "image": "--image"}
+             "strength": "--strength", "image": "--image", "mask": "--mask"}
 
 _EXIT_USER_ERROR = 2
 _EXIT_INTERRUPTED = 130
@@ -139,12 +139,12 @@ dtype_option = click.option(
 @click.version_option(__version__, prog_name="bonsai-mlx")
 @verbose_option
 def cli() -> None:
-    """FLUX.2 [klein] 4B and its 1-bit / ternary Bonsai compressions on MLX.
+    """FLUX.2 [klein] (4B, 9B) and its 1-bit / ternary Bonsai compressions on MLX.
 
     \b
     First image:  bonsai-mlx gen -p "a bonsai tree in a misty forest, morning light"
-    Models:       ternary (default), binary, klein-4b, klein-base-4b,
-                  any Hugging Face repo id or a local folder
+    Models:       ternary (default), binary, klein-4b, klein-base-4b, klein-9b,
+                  klein-base-9b, klein-9b-kv, any Hugging Face repo id or a local folder
     """
 
 
@@ -312,7 +312,17 @@ def _lora_label(source: str) -> str:
 @click.option("--image", "images", multiple=True, metavar="PATH",
               help="Reference image for editing; repeat for several.")
 @click.option("--strength", type=float, default=None,
-              help="Image-to-image from one --image: 0 < strength <= 1 (1 = ignore the image).")
+              help="Image-to-image from one --image (or inpainting with --mask): "
+                   "0 < strength <= 1 (1 = ignore the image).")
+@click.option("--mask", metavar="PATH", default=None,
+              help="Inpaint the first --image: white = repaint, black = keep (same size as "
+                   "the image; --strength default 0.8).")
+@click.option("--vae", default=None, metavar="small|REPO|FOLDER",
+              help="Swap the VAE decoder, e.g. small (FLUX.2 small decoder); images are "
+                   "still encoded with the model's own encoder.")
+@click.option("--reference-kv-cache/--no-reference-kv-cache", default=None,
+              help="Compute the --image references once and reuse their attention keys and "
+                   "values [default: on for klein-9b-kv, off otherwise (an approximation)].")
 @dtype_option
 @click.option("--no-offload", is_flag=True,
               help="Keep the text encoder loaded after encoding (more memory, faster reruns).")
@@ -333,15 +343,17 @@ def _lora_label(source: str) -> str:
 @quiet_option
 @verbose_option
 def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
-        images, strength, dtype, no_offload, tile_vae, revision, loras, lora_ignore_unmatched,
-        tensor_parallel, preview_file, quiet) -> None:
-    """Generate images from a prompt (text-to-image, editing, image-to-image).
+        images, strength, mask, vae, reference_kv_cache, dtype, no_offload, tile_vae, revision,
+        loras, lora_ignore_unmatched, tensor_parallel, preview_file, quiet) -> None:
+    """Generate images from a prompt (text-to-image, editing, image-to-image, inpainting).
 
     \b
     bonsai-mlx gen -p "a red fox in the snow"
     bonsai-mlx gen -m binary -p "a red fox" --size 768x512 --seed 1 --seed 2 -o fox.png
     bonsai-mlx gen -p "make it night" --image photo.png
     bonsai-mlx gen -p "an oil painting" --image photo.png --strength 0.6
+    bonsai-mlx gen -p "a red balloon" --image photo.png --mask mask.png
+    bonsai-mlx gen -p "a red fox" --vae small
     bonsai-mlx gen -m binary -p "a fox, ink style" --lora ink.safetensors:0.8
     mlx.launch --backend ring -n 2 -- bonsai-mlx gen -p "a red fox" --seeds 4
 
@@ -358,16 +370,14 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     request = GenerationRequest.create(
         prompt, width=width, height=height, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, images=list(images) or None, strength=strength,
-        tiled_vae=tile_vae, names=CLI_NAMES,
+        tiled_vae=tile_vae, mask=mask, reference_kv_cache=reference_kv_cache, names=CLI_NAMES,
     )
     if loras and tensor_parallel:
         raise BonsaiError("--lora and --tensor-parallel do not combine yet: a LoRA is not "
                           "sharded; leave out --tensor-parallel (each process then makes a "
                           "share of the images with the LoRA)")
     plan = OutputPlan.from_option(output)
-    if preview_file is not None:
-        preview_file = Path(preview_file).expanduser()
-        check_preview_target(preview_file)
+    preview_file = check_preview_target(preview_file)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
     seed_list = seed_list or [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
@@ -383,10 +393,11 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         seed_list = distributed.broadcast_ints(seed_list, group)  # rank 0's random seeds
         t0 = time.perf_counter()
         pipe = _load_pipeline(model_id, revision, dtype, request, no_offload, show,
-                              tensor_parallel)
+                              tensor_parallel, vae)
         _apply_loras(pipe, lora_files, lora_ignore_unmatched, quiet)
         fields = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model_id,
-                  "images": ", ".join(Path(p).name for p in images) or None}
+                  "images": ", ".join(Path(p).name for p in images) or None,
+                  "mask": Path(mask).name if mask else None, "vae": vae}
         _generate_all(pipe, request, seed_list, plan, fields, group,
                       group.size() > 1 and not tensor_parallel, show,
                       None if quiet else time.perf_counter() - t0, preview_file)
@@ -441,19 +452,22 @@ def _made(jobs: list, make, group, data_parallel: bool) -> Iterator[tuple[object
 
 
 def _load_pipeline(model_id: str, revision: str | None, dtype: str, request, no_offload: bool,
-                   show: bool, tensor_parallel: bool = False):
-    """Download (or find) the model, check that the request fits in memory, load it."""
+                   show: bool, tensor_parallel: bool = False, vae: str | None = None):
+    """Download (or find) the model, check that the request fits in memory, load it (with
+    `vae`'s decoder)."""
     from bonsai_mlx.layout import ALLOW_PATTERNS
     from bonsai_mlx.memory import check_memory
     from bonsai_mlx.pipeline import Pipeline
 
     with _hub_progress(show):
         root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
-    references = () if request.strength is not None else tuple(im.size for im in request.images)
+    # inpainting's image is a reference too; image-to-image's is not
+    references = (() if request.strength is not None and request.mask is None
+                  else tuple(im.size for im in request.images))
     check_memory(root, request.width, request.height, dtype=dtype, tiled_vae=request.tiled_vae,
                  reference_sizes=references)
     return Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload,
-                                    tensor_parallel=tensor_parallel)
+                                    tensor_parallel=tensor_parallel, vae=vae)
 
 
 def _generate(pipe, request, progress: _Progress):

@@ -16,9 +16,10 @@ Sources (a local folder or a Hugging Face repo id):
   (a model not trained for binary / ternary weights loses quality);
 - a folder saved by bonsai-mlx (re-trim, or change the dense layers to 8-bit).
 
-The text encoder keeps only the layers up to the deepest one FLUX.2 reads (9, 18, 27 of
-Qwen3-4B's 36), MLX affine 4-bit by default. Everything is written into a temporary folder
-and renamed into place (`Pipeline.save_pretrained`). `bonsai-mlx convert` is the CLI.
+The text encoder keeps only the layers up to the deepest one FLUX.2 reads (9, 18, 27 of the
+36 of Qwen3-4B and Qwen3-8B), MLX affine 4-bit by default. Everything is written into a
+temporary folder and renamed into place (`Pipeline.save_pretrained`). `bonsai-mlx convert`
+is the CLI.
 """
 
 from __future__ import annotations
@@ -110,19 +111,23 @@ def convert(
     text_encoder_bits: int = 4,
     overwrite: bool = False,
     revision: str | None = None,
+    vae: str | Path | None = None,
     echo: Callable[[str], None] | None = print,
 ) -> ConversionReport:
     """Convert the pipeline `src` (folder or repo id) into bonsai-mlx's layout at `dst`.
 
-    - `fmt`: "binary" or "ternary" packs the transformer's 100 big linear layers (exactly when
-      their weights already take those values, else absmean with a warning); None (default)
-      keeps the transformer as it is (dense or packed). A packed source must be asked for
-      its own format (or None).
+    - `fmt`: "binary" or "ternary" packs the transformer's big linear layers (12 per double
+      block, 2 per single block: 100 in the 4B, 144 in the 9B), exactly when their weights
+      already take those values, else absmean with a warning; None (default) keeps the
+      transformer as it is (dense or packed). A packed source must be asked for its own
+      format (or None).
     - `dense_bits`: 16 keeps the other transformer layers in the checkpoint's float dtype;
       8 makes their Linear layers MLX affine 8-bit (group 64).
     - `text_encoder_bits`: 4 (default), 3 or 8 (MLX affine, group 64), or 16 (float); the
       encoder keeps only the layers the pipeline reads. A quantised source encoder (the
       Bonsai packs: 4-bit) can only be kept at its own width.
+    - `vae`: write this VAE decoder instead of the source's (`"small"`: FLUX.2's small
+      decoder; a repo or folder), with the source's encoder (`Pipeline.from_pretrained`).
     - `overwrite`: replace an existing `dst` (otherwise an error); only a model folder that
       is not a source, the current or the home folder (`layout.check_destination`).
     `echo` receives progress lines and the byte table (None: silent). Returns the report.
@@ -139,7 +144,7 @@ def convert(
     # The checkpoint's own float dtype: fp16 / bf16 values load (and save) unchanged.
     dtype = checkpoint_float_dtype(root / LAYOUTS[layout]["transformer"])
     say(f"loading {root} ({layout}, {str(dtype).removeprefix('mlx.core.')})")
-    pipe = Pipeline.from_pretrained(root, dtype=dtype)
+    pipe = Pipeline.from_pretrained(root, dtype=dtype, vae=vae)
     have = packed_format(pipe.transformer)
     have = have if have in PACKED_LINEAR else None
     method = _pack(pipe.transformer, src, have, fmt, dense_bits, layout, say)
@@ -195,15 +200,19 @@ def _pack(model: Flux2Transformer, src: str | Path, have: str | None, fmt: str |
 @click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["binary", "ternary"]), default=None,
-              help="Pack the transformer's 100 big layers. Omit to keep it as it is.")
+              help="Pack the transformer's big linear layers (4B: 100, 9B: 144). Omit "
+                   "to keep it as it is.")
 @click.option("--dense-bits", type=click.Choice(["16", "8"]), default="16", show_default=True,
               help="The other transformer layers: 16-bit, or MLX affine 8-bit.")
 @click.option("--text-encoder-bits", type=click.Choice(["4", "3", "8", "16"]), default="4",
               show_default=True, help="MLX affine bits of the (trimmed) text encoder.")
+@click.option("--vae", default=None, metavar="small|REPO|FOLDER",
+              help="Write this VAE decoder instead (small: FLUX.2 small decoder); the "
+                   "encoder stays SRC's.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SRC.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the byte table.")
-def convert_command(src, dst, fmt, dense_bits, text_encoder_bits, overwrite, revision,
+def convert_command(src, dst, fmt, dense_bits, text_encoder_bits, vae, overwrite, revision,
                     quiet) -> None:
     """Convert SRC (a folder or Hugging Face repo id: diffusers FLUX.2 [klein], a Bonsai
     `*-unpacked` repo or a Bonsai MLX pack) into bonsai-mlx's layout at DST, and report the
@@ -212,10 +221,11 @@ def convert_command(src, dst, fmt, dense_bits, text_encoder_bits, overwrite, rev
     \b
     bonsai-mlx convert prism-ml/bonsai-image-binary-4B-mlx-1bit bonsai-binary
     bonsai-mlx convert ./klein-ternary-unpacked out --format ternary --dense-bits 8
+    bonsai-mlx convert klein-4b klein-small-decoder --vae small
     """
     report = convert(src, dst, fmt, dense_bits=int(dense_bits),
                      text_encoder_bits=int(text_encoder_bits), overwrite=overwrite,
-                     revision=revision,
+                     revision=revision, vae=vae,
                      echo=None if quiet else lambda s: click.echo(s, err=True))
     if quiet:
         click.echo(report.table())

@@ -152,6 +152,23 @@ def prepare_image(image: PIL.Image.Image, name: object = None) -> PIL.Image.Imag
     return image.convert("RGB")
 
 
+def prepare_inpaint_image(image: PIL.Image.Image, name: object = None,
+                          width: int | None = None, height: int | None = None
+                          ) -> PIL.Image.Image:
+    """The image to inpaint, as Flux2KleinInpaintPipeline prepares it; an RGB PIL image.
+
+    Larger than 1 MP: shrunk to about 1 MP as in `prepare_image`; then LANCZOS-resized (not
+    cropped: the mask must stay aligned) to multiples of 16, or to `width` x `height`.
+    """
+    resized = _resized(*image.size, name)
+    if resized != image.size:
+        image = image.resize(resized, LANCZOS)
+    w, h = resized
+    size = (w // MULTIPLE * MULTIPLE if width is None else width,
+            h // MULTIPLE * MULTIPLE if height is None else height)
+    return image.resize(size, LANCZOS).convert("RGB")
+
+
 def image_to_array(image: PIL.Image.Image) -> np.ndarray:
     """RGB PIL image -> float32 (H, W, 3) in [-1, 1]."""
     return 2.0 * (np.asarray(image).astype(np.float32) / 255.0) - 1.0

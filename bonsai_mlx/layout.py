@@ -27,7 +27,9 @@ ALLOW_PATTERNS = [
     "transformer-packed-mflux/*.json", "transformer-packed-mflux/*.safetensors",
     "text_encoder-mlx-4bit/*.json", "text_encoder-mlx-4bit/*.safetensors",
 ]
-PIPELINE_CLASSES = ("Flux2KleinPipeline",)
+# model_index.json `_class_name`s we run; the KV one turns reference_kv_cache on by default
+PIPELINE_CLASSES = ("Flux2KleinPipeline", "Flux2KleinKVPipeline", "Flux2KleinInpaintPipeline")
+KV_PIPELINE_CLASS = "Flux2KleinKVPipeline"
 DIFFUSERS_COMPONENTS = {  # model_index.json entries of a saved pipeline
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
     "text_encoder": ["transformers", "Qwen3ForCausalLM"],

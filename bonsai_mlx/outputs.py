@@ -19,7 +19,7 @@ from PIL.PngImagePlugin import PngInfo
 
 # The text keys an image's settings are stored under (and read back by the studio).
 SETTINGS_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "size", "model",
-                 "strength", "images", "loras")
+                 "strength", "images", "mask", "vae", "loras")
 PREVIEW_KEY = "bonsai-mlx-preview"  # the text chunk that marks a preview file as ours
 
 
@@ -58,6 +58,7 @@ def image_file_name(prompt: str, seed: int) -> str:
 
 def generation_metadata(pipe, request, image: PIL.Image.Image, *, prompt: str,
                         negative_prompt: str | None, model: str, images: str | None = None,
+                        mask: str | None = None, vae: str | None = None,
                         loras: str | None = None) -> dict[str, object]:
     """The text fields of an image as the pipeline made it from `request` (seeded): the
     model's default steps when none were given (the schedule's length; image-to-image runs
@@ -71,7 +72,8 @@ def generation_metadata(pipe, request, image: PIL.Image.Image, *, prompt: str,
         "steps": request.steps or pipe.default_steps,
         "guidance": guidance,
         "size": f"{image.width}x{image.height}", "model": model,
-        "strength": request.strength, "images": images, "loras": loras or None,
+        "strength": request.strength, "images": images, "mask": mask, "vae": vae,
+        "loras": loras or None,
         "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
     }
 
@@ -145,14 +147,18 @@ def read_png_metadata(path: str | Path) -> dict[str, str]:
 # ---- live previews: the one file bonsai-mlx overwrites ---------------------------------
 
 
-def check_preview_target(path: Path) -> None:
+def check_preview_target(path: str | Path | None) -> Path | None:
     """`gen --preview FILE` overwrites FILE at every step, so FILE must be a new .png or
-    a preview bonsai-mlx wrote before (marked by its PREVIEW_KEY text chunk)."""
+    a preview bonsai-mlx wrote before (marked by its PREVIEW_KEY text chunk); returns it as
+    a Path (None for None)."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
     if path.suffix.lower() != ".png":
         raise BonsaiError(f"--preview {path}: previews are PNG files; use a name ending "
                           "in .png")
     if not path.exists() and not path.is_symlink():
-        return
+        return path
     try:
         ours = (path.is_file() and not path.is_symlink()
                 and PREVIEW_KEY in read_png_metadata(path))
@@ -161,6 +167,7 @@ def check_preview_target(path: Path) -> None:
     if not ours:
         raise BonsaiError(f"--preview {path} exists and is not a bonsai-mlx preview; it "
                           "would be overwritten at every step: choose another file")
+    return path
 
 
 def write_preview(image: PIL.Image.Image, path: Path, step: int, total: int) -> None:

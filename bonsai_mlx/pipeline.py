@@ -8,13 +8,16 @@ the prompt (Qwen3, evicted afterwards), draw noise in the patchified latent spac
 (B, 128, H/16, W/16) and pack it row-major into tokens, run the FlowMatch Euler schedule
 (with classifier-free guidance for base models), un-normalise, unpatchify and decode.
 Reference images for editing are encoded, normalised and appended after the noise tokens
-with time coordinate 10 + 10 i; they are never noised.
+with time coordinate 10 + 10 i; they are never noised. With `reference_kv_cache` (diffusers'
+`Flux2KleinKVPipeline`) they run once, alone, and every step attends to their cached keys and
+values instead. Inpainting (`Flux2KleinInpaintPipeline`) starts from the noised image, puts
+its kept region back after every step (bonsai_mlx/inpaint.py) and shows it to the model as
+the first reference.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -25,17 +28,18 @@ from bonsai_mlx import distributed, lora
 from bonsai_mlx.checks import check_prompts
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import LANCZOS, MULTIPLE, ImageInput, image_to_array, to_pil
+from bonsai_mlx.inpaint import KnownRegion, MaskInput
 from bonsai_mlx.layout import (
     ALLOW_PATTERNS,
-    DIFFUSERS_COMPONENTS,
+    KV_PIPELINE_CLASS,
     LAYOUTS,
-    PIPELINE_CLASSES,
     SHARED_DIRS,
     check_destination,
     detect_layout,
 )
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import ContextMemo, Flux2Transformer, Rope
+from bonsai_mlx.models.transformer_layers import ReferenceKV
 from bonsai_mlx.models.vae import VAE
 from bonsai_mlx.request import GenerationRequest, GenerationResult
 from bonsai_mlx.scheduler import (
@@ -45,17 +49,15 @@ from bonsai_mlx.scheduler import (
     euler_step,
     img2img_start_index,
     make_schedule,
+    noise_latents,
 )
 from bonsai_mlx.weights import (
     atomic_dir,
     check_no_custom_code,
     check_writable,
-    load_weights,
     parse_dtype,
     read_json,
     resolve_model_path,
-    save_safetensors,
-    write_json,
 )
 
 import mlx.core as mx
@@ -74,9 +76,10 @@ class Pipeline:
     """FLUX.2 [klein]: `from_pretrained`, `generate`, `encode_prompt`.
 
     After each `generate`, `last_timings` holds seconds per stage (`encode`, `images` when
-    images were encoded, `steps` as a list, `decode`), `last_peak_memory` the peak MLX
-    memory in bytes and `last_seed` the seed used. `parallel` says how a call is spread
-    over the ranks of `mlx.launch` (docs/distributed.md).
+    images were encoded, `reference_kv` when reference keys and values were cached, `steps`
+    as a list, `decode`), `last_peak_memory` the peak MLX memory in bytes (of which
+    `last_decode_peak_memory` during decoding) and `last_seed` the seed used. `parallel`
+    says how a call is spread over the ranks of `mlx.launch` (docs/distributed.md).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class Pipeline:
         scheduler_config: SchedulerConfig,
         *,
         is_distilled: bool,
+        reference_kv_cache: bool = False,
     ):
         self.transformer = transformer
         self.vae = vae
@@ -96,8 +100,11 @@ class Pipeline:
         self.latent_channels = transformer.config.in_channels  # of the packed 2x2 patches
         self.default_steps = 4 if self.is_distilled else 50
         self.default_guidance = 1.0 if self.is_distilled else 4.0
+        # generate's default: keep the reference images' keys and values (FLUX.2 [klein] KV)
+        self.reference_kv_cache = bool(reference_kv_cache)
         self.last_timings: dict[str, float | list[float]] = {}
         self.last_peak_memory: int | None = None
+        self.last_decode_peak_memory: int | None = None
         self.last_seed: int | None = None
         self.source: Path | None = None  # the folder from_pretrained read (save_pretrained)
         self.parallel = distributed.Parallel()  # one process unless from_pretrained says so
@@ -114,17 +121,20 @@ class Pipeline:
         *,
         keep_text_encoder: bool = False,
         prompt_cache_dir: str | Path | None = None,
+        vae: str | Path | None = None,
         tensor_parallel: bool = False,
         data_parallel: bool = False,
     ) -> Pipeline:
         """Load a diffusers `Flux2KleinPipeline` folder or a Bonsai MLX pack.
 
         `path_or_repo_id` is a local folder, a Hugging Face repo id or an alias (`ternary`,
-        `binary`, `klein-4b`, `klein-base-4b`); only the files used are downloaded, and
-        HF_HUB_OFFLINE and the cache are respected. `dtype` is the compute dtype of all three
-        models (`"auto"`: bfloat16 on a GPU, float32 on the CPU). The text encoder is released
-        after each prompt encoding unless `keep_text_encoder`; `prompt_cache_dir` caches
-        prompt embeddings on disk.
+        `binary`, `klein-4b`, `klein-base-4b`, `klein-9b`, `klein-base-9b`, `klein-9b-kv`);
+        only the files used are downloaded, and HF_HUB_OFFLINE and the cache are respected.
+        `dtype` is the compute dtype of all three models (`"auto"`: bfloat16 on a GPU,
+        float32 on the CPU). The text encoder is released after each prompt encoding unless
+        `keep_text_encoder`; `prompt_cache_dir` caches prompt embeddings on disk. `vae`
+        swaps the VAE decoder: `"small"` (FLUX.2's small decoder), a Hub repo or a folder;
+        images are still encoded with the model's own encoder.
 
         Under `mlx.launch` (docs/distributed.md), with every rank running the same calls:
         `tensor_parallel` shards the transformer across the ranks (each image faster);
@@ -144,15 +154,19 @@ class Pipeline:
         scheduler = SchedulerConfig.from_pretrained(root / "scheduler")
         # dense, or packed (our layout or a Bonsai MLX 1-/2-bit pack, converted exactly)
         transformer = Flux2Transformer.from_pretrained(root / dirs["transformer"], dtype=dtype)
-        vae = VAE.from_pretrained(root / "vae", dtype=dtype)
+        vae = (VAE.from_pretrained(root / "vae", dtype=dtype) if vae is None else
+               VAE.from_pretrained(vae, dtype=dtype, encoder=root / "vae"))
         prompt_encoder = PromptEncoder.from_pretrained(
             root / dirs["text_encoder"], root / "tokenizer", dtype=dtype,
             keep_loaded=keep_text_encoder, cache_dir=prompt_cache_dir,
         )
         _check_fit(root, transformer, vae)
-        # Bonsai packs are compressions of the distilled FLUX.2 [klein] 4B.
-        distilled = index.get("is_distilled", layout == "bonsai-mlx-pack")
-        pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled))
+        # Bonsai packs compress the distilled FLUX.2 [klein] 4B; diffusers' KV pipeline is
+        # distilled without saying so in model_index.json.
+        is_kv = index.get("_class_name") == KV_PIPELINE_CLASS
+        distilled = index.get("is_distilled", layout == "bonsai-mlx-pack" or is_kv)
+        pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled),
+                   reference_kv_cache=is_kv)
         pipe.source = root
         if tensor_parallel:
             distributed.use_tensor_parallel(pipe)
@@ -201,37 +215,11 @@ class Pipeline:
             raise BonsaiError(f"LoRAs are loaded ({', '.join(self.loras)}); unload_lora() "
                               "first, or fuse_lora() on a dense model to save them merged")
         check_writable(dst.parent, hint="choose another folder")
-        with atomic_dir(dst, overwrite=overwrite) as tmp:
-            self._write(tmp, text_encoder_bits, transformer_dtype, vae_dtype)
-        return dst
+        from bonsai_mlx.saving import write_pipeline
 
-    def _write(self, folder: Path, text_encoder_bits, transformer_dtype, vae_dtype) -> None:
-        source = self.source  # not None: save_pretrained checked
-        index_path = source / "model_index.json"
-        index = read_json(index_path) if index_path.is_file() else {}
-        index = {k: v for k, v in index.items() if not k.startswith("bonsai_mlx")}
-        index.update({"_class_name": PIPELINE_CLASSES[0], "is_distilled": self.is_distilled})
-        for name, entry in DIFFUSERS_COMPONENTS.items():
-            index.setdefault(name, entry)
-        quant = self.transformer.save_pretrained(folder / "transformer", dtype=transformer_dtype)
-        text = self.prompt_encoder.save_pretrained(folder / "text_encoder",
-                                                   bits=text_encoder_bits)
-        save_vae_files(source / "vae", folder / "vae", vae_dtype)
-        (folder / "tokenizer").mkdir()
-        for f in sorted(Path(self.prompt_encoder.tokenizer_dir).iterdir()):
-            if f.is_file():
-                shutil.copyfile(f, folder / "tokenizer" / f.name)
-        scheduler_file = source / "scheduler" / "scheduler_config.json"
-        scheduler = (read_json(scheduler_file) if scheduler_file.is_file()
-                     else {"_class_name": "FlowMatchEulerDiscreteScheduler",
-                           **dataclasses.asdict(self.scheduler_config)})
-        write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
-        index["bonsai_mlx"] = {
-            "transformer": quant.get("format", "dense"),
-            "text_encoder_bits": (text.get("quantization") or {}).get("bits", 16),
-            "text_encoder_out_layers": list(self.prompt_encoder.out_layers),
-        }
-        write_json(folder / "model_index.json", index)
+        with atomic_dir(dst, overwrite=overwrite) as tmp:
+            write_pipeline(self, tmp, text_encoder_bits, transformer_dtype, vae_dtype)
+        return dst
 
     # ---- prompts --------------------------------------------------------------------
 
@@ -295,6 +283,8 @@ class Pipeline:
         sigmas: Sequence[float] | None = None,
         tiled_vae: bool | None = None,
         preview: bool = False,
+        mask: MaskInput | None = None,
+        reference_kv_cache: bool | None = None,
     ) -> PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | mx.array:
         """Generate images.
 
@@ -304,17 +294,26 @@ class Pipeline:
           models (classifier-free guidance with `negative_prompt`, default ""). Guidance on
           a distilled model is ignored, with a warning.
         - `seed`: same seed, same machine -> identical image. `latents` (B, 128, H/16, W/16),
-          diffusers' layout, replaces the seeded noise.
+          diffusers' layout, replaces the seeded noise (with `strength` it is noised into
+          the image as that noise; diffusers' inpainting instead starts from `latents`).
         - `images`: reference images (PIL images or paths) for editing; with `strength` in
           (0, 1], exactly one image is the start of image-to-image instead.
+        - `mask`: inpainting (diffusers' Flux2KleinInpaintPipeline): white = repaint, black =
+          keep; a PIL image, a path or a (H, W) array, the size of `images[0]`, the image to
+          repaint (resized, not cropped, to multiples of 16, or to `width` x `height`);
+          further images are references. `strength` defaults to 0.8.
+        - `reference_kv_cache`: run the reference images once, keep their attention keys and
+          values, and give later steps only the text and noise tokens (FLUX.2 [klein] KV,
+          `Flux2KleinKVPipeline`). Default: on for models whose model_index.json names that
+          pipeline, else off. On other models it is an approximation (references then see
+          neither text nor noise), faster with several references.
         - `num_images` per prompt; a list of prompts gives a batch.
         - `output_type`: "pil" (an image, or a list for a batch), "np" (float32 (B, H, W, 3)
           in [0, 1]) or "mx".
         - `callback(step, total, latents)` after each step, latents (B, 128, H/16, W/16);
-          raising `GenerationCancelled` in it stops the generation. With `preview=True`
-          it is called as `callback(step, total, latents, preview)`: `preview` is a small
-          RGB picture (H/8 x W/8, a PIL image, or a list for a batch) of the model's
-          current estimate of the final image (`bonsai_mlx.preview`).
+          raising `GenerationCancelled` in it stops the generation. `preview=True` adds a
+          4th argument: a small RGB picture (H/8 x W/8, PIL; a list for a batch) of the
+          model's current estimate of the final image (`bonsai_mlx.preview`).
         - `sigmas`: a custom schedule (the configured shift still applies).
         - `tiled_vae`: force tiled (True) or untiled (False) decoding; default automatic.
         """
@@ -322,6 +321,7 @@ class Pipeline:
             prompt, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
             latents=latents, images=images, strength=strength, negative_prompt=negative_prompt,
             num_images=num_images, output_type=output_type, sigmas=sigmas, tiled_vae=tiled_vae,
+            mask=mask, reference_kv_cache=reference_kv_cache,
         )
         return self.run(request, callback, preview=preview).output(request.output_type)
 
@@ -335,11 +335,17 @@ class Pipeline:
         timings: dict[str, float | list[float]] = {}
         x, seed = self._sample(request, timings, callback, preview)
         mx.clear_cache()  # the conditioning and the transformer's activations are gone
+        # the decode's own peak is kept apart (the small decoder's saving); the whole call's
+        # is the larger one
+        peak = mx.get_peak_memory()
+        mx.reset_peak_memory()
         t0 = time.perf_counter()
         images = self.parallel.decode(lambda: self._decode(x, request), request.batch)
         timings["decode"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
-        result = GenerationResult(images, seed, timings, int(mx.get_peak_memory()))
+        self.last_decode_peak_memory = int(mx.get_peak_memory())
+        result = GenerationResult(images, seed, timings,
+                                  max(int(peak), self.last_decode_peak_memory))
         self.last_timings, self.last_peak_memory, self.last_seed = timings, result.peak_memory, seed
         mx.clear_cache()
         return result
@@ -445,29 +451,54 @@ class Pipeline:
     def _start_latents(self, request: GenerationRequest, noise: mx.array, steps: int,
                        timings: dict) -> StartLatents:
         """Where denoising starts: the noise, or with input images the editing references
-        beside it, or for image-to-image the noised image at the schedule's first sigma."""
+        beside it, or for image-to-image the noised image at the schedule's first sigma;
+        inpainting is both, and keeps the unmasked region."""
         h, w = request.height // MULTIPLE, request.width // MULTIPLE
         schedule = make_schedule(self.scheduler_config, steps, h * w, sigmas=request.sigmas)
         start = StartLatents(noise, None, latent_ids(h, w), schedule)
         if not request.images:
             return start
         t0 = time.perf_counter()
-        if request.strength is None:
-            refs, ref_ids = self._encode_references(request.images, noise.shape[0])
-            start = dataclasses.replace(start, refs=refs,
-                                        ids=np.concatenate([start.ids, ref_ids], axis=0))
-        else:
+        if request.strength is not None:
             # strength > 0 always leaves at least the last step to run
             schedule = schedule.start_at(img2img_start_index(schedule.num_steps,
                                                              request.strength))
+            start = dataclasses.replace(start, schedule=schedule)
+        refs = ref_ids = None
+        if request.strength is None or request.mask is not None:  # editing, inpainting
+            refs, ref_ids = self._encode_references(request.images)
+        if request.mask is not None:  # the image to repaint is the first reference
+            z = refs[:, : h * w]
+            start = dataclasses.replace(
+                start, x=noise_latents(z, noise, float(schedule.sigmas[0])),
+                known=KnownRegion(z, noise, mx.array(request.mask)))
+        elif request.strength is not None:  # image-to-image
             init = request.images[0]
             if init.size != (request.width, request.height):
                 init = init.resize((request.width, request.height), LANCZOS)
             x = noise_latents(self._encode_image(init), noise, float(schedule.sigmas[0]))
-            start = dataclasses.replace(start, x=x, schedule=schedule)
+            start = dataclasses.replace(start, x=x)
         self.vae.unload_encoder()
         timings["images"] = time.perf_counter() - t0
-        return start
+        if refs is None:
+            return start
+        return self._with_references(start, refs, ref_ids, request, timings)
+
+    def _with_references(self, start: StartLatents, refs: mx.array, ref_ids: np.ndarray,
+                         request: GenerationRequest, timings: dict) -> StartLatents:
+        """Reference tokens (1, R, C) as the transformer takes them: appended after the noise
+        tokens, or, with reference KV caching, run once and kept as keys and values."""
+        use_kv = (self.reference_kv_cache if request.reference_kv_cache is None
+                  else request.reference_kv_cache)
+        if not use_kv:
+            rows = start.x.shape[0]  # this rank's images (data-parallel: a share)
+            return dataclasses.replace(
+                start, refs=mx.broadcast_to(refs, (rows, *refs.shape[1:])),
+                ids=np.concatenate([start.ids, ref_ids], axis=0))
+        t0 = time.perf_counter()
+        kv = self.transformer.reference_kv(refs, ref_ids)
+        timings["reference_kv"] = time.perf_counter() - t0
+        return dataclasses.replace(start, kv=kv)
 
     def _denoise(self, start: StartLatents, cond: Conditioning,
                  guidance: float | None) -> Iterator[mx.array]:
@@ -480,17 +511,19 @@ class Pipeline:
         for i in range(schedule.num_steps):
             inputs = x if start.refs is None else mx.concatenate([x, start.refs], axis=1)
             t = schedule.model_timestep(i)
-            v = self._velocity(inputs, cond.positive, t, rope, memo, n)
+            v = self._velocity(inputs, cond.positive, t, rope, memo, n, start.kv)
             if guidance is not None:
-                v_neg = self._velocity(inputs, cond.negative, t, rope, memo, n)
+                v_neg = self._velocity(inputs, cond.negative, t, rope, memo, n, start.kv)
                 v = v_neg + guidance * (v - v_neg)
             x = euler_step(x, v, float(schedule.sigmas[i]), float(schedule.sigmas[i + 1]))
+            if start.known is not None:
+                x = start.known.blend(x, float(schedule.sigmas[i + 1]))
             yield x
 
     def _velocity(self, inputs: mx.array, context: mx.array, t: float, rope: Rope,
-                  memo: ContextMemo, n: int) -> mx.array:
+                  memo: ContextMemo, n: int, kv: list[ReferenceKV] | None) -> mx.array:
         """The transformer's prediction for the n image tokens, float32."""
-        v = self.transformer(inputs, context, t, rope=rope, context_memo=memo)
+        v = self.transformer(inputs, context, t, rope=rope, context_memo=memo, reference_kv=kv)
         return v[:, :n].astype(mx.float32)
 
     def _decode(self, x: mx.array, request: GenerationRequest) -> mx.array:
@@ -524,18 +557,16 @@ class Pipeline:
         mx.eval(p)
         return p.reshape(1, -1, p.shape[-1])
 
-    def _encode_references(self, images: Sequence[PIL.Image.Image],
-                           batch: int) -> tuple[mx.array, np.ndarray]:
-        """Editing references as tokens (B, n, C) and their ids, time 10 + 10 i for image i."""
+    def _encode_references(self, images: Sequence[PIL.Image.Image]
+                           ) -> tuple[mx.array, np.ndarray]:
+        """Reference images as tokens (1, R, C) and their ids, time 10 + 10 i for image i."""
         tokens, ids = [], []
         for i, image in enumerate(images):
-            tokens.append(self._encode_image(image)[0])
+            tokens.append(self._encode_image(image))
             w, h = image.size
             ids.append(latent_ids(h // MULTIPLE, w // MULTIPLE,
                                   t=REFERENCE_TIME_STEP + REFERENCE_TIME_STEP * i))
-        refs = mx.concatenate(tokens, axis=0)
-        refs = mx.broadcast_to(refs[None], (batch, *refs.shape))
-        return refs, np.concatenate(ids, axis=0)
+        return mx.concatenate(tokens, axis=1), np.concatenate(ids, axis=0)
 
 
 @dataclass
@@ -560,6 +591,8 @@ class StartLatents:
     refs: mx.array | None  # (B, n, C) editing reference tokens, never noised
     ids: np.ndarray  # position ids of the image tokens, then the references'
     schedule: Schedule
+    kv: list[ReferenceKV] | None = None  # the references as cached keys and values instead
+    known: KnownRegion | None = None  # inpainting: what is kept, put back after each step
 
 
 def _check_fit(root: Path, transformer: Flux2Transformer, vae: VAE) -> None:
@@ -571,23 +604,6 @@ def _check_fit(root: Path, transformer: Flux2Transformer, vae: VAE) -> None:
             f"does not fit the transformer ({in_channels} input channels); "
             "FLUX.2 [klein] needs factor 8 and 4 x latent channels"
         )
-
-
-def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = None) -> None:
-    """Copy a `vae/` folder's config and weights (encoder included: editing and
-    image-to-image need it; text-to-image never loads it). `dtype` None copies the files
-    byte for byte; otherwise float tensors are cast to it."""
-    folder.mkdir(parents=True)
-    dt = parse_dtype(dtype) if dtype is not None else None
-    files = [f for f in sorted(source.iterdir()) if f.is_file()
-             and (f.suffix == ".safetensors" or f.name.endswith(".json"))]
-    for f in files:
-        if f.suffix != ".safetensors" or dt is None:
-            shutil.copyfile(f, folder / f.name)
-            continue
-        tensors = {k: v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v
-                   for k, v in load_weights(f).items()}
-        save_safetensors(folder / f.name, tensors, metadata={"format": "pt"})
 
 
 # ---- inputs ---------------------------------------------------------------------------
@@ -614,7 +630,3 @@ def unpack_latents(x: mx.array, h: int, w: int) -> mx.array:
     b, _, c = x.shape
     return x.reshape(b, h, w, c).transpose(0, 3, 1, 2)
 
-
-def noise_latents(z: mx.array, noise: mx.array, sigma: float) -> mx.array:
-    """Flow-matching forward process: sigma * noise + (1 - sigma) * z."""
-    return sigma * noise + (1.0 - sigma) * z

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from bonsai_mlx.arrays import to_mx
-from bonsai_mlx.checks import check_prompts, integer, number, text
+from bonsai_mlx.checks import check_prompts, flag, integer, number, text
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import (
     DEFAULT_SIZE,
@@ -20,8 +20,12 @@ from bonsai_mlx.images import (
     check_size,
     load_image,
     prepare_image,
+    prepare_inpaint_image,
+    prepared_size,
     to_pil,
 )
+from bonsai_mlx.inpaint import DEFAULT_STRENGTH as INPAINT_STRENGTH
+from bonsai_mlx.inpaint import MaskInput, mask_image, mask_latents
 from bonsai_mlx.scheduler import MAX_STEPS
 
 import mlx.core as mx
@@ -47,7 +51,7 @@ def negative_prompts(negative_prompt: str | Sequence[str] | None, n: int,
 OUTPUT_TYPES = ("pil", "np", "mx")
 # How the Python API names what it checks; the CLI passes its option names instead.
 API_NAMES = {"prompt": "the prompt", "negative_prompt": "the negative prompt",
-             "strength": "strength", "image": "input image"}
+             "strength": "strength", "image": "input image", "mask": "mask"}
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,10 @@ class GenerationRequest:
 
     `create` checks and normalises the arguments without any model: prompts, size (the
     first input image's when not given), steps, guidance, seed, latents, strength, images
-    (read, resized and cropped as Flux2KleinPipeline does). What depends on the model
-    (default steps and guidance, the latents' channels) is settled by the pipeline.
+    (read, resized and cropped as Flux2KleinPipeline does; the image to inpaint resized as
+    Flux2KleinInpaintPipeline does), the inpainting mask. What depends on the model
+    (default steps and guidance, the latents' channels, reference KV caching's default) is
+    settled by the pipeline.
     """
 
     prompts: tuple[str, ...]
@@ -74,6 +80,9 @@ class GenerationRequest:
     output_type: str = "pil"
     sigmas: tuple[float, ...] | None = None
     tiled_vae: bool | None = None
+    # inpainting images[0]: the mask's weight per latent token (h*w, 1), 1 = repaint
+    mask: np.ndarray | None = None
+    reference_kv_cache: bool | None = None  # None: the model's default
 
     @property
     def batch(self) -> int:
@@ -98,6 +107,8 @@ class GenerationRequest:
         output_type: str = "pil",
         sigmas: Sequence[float] | None = None,
         tiled_vae: bool | None = None,
+        mask: MaskInput | None = None,
+        reference_kv_cache: bool | None = None,
         names: Mapping[str, str] = API_NAMES,
     ) -> GenerationRequest:
         """The checked request (arguments as `Pipeline.generate` documents them); a
@@ -109,17 +120,20 @@ class GenerationRequest:
         steps, sigmas = _steps(steps, sigmas)
         if guidance is not None:
             guidance = number(guidance, "guidance")
+        if mask is not None and strength is None:
+            strength = INPAINT_STRENGTH
         if strength is not None:
             strength = _strength(strength, names["strength"])
-        prepared = _prepared_images(images, strength, names)
-        first = prepared[0].size if prepared else (DEFAULT_SIZE, DEFAULT_SIZE)
-        width, height = first[0] if width is None else width, first[1] if height is None else height
-        width, height = check_size(width, height)
+        if reference_kv_cache is not None:
+            reference_kv_cache = flag(reference_kv_cache, "reference_kv_cache")
+        prepared, width, height, tokens = _prepared_inputs(images, strength, mask, width,
+                                                           height, names)
         return cls(
             tuple(prompts), width, height,
             _negatives(negative_prompt, len(prompts), names["negative_prompt"]),
             steps, guidance, _seed(seed), _latents(latents),
             tuple(prepared), strength, num_images, output_type, sigmas, tiled_vae,
+            tokens, reference_kv_cache,
         )
 
     def with_seed(self, seed: int | None) -> GenerationRequest:
@@ -180,13 +194,31 @@ def _strength(strength, name: str) -> float:
     return value
 
 
-def _prepared_images(images, strength, names: Mapping[str, str]) -> list[PIL.Image.Image]:
-    """Input images read and prepared; image-to-image takes exactly one."""
+def _prepared_inputs(images, strength, mask, width, height, names: Mapping[str, str]
+                     ) -> tuple[list[PIL.Image.Image], int, int, np.ndarray | None]:
+    """Input images read and prepared, the size settled (given, else the first image's once
+    prepared, else the default), and for inpainting the mask's weight per latent token.
+    Image-to-image takes exactly one image; inpainting one and any references."""
     image_list = as_image_list(images)
-    if strength is not None and len(image_list) != 1:
+    if mask is not None and not image_list:
+        raise BonsaiError(f"{names['mask']} (inpainting) needs the image to repaint: give "
+                          f"it as the first {names['image']}")
+    if mask is None and strength is not None and len(image_list) != 1:
         raise BonsaiError(f"image-to-image ({names['strength']}) needs exactly one "
                           f"{names['image']}, got {len(image_list)}")
-    return [prepare_image(load_image(im, names["image"]), im) for im in image_list]
+    opened = [load_image(im, names["image"]) for im in image_list]
+    first = prepared_size(*opened[0].size, image_list[0]) if opened else (DEFAULT_SIZE,
+                                                                          DEFAULT_SIZE)
+    width, height = check_size(first[0] if width is None else width,
+                               first[1] if height is None else height)
+    if mask is None:
+        return ([prepare_image(im, name) for im, name in zip(opened, image_list, strict=True)],
+                width, height, None)
+    mask = mask_image(mask, opened[0].size, names["mask"])
+    prepared = [prepare_inpaint_image(opened[0], image_list[0], width, height)]
+    prepared += [prepare_image(im, name)
+                 for im, name in zip(opened[1:], image_list[1:], strict=True)]
+    return prepared, width, height, mask_latents(mask, width, height, names["mask"])
 
 
 def _seed(seed) -> int | None:

@@ -198,3 +198,8 @@ def denoised_estimate(x: mx.array, x_next: mx.array, sigma: float,
     heading for: `x - sigma * v`, v recovered from the step (after the last step, x_next)."""
     dt = float(np.float32(sigma_next) - np.float32(sigma))
     return x - sigma * ((x_next - x) / dt)
+
+
+def noise_latents(z: mx.array, noise: mx.array, sigma: float) -> mx.array:
+    """Flow-matching forward process: sigma * noise + (1 - sigma) * z."""
+    return sigma * noise + (1.0 - sigma) * z

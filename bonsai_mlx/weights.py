@@ -35,6 +35,9 @@ MODEL_ALIASES = {
     "binary": "prism-ml/bonsai-image-binary-4B-mlx-1bit",
     "klein-4b": "black-forest-labs/FLUX.2-klein-4B",
     "klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+    "klein-9b": "black-forest-labs/FLUX.2-klein-9B",
+    "klein-base-9b": "black-forest-labs/FLUX.2-klein-base-9B",
+    "klein-9b-kv": "black-forest-labs/FLUX.2-klein-9b-kv",
 }
 
 TOP_LEVEL = "(top level)"  # the component of files directly in a model folder

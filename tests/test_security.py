@@ -817,11 +817,11 @@ def test_a_killed_conversion_leaves_no_partial_folder_after_the_next_run(tmp_pat
 
     killed = subprocess.Popen([sys.executable, "-c", f"""
 import time
-import bonsai_mlx.pipeline as pipeline
+import bonsai_mlx.saving as saving
 def hang(*args, **kwargs):
     print("writing", flush=True)
     time.sleep(300)
-pipeline.save_vae_files = hang
+saving.save_vae_files = hang
 from bonsai_mlx.convert import convert
 convert({str(TINY)!r}, {str(tmp_path / "out")!r}, echo=None)
 """], stdout=subprocess.PIPE, text=True)

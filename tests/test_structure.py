@@ -18,8 +18,8 @@ LAYERS = [
     {"kernels"},
     {"quant"},
     {"models"},
-    {"request", "images", "scheduler", "layout"},
-    {"pipeline", "lora", "memory", "distributed", "preview"},
+    {"request", "images", "inpaint", "scheduler", "layout"},
+    {"pipeline", "saving", "lora", "memory", "distributed", "preview"},
     {"cli", "info", "outputs", "convert", "bench", "doctor", "serve"},
 ]
 

@@ -30,13 +30,16 @@ import click
               help="Synthetic only: zeros instead of the 4-bit text encoder, to time only "
                    "the transformer and VAE; encode seconds are then n/a.")
 @click.option("--compare", is_flag=True, help="Also time diffusers + torch.")
+@click.option("--vae", default=None, metavar="small|REPO|FOLDER",
+              help="Swap the VAE decoder (small: FLUX.2 small decoder; --synthetic: its "
+                   "shapes) to compare decode seconds and memory.")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=False)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Append the records to this file as JSON lines.")
 @click.option("--tensor-parallel", is_flag=True,
               help="Under mlx.launch: shard the transformer across the processes.")
 def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, skip_encode,
-                  compare, prompt, json_path, tensor_parallel) -> None:
+                  compare, vae, prompt, json_path, tensor_parallel) -> None:
     """Benchmark MODEL (alias, Hub repo or folder) or a --synthetic model: seconds per
     stage, memory, footprint and the distance to the chip's peak."""
     if tiny and synthetic is None:
@@ -44,7 +47,8 @@ def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, 
     records = run_bench(
         model, synthetic=synthetic, sizes=[parse_size(s) for s in sizes] or None,
         steps=steps, repeats=repeats, warmup=warmup, dtype=dtype, tiny=tiny,
-        skip_encode=skip_encode, compare=compare, prompt=prompt, json_path=json_path,
+        skip_encode=skip_encode, compare=compare, vae=vae, prompt=prompt,
+        json_path=json_path,
         command=command_line(click.get_current_context().params),
         tensor_parallel=tensor_parallel,
     )
@@ -63,6 +67,8 @@ def command_line(params: dict[str, Any]) -> str:
         parts += ["--size", s]
     for name in ("steps", "repeats", "warmup", "dtype"):
         parts += [f"--{name}", str(params[name])]
+    if params.get("vae"):
+        parts += ["--vae", params["vae"]]
     parts += [f"--{flag.replace('_', '-')}" for flag in ("tiny", "skip_encode", "compare",
                                                           "tensor_parallel") if params.get(flag)]
     if params.get("prompt") not in (None, DEFAULT_PROMPT):

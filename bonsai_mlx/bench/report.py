@@ -36,7 +36,7 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
 
 def _header(width: int) -> str:
     return (f"{'model':<{width}} {'size':>9} {'steps':>5} {'runs':>4} {'encode s':>9} "
-            f"{'step s':>8} {'decode s':>9} {'total s':>8} {'peak GB':>8} "
+            f"{'step s':>8} {'decode s':>9} {'dec. GB':>8} {'total s':>8} {'peak GB':>8} "
             f"{'act mean':>8} {'act max':>8} {'TFLOP/step':>10} {'TFLOP/s':>8} {'% peak':>7}")
 
 
@@ -45,7 +45,8 @@ def _row(rs: list[dict[str, Any]], width: int) -> str:
     r0 = rs[0]
     sec = median_seconds([r["seconds"] for r in rs])
     mem = {key: int(statistics.median(r["memory"][key] for r in rs))
-           for key in ("peak_bytes", "active_mean_bytes", "active_max_bytes")}
+           for key in ("peak_bytes", "decode_peak_bytes", "active_mean_bytes",
+                       "active_max_bytes")}
     step_all = [s for r in rs for s in r["seconds"]["steps"]]
     flops = r0["roofline"]["flops_per_step"]
     roof = roofline({"total": flops, "linear": 0, "attention": 0, "image_tokens": 0,
@@ -54,7 +55,8 @@ def _row(rs: list[dict[str, Any]], width: int) -> str:
     size = f"{r0['width']}x{r0['height']}"
     return (f"{r0['model']:<{width}} {size:>9} {r0['steps']:>5} "
             f"{len(rs):>4} {_num(sec['encode'], '.3f'):>9} "
-            f"{sec['step']:>8.3f} {sec['decode']:>9.3f} {sec['total']:>8.3f} "
+            f"{sec['step']:>8.3f} {sec['decode']:>9.3f} {_gb(mem['decode_peak_bytes']):>8} "
+            f"{sec['total']:>8.3f} "
             f"{_gb(mem['peak_bytes']):>8} {_gb(mem['active_mean_bytes']):>8} "
             f"{_gb(mem['active_max_bytes']):>8} {flops / 1e12:>10.3f} "
             f"{_num(roof['achieved_tflops'], '.3f'):>8} "
@@ -73,7 +75,7 @@ def _rank_rows(r: dict[str, Any]) -> list[str]:
 def _footer(runs: list[dict[str, Any]]) -> list[str]:
     peak = runs[0]["roofline"]
     lines = [f"peak: {_num(peak['peak_tflops'], '.1f')} TFLOP/s ({peak['peak_source']}); "
-             "step = median step; GB = 1e9 bytes"]
+             "step = median step; dec. GB = peak while decoding; GB = 1e9 bytes"]
     if any(not r.get("text_encoder_ran", True) for r in runs):
         lines.append("encode n/a: text encoder skipped (--skip-encode); totals exclude it")
     fp = runs[0]["footprint_bytes"]

@@ -72,24 +72,31 @@ def load_target(
     dtype: str = "bfloat16",
     tiny: bool = False,
     skip_encode: bool = False,
+    vae: str | None = None,
 ) -> BenchTarget:
-    """Build the synthetic pipeline or load `model` (alias, repo id or folder)."""
+    """Build the synthetic pipeline or load `model` (alias, repo id or folder); `vae`
+    swaps the decoder (`Pipeline.from_pretrained`; synthetic: only "small")."""
     if (model is None) == (synthetic is None):
         raise BonsaiError("pass a model (alias, Hub repo or folder) or --synthetic, not both")
+    suffix = "" if vae is None else f"+vae-{Path(str(vae)).name}"
     if synthetic is not None:
+        if vae not in (None, "small"):
+            raise BonsaiError(f"--vae {vae}: a --synthetic model takes only --vae small")
         kind = synthetic.lower()
-        pipe, footprint = synthetic_pipeline(kind, dtype, tiny, encode=not skip_encode)
+        pipe, footprint = synthetic_pipeline(kind, dtype, tiny, encode=not skip_encode,
+                                             small_decoder=vae == "small")
         return BenchTarget(
-            pipe, f"synthetic-{kind}" + ("-tiny" if tiny else ""), kind, dtype_name(dtype),
+            pipe, f"synthetic-{kind}" + ("-tiny" if tiny else "") + suffix, kind,
+            dtype_name(dtype),
             footprint, "computed", pipe.prompt_encoder.max_sequence_length, tiny,
             not skip_encode,
         )
     if tiny or skip_encode:
         raise BonsaiError("--tiny and --skip-encode apply to --synthetic models only")
-    pipe = Pipeline.from_pretrained(model, dtype=dtype)  # aliases resolve there
+    pipe = Pipeline.from_pretrained(model, dtype=dtype, vae=vae)  # aliases resolve there
     on_disk = payload(pipe.source, weights_only=True)  # the folder it was loaded from
     return BenchTarget(
-        pipe, model, packed_format(pipe.transformer), dtype_name(dtype),
+        pipe, model + suffix, packed_format(pipe.transformer), dtype_name(dtype),
         {c: on_disk[c] for c in WEIGHT_COMPONENTS}, "files",
         pipe.prompt_encoder.max_sequence_length, False,
     )
@@ -129,7 +136,8 @@ def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: s
             "total": wall,
         },
         "memory": {
-            "peak_bytes": int(mx.get_peak_memory()),
+            "peak_bytes": pipe.last_peak_memory,
+            "decode_peak_bytes": pipe.last_decode_peak_memory,
             "active_mean_bytes": sampler.mean,
             "active_max_bytes": sampler.max,
             "samples": sampler.count,
@@ -256,6 +264,7 @@ def run_bench(
     tiny: bool = False,
     skip_encode: bool = False,
     compare: bool = False,
+    vae: str | None = None,
     prompt: str = DEFAULT_PROMPT,
     seed: int = 0,
     json_path: str | Path | None = None,
@@ -266,10 +275,11 @@ def run_bench(
     """Benchmark and return the records: one `"kind": "run"` record per timed run, and with
     `compare` one `"kind": "compare"` record per size. `json_path` appends them as JSON
     lines. `log` receives progress lines (default: stderr). `skip_encode` (synthetic only)
-    feeds zeros instead of running the text encoder; encode seconds are then None. Under
-    `mlx.launch` every rank runs the benchmark, the transformer sharded across them with
-    `tensor_parallel` (else each makes its own images); rank 0 logs, returns the records
-    with every rank's numbers and writes `json_path`."""
+    feeds zeros instead of running the text encoder; encode seconds are then None. `vae`
+    swaps the VAE decoder ("small": FLUX.2's small decoder). Under `mlx.launch` every rank
+    runs the benchmark, the transformer sharded across them with `tensor_parallel` (else
+    each makes its own images); rank 0 logs, returns the records with every rank's numbers
+    and writes `json_path`."""
     group = distributed.world()
     log = log or (lambda s: click.echo(s, err=True))
     if group.rank() != 0:
@@ -281,7 +291,7 @@ def run_bench(
     machine = machine_info()
     log(f"machine: {machine['chip']} ({machine['backend']}), MLX {machine['mlx_version']}")
     t0 = time.perf_counter()
-    target = load_target(model, synthetic, dtype, tiny, skip_encode)
+    target = load_target(model, synthetic, dtype, tiny, skip_encode, vae)
     if tensor_parallel:
         distributed.use_tensor_parallel(target.pipeline, group)
     log(f"loaded {target.model} in {time.perf_counter() - t0:.1f} s")

@@ -23,7 +23,7 @@ from bonsai_mlx.models.text_encoder import (
     should_dequantize,
 )
 from bonsai_mlx.models.transformer import Flux2Transformer, Flux2TransformerConfig
-from bonsai_mlx.models.vae import VAE, VAEConfig
+from bonsai_mlx.models.vae import SMALL_DECODER_CHANNELS, VAE, VAEConfig
 from bonsai_mlx.models.vae_layers import Encoder
 from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import use_packed_layers
@@ -182,10 +182,16 @@ class SyntheticPromptEncoder:
         return embeds
 
 
-def synthetic_vae(dtype: mx.Dtype, tiny: bool = False, seed: int = 0) -> VAE:
-    """FLUX.2's VAE decoder (or a miniature) with random weights in `dtype`."""
+def synthetic_vae(dtype: mx.Dtype, tiny: bool = False, seed: int = 0,
+                  small: bool = False) -> VAE:
+    """FLUX.2's VAE decoder (or a miniature) with random weights in `dtype`; `small`: the
+    FLUX.2 small decoder's channels (the miniature's cannot shrink: 32 groups of 32)."""
     mx.random.seed(seed)
-    vae = VAE(VAEConfig(**(TINY_VAE if tiny else {})), dtype)  # statistics 0 and 1, float32
+    config = VAEConfig(**(TINY_VAE if tiny else {}))
+    if small:
+        config.decoder_block_out_channels = (config.block_out_channels if tiny
+                                             else SMALL_DECODER_CHANNELS)
+    vae = VAE(config, dtype)  # statistics 0 and 1, float32
     mx.eval(vae.parameters())
     vae.eval()
     return vae
@@ -203,16 +209,18 @@ SYNTHETIC_SCHEDULER = {"use_dynamic_shifting": True, "shift": 3.0}  # Klein's sc
 
 
 def synthetic_pipeline(kind: str, dtype: str | mx.Dtype = "bfloat16", tiny: bool = False,
-                       encode: bool = True) -> tuple[Pipeline, dict[str, int]]:
+                       encode: bool = True,
+                       small_decoder: bool = False) -> tuple[Pipeline, dict[str, int]]:
     """A `Pipeline` of synthetic Klein 4B components (or miniatures): the transformer in
     `kind` ('binary', 'ternary' or 'bf16' = all dense in `dtype`), the 4-bit Qwen3 encoder
-    (zeros instead when `encode` is False) and the VAE. Returns (pipeline, footprint bytes
-    per component as the release would store them)."""
+    (zeros instead when `encode` is False) and the VAE (with the small decoder's shapes when
+    `small_decoder`). Returns (pipeline, footprint bytes per component as the release would
+    store them)."""
     if kind not in SYNTHETIC_KINDS:
         raise BonsaiError(f"synthetic must be one of {', '.join(SYNTHETIC_KINDS)}, not {kind!r}")
     dtype = parse_dtype(dtype)
     transformer = synthetic_transformer(kind, dtype, tiny)
-    vae = synthetic_vae(dtype, tiny)
+    vae = synthetic_vae(dtype, tiny, small=small_decoder)
     prompt_encoder = SyntheticPromptEncoder(dtype, tiny, run=encode)
     pipe = Pipeline(transformer, vae, prompt_encoder, SchedulerConfig(**SYNTHETIC_SCHEDULER),
                     is_distilled=True)

@@ -68,6 +68,14 @@ QWEN3_4B = {
     "head_dim": 128, "rms_norm_eps": 1e-6, "vocab_size": 151936,
     "max_position_embeddings": 40960, "rope_theta": 1000000.0, "tie_word_embeddings": True,
 }
+# Qwen/Qwen3-8B's config.json: the text encoder of FLUX.2 [klein] 9B (hidden 4096 = the 9B
+# transformer's width; its lm_head is not tied to the embedding)
+QWEN3_8B = {
+    "model_type": "qwen3", "hidden_size": 4096, "num_hidden_layers": 36,
+    "intermediate_size": 12288, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "rms_norm_eps": 1e-6, "vocab_size": 151936,
+    "max_position_embeddings": 40960, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+}
 QUANTIZE_GROUP_SIZE = 64  # for quantize_bits at load time, as mlx-lm converts
 LOAD_QUANTIZE_BITS = (4, 8)  # quantize_bits at load time
 SAVE_QUANTIZE_BITS = (3, 4, 8)  # MLX affine widths `save_text_encoder` writes

@@ -23,6 +23,7 @@ from bonsai_mlx.models.transformer_layers import (
     Fused,
     Modulation,
     NormOut,
+    ReferenceKV,
     Rope,
     SingleTransformerBlock,
     TimeGuidanceEmbed,
@@ -113,6 +114,13 @@ class Flux2TransformerConfig(BaseConfig):
         return {"_class_name": DIFFUSERS_CLASS, **d}
 
 
+# The published transformers' shapes (their transformer/config.json), for byte counts and
+# synthetic benchmarks: Klein 4B (and its Bonsai compressions) and Klein 9B (base, KV).
+KLEIN_4B = Flux2TransformerConfig()
+KLEIN_9B = Flux2TransformerConfig(num_layers=8, num_single_layers=24, num_attention_heads=32,
+                                  joint_attention_dim=12288)
+
+
 def _per_sample(v, batch: int, name: str) -> mx.array:
     """A scalar or (B,) value -> (B,) float32."""
     v = to_mx(v, mx.float32).reshape(-1)
@@ -201,25 +209,71 @@ class Flux2Transformer(nn.Module):
         guidance: np.ndarray | mx.array | float | None = None,
         rope: Rope | None = None,
         context_memo: ContextMemo | None = None,
+        reference_kv: list[ReferenceKV] | None = None,
     ) -> mx.array:
         """hidden_states (B, N, in_channels), encoder_hidden_states (B, L, joint_attention_dim),
         timestep (B,) or scalar sigma in [0, 1], img_ids (N, 4) | (B, N, 4), txt_ids (L, 4) |
         (B, L, 4) (not needed when `rope` is given), numpy or MLX. Returns (B, N,
         out_channels) in the model dtype. `context_memo` reuses text projections across
-        the steps of one generation."""
+        the steps of one generation; with `reference_kv` (from `reference_kv`) every
+        attention also sees the cached reference tokens."""
         x, c, temb, rope = self._inputs(hidden_states, encoder_hidden_states, timestep,
                                         img_ids, txt_ids, guidance, rope, context_memo)
         n_txt = c.shape[1]
         mod_img = self.double_stream_modulation_img(temb)
         mod_txt = self.double_stream_modulation_txt(temb)
         (mod_single,) = self.single_stream_modulation(temb)
+        double, single = self._split_caches(reference_kv)
         x = self.x_embedder(x)
-        for block in self.transformer_blocks:
-            x, c = block(x, c, mod_img, mod_txt, rope)
+        for block, cache in zip(self.transformer_blocks, double, strict=True):
+            x, c = block(x, c, mod_img, mod_txt, rope, cache)
         x = mx.concatenate([c, x], axis=1)
-        for block in self.single_transformer_blocks:
-            x = block(x, mod_single, rope)
+        for block, cache in zip(self.single_transformer_blocks, single, strict=True):
+            x = block(x, mod_single, rope, cache)
         return self.proj_out(self.norm_out(x[:, n_txt:], temb))
+
+    def reference_kv(
+        self,
+        references: np.ndarray | mx.array,
+        reference_ids: np.ndarray | mx.array,
+        timestep: float = 0.0,
+    ) -> list[ReferenceKV]:
+        """The reference-image tokens (1 or B, R, in_channels) run alone through every block,
+        attending only to each other, modulated at `timestep` (0: clean); returns each
+        attention layer's keys and values (double blocks, then single blocks), for
+        `__call__(..., reference_kv=)`. This is diffusers' KV "extract" step: its reference
+        tokens see neither text nor noise, so they never change and are computed once."""
+        cfg = self.config
+        x = to_mx(references, self.dtype)
+        if x.ndim != 3 or x.shape[-1] != cfg.in_channels:
+            raise BonsaiError(
+                f"references must be (B, R, {cfg.in_channels}), got {tuple(x.shape)}")
+        rope = rope_tables(reference_ids, cfg.axes_dims_rope, cfg.rope_theta)
+        if rope[0].shape[0] != x.shape[1]:
+            raise BonsaiError(f"{rope[0].shape[0]} reference ids for {x.shape[1]} tokens")
+        t = _per_sample(timestep, x.shape[0], "timestep") * 1000
+        temb = self.time_guidance_embed(t, None, self.dtype)
+        mod_img = self.double_stream_modulation_img(temb)
+        (mod_single,) = self.single_stream_modulation(temb)
+        caches = [ReferenceKV() for _ in range(cfg.num_layers + cfg.num_single_layers)]
+        double, single = self._split_caches(caches)
+        x = self.x_embedder(x)
+        for block, cache in zip(self.transformer_blocks, double, strict=True):
+            x, _ = block(x, None, mod_img, None, rope, cache)
+        for block, cache in zip(self.single_transformer_blocks, single, strict=True):
+            x = block(x, mod_single, rope, cache)
+        # the last block's output is never used; evaluating the caches computes only them
+        mx.eval([(c.keys, c.values) for c in caches])
+        return caches
+
+    def _split_caches(self, caches: list[ReferenceKV] | None) -> tuple[list, list]:
+        n, n_single = len(self.transformer_blocks), len(self.single_transformer_blocks)
+        if caches is None:
+            return [None] * n, [None] * n_single
+        if len(caches) != n + n_single:
+            raise BonsaiError(f"reference_kv has {len(caches)} layers; this transformer has "
+                              f"{n + n_single} (make it with this model's reference_kv)")
+        return caches[:n], caches[n:]
 
     def _inputs(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids,
                 guidance, rope: Rope | None, context_memo: ContextMemo | None,

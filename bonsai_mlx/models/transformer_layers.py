@@ -114,11 +114,40 @@ def _heads(x: mx.array, head_dim: int) -> mx.array:
     return x.reshape(*x.shape[:-1], -1, head_dim)
 
 
-def _attention(q: mx.array, k: mx.array, v: mx.array, rope: Rope, fused: Fused) -> mx.array:
-    """q, k, v (B, S, H, D) after the q/k norms -> (B, S, H * D)."""
+class ReferenceKV:
+    """Keys and values of the reference-image tokens in one attention layer, each
+    (1 or B, H, R, D) after the q/k norms and RoPE: what FLUX.2 [klein] KV
+    (`Flux2KleinKVPipeline`) computes once and reuses at every denoising step.
+
+    Empty, `fetch` keeps the keys and values it is given and returns them: the reference
+    pass, in which reference tokens attend only to each other. Filled, it appends its own
+    after the given ones: a denoising step, in which text and image tokens also attend to
+    the references (attention is order-free over keys, so their place does not matter).
+    """
+
+    def __init__(self) -> None:
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+
+    def fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None:
+            self.keys, self.values = keys, values
+            return keys, values
+        b = keys.shape[0]
+        ref_k = mx.broadcast_to(self.keys, (b, *self.keys.shape[1:]))
+        ref_v = mx.broadcast_to(self.values, (b, *self.values.shape[1:]))
+        return mx.concatenate([keys, ref_k], axis=2), mx.concatenate([values, ref_v], axis=2)
+
+
+def _attention(q: mx.array, k: mx.array, v: mx.array, rope: Rope, fused: Fused,
+               cache: ReferenceKV | None = None) -> mx.array:
+    """q, k, v (B, S, H, D) after the q/k norms -> (B, S, H * D); `cache` adds (or, empty,
+    records) reference keys and values."""
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     cos, sin = rope
     q, k = fused.apply_rope(q, cos, sin), fused.apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.fetch(k, v)
     out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
     b, h, s, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
@@ -194,15 +223,20 @@ class JointAttention(nn.Module):
         self.norm_added_k = nn.RMSNorm(d, eps=eps)
         self.to_add_out = nn.Linear(dim, dim, bias=False)
 
-    def __call__(self, x: mx.array, c: mx.array, rope: Rope) -> tuple[mx.array, mx.array]:
+    def __call__(
+        self, x: mx.array, c: mx.array | None, rope: Rope, cache: ReferenceKV | None = None
+    ) -> tuple[mx.array, mx.array | None]:
         d = self.head_dim
+        q = self.norm_q(_heads(self.to_q(x), d))
+        k = self.norm_k(_heads(self.to_k(x), d))
+        v = _heads(self.to_v(x), d)
+        if c is None:  # the reference pass: the image stream alone
+            return self.to_out[0](_attention(q, k, v, rope, self.fused, cache)), None
         # joint sequence [txt; img], each (B, S, H, D)
-        q = mx.concatenate([self.norm_added_q(_heads(self.add_q_proj(c), d)),
-                            self.norm_q(_heads(self.to_q(x), d))], axis=1)
-        k = mx.concatenate([self.norm_added_k(_heads(self.add_k_proj(c), d)),
-                            self.norm_k(_heads(self.to_k(x), d))], axis=1)
-        v = mx.concatenate([_heads(self.add_v_proj(c), d), _heads(self.to_v(x), d)], axis=1)
-        out = _attention(q, k, v, rope, self.fused)
+        q = mx.concatenate([self.norm_added_q(_heads(self.add_q_proj(c), d)), q], axis=1)
+        k = mx.concatenate([self.norm_added_k(_heads(self.add_k_proj(c), d)), k], axis=1)
+        v = mx.concatenate([_heads(self.add_v_proj(c), d), v], axis=1)
+        out = _attention(q, k, v, rope, self.fused, cache)
         n_txt = c.shape[1]
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
@@ -217,14 +251,20 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(config.inner_dim, config.mlp_hidden_dim, fused)
         self.ff_context = FeedForward(config.inner_dim, config.mlp_hidden_dim, fused)
 
-    def __call__(self, x, c, mod_img, mod_txt, rope: Rope) -> tuple[mx.array, mx.array]:
+    def __call__(self, x, c, mod_img, mod_txt, rope: Rope, cache: ReferenceKV | None = None
+                 ) -> tuple[mx.array, mx.array | None]:
+        """`c` None (with `mod_txt` None): the image stream alone (the reference pass)."""
         (shift, scale, gate), (shift2, scale2, gate2) = mod_img
-        (c_shift, c_scale, c_gate), (c_shift2, c_scale2, c_gate2) = mod_txt
         eps, norm, add = self.eps, self.fused.modulated_norm, self.fused.gated_add
-        attn_x, attn_c = self.attn(norm(x, shift, scale, eps), norm(c, c_shift, c_scale, eps),
-                                   rope)
+        c_in = None
+        if c is not None:
+            (c_shift, c_scale, c_gate), (c_shift2, c_scale2, c_gate2) = mod_txt
+            c_in = norm(c, c_shift, c_scale, eps)
+        attn_x, attn_c = self.attn(norm(x, shift, scale, eps), c_in, rope, cache)
         x = add(x, gate, attn_x)
         x = add(x, gate2, self.ff(norm(x, shift2, scale2, eps)))
+        if c is None:
+            return x, None
         c = add(c, c_gate, attn_c)
         c = add(c, c_gate2, self.ff_context(norm(c, c_shift2, c_scale2, eps)))
         if c.dtype == mx.float16:
@@ -245,13 +285,13 @@ class ParallelSelfAttention(nn.Module):
         self.norm_k = nn.RMSNorm(d, eps=config.eps)
         self.to_out = nn.Linear(dim + self.mlp_hidden, dim, bias=False)
 
-    def __call__(self, x: mx.array, rope: Rope) -> mx.array:
+    def __call__(self, x: mx.array, rope: Rope, cache: ReferenceKV | None = None) -> mx.array:
         h = self.to_qkv_mlp_proj(x)
         dim = (h.shape[-1] - 2 * self.mlp_hidden) // 3
         q, k, v, mlp = mx.split(h, [dim, 2 * dim, 3 * dim], axis=-1)
         d = self.head_dim
         out = _attention(self.norm_q(_heads(q, d)), self.norm_k(_heads(k, d)), _heads(v, d), rope,
-                         self.fused)
+                         self.fused, cache)
         return self.to_out(mx.concatenate([out, self.fused.swiglu(mlp)], axis=-1))
 
 
@@ -261,10 +301,11 @@ class SingleTransformerBlock(nn.Module):
         self.eps, self.fused = config.eps, fused
         self.attn = ParallelSelfAttention(config, fused)
 
-    def __call__(self, x: mx.array, mod, rope: Rope) -> mx.array:
+    def __call__(self, x: mx.array, mod, rope: Rope, cache: ReferenceKV | None = None
+                 ) -> mx.array:
         shift, scale, gate = mod
         normed = self.fused.modulated_norm(x, shift, scale, self.eps)
-        x = self.fused.gated_add(x, gate, self.attn(normed, rope))
+        x = self.fused.gated_add(x, gate, self.attn(normed, rope, cache))
         if x.dtype == mx.float16:
             x = mx.clip(x, -65504, 65504)
         return x

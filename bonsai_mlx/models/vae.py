@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from bonsai_mlx.checks import BaseConfig, flag, integer, number
@@ -30,11 +30,22 @@ from bonsai_mlx.weights import (
     parse_dtype,
     read_json,
     resolve_model_path,
+    save_safetensors,
+    write_json,
 )
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+
+# Hub VAEs by short name (Pipeline.from_pretrained's vae=, the CLI's --vae).
+VAE_ALIASES = {"small": "black-forest-labs/FLUX.2-small-decoder"}
+SMALL_DECODER_CHANNELS = (96, 192, 384, 384)  # its decoder_block_out_channels (config.json)
+# The files read from a Hub repo: a pipeline's vae/, or a VAE repo's top-level files.
+HUB_FILES = ["vae/*", "config.json", "diffusion_pytorch_model.safetensors",
+             "diffusion_pytorch_model.safetensors.index.json"]
+# Config fields that only the decoder uses: a decoder may differ from its encoder in these.
+DECODER_ONLY_FIELDS = ("decoder_block_out_channels", "out_channels", "use_post_quant_conv")
 
 # Above this many output pixels, decode/encode tile by default (2048x2048 tiles, 1024x1024
 # does not). Tiles cut the peak memory of the full-resolution layers to about two whole
@@ -91,6 +102,11 @@ ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # what only `encode` needs
 WEIGHT_STEMS = ("diffusion_pytorch_model", "ae")  # diffusers' and Black Forest Labs' files
 
 
+def _encoder_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.{k}": v.shape for name, module in _encoder_modules(cfg).items()
+            for k, v in tree_flatten(module.parameters())}
+
+
 def _encoder_modules(cfg: VAEConfig) -> dict[str, nn.Module]:
     """What `encode` adds to a VAE, by attribute name: the encoder and its quant_conv."""
     modules = {"encoder": Encoder(cfg)}
@@ -119,6 +135,7 @@ class VAE(nn.Module):
         self.set_dtype(self.dtype)
         self.bn.set_dtype(mx.float32)  # the latent statistics stay float32
         self.source: Path | None = None  # the checkpoint the encoder is read from
+        self.decoder_source: Path | None = None  # the checkpoint the decoder was read from
 
     @property
     def scale_factor(self) -> int:
@@ -131,28 +148,51 @@ class VAE(nn.Module):
     # ---- loading --------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str | mx.Dtype = "bfloat16") -> VAE:
+    def from_pretrained(cls, path: str | Path, dtype: str | mx.Dtype = "bfloat16", *,
+                        encoder: str | Path | None = None) -> VAE:
         """Load a diffusers `vae/` folder or a Black Forest Labs `ae.safetensors` file.
 
         `path` is a folder (diffusers `config.json` + safetensors, a folder holding
-        `ae.safetensors`, or a pipeline folder / Hub repo id with a `vae/` subfolder) or a
-        single `.safetensors` file. Without a config.json the config is inferred from
-        tensor shapes (GroupNorm groups: 32, as in FLUX.2). Only the decoder is read now;
-        the encoder's tensors are checked, and read by the first `encode`.
+        `ae.safetensors`, or a pipeline folder / Hub repo id with a `vae/` subfolder), a
+        single `.safetensors` file or an alias (`small`: FLUX.2's small decoder). Without a
+        config.json the config is inferred from tensor shapes (GroupNorm groups: 32, as in
+        FLUX.2). Only the decoder is read now; the encoder's tensors are checked, and read
+        by the first `encode`.
+
+        `encoder`: encode images with that VAE's encoder instead (the same kinds of path):
+        a swapped decoder, such as the small one, keeps the pipeline's encoder. The two
+        configs must agree on everything but the decoder's channels.
         """
         path = _checkpoint_path(path)
         weights = _read_weights(path)
         vae = cls(_read_config(path, weights), dtype)
-        encoder = {k: v for k, v in weights.items() if k.startswith(ENCODER_PREFIXES)}
-        if encoder:
-            expected = {f"{name}.{k}": v.shape
-                        for name, module in _encoder_modules(vae.config).items()
-                        for k, v in tree_flatten(module.parameters())}
-            check_weights(encoder, expected, path)
+        own_encoder = {k: v for k, v in weights.items() if k.startswith(ENCODER_PREFIXES)}
+        if encoder is not None:
+            vae._use_encoder_of(encoder)
+        elif own_encoder:
+            check_weights(own_encoder, _encoder_shapes(vae.config), path)
             vae.source = path
         # mx.load is lazy: the encoder's tensors are never read from disk here
-        load_into(vae, {k: v for k, v in weights.items() if k not in encoder}, path)
+        load_into(vae, {k: v for k, v in weights.items() if k not in own_encoder}, path)
+        vae.decoder_source = path
         return vae
+
+    def _use_encoder_of(self, path: str | Path) -> None:
+        """Encode with the encoder (and quant_conv) of the VAE at `path`."""
+        source = _checkpoint_path(path)
+        weights = _read_weights(source)
+        config = _read_config(source, weights)
+        mismatch = [f"{f.name} {getattr(config, f.name)} vs {getattr(self.config, f.name)}"
+                    for f in fields(VAEConfig) if f.name not in DECODER_ONLY_FIELDS
+                    and getattr(config, f.name) != getattr(self.config, f.name)]
+        if mismatch:
+            raise BonsaiError(
+                f"the VAE decoder does not fit the encoder of {source} ({'; '.join(mismatch)}); "
+                "use a decoder made for this model's VAE")
+        encoder = {k: v for k, v in weights.items() if k.startswith(ENCODER_PREFIXES)}
+        if encoder:  # else that VAE cannot encode either
+            check_weights(encoder, _encoder_shapes(config), source)
+            self.source = source
 
     def load_encoder(self) -> None:
         """Read the encoder and `quant_conv` from the weight files (done by `encode`)."""
@@ -299,6 +339,42 @@ class VAE(nn.Module):
             )
 
 
+# ---- saving a swapped decoder --------------------------------------------------------
+
+
+def save_vae_with_decoder(
+    folder: Path, decoder_from: str | Path, encoder_from: str | Path,
+    dtype: mx.Dtype | None = None,
+) -> None:
+    """Write one diffusers `vae/` folder from the decoder side (decoder, post_quant_conv,
+    latent statistics, config) of `decoder_from` and the encoder and quant_conv of
+    `encoder_from`, as `VAE.from_pretrained(decoder_from, encoder=encoder_from)` combines
+    them: diffusers names, PyTorch's (O, I, kH, kW) convolutions, float tensors in `dtype`
+    (None: as stored). Each file is written atomically."""
+    dec_source, enc_source = _checkpoint_path(decoder_from), _checkpoint_path(encoder_from)
+    tensors = {k: v for k, v in _read_weights(dec_source).items()
+               if not k.startswith(ENCODER_PREFIXES)}
+    tensors.update({k: v for k, v in _read_weights(enc_source).items()
+                    if k.startswith(ENCODER_PREFIXES)})
+
+    def stored(v: mx.array) -> mx.array:
+        v = v.transpose(0, 3, 1, 2) if v.ndim == 4 else v  # undo sanitize's MLX layout
+        return v.astype(dtype) if dtype is not None and mx.issubdtype(v.dtype, mx.floating) else v
+
+    tensors = {k: stored(v) for k, v in tensors.items()}
+    tensors["bn.num_batches_tracked"] = mx.array(0, dtype=mx.int64)  # diffusers' buffer
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(folder / "diffusion_pytorch_model.safetensors", tensors,
+                     metadata={"format": "pt"})
+    config_file = dec_source / "config.json"
+    if dec_source.is_dir() and config_file.is_file():
+        config = read_json(config_file)
+    else:
+        config = {"_class_name": "AutoencoderKLFlux2",
+                  **asdict(_read_config(dec_source, _read_weights(dec_source)))}
+    write_json(folder / "config.json", config)
+
+
 # ---- weight names -------------------------------------------------------------------
 
 
@@ -354,9 +430,11 @@ def _bfl_to_diffusers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 def _checkpoint_path(path: str | Path) -> Path:
     """A local file or folder as is (a pipeline folder stands for its `vae/`); anything else
-    is an alias or a Hub repo id, whose `vae/` is downloaded."""
+    is an alias or a Hub repo id, whose `vae/` (or, for a VAE repo, its top-level files) is
+    downloaded."""
+    path = VAE_ALIASES.get(str(path), path)
     local = Path(path).expanduser()
-    path = local if local.exists() else resolve_model_path(path, allow_patterns=["vae/*"])
+    path = local if local.exists() else resolve_model_path(path, allow_patterns=HUB_FILES)
     if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
         path = path / "vae"  # a whole pipeline folder or Hub repo
     return path
