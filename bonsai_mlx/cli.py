@@ -264,14 +264,14 @@ def parse_lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def _read_loras(specs: tuple[str, ...]) -> list:
+def read_lora_options(specs: tuple[str, ...]) -> list:
     """(LoraFile, scale) of each --lora PATH[:SCALE], read and checked."""
     from bonsai_mlx.lora import read_lora
 
     return [(read_lora(path), scale) for path, scale in map(parse_lora_spec, specs)]
 
 
-def _apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
+def apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
     """Load the LoRAs read from --lora; say what each costs on stderr."""
     for lora_file, scale in lora_files:
         pipe.load_lora(lora_file, scale=scale, ignore_unmatched=ignore_unmatched)
@@ -279,16 +279,6 @@ def _apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
         click.echo(f"LoRA {info.name} ({info.format}): scale {info.scale:g}, rank "
                    f"{'/'.join(map(str, info.ranks))}, {info.layers} layers, "
                    f"{human_bytes(info.bytes)}", err=True)
-
-
-def _lora_label(source: str) -> str:
-    """A LoRA's file name, or `owner/name/file` for one from the Hub cache (PNG metadata
-    names no local folders)."""
-    parts = Path(source).parts
-    if "snapshots" in parts and parts.index("snapshots") >= 1:  # <cache>/models--o--n/...
-        repo = parts[parts.index("snapshots") - 1].removeprefix("models--").replace("--", "/")
-        return f"{repo}/{Path(source).name}"
-    return Path(source).name
 
 
 @cli.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -382,7 +372,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     seed_list = seed_list or [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
     with _hub_progress(show):  # LoRA files are read (and checked) before the model loads
-        lora_files = _read_loras(loras)
+        lora_files = read_lora_options(loras)
     group = distributed.world()  # the processes mlx.launch started; one otherwise
     if group.rank() == 0:  # the only rank that writes
         check_writable(plan.folder, len(seed_list) * png_size_bound(request.width,
@@ -394,7 +384,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         t0 = time.perf_counter()
         pipe = _load_pipeline(model_id, revision, dtype, request, no_offload, show,
                               tensor_parallel, vae)
-        _apply_loras(pipe, lora_files, lora_ignore_unmatched, quiet)
+        apply_loras(pipe, lora_files, lora_ignore_unmatched, quiet)
         fields = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model_id,
                   "images": ", ".join(Path(p).name for p in images) or None,
                   "mask": Path(mask).name if mask else None, "vae": vae}
@@ -461,11 +451,8 @@ def _load_pipeline(model_id: str, revision: str | None, dtype: str, request, no_
 
     with _hub_progress(show):
         root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
-    # inpainting's image is a reference too; image-to-image's is not
-    references = (() if request.strength is not None and request.mask is None
-                  else tuple(im.size for im in request.images))
     check_memory(root, request.width, request.height, dtype=dtype, tiled_vae=request.tiled_vae,
-                 reference_sizes=references)
+                 reference_sizes=request.reference_sizes)
     return Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload,
                                     tensor_parallel=tensor_parallel, vae=vae)
 
@@ -484,9 +471,7 @@ def _write_png(pipe, request, image, plan, fields: dict[str, object]) -> Path:
     """The image written as a PNG carrying its settings."""
     from bonsai_mlx.outputs import generation_metadata, png_metadata, write_png_exclusive
 
-    loras = "; ".join(f"{_lora_label(i.source)}:{i.scale:g}"  # as --lora takes them
-                      for i in pipe.loras.values())
-    meta = generation_metadata(pipe, request, image, loras=loras, **fields)
+    meta = generation_metadata(pipe, request, image, **fields)
     return write_png_exclusive(image, plan.folder / plan.name(fields["prompt"], request.seed),
                                png_metadata(meta))
 

@@ -15,9 +15,10 @@ From the model folder's config.json files and safetensors headers only:
 
 The peak is the resident weights plus the largest of the three transients. `check_memory`
 compares it with the memory available (Linux: MemAvailable and the cgroup limit; a GPU:
-what MLX reports) and fails with the largest size that fits; BONSAI_NO_MEMORY_CHECK=1 skips
-the check. An estimate, not a measurement: it is meant to refuse requests that cannot fit,
-before minutes of loading, not to predict the peak to the byte.
+what MLX reports) and fails with the largest size that fits (`memory_shortfall` words it;
+`bonsai-mlx serve` checks every request with it); BONSAI_NO_MEMORY_CHECK=1 skips the check.
+An estimate, not a measurement: it is meant to refuse requests that cannot fit, before
+minutes of loading, not to predict the peak to the byte.
 """
 
 from __future__ import annotations
@@ -164,16 +165,27 @@ def estimate_memory(
                           max(decode, encode), tiled)
 
 
-def available_memory() -> int | None:
+def available_memory(include_own: bool = False) -> int | None:
     """Bytes this process may still use: on a GPU what MLX reports for it (CUDA's free
     memory, Metal's recommended working set), elsewhere Linux's MemAvailable (and the
-    cgroup limit); None when unknown."""
+    cgroup limit); None when unknown. `include_own`: count what MLX already holds in this
+    process (its arrays and its buffer cache) as available too: a server that keeps the
+    model loaded reuses that memory, and its estimate counts the weights again."""
+    own = mx.get_active_memory() + mx.get_cache_memory() if include_own else 0
     if mx.default_device().type == mx.DeviceType.gpu:
         info = mx.device_info()
-        for key in ("free_memory", "max_recommended_working_set_size", "memory_size"):
-            if isinstance(info.get(key), int):
-                return info[key] - (mx.get_active_memory() if key != "free_memory" else 0)
+        if isinstance(info.get("free_memory"), int):  # CUDA: the device's, ours excluded
+            return info["free_memory"] + own
+        for key in ("max_recommended_working_set_size", "memory_size"):  # Metal
+            if isinstance(info.get(key), int):  # a budget for the process: ours is in it
+                return info[key] - (0 if include_own else mx.get_active_memory())
         return None
+    available = _linux_available()
+    return None if available is None else available + own
+
+
+def _linux_available() -> int | None:
+    """MemAvailable, or less under a container's memory limit (cgroup v2)."""
     try:
         text = Path("/proc/meminfo").read_text()
     except OSError:
@@ -182,7 +194,7 @@ def available_memory() -> int | None:
     if m is None:
         return None
     available = int(m.group(1)) * 1024
-    try:  # a container's limit (cgroup v2)
+    try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
         used = int(Path("/sys/fs/cgroup/memory.current").read_text())
         if limit != "max":
@@ -209,6 +221,24 @@ def largest_fitting_size(sizes: ModelSizes, width: int, height: int, available: 
     return None
 
 
+def memory_shortfall(sizes: ModelSizes, width: int, height: int, available: int, *,
+                     dtype: str | mx.Dtype = "auto", tiled_vae: bool | None = None,
+                     reference_sizes: tuple[tuple[int, int], ...] = ()) -> str | None:
+    """None when generating `width` x `height` fits in `available` bytes; otherwise what it
+    needs, part by part, and the largest size of about the same shape that fits."""
+    kwargs = dict(dtype=dtype, tiled_vae=tiled_vae, reference_sizes=tuple(reference_sizes))
+    estimate = estimate_memory(sizes, width, height, **kwargs)
+    if estimate.total <= available:
+        return None
+    parts = (f"weights {_gb(estimate.weights)}, text encoder {_gb(estimate.text_encoder)}, "
+             f"transformer step {_gb(estimate.transformer_step)}, VAE {_gb(estimate.vae)}")
+    fit = largest_fitting_size(sizes, width, height, available, **kwargs)
+    advice = (f"the largest size that fits is {fit[0]}x{fit[1]}" if fit
+              else "not even the smallest size fits with this model and dtype")
+    return (f"{width}x{height} needs about {_gb(estimate.total)} ({parts}) but about "
+            f"{_gb(available)} is available: {advice}")
+
+
 def check_memory(
     root: str | Path,
     width: int,
@@ -222,7 +252,7 @@ def check_memory(
     """Raise a BonsaiError, naming the largest size that fits and suggesting tiled
     decoding, when the estimate exceeds `available` (default: `available_memory()`).
     Returns the estimate (None when the check is off or the memory unknown)."""
-    if os.environ.get(NO_CHECK_ENV, "").strip() not in ("", "0"):
+    if memory_check_disabled():
         return None
     available = available_memory() if available is None else available
     if available is None:
@@ -230,19 +260,17 @@ def check_memory(
     sizes = read_model_sizes(root, dtype)
     kwargs = dict(dtype=dtype, reference_sizes=tuple(reference_sizes))
     estimate = estimate_memory(sizes, width, height, tiled_vae=tiled_vae, **kwargs)
-    if estimate.total <= available:
+    problem = memory_shortfall(sizes, width, height, available, tiled_vae=tiled_vae, **kwargs)
+    if problem is None:
         return estimate
-    parts = (f"weights {_gb(estimate.weights)}, text encoder {_gb(estimate.text_encoder)}, "
-             f"transformer step {_gb(estimate.transformer_step)}, VAE {_gb(estimate.vae)}")
-    fit = largest_fitting_size(sizes, width, height, available, tiled_vae=tiled_vae, **kwargs)
-    advice = (f"the largest size that fits is {fit[0]}x{fit[1]}" if fit
-              else "not even the smallest size fits with this model and dtype")
     tiled = estimate_memory(sizes, width, height, tiled_vae=True, **kwargs)
     if tiled.total < estimate.total:  # one tile as large as the image saves nothing
         fits = "fits" if tiled.total <= available else "does not fit either"
-        advice += (f"; decoding in tiles (--tile-vae, tiled_vae=True) needs about "
-                   f"{_gb(tiled.total)}, which {fits}")
-    raise BonsaiError(
-        f"{width}x{height} needs about {_gb(estimate.total)} ({parts}) but about "
-        f"{_gb(available)} is available: {advice} ({NO_CHECK_ENV}=1 skips this check)"
-    )
+        problem += (f"; decoding in tiles (--tile-vae, tiled_vae=True) needs about "
+                    f"{_gb(tiled.total)}, which {fits}")
+    raise BonsaiError(f"{problem} ({NO_CHECK_ENV}=1 skips this check)")
+
+
+def memory_check_disabled() -> bool:
+    """BONSAI_NO_MEMORY_CHECK=1: the way around an estimate that is wrong for a machine."""
+    return os.environ.get(NO_CHECK_ENV, "").strip() not in ("", "0")

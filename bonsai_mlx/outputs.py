@@ -58,12 +58,15 @@ def image_file_name(prompt: str, seed: int) -> str:
 
 def generation_metadata(pipe, request, image: PIL.Image.Image, *, prompt: str,
                         negative_prompt: str | None, model: str, images: str | None = None,
-                        mask: str | None = None, vae: str | None = None,
-                        loras: str | None = None) -> dict[str, object]:
+                        mask: str | None = None, vae: str | None = None) -> dict[str, object]:
     """The text fields of an image as the pipeline made it from `request` (seeded): the
     model's default steps when none were given (the schedule's length; image-to-image runs
-    only its last part), the guidance used (distilled models ignore it), and the negative
-    prompt only where guidance used it (the pipeline warns otherwise)."""
+    only its last part), the guidance used (distilled models ignore it), the negative
+    prompt only where guidance used it (the pipeline warns otherwise), and the LoRAs at
+    their scales as `--lora` takes them (`file.safetensors:0.8; ...`; one at scale 0 is
+    exactly no LoRA and is left out)."""
+    loras = "; ".join(f"{lora_label(info.source)}:{info.scale:g}"
+                      for info in pipe.loras.values() if info.scale != 0)
     guidance = (pipe.default_guidance if request.guidance is None or pipe.is_distilled
                 else request.guidance)
     return {
@@ -76,6 +79,16 @@ def generation_metadata(pipe, request, image: PIL.Image.Image, *, prompt: str,
         "loras": loras or None,
         "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
     }
+
+
+def lora_label(source: str) -> str:
+    """A LoRA's file name, or `owner/name/file` for one from the Hub cache (PNG metadata
+    names no local folders)."""
+    parts = Path(source).parts
+    if "snapshots" in parts and parts.index("snapshots") >= 1:  # <cache>/models--o--n/...
+        repo = parts[parts.index("snapshots") - 1].removeprefix("models--").replace("--", "/")
+        return f"{repo}/{Path(source).name}"
+    return Path(source).name
 
 
 def write_png_exclusive(image: PIL.Image.Image, target: Path, info: PngInfo | None) -> Path:

@@ -89,6 +89,15 @@ class GenerationRequest:
         """Images generated: num_images per prompt."""
         return len(self.prompts) * self.num_images
 
+    @property
+    def reference_sizes(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of the images the transformer attends to (memory estimates):
+        every input image, the one to inpaint too; image-to-image's starts the latents
+        instead."""
+        if self.strength is not None and self.mask is None:
+            return ()
+        return tuple(im.size for im in self.images)
+
     @classmethod
     def create(
         cls,

@@ -567,10 +567,10 @@ def test_lora_spec_is_path_and_optional_scale(text, expected):
 
 
 def test_png_metadata_names_a_lora_file_not_its_folder():
-    from bonsai_mlx.cli import _lora_label
+    from bonsai_mlx.outputs import lora_label
 
-    assert _lora_label("/home/me/loras/ink.safetensors") == "ink.safetensors"
-    assert _lora_label("/cache/hub/models--owner--style-lora/snapshots/0123abc/"
+    assert lora_label("/home/me/loras/ink.safetensors") == "ink.safetensors"
+    assert lora_label("/cache/hub/models--owner--style-lora/snapshots/0123abc/"
                        "style.safetensors") == "owner/style-lora/style.safetensors"
 
 

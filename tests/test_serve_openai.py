@@ -256,14 +256,6 @@ def test_an_upload_over_the_limit_is_413(server, client):
     assert server.healthy()
 
 
-def test_a_mask_is_a_clear_400_until_inpainting_lands(client):
-    with pytest.raises(openai.BadRequestError) as excinfo:
-        client.images.edit(image=open(REFERENCE, "rb"), mask=open(REFERENCE, "rb"),
-                           prompt="x")
-    error = error_of(excinfo)
-    assert error["param"] == "mask" and "inpainting" in error["message"]
-
-
 def test_edit_without_an_image_is_400(server):
     from serve_server import multipart
 

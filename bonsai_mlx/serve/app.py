@@ -1,8 +1,11 @@
 """The ASGI app: the OpenAI Images API, the studio's job API, the gallery, the studio page.
 
     POST /v1/images/generations   JSON: prompt, n, size, response_format, model, user,
-                                  and seed, steps, guidance, negative_prompt, strength
-    POST /v1/images/edits         multipart: image / image[] (PNG, JPEG, WebP), the same
+                                  and seed, steps, guidance, negative_prompt, strength,
+                                  loras ([{"name", "scale"}], among the server's --lora)
+    POST /v1/images/edits         multipart: image / image[] (PNG, JPEG, WebP), mask
+                                  (inpainting the first image), the same fields (loras
+                                  as one JSON-encoded field)
     GET  /v1/models, /health
     POST /jobs                    JSON or multipart as above -> 202 {"id", ...}
     GET  /jobs/{id}               status and images
@@ -13,7 +16,8 @@
     GET  /                        the studio (static files in bonsai_mlx/serve/static)
 
 Every error is `{"error": {"message", "type", "param", "code"}}` with its status; nothing a
-client sends stops the server.
+client sends stops the server. A request estimated not to fit in memory is a 400 (param
+`size`, code `insufficient_memory`) naming the largest size that fits.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from bonsai_mlx.serve.errors import ApiError, error_response
 from bonsai_mlx.serve.gallery import Gallery
 from bonsai_mlx.serve.guard import Guard, session_cookie
 from bonsai_mlx.serve.jobs import ImageRequest, Job, QueueFull, Stopping, Worker
-from bonsai_mlx.serve.params import form_images, image_request, invalid, json_fields
+from bonsai_mlx.serve.memory_check import MemoryCheck
+from bonsai_mlx.serve.params import form_uploads, image_request, json_fields
 from bonsai_mlx.weights import MODEL_ALIASES
 
 from fastapi import FastAPI, Request
@@ -45,6 +50,15 @@ KEEPALIVE_SECONDS = 15.0
 DISCONNECT_POLL_SECONDS = 0.5
 
 
+@dataclass(frozen=True)
+class ServedLora:
+    """A LoRA the operator loaded (`--lora PATH[:SCALE]`): requests choose it by name."""
+
+    name: str
+    scale: float  # its default; a request may set another for itself
+    file: str  # the file's name as PNG metadata records it (no local folder)
+
+
 @dataclass
 class Settings:
     """What `bonsai-mlx serve` was started with."""
@@ -57,6 +71,9 @@ class Settings:
     max_upload_bytes: int = 50 * 1024 * 1024
     max_pixels: int = 2048 * 2048
     allow_origins: list[str] = field(default_factory=list)
+    dtype: str = "auto"
+    max_memory: int | None = None  # bytes a generation may use, the model included
+    loras: list[ServedLora] = field(default_factory=list)  # loaded at start-up (--lora)
 
     @property
     def model_names(self) -> set[str]:
@@ -77,6 +94,7 @@ def create_app(settings: Settings, worker: Worker) -> FastAPI:
     app.state.settings = settings
     app.state.worker = worker
     app.state.gallery = Gallery(settings.output)
+    app.state.memory_check = MemoryCheck(settings.model_id, settings.dtype, settings.max_memory)
     app.state.started = int(time.time())
     _add_error_handlers(app)
     app.add_middleware(Guard, api_key=settings.api_key, loopback=settings.loopback,
@@ -150,7 +168,8 @@ def _add_openai_routes(app: FastAPI) -> None:
         return {"object": "list",
                 "data": model_list(settings.public_name, settings.model_id,
                                    loaded=app.state.worker.pipeline is not None,
-                                   created=app.state.started)}
+                                   created=app.state.started,
+                                   loras=[vars(lora) for lora in settings.loras])}
 
     @app.get("/health")
     async def health() -> dict:
@@ -168,20 +187,22 @@ async def _read_request(app: FastAPI, request: Request, *, images: str
                         ) -> tuple[ImageRequest, str]:
     """A JSON body (`images="none"`) or a multipart form with `image` files ("required" or
     "optional") -> (ImageRequest, response_format), or a 400 naming the field."""
-    max_pixels = app.state.settings.max_pixels
+    settings = app.state.settings
+    limits = {"max_pixels": settings.max_pixels,
+              "loras": {lora.name: lora.scale for lora in settings.loras}}
     if images == "none":
         fields = json_fields(await _json(request))
         _check_model(app, fields.get("model"))
-        return await image_request(fields, form=False, max_pixels=max_pixels)
-    form = await _form(request)
-    _check_model(app, form.get("model"))
-    if form.get("mask") is not None:
-        raise invalid("mask", "mask (inpainting) is not supported by this version of "
-                              "bonsai-mlx yet; leave it out to edit the whole image",
-                      "unsupported_parameter")
-    decoded, names = await form_images(form, required=images == "required")
-    return await image_request(form, form=True, max_pixels=max_pixels, images=decoded,
-                               image_names=names)
+        image_req, response_format = await image_request(fields, form=False, **limits)
+    else:
+        form = await _form(request)
+        _check_model(app, form.get("model"))
+        uploads = await form_uploads(form, required=images == "required")
+        image_req, response_format = await image_request(form, form=True, uploads=uploads,
+                                                         **limits)
+    await asyncio.to_thread(app.state.memory_check.check, image_req.request,
+                            app.state.worker.pipeline)
+    return image_req, response_format
 
 
 async def _respond(app: FastAPI, request: Request, image_req: ImageRequest,

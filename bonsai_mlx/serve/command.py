@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import math
 import os
 import socket
 import sys
 from pathlib import Path
 
-from bonsai_mlx.cli import DEFAULT_MODEL, dtype_option, verbose_option
+from bonsai_mlx.cli import (
+    DEFAULT_MODEL,
+    apply_loras,
+    dtype_option,
+    read_lora_options,
+    verbose_option,
+)
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import MODEL_ALIASES, resolve_model
 
@@ -39,6 +46,17 @@ DEFAULT_OUTPUT = "bonsai-images"
               show_default=True, help="Largest request body (uploaded images), in MiB.")
 @click.option("--max-megapixels", type=click.FloatRange(min=0, min_open=True), default=4.2,
               show_default=True, help="Largest image a request may ask for (4.2: 2048x2048).")
+@click.option("--max-memory", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="GB", help="Most memory a generation may use, the model included "
+              "[default: what the system has free]; larger requests get 400 naming the "
+              "largest size that fits.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="Load a LoRA (file, folder or Hub repo) at SCALE [1.0]; repeatable. "
+                   "Requests choose among these by name (the file's stem) and may set "
+                   "their scale; the server reads no LoRA file a request names.")
+@click.option("--lora-ignore-unmatched", is_flag=True,
+              help="Skip LoRA layers that match no layer of the model (listed) instead of "
+                   "failing.")
 @click.option("--allow-origin", "allow_origins", multiple=True, metavar="URL",
               help="Let web pages from this origin call the API (CORS); repeatable.")
 @click.option("--insecure", is_flag=True,
@@ -49,13 +67,15 @@ DEFAULT_OUTPUT = "bonsai-images"
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @verbose_option
 def serve(model, host, port, api_key, output, preload, max_queue, max_upload_mb,
-          max_megapixels, allow_origins, insecure, dtype, no_offload, revision) -> None:
+          max_megapixels, max_memory, loras, lora_ignore_unmatched, allow_origins, insecure,
+          dtype, no_offload, revision) -> None:
     """Serve the studio (a web page) and an OpenAI-compatible Images API.
 
     \b
     bonsai-mlx serve                      # then open the printed URL
     bonsai-mlx serve -m binary --port 8080 -o ~/Pictures/bonsai
     bonsai-mlx serve --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"
+    bonsai-mlx serve --lora ink.safetensors:0.8 --lora style.safetensors:0
 
     One worker owns the model: requests run one at a time, in order.
     """
@@ -67,6 +87,8 @@ def serve(model, host, port, api_key, output, preload, max_queue, max_upload_mb,
     if api_key is not None and not api_key.strip():
         raise BonsaiError("--api-key is empty; give a key, or leave the option out")
     folder = output_folder(output)
+    lora_files = read_lora_options(loras)  # read and checked before anything starts
+    served_loras = _served_loras(lora_files)
     sock = bind(address, host, port)
 
     from bonsai_mlx.serve.app import Settings, create_app
@@ -76,13 +98,18 @@ def serve(model, host, port, api_key, output, preload, max_queue, max_upload_mb,
                         loopback=_is_loopback(address),
                         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                         max_pixels=int(max_megapixels * 1_000_000),
-                        allow_origins=list(allow_origins))
+                        allow_origins=list(allow_origins), dtype=dtype,
+                        max_memory=None if max_memory is None else int(max_memory * 1e9),
+                        loras=served_loras)
 
     def load():
         from bonsai_mlx.pipeline import Pipeline
 
-        return Pipeline.from_pretrained(model_id, dtype=dtype, revision=revision,
+        pipe = Pipeline.from_pretrained(model_id, dtype=dtype, revision=revision,
                                         keep_text_encoder=no_offload)
+        apply_loras(pipe, lora_files, lora_ignore_unmatched, quiet=False)
+        lora_files.clear()  # the adapters hold what they need
+        return pipe
 
     worker = Worker(load, folder, model_id, max_queue=max_queue)
     if preload:
@@ -97,6 +124,30 @@ def serve(model, host, port, api_key, output, preload, max_queue, max_upload_mb,
         _run(app, sock, worker)
     finally:
         worker.stop()
+
+
+def _served_loras(lora_files: list) -> list:
+    """The LoRAs read from --lora, under the names requests choose them by (each file's
+    stem, which load_lora gives them): two with one name are an error."""
+    from bonsai_mlx.outputs import lora_label
+    from bonsai_mlx.serve.app import ServedLora
+
+    import mlx.core as mx
+
+    # Evaluated now: a lazy array would be computed on this thread's MLX stream, which the
+    # worker thread (that applies the LoRAs) cannot use.
+    mx.eval([a for lora_file, _ in lora_files for layer in lora_file.layers
+             for a in (layer.down, layer.up)])
+    served: dict[str, ServedLora] = {}
+    for lora_file, scale in lora_files:
+        if lora_file.name in served:
+            raise BonsaiError(f"--lora {lora_file.source} and --lora "
+                              f"{served[lora_file.name].file} are both named "
+                              f"{lora_file.name!r}; rename one of the files")
+        if not math.isfinite(scale):
+            raise BonsaiError(f"--lora {lora_file.source}: the scale must be a finite number")
+        served[lora_file.name] = ServedLora(lora_file.name, scale, lora_label(lora_file.source))
+    return list(served.values())
 
 
 def resolve_address(host: str, port: int) -> tuple:

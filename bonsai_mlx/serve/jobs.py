@@ -14,6 +14,7 @@ import asyncio
 import base64
 import collections
 import concurrent.futures
+import contextlib
 import io
 import math
 import secrets
@@ -46,6 +47,9 @@ class ImageRequest:
     request: GenerationRequest
     n: int = 1
     image_names: list[str] = field(default_factory=list)  # the uploads', for the metadata
+    mask_name: str | None = None  # the uploaded mask's, for the metadata
+    # the scale of every loaded LoRA for this request; None: the server's defaults
+    loras: dict[str, float] | None = None
     preview: bool = False  # per-step previews in the events (the studio asks for them)
 
     def seeds(self) -> list[int]:
@@ -291,10 +295,11 @@ class Worker:
                 pipe = self._pipeline()
             except BonsaiError as e:
                 return "error", {"status": 500, "message": f"the model could not be loaded: {e}"}
-            for i, seed in enumerate(job.request.seeds()):
-                if job.cancel_requested.is_set():
-                    raise GenerationCancelled
-                self._make_image(pipe, job, i, seed)
+            with lora_scales(pipe, job.request.loras):
+                for i, seed in enumerate(job.request.seeds()):
+                    if job.cancel_requested.is_set():
+                        raise GenerationCancelled
+                    self._make_image(pipe, job, i, seed)
         except GenerationCancelled:
             return "cancelled", {}
         except BonsaiError as e:  # the request does not suit this model
@@ -311,7 +316,7 @@ class Worker:
         negative = request.negative_prompts[0] if request.negative_prompts else None
         meta = generation_metadata(pipe, request, image, prompt=prompt,
                                    negative_prompt=negative, model=self.model_id,
-                                   images=", ".join(r.image_names) or None)
+                                   images=", ".join(r.image_names) or None, mask=r.mask_name)
         path = write_png_exclusive(image, self.output / image_file_name(prompt, seed),
                                    png_metadata(meta))
         record = {"path": path, "name": path.name, "url": f"/gallery/{path.name}",
@@ -324,6 +329,22 @@ class Worker:
         self._seconds_per_image = (per_image if not self._measured
                                    else 0.7 * self._seconds_per_image + 0.3 * per_image)
         self._measured = True
+
+
+@contextlib.contextmanager
+def lora_scales(pipe, scales: dict[str, float] | None):
+    """A job's LoRA scales while its images are made, and the server's defaults again
+    afterwards, however the job ends. Only the worker thread changes them: no other job
+    runs meanwhile."""
+    if scales is None:
+        yield
+        return
+    defaults = {name: info.scale for name, info in pipe.loras.items()}
+    pipe.set_lora_scales(scales)
+    try:
+        yield
+    finally:
+        pipe.set_lora_scales(defaults)
 
 
 class _StepEvents:

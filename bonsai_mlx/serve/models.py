@@ -10,9 +10,12 @@ from bonsai_mlx.layout import PIPELINE_CLASSES
 from bonsai_mlx.weights import MODEL_ALIASES, read_json
 
 
-def model_list(name: str, model_id: str, *, loaded: bool, created: int) -> list[dict]:
+def model_list(name: str, model_id: str, *, loaded: bool, created: int,
+               loras: list[dict] | None = None) -> list[dict]:
+    """The served model first (with the LoRAs requests may choose: name, default scale,
+    file name), then the cached FLUX.2 [klein] pipelines."""
     served = {"id": name, "object": "model", "created": created, "owned_by": "bonsai-mlx",
-              "served": True, "loaded": loaded}
+              "served": True, "loaded": loaded, "loras": loras or []}
     if name != model_id:
         served["source"] = model_id
     out = [served]

@@ -1,17 +1,25 @@
 """Request bodies -> checked requests, with OpenAI-shaped 400s naming the field.
 
 JSON bodies (`/v1/images/generations`, `/jobs`) carry typed values; multipart forms
-(`/v1/images/edits`, `/jobs` with reference images) carry strings, read as numbers here.
-What only the HTTP API has is checked here (`n`, `response_format`, the size limit, the
-upload formats); everything a generation may ask for is checked by the one check every
-caller uses, `GenerationRequest.create`, before the job is queued.
+(`/v1/images/edits`, `/jobs` with reference images) carry strings, read as numbers here
+(and `loras` as one JSON-encoded field). What only the HTTP API has is checked here (`n`,
+`response_format`, the size limit, the upload formats, OpenAI's mask convention, the LoRAs
+a request may choose); everything a generation may ask for is checked by the one check
+every caller uses, `GenerationRequest.create`, before the job is queued.
+
+Masks (`mask` on /v1/images/edits): a mask with fully transparent pixels (alpha 0) marks
+them as the area to edit, as OpenAI's API does; a mask without any (no alpha channel, or
+all opaque) is read as diffusers' are, grey levels with white (>= 50%) = repaint.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import json
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from bonsai_mlx import checks
 from bonsai_mlx.errors import BonsaiError
@@ -20,6 +28,8 @@ from bonsai_mlx.request import GenerationRequest
 from bonsai_mlx.serve.errors import ApiError
 from bonsai_mlx.serve.jobs import ImageRequest
 
+import numpy as np
+import PIL.Image
 from starlette.datastructures import FormData, UploadFile
 
 MAX_N = 8  # images per request
@@ -30,11 +40,15 @@ UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP")
 RESPONSE_FORMATS = ("b64_json", "url")
 # How GenerationRequest names what it checks, here: the request's field names.
 API_NAMES = {"prompt": "prompt", "negative_prompt": "negative_prompt", "strength": "strength",
-             "image": "image"}
+             "image": "image", "mask": "mask"}
 # A check's message starts with what it checked: that word -> the request's field.
 PARAMS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "strength": "strength",
           "image": "image", "image-to-image": "image", "input": "image", "steps": "steps",
-          "guidance": "guidance", "seed": "seed", "width": "size", "height": "size"}
+          "guidance": "guidance", "seed": "seed", "width": "size", "height": "size",
+          "mask": "mask", "mask:": "mask"}
+MASK_RULE = ("fully transparent pixels (alpha 0) mark the area to edit, as in OpenAI's API; "
+             "a mask without transparency is read as black = keep, white = repaint")
+LORA_FIELDS = ("name", "scale")
 
 
 def invalid(param: str | None, message: str, code: str = "invalid_value") -> ApiError:
@@ -102,11 +116,23 @@ def _response_format(fields) -> str:
     return response_format
 
 
-async def image_request(fields, *, form: bool, max_pixels: int, images=(),
-                        image_names=()) -> tuple[ImageRequest, str]:
-    """The fields every endpoint shares (and the decoded input images) -> the queued job's
-    ImageRequest and the response format."""
+@dataclass
+class Uploads:
+    """A multipart request's files, decoded and checked."""
+
+    images: list = field(default_factory=list)  # PIL images, in the order sent
+    names: list[str] = field(default_factory=list)  # their file names, for the metadata
+    mask: PIL.Image.Image | None = None  # ours: grey levels, white = repaint
+    mask_name: str | None = None
+
+
+async def image_request(fields, *, form: bool, max_pixels: int, uploads: Uploads | None = None,
+                        loras: Mapping[str, float] | None = None) -> tuple[ImageRequest, str]:
+    """The fields every endpoint shares (and the decoded uploads) -> the queued job's
+    ImageRequest and the response format. `loras`: the server's LoRAs and their default
+    scales, among which the request's `loras` choose."""
     get = fields.get
+    uploads = uploads or Uploads()
     prompt = _prompt(get("prompt"))
     response_format = _response_format(fields)
     n = 1 if get("n") is None else _checked(
@@ -118,14 +144,79 @@ async def image_request(fields, *, form: bool, max_pixels: int, images=(),
             and values["seed"] > 2**64 - n:
         raise invalid("seed", f"seed must be at most 2**64 - n (image i gets seed + i), not "
                               f"{values['seed']}")
+    scales = lora_scales(_lora_field(fields) if form else get("loras"), loras or {})
     try:  # off the event loop: input images are resized here
         request = await asyncio.to_thread(
             GenerationRequest.create, prompt, width=width, height=height,
-            negative_prompt=get("negative_prompt"), images=list(images) or None,
-            names=API_NAMES, **values)
+            negative_prompt=get("negative_prompt"), images=uploads.images or None,
+            mask=uploads.mask, names=API_NAMES, **values)
     except BonsaiError as e:
         raise invalid(PARAMS.get(str(e).split(" ", 1)[0]), str(e)) from None
-    return ImageRequest(request, n=n, image_names=list(image_names)), response_format
+    return ImageRequest(request, n=n, image_names=uploads.names, mask_name=uploads.mask_name,
+                        loras=scales), response_format
+
+
+def lora_scales(value, loaded: Mapping[str, float]) -> dict[str, float] | None:
+    """A request's `loras` ([{"name", "scale"?}, ...]) -> the scale of every loaded LoRA for
+    this request: those listed at their scale (default: the server's), the others 0. None
+    when the request has no `loras` (the server's defaults apply). A request chooses among
+    the LoRAs the server loaded at start-up; it never names a file."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise invalid("loras", f"loras must be a list of {{\"name\", \"scale\"}} objects, not "
+                               f"{_short(value)}")
+    names = ", ".join(loaded) or "none (start the server with --lora PATH[:SCALE])"
+    scales = dict.fromkeys(loaded, 0.0)
+    chosen: set[str] = set()
+    for i, entry in enumerate(value):
+        where = f"loras[{i}]"
+        if not isinstance(entry, dict):
+            raise invalid("loras", f"{where} must be an object {{\"name\", \"scale\"}}, not "
+                                   f"{_short(entry)}")
+        if "path" in entry:
+            raise invalid("loras", f"{where}.path: this server reads no file a request names; "
+                                   "its LoRAs are the ones loaded at start-up (bonsai-mlx "
+                                   f"serve --lora PATH[:SCALE]), chosen by name: {names}",
+                          "unsupported_parameter")
+        extra = sorted(set(entry) - set(LORA_FIELDS))
+        if extra:
+            raise invalid("loras", f"{where} has unknown fields {extra}; give name and scale")
+        name = entry.get("name")
+        if not isinstance(name, str) or name not in loaded:
+            raise invalid("loras", f"{where}.name: no LoRA named {_short(name)} is loaded on "
+                                   f"this server; loaded: {names} (GET /v1/models lists them)",
+                          "lora_not_found")
+        if name in chosen:
+            raise invalid("loras", f"{where}: LoRA {name!r} is listed twice")
+        chosen.add(name)
+        try:
+            scales[name] = checks.number(entry.get("scale", loaded[name]), f"{where}.scale")
+        except BonsaiError as e:
+            raise invalid("loras", str(e)) from None
+    return scales
+
+
+def _lora_field(form: FormData):
+    """A form's `loras`: one field holding the list as JSON (multipart has no lists)."""
+    if any(key.startswith("loras[") for key in form.keys()):
+        raise invalid("loras", "send loras as one form field holding JSON, e.g. "
+                               'loras=[{"name": "ink", "scale": 0.8}] (with the openai '
+                               'client: extra_body={"loras": json.dumps([...])})')
+    value = form.get("loras")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid("loras", "loras must be a form field holding JSON, not a file")
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise invalid("loras", f"loras is not valid JSON: {_short(value)}") from None
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def json_fields(body) -> dict:
@@ -134,29 +225,56 @@ def json_fields(body) -> dict:
     return body
 
 
-async def form_images(form: FormData, *, required: bool) -> tuple[list, list[str]]:
-    """The uploaded `image` / `image[]` files, decoded and checked -> (images, names)."""
-    uploads = form.getlist("image") + form.getlist("image[]")
-    if not uploads and required:
+async def form_uploads(form: FormData, *, required: bool) -> Uploads:
+    """The uploaded `image` / `image[]` files and the `mask`, decoded and checked."""
+    uploads = Uploads()
+    files = form.getlist("image") + form.getlist("image[]")
+    if not files and required:
         raise invalid("image", "image is required: upload one or more PNG, JPEG or WebP files",
                       "missing_required_parameter")
-    if len(uploads) > MAX_REFERENCES:
-        raise invalid("image", f"{len(uploads)} images were uploaded; the limit is "
+    if len(files) > MAX_REFERENCES:
+        raise invalid("image", f"{len(files)} images were uploaded; the limit is "
                                f"{MAX_REFERENCES}")
-    images, names = [], []
-    for i, upload in enumerate(uploads):
-        if not isinstance(upload, UploadFile):
-            raise invalid("image", "image must be an uploaded file (multipart file field)")
-        label = f"image {i + 1}" + (f" ({upload.filename})" if upload.filename else "")
-        # decoding a large image takes a while: off the event loop
-        images.append(await asyncio.to_thread(decode_upload, await upload.read(), label))
-        names.append(_safe_name(upload.filename) or f"image-{i + 1}")
-    return images, names
+    for i, upload in enumerate(files):
+        uploads.images.append(await _decoded(upload, f"image {i + 1}", "image"))
+        uploads.names.append(_safe_name(upload.filename) or f"image-{i + 1}")
+    masks = form.getlist("mask")
+    if len(masks) > 1:
+        raise invalid("mask", f"{len(masks)} masks were uploaded; send one (it applies to "
+                              "the first image)")
+    if masks:
+        uploads.mask = openai_mask(await _decoded(masks[0], "mask", "mask"))
+        uploads.mask_name = _safe_name(masks[0].filename) or "mask"
+    return uploads
 
 
-def decode_upload(data: bytes, label: str):
+async def _decoded(upload, label: str, param: str):
+    """A file field, decoded (off the event loop: a large image takes a while)."""
+    if not isinstance(upload, UploadFile):
+        raise invalid(param, f"{param} must be an uploaded file (multipart file field)")
+    label += f" ({upload.filename})" if upload.filename else ""
+    return await asyncio.to_thread(decode_upload, await upload.read(), label, param)
+
+
+def openai_mask(mask: PIL.Image.Image) -> PIL.Image.Image:
+    """An uploaded mask -> ours (grey levels, white = repaint): where it has fully
+    transparent pixels, those are the area to edit (OpenAI's convention) and everything
+    else is kept; without any, its grey levels as they are (white = repaint). A mask that
+    marks nothing to edit is a 400."""
+    if mask.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in mask.info:
+        alpha = np.asarray(mask.convert("RGBA").getchannel("A"))
+        if (alpha == 0).any():
+            return PIL.Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
+    grey = mask.convert("L")
+    if np.asarray(grey).max() < 128:  # binarised at 0.5, as the pipeline does
+        raise invalid("mask", f"mask marks nothing to edit: {MASK_RULE}", "invalid_mask")
+    return grey
+
+
+def decode_upload(data: bytes, label: str, param: str = "image"):
     """Uploaded bytes -> a decoded PIL image: PNG, JPEG or WebP only, at most
-    MAX_UPLOAD_PIXELS (checked from the header, before the pixels are decompressed)."""
+    MAX_UPLOAD_PIXELS (checked from the header, before the pixels are decompressed); a 400
+    naming `param` otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     problem = None
@@ -178,7 +296,7 @@ def decode_upload(data: bytes, label: str):
     except (OSError, SyntaxError, ValueError) as e:
         problem = f"could not be decoded ({e})"
     if problem is not None:
-        raise invalid("image", f"{label} {problem}; upload a PNG, JPEG or WebP file",
+        raise invalid(param, f"{label} {problem}; upload a PNG, JPEG or WebP file",
                       "invalid_image")
     return image
 

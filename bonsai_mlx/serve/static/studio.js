@@ -1,5 +1,6 @@
 // bonsai-mlx studio: a single page over the server's job API (POST /jobs, the job's
-// server-sent events, DELETE /jobs/{id}) and gallery (/gallery). No build step, no libraries.
+// server-sent events, DELETE /jobs/{id}), gallery (/gallery) and model list (/v1/models: the
+// LoRAs a request may choose). No build step, no libraries.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -14,6 +15,8 @@ const state = {
   size: { w: 1024, h: 1024, mode: "preset" }, // mode: preset | custom | auto
   seedMode: "random",
   refs: [], // {file, url}
+  mask: null, // {file, url}: inpainting the first reference (white = repaint)
+  loras: [], // the server's: {name, scale (default), file}
   job: null, // {id, source, n}
   health: null,
   shown: null, // gallery item on the stage
@@ -83,6 +86,52 @@ async function refreshHealth() {
   } catch (error) {
     $("model-chip").textContent = "server unreachable";
     $("model-chip").className = "chip";
+  }
+}
+
+async function loadLoras() {
+  let models;
+  try { models = await api("/v1/models"); } catch (error) { return; }
+  const served = models.data.find((m) => m.served);
+  state.loras = (served && served.loras) || [];
+  $("lora-field").hidden = state.loras.length === 0;
+  $("loras").replaceChildren(...state.loras.map((l) => {
+    const row = document.createElement("label");
+    row.className = "lora";
+    row.title = l.file;
+    const on = document.createElement("input");
+    on.type = "checkbox";
+    on.checked = l.scale !== 0;
+    on.dataset.lora = l.name;
+    const name = document.createElement("span");
+    name.textContent = l.name;
+    const scale = document.createElement("input");
+    scale.type = "number";
+    scale.step = "0.05";
+    scale.value = l.scale || 1;
+    scale.dataset.loraScale = l.name;
+    scale.setAttribute("aria-label", `${l.name} scale`);
+    row.append(on, name, scale);
+    return row;
+  }));
+}
+
+function loraFields() {
+  return state.loras
+    .filter((l) => document.querySelector(`[data-lora="${CSS.escape(l.name)}"]`).checked)
+    .map((l) => ({ name: l.name, scale: Number(document.querySelector(`[data-lora-scale="${CSS.escape(l.name)}"]`).value) }));
+}
+
+function reuseLoras(text) {
+  // PNG metadata: "file.safetensors:0.8; other.safetensors:1" (as --lora takes them)
+  const scales = new Map((text || "").split("; ").filter(Boolean).map((part) => {
+    const at = part.lastIndexOf(":");
+    return [part.slice(0, at), part.slice(at + 1)];
+  }));
+  for (const l of state.loras) {
+    const on = scales.has(l.file);
+    document.querySelector(`[data-lora="${CSS.escape(l.name)}"]`).checked = on;
+    if (on) document.querySelector(`[data-lora-scale="${CSS.escape(l.name)}"]`).value = scales.get(l.file);
   }
 }
 
@@ -164,6 +213,7 @@ function requestFields(n, seed) {
     if ($("negative").value.trim()) fields.negative_prompt = $("negative").value.trim();
   }
   if (state.refs.length === 1 && $("img2img").checked) fields.strength = Number($("strength").value);
+  if (state.loras.length) fields.loras = loraFields();
   return fields;
 }
 
@@ -184,8 +234,9 @@ async function generate({ variations = false } = {}) {
   let body, headers = {};
   if (state.refs.length) {
     body = new FormData();
-    for (const [k, v] of Object.entries(fields)) body.append(k, String(v));
+    for (const [k, v] of Object.entries(fields)) body.append(k, typeof v === "object" ? JSON.stringify(v) : String(v));
     state.refs.forEach((r) => body.append("image[]", r.file, r.file.name));
+    if (state.mask) body.append("mask", state.mask.file, state.mask.file.name);
   } else {
     body = JSON.stringify(fields);
     headers = { "Content-Type": "application/json" };
@@ -343,6 +394,8 @@ function settingsLine(s) {
   if (s.steps) parts.push(`${s.steps} steps`);
   if (s.strength) parts.push(`strength ${s.strength}`);
   if (s.images) parts.push(`edit of ${s.images}`);
+  if (s.mask) parts.push(`mask ${s.mask}`);
+  if (s.loras) parts.push(`LoRA ${s.loras}`);
   return parts.join(" · ");
 }
 
@@ -370,6 +423,7 @@ function reuse(s) {
   if (s.guidance && !$("base-options").hidden) $("guidance").value = s.guidance;
   $("negative").value = s.negative_prompt || "";
   if (s.strength) { $("strength").value = s.strength; updateStrength(); }
+  if (state.loras.length) reuseLoras(s.loras);
   save();
 }
 
@@ -397,11 +451,18 @@ function renderRefs() {
     x.type = "button";
     x.textContent = "×";
     x.title = "Remove";
-    x.onclick = (e) => { e.stopPropagation(); URL.revokeObjectURL(r.url); state.refs.splice(i, 1); renderRefs(); };
+    x.onclick = (e) => {
+      e.stopPropagation();
+      URL.revokeObjectURL(r.url);
+      state.refs.splice(i, 1);
+      if (i === 0) setMask(null); // it was drawn for that image
+      renderRefs();
+    };
     el.append(img, x);
     return el;
   }));
   $("strength-row").hidden = state.refs.length !== 1;
+  $("mask-row").hidden = state.refs.length === 0;
   if (state.refs.length && state.size.mode === "preset" && !$("dropzone").dataset.sized) {
     state.size.mode = "auto";
     $("dropzone").dataset.sized = "1";
@@ -412,6 +473,85 @@ function renderRefs() {
 function updateStrength() {
   $("strength").disabled = !$("img2img").checked;
   $("strength-value").textContent = Number($("strength").value).toFixed(2);
+}
+
+// ---- inpainting mask: uploaded, or painted over the first reference -------------------------
+
+function setMask(mask) {
+  if (state.mask) URL.revokeObjectURL(state.mask.url);
+  state.mask = mask;
+  $("mask-thumb").hidden = !mask;
+  $("mask-img").src = mask ? mask.url : "";
+}
+
+const painter = { ref: null, drawing: false, last: null };
+
+function openPainter() {
+  const first = state.refs[0];
+  const base = $("mask-base"), canvas = $("mask-canvas");
+  base.onload = () => {
+    if (painter.ref !== first) { // a new image: a blank canvas of its size
+      painter.ref = first;
+      canvas.width = base.naturalWidth;
+      canvas.height = base.naturalHeight;
+    }
+  };
+  base.src = first.url;
+  $("mask-dialog").showModal();
+}
+
+function paintTo(event) {
+  const canvas = $("mask-canvas");
+  const rect = canvas.getBoundingClientRect();
+  const scale = canvas.width / rect.width;
+  const point = [(event.clientX - rect.left) * scale, (event.clientY - rect.top) * scale];
+  const ctx = canvas.getContext("2d");
+  ctx.strokeStyle = "#fff";
+  ctx.lineCap = ctx.lineJoin = "round";
+  ctx.lineWidth = Number($("brush-size").value) * scale;
+  ctx.beginPath();
+  ctx.moveTo(...(painter.last || point));
+  ctx.lineTo(...point);
+  ctx.stroke();
+  painter.last = point;
+}
+
+async function usePaintedMask(event) {
+  event.preventDefault();
+  const strokes = $("mask-canvas");
+  const out = document.createElement("canvas"); // opaque: black = keep, white = repaint
+  out.width = strokes.width;
+  out.height = strokes.height;
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(strokes, 0, 0);
+  const blob = await new Promise((resolve) => out.toBlob(resolve, "image/png"));
+  setMask({ file: new File([blob], "painted-mask.png", { type: "image/png" }), url: URL.createObjectURL(blob) });
+  $("mask-dialog").close();
+}
+
+function wireMask() {
+  const canvas = $("mask-canvas");
+  canvas.addEventListener("pointerdown", (e) => {
+    painter.drawing = true;
+    painter.last = null;
+    canvas.setPointerCapture(e.pointerId);
+    paintTo(e);
+  });
+  canvas.addEventListener("pointermove", (e) => { if (painter.drawing) paintTo(e); });
+  for (const type of ["pointerup", "pointercancel"]) canvas.addEventListener(type, () => { painter.drawing = false; });
+  $("mask-paint").onclick = openPainter;
+  $("mask-upload").onclick = () => $("mask-input").click();
+  $("mask-input").onchange = (e) => {
+    const file = e.target.files[0];
+    if (file) setMask({ file, url: URL.createObjectURL(file) });
+    e.target.value = "";
+  };
+  $("mask-remove").onclick = () => setMask(null);
+  $("mask-clear").onclick = () => canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  $("mask-cancel").onclick = () => $("mask-dialog").close();
+  $("mask-done").onclick = usePaintedMask;
 }
 
 // ---- misc -----------------------------------------------------------------------------------
@@ -489,6 +629,8 @@ buildSizePresets();
 restore();
 updateSizeButtons();
 wire();
+wireMask();
 refreshHealth();
 loadGallery();
+loadLoras();
 setInterval(refreshHealth, 5000);
