@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -128,3 +129,73 @@ def test_the_studio_asks_once_for_the_api_key(tmp_path, browser):
         wait.until(lambda d: d.execute_script(
             "return document.querySelector('#gallery .tile img').naturalWidth") == 32)
         assert dialog.get_attribute("open") is None
+
+
+def test_the_studio_inpaints_with_a_painted_mask_and_a_lora(tmp_path, browser):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from serve_server import REFERENCE
+
+    def by_id(name):
+        return browser.find_element(By.ID, name)
+
+    def click(element):  # the controls panel scrolls: bring the element into view first
+        browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+
+    def set_value(name, value):
+        by_id(name).clear()
+        by_id(name).send_keys(value)
+
+    kohya = Path(__file__).parent / "fixtures" / "lora" / "kohya.safetensors"
+    with running_server(tmp_path, "--lora", f"{kohya}:0.5",
+                        preview_cache=tmp_path / "previews") as server:
+        browser.get(server.url)
+        wait = WebDriverWait(browser, TIMEOUT)
+        wait.until(lambda d: by_id("lora-field").is_displayed())
+        scale = browser.find_element(By.CSS_SELECTOR, "[data-lora-scale=kohya]")
+        assert scale.get_attribute("value") == "0.5"  # the server's default
+        browser.execute_script("document.getElementById('ref-input').hidden = false")
+        by_id("ref-input").send_keys(str(REFERENCE))
+        wait.until(lambda d: by_id("mask-row").is_displayed())
+
+        click(by_id("mask-paint"))
+        canvas = by_id("mask-canvas")
+        wait.until(lambda d: d.execute_script(
+            "return document.getElementById('mask-canvas').width") == 100)
+        ActionChains(browser).move_to_element(canvas).click_and_hold() \
+            .move_by_offset(60, 10).move_by_offset(-30, 20).release().perform()
+        by_id("mask-done").click()
+        wait.until(lambda d: by_id("mask-thumb").is_displayed())
+        assert not by_id("mask-dialog").get_attribute("open")
+
+        scale.clear()
+        scale.send_keys("0.25")
+        click(browser.find_element(By.CSS_SELECTOR, "#size-presets button[data-kind=custom]"))
+        set_value("width", "64")
+        set_value("height", "48")
+        set_value("steps", "2")
+        set_value("prompt", "a round window")
+        by_id("prompt").send_keys(Keys.ENTER)
+
+        tile = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .tile"))[0]
+        with Image.open(server.output / tile.get_attribute("data-name")) as image:
+            # an all-black (unpainted) mask would have been refused: no image
+            assert image.text["mask"] == "painted-mask.png"
+            assert image.text["images"] == "reference.png"
+            assert image.text["loras"] == "kohya.safetensors:0.25"
+            assert image.size == (64, 48)
+        wait.until(lambda d: by_id("generate").is_enabled())
+
+        # reusing the image's settings brings its LoRA scale back
+        click(browser.find_element(By.CSS_SELECTOR, "[data-lora=kohya]"))  # untick
+        scale.clear()
+        scale.send_keys("2")
+        tile.click()
+        assert browser.find_element(By.CSS_SELECTOR, "[data-lora=kohya]").is_selected()
+        assert scale.get_attribute("value") == "0.25"
+        browser.save_screenshot(str(tmp_path / "studio-inpaint.png"))
+    assert "Traceback" not in server.log.read_text()

@@ -490,10 +490,14 @@ function openPainter() {
   const first = state.refs[0];
   const base = $("mask-base"), canvas = $("mask-canvas");
   base.onload = () => {
+    const w = base.naturalWidth, h = base.naturalHeight;
+    const fit = Math.min(560 / w, (innerWidth * 0.86) / w, (innerHeight * 0.6) / h);
+    base.style.width = `${Math.round(w * fit)}px`; // small images enlarged, large ones fitted
+    base.style.height = `${Math.round(h * fit)}px`;
     if (painter.ref !== first) { // a new image: a blank canvas of its size
       painter.ref = first;
-      canvas.width = base.naturalWidth;
-      canvas.height = base.naturalHeight;
+      canvas.width = w;
+      canvas.height = h;
     }
   };
   base.src = first.url;
