@@ -136,7 +136,6 @@ def test_the_studio_inpaints_with_a_painted_mask_and_a_lora(tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
-
     from serve_server import REFERENCE
 
     def by_id(name):
@@ -166,8 +165,11 @@ def test_the_studio_inpaints_with_a_painted_mask_and_a_lora(tmp_path, browser):
         canvas = by_id("mask-canvas")
         wait.until(lambda d: d.execute_script(
             "return document.getElementById('mask-canvas').width") == 100)
+        # the widest brush: the 100x72 image is shown enlarged, and a thin stroke would
+        # reach no 16 x 16 latent pixel (refused as too thin)
+        browser.execute_script("document.getElementById('brush-size').value = 40")
         ActionChains(browser).move_to_element(canvas).click_and_hold() \
-            .move_by_offset(60, 10).move_by_offset(-30, 20).release().perform()
+            .move_by_offset(120, 20).move_by_offset(-60, 60).release().perform()
         by_id("mask-done").click()
         wait.until(lambda d: by_id("mask-thumb").is_displayed())
         assert not by_id("mask-dialog").get_attribute("open")
@@ -181,7 +183,10 @@ def test_the_studio_inpaints_with_a_painted_mask_and_a_lora(tmp_path, browser):
         set_value("prompt", "a round window")
         by_id("prompt").send_keys(Keys.ENTER)
 
-        tile = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .tile"))[0]
+        tile = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery .tile")
+                          or by_id("toast").is_displayed())
+        assert not by_id("toast").is_displayed(), by_id("toast").text
+        tile = tile[0]
         with Image.open(server.output / tile.get_attribute("data-name")) as image:
             # an all-black (unpainted) mask would have been refused: no image
             assert image.text["mask"] == "painted-mask.png"
