@@ -327,3 +327,29 @@ def test_bonsai_no_memory_check_turns_it_off(monkeypatch):
     check = MemoryCheck(str(TINY), "auto", limit=1000)
     monkeypatch.setenv("BONSAI_NO_MEMORY_CHECK", "1")
     check.check(GenerationRequest.create("x", width=1024, height=1024), None)
+
+
+def test_what_mlx_already_holds_counts_as_available_to_the_next_request(monkeypatch):
+    import bonsai_mlx.memory as memory
+    from bonsai_mlx.request import GenerationRequest
+    from bonsai_mlx.serve.errors import ApiError
+    from bonsai_mlx.serve.memory_check import MemoryCheck
+
+    import mlx.core as mx
+
+    if mx.default_device().type == mx.DeviceType.gpu:
+        pytest.skip("the Linux (CPU) branch")
+    need = memory.estimate_memory(read_model_sizes(TINY, "auto"), 64, 64).total
+    held = {"active": 0, "cache": 0}
+    monkeypatch.setattr(memory, "_linux_available", lambda: need - 1000)  # free memory
+    monkeypatch.setattr(memory.mx, "get_active_memory", lambda: held["active"])
+    monkeypatch.setattr(memory.mx, "get_cache_memory", lambda: held["cache"])
+    assert memory.available_memory() == need - 1000
+    check, request = MemoryCheck(str(TINY), "auto"), GenerationRequest.create("x", width=64,
+                                                                              height=64)
+    with pytest.raises(ApiError):
+        check.check(request, None)
+    # the loaded model (active) and MLX's buffer cache are the next job's to reuse
+    held.update(active=600, cache=500)
+    assert memory.available_memory(include_own=True) == need + 100
+    check.check(request, None)
