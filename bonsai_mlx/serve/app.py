@@ -188,18 +188,18 @@ async def _read_request(app: FastAPI, request: Request, *, images: str
     """A JSON body (`images="none"`) or a multipart form with `image` files ("required" or
     "optional") -> (ImageRequest, response_format), or a 400 naming the field."""
     settings = app.state.settings
-    limits = {"max_pixels": settings.max_pixels,
+    allowed = {"max_pixels": settings.max_pixels,
               "loras": {lora.name: lora.scale for lora in settings.loras}}
     if images == "none":
         fields = json_fields(await _json(request))
         _check_model(app, fields.get("model"))
-        image_req, response_format = await image_request(fields, form=False, **limits)
+        image_req, response_format = await image_request(fields, form=False, **allowed)
     else:
         form = await _form(request)
         _check_model(app, form.get("model"))
         uploads = await form_uploads(form, required=images == "required")
         image_req, response_format = await image_request(form, form=True, uploads=uploads,
-                                                         **limits)
+                                                         **allowed)
     await asyncio.to_thread(app.state.memory_check.check, image_req.request,
                             app.state.worker.pipeline)
     return image_req, response_format
