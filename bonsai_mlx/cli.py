@@ -39,7 +39,8 @@ __all__ = ["ALIASES", "cli", "default_dtype", "main", "parse_size", "resolve_mod
 DEFAULT_MODEL = "ternary"
 # What errors call the generation's settings: the options that set them.
 CLI_NAMES = {"prompt": "--prompt", "negative_prompt": "--negative-prompt",
-             "strength": "--strength", "image": "--image", "mask": "--mask"}
+             "strength": "--strength", "image": "--image", "mask": "--mask",
+             "untiled_vae": "--no-tile-vae", "vae_tile_size": "--vae-tile-size"}
 
 _EXIT_USER_ERROR = 2
 _EXIT_INTERRUPTED = 130
@@ -327,7 +328,11 @@ def _lora_label(source: str) -> str:
 @click.option("--no-offload", is_flag=True,
               help="Keep the text encoder loaded after encoding (more memory, faster reruns).")
 @click.option("--tile-vae/--no-tile-vae", default=None,
-              help="Decode in tiles (less memory) [default: automatic by size].")
+              help="Decode (and encode) images in tiles: less memory, the same image "
+                   "[default: untiled when that fits in the memory available].")
+@click.option("--vae-tile-size", type=int, default=None, metavar="PIXELS",
+              help="Tile side for tiled VAE decoding (implies --tile-vae): a multiple of 8, "
+                   "at least 64 [default: the largest that fits in the memory available].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA .safetensors file, folder or Hub repo id (owner/name[/file]), scale "
@@ -344,7 +349,7 @@ def _lora_label(source: str) -> str:
 @verbose_option
 def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
         images, strength, mask, vae, reference_kv_cache, dtype, no_offload, tile_vae, revision,
-        loras, lora_ignore_unmatched, tensor_parallel, preview_file, quiet) -> None:
+        loras, lora_ignore_unmatched, tensor_parallel, preview_file, quiet, vae_tile_size) -> None:
     """Generate images from a prompt (text-to-image, editing, image-to-image, inpainting).
 
     \b
@@ -370,7 +375,8 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     request = GenerationRequest.create(
         prompt, width=width, height=height, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, images=list(images) or None, strength=strength,
-        tiled_vae=tile_vae, mask=mask, reference_kv_cache=reference_kv_cache, names=CLI_NAMES,
+        tiled_vae=tile_vae, vae_tile_size=vae_tile_size, mask=mask,
+        reference_kv_cache=reference_kv_cache, names=CLI_NAMES,
     )
     if loras and tensor_parallel:
         raise BonsaiError("--lora and --tensor-parallel do not combine yet: a LoRA is not "
@@ -465,7 +471,7 @@ def _load_pipeline(model_id: str, revision: str | None, dtype: str, request, no_
     references = (() if request.strength is not None and request.mask is None
                   else tuple(im.size for im in request.images))
     check_memory(root, request.width, request.height, dtype=dtype, tiled_vae=request.tiled_vae,
-                 reference_sizes=references)
+                 vae_tile_size=request.vae_tile_size, reference_sizes=references)
     return Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload,
                                     tensor_parallel=tensor_parallel, vae=vae)
 
