@@ -10,8 +10,9 @@ From the model folder's config.json files and safetensors headers only:
   block activations (tokens x inner dim x (4 + 2 x mlp_ratio));
 - the VAE decode: untiled, pixels x the widest full-resolution channels x a scratch factor
   (the CPU's measured: Klein's VAE took 6.04 GB at 512x512 in float32, benchmarks/RESULTS.md;
-  the GPU's assumed, activations only); tiled, two whole full-resolution activations plus
-  the largest tile's scratch. Encoding input images is counted the same way.
+  the GPU's read from MLX's Metal convolutions, not measured); tiled, two whole
+  full-resolution activations plus the largest tile's scratch (measured on the CPU too).
+  Encoding input images is counted the same way.
 
 How the VAE runs is decided in one place, `choose_vae_tile`: untiled when that fits, else
 in the largest tiles that fit. The pipeline asks it when it decodes or encodes, with the
@@ -55,8 +56,11 @@ NO_CHECK_ENV = "BONSAI_NO_MEMORY_CHECK"
 TEXT_TOKENS = 512  # PromptEncoder's max_sequence_length
 FUSED_HEAD_DIMS = (64, 80, 128)  # MLX's fused GPU attention: no scores in memory
 # Peak bytes of a VAE layer pass / (pixels x its input channels x itemsize), the widest
-# full-resolution layer's in an untiled pass, one tile's (with TILE_CONTEXT) in a tiled one
-VAE_SCRATCH = {"cpu": 22.5, "gpu": 6.0}
+# full-resolution layer's in an untiled pass, one tile's (with TILE_CONTEXT) in a tiled one.
+# CPU: measured (benchmarks/RESULTS.md). GPU: not measured; read from MLX's Metal 3x3
+# convolution (Winograd: the upsampled input, a padded copy, 64/36 x input and output
+# transforms, the output: ~6.8 x for the last upsampler's).
+VAE_SCRATCH = {"cpu": 22.5, "gpu": 7.0}
 TILE_CONTEXT = 4  # pixels each side of a full-resolution tile reads from its neighbours
 VAE_TILE = VAE.decode.__kwdefaults__["tile_size"]  # pixels a side of one decode tile
 

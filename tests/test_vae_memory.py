@@ -236,6 +236,14 @@ def test_gen_1024_on_an_8gb_linux_machine_is_not_refused(tmp_path, klein_on_a_sm
                       "decoding in tiles (--tile-vae", "which fits")
 
 
+def test_gen_checks_the_memory_with_the_tile_size_given(tmp_path, klein_on_a_small_machine):
+    klein_on_a_small_machine(LINUX_8GB)
+    result = run("gen", "-m", str(TINY), "-p", "a fox", "--dtype", "float32",
+                 "--vae-tile-size", "1024", "-o", str(tmp_path / "fox.png"))
+    assert_user_error(result, "VAE", "in tiles of 1024 px", "choosing the tile size "
+                      "automatically (no --vae-tile-size)", "which fits")
+
+
 # Metal's recommended working set on Macs with up to 16 GB is about 2/3 of the memory
 # (10.67 GB on a 16 GB M4: exo-explore/exo#1672), and MLX counts it as available.
 MAC_8GB = 8 * 2**30 * 2 // 3
