@@ -31,7 +31,9 @@ import mlx.core as mx
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=2048, help="image side in pixels")
-    ap.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels")
+    ap.add_argument("--tile-size", default="1024",
+                    help="tile side in pixels; several (comma-separated): each tiled mode runs "
+                         "once per size")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--modes", default="untiled,exact,estimate")
     ap.add_argument("--decoder", choices=["full", "small"], default="full",
@@ -48,7 +50,9 @@ def main() -> None:
     mx.eval(z)
 
     reference = None
-    for mode in args.modes.split(","):
+    runs = [(mode, None if mode == "untiled" else int(t)) for mode in args.modes.split(",")
+            for t in (["0"] if mode == "untiled" else args.tile_size.split(","))]
+    for mode, tile_size in runs:
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
@@ -56,13 +60,13 @@ def main() -> None:
         if mode == "untiled":
             out = vae.decode(z, tiled=False)
         else:
-            out = vae.decode(z, tiled=True, tile_size=args.tile_size, tile_stats=mode)
+            out = vae.decode(z, tiled=True, tile_size=tile_size, tile_stats=mode)
         mx.eval(out)
         seconds = time.perf_counter() - t0
         peak = mx.get_peak_memory() - base
         row = {
             "mode": mode, "decoder": args.decoder, "size": args.size, "dtype": args.dtype,
-            "tile_size": None if mode == "untiled" else args.tile_size,
+            "tile_size": tile_size,
             "seconds": round(seconds, 2), "peak_gb": round(peak / 1e9, 3),
             "device": str(mx.default_device()),
         }

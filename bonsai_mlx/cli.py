@@ -39,7 +39,8 @@ __all__ = ["ALIASES", "cli", "default_dtype", "main", "parse_size", "resolve_mod
 DEFAULT_MODEL = "ternary"
 # What errors call the generation's settings: the options that set them.
 CLI_NAMES = {"prompt": "--prompt", "negative_prompt": "--negative-prompt",
-             "strength": "--strength", "image": "--image", "mask": "--mask"}
+             "strength": "--strength", "image": "--image", "mask": "--mask",
+             "untiled_vae": "--no-tile-vae", "vae_tile_size": "--vae-tile-size"}
 
 _EXIT_USER_ERROR = 2
 _EXIT_INTERRUPTED = 130
@@ -317,7 +318,11 @@ def apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
 @click.option("--no-offload", is_flag=True,
               help="Keep the text encoder loaded after encoding (more memory, faster reruns).")
 @click.option("--tile-vae/--no-tile-vae", default=None,
-              help="Decode in tiles (less memory) [default: automatic by size].")
+              help="Decode (and encode) images in tiles: less memory, the same image "
+                   "[default: untiled when that fits in the memory available].")
+@click.option("--vae-tile-size", type=int, default=None, metavar="PIXELS",
+              help="Tile side for tiled VAE decoding (implies --tile-vae): a multiple of 8, "
+                   "at least 64 [default: the largest that fits in the memory available].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA .safetensors file, folder or Hub repo id (owner/name[/file]), scale "
@@ -334,7 +339,7 @@ def apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
 @verbose_option
 def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
         images, strength, mask, vae, reference_kv_cache, dtype, no_offload, tile_vae, revision,
-        loras, lora_ignore_unmatched, tensor_parallel, preview_file, quiet) -> None:
+        loras, lora_ignore_unmatched, tensor_parallel, preview_file, quiet, vae_tile_size) -> None:
     """Generate images from a prompt (text-to-image, editing, image-to-image, inpainting).
 
     \b
@@ -360,7 +365,8 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     request = GenerationRequest.create(
         prompt, width=width, height=height, steps=steps, guidance=guidance,
         negative_prompt=negative_prompt, images=list(images) or None, strength=strength,
-        tiled_vae=tile_vae, mask=mask, reference_kv_cache=reference_kv_cache, names=CLI_NAMES,
+        tiled_vae=tile_vae, vae_tile_size=vae_tile_size, mask=mask,
+        reference_kv_cache=reference_kv_cache, names=CLI_NAMES,
     )
     if loras and tensor_parallel:
         raise BonsaiError("--lora and --tensor-parallel do not combine yet: a LoRA is not "
@@ -452,6 +458,7 @@ def _load_pipeline(model_id: str, revision: str | None, dtype: str, request, no_
     with _hub_progress(show):
         root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
     check_memory(root, request.width, request.height, dtype=dtype, tiled_vae=request.tiled_vae,
+                 vae_tile_size=request.vae_tile_size,
                  reference_sizes=request.reference_sizes)
     return Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload,
                                     tensor_parallel=tensor_parallel, vae=vae)

@@ -8,10 +8,16 @@ From the model folder's config.json files and safetensors headers only:
 - one transformer step: the attention scores (heads x tokens^2, materialised by MLX's CPU
   attention; the fused GPU kernel for head sizes 64, 80 and 128 keeps none) and the
   block activations (tokens x inner dim x (4 + 2 x mlp_ratio));
-- the VAE decode: pixels x the widest full-resolution channels x a scratch factor (the CPU's
-  measured: Klein's VAE took 6.04 GB at 512x512 in float32, benchmarks/RESULTS.md; the GPU's
-  assumed, activations only); tiled, two whole activations plus one tile's scratch. Encoding
-  reference images is counted the same way.
+- the VAE decode: untiled, pixels x the widest full-resolution channels x a scratch factor
+  (the CPU's measured: Klein's VAE took 6.04 GB at 512x512 in float32, benchmarks/RESULTS.md;
+  the GPU's read from MLX's Metal convolutions, not measured); tiled, two whole
+  full-resolution activations plus the largest tile's scratch (measured on the CPU too).
+  Encoding input images is counted the same way.
+
+How the VAE runs is decided in one place, `choose_vae_tile`: untiled when that fits, else
+in the largest tiles that fit. The pipeline asks it when it decodes or encodes, with the
+memory available then; `check_memory` asks it before loading, with what the weights leave.
+So tiling, which gives the same image, lets a small machine run what fits in any way.
 
 The peak is the resident weights plus the largest of the three transients. `check_memory`
 compares it with the memory available (Linux: MemAvailable and the cgroup limit; a GPU:
@@ -34,6 +40,8 @@ from bonsai_mlx.layout import LAYOUTS, detect_layout
 from bonsai_mlx.models.text_encoder import DEFAULT_OUT_LAYERS
 from bonsai_mlx.models.transformer import Flux2TransformerConfig
 from bonsai_mlx.models.vae import AUTO_TILE_PIXELS, VAE, VAEConfig
+from bonsai_mlx.models.vae_tiling import MIN_TILE_SIZE, TILE_MULTIPLE, largest_tile
+from bonsai_mlx.request import GenerationRequest
 from bonsai_mlx.weights import (
     DTYPES,
     SAFETENSORS_DTYPE_NAMES,
@@ -48,8 +56,13 @@ import mlx.core as mx
 NO_CHECK_ENV = "BONSAI_NO_MEMORY_CHECK"
 TEXT_TOKENS = 512  # PromptEncoder's max_sequence_length
 FUSED_HEAD_DIMS = (64, 80, 128)  # MLX's fused GPU attention: no scores in memory
-# Peak bytes of an untiled VAE pass / (pixels x widest full-resolution channels x itemsize)
-VAE_SCRATCH = {"cpu": 22.5, "gpu": 6.0}
+# Peak bytes of a VAE layer pass / (pixels x its input channels x itemsize), the widest
+# full-resolution layer's in an untiled pass, one tile's (with TILE_CONTEXT) in a tiled one.
+# CPU: measured (benchmarks/RESULTS.md). GPU: not measured; read from MLX's Metal 3x3
+# convolution (Winograd: the upsampled input, a padded copy, 64/36 x input and output
+# transforms, the output: ~6.8 x for the last upsampler's).
+VAE_SCRATCH = {"cpu": 22.5, "gpu": 7.0}
+TILE_CONTEXT = 4  # pixels each side of a full-resolution tile reads from its neighbours
 VAE_TILE = VAE.decode.__kwdefaults__["tile_size"]  # pixels a side of one decode tile
 
 
@@ -73,7 +86,7 @@ class MemoryEstimate:
     text_encoder: int
     transformer_step: int
     vae: int
-    tiled_vae: bool
+    vae_tile_size: int | None  # how the image is decoded: None untiled, else in tiles
 
     @property
     def total(self) -> int:
@@ -124,6 +137,78 @@ def read_model_sizes(root: str | Path, dtype: str | mx.Dtype = "auto") -> ModelS
     )
 
 
+def vae_bytes(vae: VAEConfig, width: int, height: int, itemsize: int, *,
+              tile_size: int | None, gpu: bool, encode: bool = False) -> int:
+    """Peak bytes, above the weights, of decoding (`encode`: encoding) one `width` x `height`
+    image: untiled (`tile_size` None), the widest full-resolution layer's scratch; in tiles
+    of about `tile_size` pixels ("exact" statistics), two whole full-resolution activations
+    plus the largest tile's scratch, or the untiled latent-resolution layers' if larger."""
+    scratch = VAE_SCRATCH["gpu" if gpu else "cpu"]
+    channels = vae.block_out_channels if encode else (
+        vae.decoder_block_out_channels or vae.block_out_channels)
+    # the widest input of a full-resolution layer: the decoder's last upsampler's channels
+    wide = channels[0] if encode else max(channels[:2])
+    pixels = width * height
+    if tile_size is None:
+        return int(pixels * wide * itemsize * scratch)
+    th, tw = largest_tile(height, width, tile_size, vae.scale_factor)
+    tile = (th + 2 * TILE_CONTEXT) * (tw + 2 * TILE_CONTEXT)
+    latent = pixels // vae.scale_factor**2 * channels[-1] * scratch
+    return int(max(latent, 2 * pixels * channels[0] + tile * wide * scratch) * itemsize)
+
+
+def choose_vae_tile(vae: VAEConfig, width: int, height: int, *, dtype: str | mx.Dtype,
+                  budget: int | None, tiled: bool | None = None,
+                  tile_size: int | None = None, encode: bool = False,
+                  gpu: bool | None = None) -> int | None:
+    """How the VAE runs on a `width` x `height` image: None untiled, else the tile size.
+
+    `tiled` False or a `tile_size` decide. Otherwise: untiled when its estimate fits in
+    `budget` bytes (unless `tiled`), else the largest tile whose estimate fits, else the
+    smallest tile. `budget` None (memory unknown): tiles of VAE_TILE when `tiled` or above
+    AUTO_TILE_PIXELS, as `VAE.decode` chooses. `pipeline` and `check_memory` both decide
+    here.
+    """
+    if tiled is False or tile_size is not None:
+        return tile_size
+    if budget is None:
+        return VAE_TILE if tiled or width * height > AUTO_TILE_PIXELS else None
+    gpu = _on_gpu() if gpu is None else gpu
+    itemsize = parse_dtype(dtype).size
+
+    def fits(tile: int | None) -> bool:
+        return vae_bytes(vae, width, height, itemsize, tile_size=tile, gpu=gpu,
+                         encode=encode) <= budget
+
+    if not tiled and fits(None):
+        return None
+    tiles = tile_sizes(width, height)
+    return next((t for t in tiles if fits(t)), tiles[-1])
+
+
+def vae_tile_now(vae: VAE, request: GenerationRequest, width: int, height: int,
+                 encode: bool = False) -> int | None:
+    """`choose_vae_tile` for a loaded `vae` running a width x height image of `request`
+    with the memory available now (the pipeline asks before each decode and encode)."""
+    return choose_vae_tile(vae.config, width, height, dtype=vae.dtype,
+                           budget=available_memory(), tiled=request.tiled_vae,
+                           tile_size=request.vae_tile_size, encode=encode)
+
+
+def tile_sizes(width: int, height: int) -> list[int]:
+    """Tile sizes that split the image, largest first: for 2, 3, ... tiles along its longer
+    side the smallest tile side that makes them, down to MIN_TILE_SIZE; the whole image as
+    one tile when it is too small to split."""
+    latent = -(-max(width, height) // TILE_MULTIPLE)
+    sizes = [-(-latent // n) * TILE_MULTIPLE for n in range(2, latent + 1)]
+    return list(dict.fromkeys(t for t in sizes if t >= MIN_TILE_SIZE)) or [
+        latent * TILE_MULTIPLE]
+
+
+def _on_gpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
 def estimate_memory(
     sizes: ModelSizes,
     width: int,
@@ -131,38 +216,40 @@ def estimate_memory(
     *,
     dtype: str | mx.Dtype = "auto",
     tiled_vae: bool | None = None,
+    vae_tile_size: int | None = None,
     reference_sizes: tuple[tuple[int, int], ...] = (),
     gpu: bool | None = None,
+    available: int | None = None,
 ) -> MemoryEstimate:
     """Peak memory of generating one `width` x `height` image with `sizes`' model.
 
     `reference_sizes`: (width, height) of each editing reference image as the pipeline
-    encodes it (at most 1 MP); `gpu` defaults to MLX's default device.
+    encodes it (at most 1 MP); `gpu` defaults to MLX's default device. The VAE runs as
+    `choose_vae_tile` decides with what `available` bytes leave beside the weights.
     """
     itemsize = parse_dtype(dtype).size
-    if gpu is None:
-        gpu = mx.default_device().type == mx.DeviceType.gpu
-    cfg, vae = sizes.transformer, sizes.vae
+    gpu = _on_gpu() if gpu is None else gpu
+    cfg = sizes.transformer
     tokens = (width // MULTIPLE) * (height // MULTIPLE) + TEXT_TOKENS + sum(
         (w // MULTIPLE) * (h // MULTIPLE) for w, h in reference_sizes)
     fused = gpu and cfg.attention_head_dim in FUSED_HEAD_DIMS
     scores = 0 if fused else cfg.num_attention_heads * tokens * tokens * itemsize
     activations = tokens * cfg.inner_dim * int(4 + 2 * cfg.mlp_ratio) * itemsize
 
-    scratch = VAE_SCRATCH["gpu" if gpu else "cpu"]
-    channels = vae.decoder_block_out_channels or vae.block_out_channels
-    wide = max(channels[:2])  # the upsampled block feeding full resolution, or the last
-    pixels = width * height
-    tiled = pixels > AUTO_TILE_PIXELS if tiled_vae is None else bool(tiled_vae)
-    tile = min(pixels, VAE_TILE * VAE_TILE)
-    decode = (2 * pixels * wide * itemsize + int(tile * wide * itemsize * scratch) if tiled
-              else int(pixels * wide * itemsize * scratch))
-    encode = max((int(w * h * vae.block_out_channels[0] * itemsize * scratch)
+    budget = None if available is None else available - sizes.weights
+    plan = dict(dtype=dtype, tiled=tiled_vae, tile_size=vae_tile_size, gpu=gpu)
+    tile = choose_vae_tile(sizes.vae, width, height, budget=budget, **plan)
+    decode = vae_bytes(sizes.vae, width, height, itemsize, tile_size=tile, gpu=gpu)
+    if budget is not None:  # the encoder is loaded while it encodes
+        budget -= sizes.vae_encoder
+    encode = max((vae_bytes(sizes.vae, w, h, itemsize, gpu=gpu, encode=True,
+                            tile_size=choose_vae_tile(sizes.vae, w, h, budget=budget,
+                                                      encode=True, **plan))
                   for w, h in reference_sizes), default=0)
     if reference_sizes:
         encode += sizes.vae_encoder
     return MemoryEstimate(sizes.weights, sizes.text_encoder, scores + activations,
-                          max(decode, encode), tiled)
+                          max(decode, encode), tile)
 
 
 def available_memory(include_own: bool = False) -> int | None:
@@ -211,32 +298,40 @@ def _gb(n: int) -> str:
 def largest_fitting_size(sizes: ModelSizes, width: int, height: int, available: int,
                          **kwargs) -> tuple[int, int] | None:
     """The largest size of about the same aspect ratio, in steps of 16 pixels on the longer
-    side, whose estimate fits in `available` bytes; None if even 16 pixels do not."""
+    side, whose estimate fits in `available` bytes (`estimate_memory`'s `kwargs`); None if
+    even 16 pixels do not."""
     longest = max(width, height)
     for side in range(longest - MULTIPLE, 0, -MULTIPLE):
         w = max(MULTIPLE, round(width * side / longest / MULTIPLE) * MULTIPLE)
         h = max(MULTIPLE, round(height * side / longest / MULTIPLE) * MULTIPLE)
-        if estimate_memory(sizes, w, h, **kwargs).total <= available:
+        if estimate_memory(sizes, w, h, available=available, **kwargs).total <= available:
             return w, h
     return None
 
 
 def memory_shortfall(sizes: ModelSizes, width: int, height: int, available: int, *,
                      dtype: str | mx.Dtype = "auto", tiled_vae: bool | None = None,
+                     vae_tile_size: int | None = None,
                      reference_sizes: tuple[tuple[int, int], ...] = ()) -> str | None:
     """None when generating `width` x `height` fits in `available` bytes; otherwise what it
-    needs, part by part, and the largest size of about the same shape that fits."""
-    kwargs = dict(dtype=dtype, tiled_vae=tiled_vae, reference_sizes=tuple(reference_sizes))
-    estimate = estimate_memory(sizes, width, height, **kwargs)
+    needs, part by part, and the largest size of about the same shape that fits (and what
+    letting `choose_vae_tile` pick the tiling would need, when tiling was forced)."""
+    kwargs = dict(dtype=dtype, reference_sizes=tuple(reference_sizes))
+    forced = dict(tiled_vae=tiled_vae, vae_tile_size=vae_tile_size)
+    estimate = estimate_memory(sizes, width, height, available=available, **forced, **kwargs)
     if estimate.total <= available:
         return None
-    parts = (f"weights {_gb(estimate.weights)}, text encoder {_gb(estimate.text_encoder)}, "
-             f"transformer step {_gb(estimate.transformer_step)}, VAE {_gb(estimate.vae)}")
-    fit = largest_fitting_size(sizes, width, height, available, **kwargs)
+    fit = largest_fitting_size(sizes, width, height, available, **forced, **kwargs)
     advice = (f"the largest size that fits is {fit[0]}x{fit[1]}" if fit
               else "not even the smallest size fits with this model and dtype")
-    return (f"{width}x{height} needs about {_gb(estimate.total)} ({parts}) but about "
-            f"{_gb(available)} is available: {advice}")
+    auto = estimate_memory(sizes, width, height, available=available, **kwargs)
+    if auto.total < estimate.total:
+        how = ("decoding in tiles (--tile-vae, tiled_vae=True)" if tiled_vae is False
+               else "choosing the tile size automatically (no --vae-tile-size)")
+        fits = "fits" if auto.total <= available else "does not fit either"
+        advice += f"; {how} needs about {_gb(auto.total)}, which {fits}"
+    return (f"{width}x{height} needs about {_gb(estimate.total)} ({_parts(estimate)}) but "
+            f"about {_gb(available)} is available: {advice}")
 
 
 def check_memory(
@@ -246,11 +341,13 @@ def check_memory(
     *,
     dtype: str | mx.Dtype = "auto",
     tiled_vae: bool | None = None,
+    vae_tile_size: int | None = None,
     reference_sizes: tuple[tuple[int, int], ...] = (),
     available: int | None = None,
 ) -> MemoryEstimate | None:
-    """Raise a BonsaiError, naming the largest size that fits and suggesting tiled
-    decoding, when the estimate exceeds `available` (default: `available_memory()`).
+    """Raise a BonsaiError, naming the largest size that fits, when the estimate exceeds
+    `available` (default: `available_memory()`); the VAE tiled as `choose_vae_tile` picks,
+    so unless tiling is forced off only a request that fits in no tiling is refused.
     Returns the estimate (None when the check is off or the memory unknown)."""
     if memory_check_disabled():
         return None
@@ -259,18 +356,21 @@ def check_memory(
         return None
     sizes = read_model_sizes(root, dtype)
     kwargs = dict(dtype=dtype, reference_sizes=tuple(reference_sizes))
-    estimate = estimate_memory(sizes, width, height, tiled_vae=tiled_vae, **kwargs)
-    problem = memory_shortfall(sizes, width, height, available, tiled_vae=tiled_vae, **kwargs)
+    forced = dict(tiled_vae=tiled_vae, vae_tile_size=vae_tile_size)
+    problem = memory_shortfall(sizes, width, height, available, **forced, **kwargs)
     if problem is None:
-        return estimate
-    tiled = estimate_memory(sizes, width, height, tiled_vae=True, **kwargs)
-    if tiled.total < estimate.total:  # one tile as large as the image saves nothing
-        fits = "fits" if tiled.total <= available else "does not fit either"
-        problem += (f"; decoding in tiles (--tile-vae, tiled_vae=True) needs about "
-                    f"{_gb(tiled.total)}, which {fits}")
+        return estimate_memory(sizes, width, height, available=available, **forced, **kwargs)
     raise BonsaiError(f"{problem} ({NO_CHECK_ENV}=1 skips this check)")
 
 
 def memory_check_disabled() -> bool:
     """BONSAI_NO_MEMORY_CHECK=1: the way around an estimate that is wrong for a machine."""
     return os.environ.get(NO_CHECK_ENV, "").strip() not in ("", "0")
+
+
+def _parts(estimate: MemoryEstimate) -> str:
+    tiles = (f"in tiles of {estimate.vae_tile_size} px" if estimate.vae_tile_size
+             else "untiled")
+    return (f"weights {_gb(estimate.weights)}, text encoder {_gb(estimate.text_encoder)}, "
+            f"transformer step {_gb(estimate.transformer_step)}, VAE {_gb(estimate.vae)} "
+            f"{tiles}")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonsai_mlx import distributed, lora
+from bonsai_mlx import distributed, lora, memory
 from bonsai_mlx.checks import check_prompts
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import LANCZOS, MULTIPLE, ImageInput, image_to_array, to_pil
@@ -285,6 +285,7 @@ class Pipeline:
         preview: bool = False,
         mask: MaskInput | None = None,
         reference_kv_cache: bool | None = None,
+        vae_tile_size: int | None = None,
     ) -> PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | mx.array:
         """Generate images.
 
@@ -315,14 +316,13 @@ class Pipeline:
           4th argument: a small RGB picture (H/8 x W/8, PIL; a list for a batch) of the
           model's current estimate of the final image (`bonsai_mlx.preview`).
         - `sigmas`: a custom schedule (the configured shift still applies).
-        - `tiled_vae`: force tiled (True) or untiled (False) decoding; default automatic.
+        - `tiled_vae`, `vae_tile_size` (px): force VAE tiling [default: tiles if memory is short].
         """
         request = GenerationRequest.create(
             prompt, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
             latents=latents, images=images, strength=strength, negative_prompt=negative_prompt,
             num_images=num_images, output_type=output_type, sigmas=sigmas, tiled_vae=tiled_vae,
-            mask=mask, reference_kv_cache=reference_kv_cache,
-        )
+            mask=mask, reference_kv_cache=reference_kv_cache, vae_tile_size=vae_tile_size)
         return self.run(request, callback, preview=preview).output(request.output_type)
 
     def run(self, request: GenerationRequest, callback: Callable[..., None] | None = None,
@@ -466,7 +466,7 @@ class Pipeline:
             start = dataclasses.replace(start, schedule=schedule)
         refs = ref_ids = None
         if request.strength is None or request.mask is not None:  # editing, inpainting
-            refs, ref_ids = self._encode_references(request.images)
+            refs, ref_ids = self._encode_references(request)
         if request.mask is not None:  # the image to repaint is the first reference
             z = refs[:, : h * w]
             start = dataclasses.replace(
@@ -476,7 +476,8 @@ class Pipeline:
             init = request.images[0]
             if init.size != (request.width, request.height):
                 init = init.resize((request.width, request.height), LANCZOS)
-            x = noise_latents(self._encode_image(init), noise, float(schedule.sigmas[0]))
+            x = noise_latents(self._encode_image(init, request), noise,
+                              float(schedule.sigmas[0]))
             start = dataclasses.replace(start, x=x)
         self.vae.unload_encoder()
         timings["images"] = time.perf_counter() - t0
@@ -528,13 +529,15 @@ class Pipeline:
 
     def _decode(self, x: mx.array, request: GenerationRequest) -> mx.array:
         """Packed latents (B, h*w, C) -> images (B, H, W, 3) float32 in [0, 1], one image at
-        a time (the peak memory of one decode)."""
+        a time (the peak memory of one decode), tiled as the memory available allows."""
         h, w = request.height // MULTIPLE, request.width // MULTIPLE
         packed = x.reshape(x.shape[0], h, w, -1)
+        tile = memory.vae_tile_now(self.vae, request, request.width, request.height)
         out = []
         for b in range(x.shape[0]):
             z = self.vae.denormalize_latents(packed[b : b + 1])
-            img = self.vae.decode(z, tiled=request.tiled_vae).astype(mx.float32)
+            img = (self.vae.decode(z, tiled=False) if tile is None
+                   else self.vae.decode_tiled(z, tile_size=tile)).astype(mx.float32)
             finite = mx.isfinite(img).all()  # never a NaN image written as black
             img = mx.clip(img * 0.5 + 0.5, 0.0, 1.0)
             mx.eval(img, finite)
@@ -549,20 +552,23 @@ class Pipeline:
         mx.eval(result)
         return result
 
-    def _encode_image(self, image: PIL.Image.Image) -> mx.array:
+    def _encode_image(self, image: PIL.Image.Image, request: GenerationRequest) -> mx.array:
         """A prepared PIL image -> normalised packed latents (1, h*w, C)."""
         x = mx.array(image_to_array(image))[None]  # (1, H, W, 3) in [-1, 1]
-        p = self.vae.normalize_latents(self.vae.encode(x).astype(mx.float32))
-        p = p.astype(mx.float32)
+        self.vae.load_encoder()  # before the memory it leaves is measured
+        tile = memory.vae_tile_now(self.vae, request, *image.size, encode=True)
+        z = (self.vae.encode(x, tiled=False) if tile is None
+             else self.vae.encode_tiled(x, tile_size=tile))
+        p = self.vae.normalize_latents(z.astype(mx.float32)).astype(mx.float32)
         mx.eval(p)
         return p.reshape(1, -1, p.shape[-1])
 
-    def _encode_references(self, images: Sequence[PIL.Image.Image]
-                           ) -> tuple[mx.array, np.ndarray]:
-        """Reference images as tokens (1, R, C) and their ids, time 10 + 10 i for image i."""
+    def _encode_references(self, request: GenerationRequest) -> tuple[mx.array, np.ndarray]:
+        """The request's images as reference tokens (1, R, C) and their ids, time 10 + 10 i
+        for image i."""
         tokens, ids = [], []
-        for i, image in enumerate(images):
-            tokens.append(self._encode_image(image))
+        for i, image in enumerate(request.images):
+            tokens.append(self._encode_image(image, request))
             w, h = image.size
             ids.append(latent_ids(h // MULTIPLE, w // MULTIPLE,
                                   t=REFERENCE_TIME_STEP + REFERENCE_TIME_STEP * i))

@@ -15,6 +15,7 @@ from bonsai_mlx.checks import check_prompts, flag, integer, number, text
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import (
     DEFAULT_SIZE,
+    MAX_SIZE,
     ImageInput,
     as_image_list,
     check_size,
@@ -26,6 +27,7 @@ from bonsai_mlx.images import (
 )
 from bonsai_mlx.inpaint import DEFAULT_STRENGTH as INPAINT_STRENGTH
 from bonsai_mlx.inpaint import MaskInput, mask_image, mask_latents
+from bonsai_mlx.models.vae_tiling import MIN_TILE_SIZE, TILE_MULTIPLE
 from bonsai_mlx.scheduler import MAX_STEPS
 
 import mlx.core as mx
@@ -51,7 +53,8 @@ def negative_prompts(negative_prompt: str | Sequence[str] | None, n: int,
 OUTPUT_TYPES = ("pil", "np", "mx")
 # How the Python API names what it checks; the CLI passes its option names instead.
 API_NAMES = {"prompt": "the prompt", "negative_prompt": "the negative prompt",
-             "strength": "strength", "image": "input image", "mask": "mask"}
+             "strength": "strength", "image": "input image", "mask": "mask",
+             "untiled_vae": "tiled_vae=False", "vae_tile_size": "vae_tile_size"}
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class GenerationRequest:
     # inpainting images[0]: the mask's weight per latent token (h*w, 1), 1 = repaint
     mask: np.ndarray | None = None
     reference_kv_cache: bool | None = None  # None: the model's default
+    # tiled VAE decoding and encoding: None = chosen by the memory available when it runs
+    vae_tile_size: int | None = None  # pixels a side; given, tiled_vae is True
 
     @property
     def batch(self) -> int:
@@ -118,6 +123,7 @@ class GenerationRequest:
         tiled_vae: bool | None = None,
         mask: MaskInput | None = None,
         reference_kv_cache: bool | None = None,
+        vae_tile_size: int | None = None,
         names: Mapping[str, str] = API_NAMES,
     ) -> GenerationRequest:
         """The checked request (arguments as `Pipeline.generate` documents them); a
@@ -135,6 +141,7 @@ class GenerationRequest:
             strength = _strength(strength, names["strength"])
         if reference_kv_cache is not None:
             reference_kv_cache = flag(reference_kv_cache, "reference_kv_cache")
+        tiled_vae, vae_tile_size = _vae_tiling(tiled_vae, vae_tile_size, names)
         prepared, width, height, tokens = _prepared_inputs(images, strength, mask, width,
                                                            height, names)
         return cls(
@@ -142,7 +149,7 @@ class GenerationRequest:
             _negatives(negative_prompt, len(prompts), names["negative_prompt"]),
             steps, guidance, _seed(seed), _latents(latents),
             tuple(prepared), strength, num_images, output_type, sigmas, tiled_vae,
-            tokens, reference_kv_cache,
+            tokens, reference_kv_cache, vae_tile_size,
         )
 
     def with_seed(self, seed: int | None) -> GenerationRequest:
@@ -228,6 +235,25 @@ def _prepared_inputs(images, strength, mask, width, height, names: Mapping[str, 
     prepared += [prepare_image(im, name)
                  for im, name in zip(opened[1:], image_list[1:], strict=True)]
     return prepared, width, height, mask_latents(mask, width, height, names["mask"])
+
+
+def _vae_tiling(tiled_vae, tile_size, names: Mapping[str, str]
+                ) -> tuple[bool | None, int | None]:
+    """(tiled_vae, vae_tile_size) checked: a tile size forces tiling and must be whole
+    latent pixels, at least MIN_TILE_SIZE."""
+    if tiled_vae is not None:
+        tiled_vae = flag(tiled_vae, "tiled_vae")
+    if tile_size is None:
+        return tiled_vae, None
+    name = names["vae_tile_size"]
+    tile_size = integer(tile_size, name, low=MIN_TILE_SIZE, high=MAX_SIZE)
+    if tile_size % TILE_MULTIPLE:
+        raise BonsaiError(f"{name} {tile_size} must be a multiple of {TILE_MULTIPLE}, e.g. "
+                          f"{tile_size // TILE_MULTIPLE * TILE_MULTIPLE}")
+    if tiled_vae is False:
+        raise BonsaiError(f"{name} sets the size of VAE tiles, but {names['untiled_vae']} "
+                          "turns tiling off; give one of them")
+    return True, tile_size
 
 
 def _seed(seed) -> int | None:

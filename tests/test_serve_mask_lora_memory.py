@@ -311,9 +311,11 @@ def test_the_memory_check_counts_the_input_images():
     assert edit.reference_sizes == ((512, 512),)
     from bonsai_mlx.memory import estimate_memory
 
-    between = (estimate_memory(sizes, 96, 96).total
-               + estimate_memory(sizes, 96, 96, reference_sizes=((512, 512),)).total) // 2
-    check = MemoryCheck(str(TINY), "auto", limit=between)  # not loaded: read from the folder
+    limit = estimate_memory(sizes, 96, 96).total  # the plain request just fits
+    # the 512x512 input image does not, even encoded in the smallest tiles
+    assert estimate_memory(sizes, 96, 96, reference_sizes=((512, 512),),
+                           available=limit).total > limit
+    check = MemoryCheck(str(TINY), "auto", limit=limit)  # not loaded: read from the folder
     check.check(plain, None)
     with pytest.raises(ApiError) as excinfo:
         check.check(edit, None)
@@ -339,14 +341,16 @@ def test_what_mlx_already_holds_counts_as_available_to_the_next_request(monkeypa
 
     if mx.default_device().type == mx.DeviceType.gpu:
         pytest.skip("the Linux (CPU) branch")
-    need = memory.estimate_memory(read_model_sizes(TINY, "auto"), 64, 64).total
+    # untiled: a tiled VAE would make the request fit in less
+    need = memory.estimate_memory(read_model_sizes(TINY, "auto"), 64, 64, tiled_vae=False).total
     held = {"active": 0, "cache": 0}
     monkeypatch.setattr(memory, "_linux_available", lambda: need - 1000)  # free memory
     monkeypatch.setattr(memory.mx, "get_active_memory", lambda: held["active"])
     monkeypatch.setattr(memory.mx, "get_cache_memory", lambda: held["cache"])
     assert memory.available_memory() == need - 1000
     check, request = MemoryCheck(str(TINY), "auto"), GenerationRequest.create("x", width=64,
-                                                                              height=64)
+                                                                              height=64,
+                                                                              tiled_vae=False)
     with pytest.raises(ApiError):
         check.check(request, None)
     # the loaded model (active) and MLX's buffer cache are the next job's to reuse

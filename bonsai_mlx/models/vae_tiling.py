@@ -31,6 +31,10 @@ TileLayer = tuple[Callable[[mx.array], mx.array], str, int]
 # average-pooled to at most this many latent pixels a side.
 ESTIMATE_SIDE = 64
 TILE_STATS = ("exact", "estimate")
+# The tile sides (image pixels) the pipeline takes and chooses from: whole latent pixels
+# (multiples of FLUX.2's factor 8), at least 32 (smaller tiles save next to nothing: the
+# whole full-resolution activations a tiled pass keeps dominate its memory).
+TILE_MULTIPLE, MIN_TILE_SIZE = 8, 32
 
 
 def run_layers(layers: Sequence[Callable[[mx.array], mx.array]], x: mx.array) -> mx.array:
@@ -163,6 +167,14 @@ def context_needed(layers: list[TileLayer]) -> list[int]:
         need = -(-need // align) * align
         needs.append(need)
     return needs[::-1]
+
+
+def largest_tile(height: int, width: int, tile_size: int, f: int) -> tuple[int, int]:
+    """(height, width) in image pixels of the largest tile that `decode_tiled` and
+    `encode_tiled` cut a height x width image into with `tile_size`, context excluded."""
+    t = tile_size // f
+    return tuple(max(b - a for a, b in pairwise(_tile_bounds(side // f, t, 1))) * f
+                 for side in (height, width))
 
 
 def _tile_bounds(length: int, tile: int, align: int) -> list[int]:

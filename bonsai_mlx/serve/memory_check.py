@@ -62,6 +62,7 @@ class MemoryCheck:
             return
         problem = memory_shortfall(sizes, request.width, request.height, available,
                                    dtype=self.dtype, tiled_vae=request.tiled_vae,
+                                   vae_tile_size=request.vae_tile_size,
                                    reference_sizes=request.reference_sizes)
         if problem is None:
             return
