@@ -226,9 +226,51 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, rope: Rope) -> mx.array:
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     cos, sin = rope
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    out = _attention_core(q, k, v, q.shape[-1] ** -0.5)
     b, h, s, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
+
+
+# Attention scores held at once on the CPU path (floats): 64 MB in float32.
+_CPU_SCORE_ELEMENTS = 1 << 24
+
+
+def _attention_core(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q @ k.T * scale) @ v for (B, H, S, D) arrays.
+
+    On MLX's CPU backend `mx.fast.scaled_dot_product_attention` is unfused: a matmul, a
+    softmax whose exp is scalar code (~16x slower than numpy's vectorised exp), a matmul.
+    There, for float32, the matmuls go to BLAS a block of query rows at a time (the scores
+    stay under `_CPU_SCORE_ELEMENTS`) and the softmax to numpy.
+    """
+    if mx.default_device() != mx.cpu or q.dtype != mx.float32:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    b, h, s, _ = q.shape
+    rows = max(1, _CPU_SCORE_ELEMENTS // (b * h * k.shape[2]))
+    q, kt = q * scale, k.swapaxes(-1, -2)
+    outs = [_softmax(q[:, :, i : i + rows] @ kt) @ v for i in range(0, s, rows)]
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+
+
+@mx.custom_function
+def _softmax(scores: mx.array) -> mx.array:
+    """Softmax over the last axis in numpy (float32, vectorised exp). Inside mx.compile or
+    mx.vmap, which cannot evaluate arrays, MLX's softmax runs instead; gradients come from
+    the vjp below (numpy is invisible to mx.grad)."""
+    try:
+        mx.eval(scores)
+    except ValueError:
+        return mx.softmax(scores, axis=-1, precise=True)
+    a = np.asarray(scores)
+    e = np.subtract(a, a.max(axis=-1, keepdims=True))
+    np.exp(e, out=e)
+    e /= e.sum(axis=-1, keepdims=True)
+    return mx.array(e)
+
+
+@_softmax.vjp
+def _softmax_vjp(primals, cotangent: mx.array, output: mx.array):
+    return (output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True)),)
 
 
 class TimestepEmbedder(nn.Module):
