@@ -187,9 +187,11 @@ def machine_info() -> dict[str, Any]:
     if be == "metal":
         info["gpu_cores"] = _apple_gpu_cores()
     if be == "cpu":
-        from bonsai_mlx._blas import OPENBLAS_LOADED
+        from bonsai_mlx._blas import openblas_status
 
-        info["blas"] = "openblas" if OPENBLAS_LOADED else "mlx bundled"
+        blas = openblas_status()
+        info["blas"] = "openblas" if blas["loaded"] else "mlx bundled"
+        info["openblas_core"] = blas["corename"]
     return info
 
 
@@ -605,7 +607,8 @@ def model_precision(transformer: nn.Module) -> str:
 
 
 def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: str,
-             seed: int, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             seed: int, log: Callable[[str], None] | None = None,
+             tiled_vae: bool | None = None) -> dict[str, Any]:
     """One timed image: stage seconds (from the pipeline), wall total, memory."""
     pipe = target.pipeline
 
@@ -619,7 +622,7 @@ def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: s
     with MemorySampler() as sampler:
         t0 = time.perf_counter()
         image = pipe.generate(prompt, width=width, height=height, steps=steps, seed=seed,
-                              output_type="mx", callback=progress)
+                              output_type="mx", callback=progress, tiled_vae=tiled_vae)
         mx.eval(image)
         wall = time.perf_counter() - t0
     timings = dict(pipe.last_timings)
@@ -701,10 +704,12 @@ def run_bench(
     steps: int = 4,
     repeats: int = 3,
     warmup: int = 1,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     tiny: bool = False,
     skip_encode: bool = False,
     compare: bool = False,
+    profile: bool = False,
+    tiled_vae: bool | None = None,
     prompt: str = DEFAULT_PROMPT,
     seed: int = 0,
     json_path: str | Path | None = None,
@@ -715,7 +720,9 @@ def run_bench(
     `compare` one `"kind": "compare"` record per size and framework. `json_path` appends
     them as JSON lines. `log` receives progress lines (default: stderr). `skip_encode`
     (synthetic only) feeds zeros instead of running the text encoder; encode seconds are
-    then None."""
+    then None. `profile` adds one profiled 1-step image per size: seconds per kind of work
+    (bonsai_mlx/profiler.py) in each run record's `profile`. `tiled_vae` forces tiled (True)
+    or untiled (False) VAE decoding; None decides by size."""
     log = log or (lambda s: click.echo(s, err=True))
     if sizes is None:
         sizes = TINY_SIZES if tiny else DEFAULT_SIZES
@@ -739,10 +746,11 @@ def run_bench(
         flops = transformer_flops(config, h, w, target.text_tokens)
         for i in range(warmup):
             log(f"{w}x{h}: warm-up {i + 1}/{warmup}")
-            run_once(target, w, h, steps, f"{prompt} (warm-up {i})", seed, log)
+            run_once(target, w, h, steps, f"{prompt} (warm-up {i})", seed, log, tiled_vae)
         for i in range(repeats):
             # A new prompt each run: the prompt encoder caches embeddings per prompt.
-            result = run_once(target, w, h, steps, f"{prompt} (run {i})", seed + i, log)
+            result = run_once(target, w, h, steps, f"{prompt} (run {i})", seed + i, log,
+                              tiled_vae)
             record = {
                 "schema": SCHEMA,
                 "kind": "run",
@@ -771,6 +779,8 @@ def run_bench(
             }
             log(f"{w}x{h}: run {i + 1}/{repeats}: {result['seconds']['total']:.2f} s")
             records.append(record)
+        if profile:
+            _add_profile(records[-repeats:], target, w, h, prompt, seed, log, tiled_vae)
         if compare:
             ours = [r for r in records
                     if r["kind"] == "run" and (r["width"], r["height"]) == (w, h)]
@@ -781,6 +791,17 @@ def run_bench(
             for r in records:
                 f.write(json.dumps(r) + "\n")
     return records
+
+
+def _add_profile(records, target, w, h, prompt, seed, log, tiled_vae) -> None:
+    """One more 1-step image under the profiler; its report goes into each record."""
+    from bonsai_mlx.profiler import StepProfiler
+
+    log(f"{w}x{h}: profiling one step")
+    with StepProfiler() as prof:
+        run_once(target, w, h, 1, f"{prompt} (profile)", seed, None, tiled_vae)
+    for r in records:
+        r["profile"] = prof.report()
 
 
 # ---------------------------------------------------------------------------------------
@@ -1062,6 +1083,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         fp = runs[0]["footprint_bytes"]
         lines.append(f"footprint ({runs[0]['footprint_source']}): " + ", ".join(
             f"{k} {_human(v)}" for k, v in fp.items()))
+    lines += _profile_lines(runs)
     for r in records:
         if r["kind"] != "compare":
             continue
@@ -1073,6 +1095,19 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
         lines.append(f"{where} ({r['device']}, torch {r['torch_version']}): " + ", ".join(
             f"{k} {theirs[k]:.3f} s (ours/theirs {_num(ratio.get(k), '.2f')})" for k in theirs))
     return "\n".join(lines)
+
+
+def _profile_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
+    from bonsai_mlx.profiler import format_profile
+
+    lines, seen = [], set()
+    for r in runs:
+        key = (r["model"], r["width"], r["height"])
+        if r.get("profile") and key not in seen:
+            seen.add(key)
+            lines += [f"profile {r['model']} {r['width']}x{r['height']}, one step "
+                      "(seconds per kind of work):", format_profile(r["profile"])]
+    return lines
 
 
 # ---------------------------------------------------------------------------------------
@@ -1097,18 +1132,24 @@ def parse_size(text: str) -> tuple[int, int]:
 @click.option("--steps", default=4, show_default=True, help="Denoising steps.")
 @click.option("--repeats", "-n", default=3, show_default=True, help="Timed runs per size.")
 @click.option("--warmup", default=1, show_default=True, help="Untimed runs first.")
-@click.option("--dtype", default="bfloat16", show_default=True,
-              help="Compute dtype (float32 is fastest on MLX's CPU backend).")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+              default="auto", show_default=True,
+              help="Compute dtype; auto is bfloat16 on a GPU, float32 on the CPU.")
 @click.option("--tiny", is_flag=True, help="Miniature synthetic model: a smoke run in seconds.")
 @click.option("--skip-encode", is_flag=True,
               help="Synthetic only: zeros instead of the 4-bit text encoder, to time only "
                    "the transformer and VAE; encode seconds are then n/a.")
 @click.option("--compare", is_flag=True, help="Also time diffusers + torch (and mflux).")
+@click.option("--profile", is_flag=True,
+              help="Also seconds per kind of work (linears, attention, norms, RoPE, VAE) "
+                   "in one profiled step per size.")
+@click.option("--tile-vae/--no-tile-vae", default=None,
+              help="Force tiled / untiled VAE decoding (default: tiled above 1536x1536).")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=False)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Append the records to this file as JSON lines.")
 def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, skip_encode,
-                  compare, prompt, json_path) -> None:
+                  compare, profile, tile_vae, prompt, json_path) -> None:
     """Benchmark MODEL (alias, Hub repo or folder) or a --synthetic model: seconds per
     stage, memory, footprint and the distance to the chip's peak."""
     if tiny and synthetic is None:
@@ -1116,7 +1157,8 @@ def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, 
     records = run_bench(
         model, synthetic=synthetic, sizes=[parse_size(s) for s in sizes] or None,
         steps=steps, repeats=repeats, warmup=warmup, dtype=dtype, tiny=tiny,
-        skip_encode=skip_encode, compare=compare, prompt=prompt, json_path=json_path,
+        skip_encode=skip_encode, compare=compare, profile=profile, tiled_vae=tile_vae,
+        prompt=prompt, json_path=json_path,
         command=_command_line(click.get_current_context().params),
     )
     click.echo(format_table(records))
@@ -1133,8 +1175,10 @@ def _command_line(params: dict[str, Any]) -> str:
         parts += ["--size", s]
     for name in ("steps", "repeats", "warmup", "dtype"):
         parts += [f"--{name}", str(params[name])]
-    parts += [f"--{flag.replace('_', '-')}" for flag in ("tiny", "skip_encode", "compare")
-              if params.get(flag)]
+    parts += [f"--{flag.replace('_', '-')}" for flag in ("tiny", "skip_encode", "compare",
+                                                         "profile") if params.get(flag)]
+    if params.get("tile_vae") is not None:
+        parts.append("--tile-vae" if params["tile_vae"] else "--no-tile-vae")
     if params.get("prompt") not in (None, DEFAULT_PROMPT):
         parts += ["--prompt", params["prompt"]]
     return shlex.join(parts)
