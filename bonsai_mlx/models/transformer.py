@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -261,11 +263,28 @@ def _softmax(scores: mx.array) -> mx.array:
         mx.eval(scores)
     except ValueError:
         return mx.softmax(scores, axis=-1, precise=True)
-    a = np.asarray(scores)
-    e = np.subtract(a, a.max(axis=-1, keepdims=True))
-    np.exp(e, out=e)
-    e /= e.sum(axis=-1, keepdims=True)
-    return mx.array(e)
+    a = np.asarray(scores).reshape(-1, scores.shape[-1])
+    e = np.empty_like(a)
+    # numpy releases the GIL in its loops: rows split over the cores
+    parts = np.array_split(np.arange(a.shape[0]), min(_numpy_threads(), a.shape[0]))
+    list(_pool().map(lambda r: _softmax_rows(a, e, r[0], r[-1] + 1), parts))
+    return mx.array(e.reshape(scores.shape))
+
+
+def _softmax_rows(a: np.ndarray, e: np.ndarray, start: int, stop: int) -> None:
+    x, y = a[start:stop], e[start:stop]
+    np.subtract(x, x.max(axis=-1, keepdims=True), out=y)
+    np.exp(y, out=y)
+    y /= y.sum(axis=-1, keepdims=True)
+
+
+def _numpy_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(_numpy_threads(), thread_name_prefix="bonsai-softmax")
 
 
 @_softmax.vjp
