@@ -5,7 +5,7 @@
 
 The slice: Klein 4B's widths (24 heads x 128, MLP 9,216, text 7,680 wide) with 1 double and
 2 single blocks, at the 512x512 token counts (1,024 image + 512 text tokens), float32, random
-weights (linears N(0, 1/fan_in), norm weights 1 + N(0, 0.3)), one forward = one denoising
+weights (torch's default init, the same in both), one forward = one denoising
 step of the slice. Sides, timed in turn in each round so that load changes hit all alike:
 
 - `diffusers`: `Flux2Transformer2DModel` in torch (CPU, torch's own threads and BLAS);
@@ -64,16 +64,8 @@ def slice_inputs(side: int = 32, n_txt: int = 512, seed: int = 0) -> dict[str, n
 def torch_model(torch, seed: int = 0):
     from diffusers import Flux2Transformer2DModel
 
-    torch.manual_seed(seed)
-    model = Flux2Transformer2DModel(**CONFIG).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-    return model
+    torch.manual_seed(seed)  # torch's default init: linears U(+-1/sqrt(fan_in)), norms 1
+    return Flux2Transformer2DModel(**CONFIG).eval()
 
 
 def our_model(weights: dict[str, np.ndarray], fmt: str | None) -> Flux2Transformer:
