@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.models import cpu_ops
 from bonsai_mlx.quant.layers import PACKED_LINEAR
 from bonsai_mlx.quant.loading import (
     QUANT_CONFIG,
@@ -132,8 +131,15 @@ def _gated_add(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
     return x + gate * y
 
 
-@_maybe_compiled
 def _swiglu(x: mx.array) -> mx.array:
+    """silu(a) * b for x = [a | b]; in numpy on the CPU (cpu_ops), fused on a GPU."""
+    if mx.default_device() == mx.cpu:
+        return cpu_ops.swiglu(x)
+    return _swiglu_fused(x)
+
+
+@_maybe_compiled
+def _swiglu_fused(x: mx.array) -> mx.array:
     a, b = mx.split(x, 2, axis=-1)
     return nn.silu(a) * b
 
@@ -241,55 +247,17 @@ def _attention_core(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.a
     """softmax(q @ k.T * scale) @ v for (B, H, S, D) arrays.
 
     On MLX's CPU backend `mx.fast.scaled_dot_product_attention` is unfused: a matmul, a
-    softmax whose exp is scalar code (~16x slower than numpy's vectorised exp), a matmul.
-    There, for float32, the matmuls go to BLAS a block of query rows at a time (the scores
-    stay under `_CPU_SCORE_ELEMENTS`) and the softmax to numpy.
+    softmax whose exp is scalar code, a matmul. There, for float32, the matmuls go to BLAS
+    a block of query rows at a time (the scores stay under `_CPU_SCORE_ELEMENTS`) and the
+    softmax to numpy (`cpu_ops.softmax`).
     """
     if mx.default_device() != mx.cpu or q.dtype != mx.float32:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     b, h, s, _ = q.shape
     rows = max(1, _CPU_SCORE_ELEMENTS // (b * h * k.shape[2]))
     q, kt = q * scale, k.swapaxes(-1, -2)
-    outs = [_softmax(q[:, :, i : i + rows] @ kt) @ v for i in range(0, s, rows)]
+    outs = [cpu_ops.softmax(q[:, :, i : i + rows] @ kt) @ v for i in range(0, s, rows)]
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
-
-
-@mx.custom_function
-def _softmax(scores: mx.array) -> mx.array:
-    """Softmax over the last axis in numpy (float32, vectorised exp). Inside mx.compile or
-    mx.vmap, which cannot evaluate arrays, MLX's softmax runs instead; gradients come from
-    the vjp below (numpy is invisible to mx.grad)."""
-    try:
-        mx.eval(scores)
-    except ValueError:
-        return mx.softmax(scores, axis=-1, precise=True)
-    a = np.asarray(scores).reshape(-1, scores.shape[-1])
-    e = np.empty_like(a)
-    # numpy releases the GIL in its loops: rows split over the cores
-    parts = np.array_split(np.arange(a.shape[0]), min(_numpy_threads(), a.shape[0]))
-    list(_pool().map(lambda r: _softmax_rows(a, e, r[0], r[-1] + 1), parts))
-    return mx.array(e.reshape(scores.shape))
-
-
-def _softmax_rows(a: np.ndarray, e: np.ndarray, start: int, stop: int) -> None:
-    x, y = a[start:stop], e[start:stop]
-    np.subtract(x, x.max(axis=-1, keepdims=True), out=y)
-    np.exp(y, out=y)
-    y /= y.sum(axis=-1, keepdims=True)
-
-
-def _numpy_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-@functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_numpy_threads(), thread_name_prefix="bonsai-softmax")
-
-
-@_softmax.vjp
-def _softmax_vjp(primals, cotangent: mx.array, output: mx.array):
-    return (output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True)),)
 
 
 class TimestepEmbedder(nn.Module):

@@ -1,9 +1,11 @@
-"""The transformer's CPU attention (BLAS matmuls in blocks of query rows + numpy softmax)
-against exact float64 attention, with gradients and under mx.compile."""
+"""CPU element-wise work in numpy (bonsai_mlx/models/cpu_ops.py) and the transformer's CPU
+attention (BLAS matmuls in blocks of query rows + numpy softmax) against exact float64 math,
+with gradients and under mx.compile."""
 
-from bonsai_mlx.models import transformer
+from bonsai_mlx.models import cpu_ops, transformer
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -50,3 +52,45 @@ def test_cpu_attention_compiles(qkv):
     out = compiled(*qkv)
     ref = exact_attention(*qkv, 0.25)
     assert np.abs(np.array(out) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def exact_swiglu(x):
+    a, b = np.split(np.asarray(x, np.float64), 2, axis=-1)
+    return a / (1 + np.exp(-a)) * b
+
+
+@pytest.fixture
+def gate_input():
+    g = np.random.default_rng(1)
+    return mx.array(g.standard_normal((3, 7, 2 * 24), dtype=np.float32) * 8)
+
+
+def test_swiglu_equals_exact_math(gate_input):
+    out = cpu_ops.swiglu(gate_input)
+    ref = exact_swiglu(gate_input)
+    assert out.shape == ref.shape and out.dtype == mx.float32
+    assert np.abs(np.array(out) - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def _mlx_swiglu(x):
+    a, b = mx.split(x, 2, axis=-1)
+    return nn.silu(a) * b
+
+
+def test_swiglu_gradient_equals_mlx_silu(gate_input):
+    w = mx.linspace(-1, 1, 24)
+    got = mx.grad(lambda x: (cpu_ops.swiglu(x) * w).sum())(gate_input)
+    want = mx.grad(lambda x: (_mlx_swiglu(x) * w).sum())(gate_input)
+    assert float(mx.abs(want).max()) > 0
+    assert float(mx.abs(got - want).max()) <= 1e-5 * float(mx.abs(want).max())
+
+
+def test_softmax_and_swiglu_fall_back_to_mlx_off_float32_and_under_compile(gate_input):
+    compiled = mx.compile(cpu_ops.swiglu)
+    ref = exact_swiglu(gate_input)
+    assert np.abs(np.array(compiled(gate_input)) - ref).max() <= 1e-5 * np.abs(ref).max()
+    half = cpu_ops.swiglu(gate_input.astype(mx.bfloat16))
+    assert half.dtype == mx.bfloat16
+    assert np.abs(np.array(half.astype(mx.float32)) - ref).max() <= 3e-2 * np.abs(ref).max()
+    s = gate_input.astype(mx.float16)
+    assert cpu_ops.softmax(s).dtype == mx.float16
