@@ -38,7 +38,7 @@ STEP, VAE_DECODE = "step", "vae decode"
 
 def _patch_targets() -> list[tuple[Any, str, str]]:
     """(owner, attribute, kind) for every function the profiler times."""
-    from bonsai_mlx.models import transformer, vae
+    from bonsai_mlx.models import cpu_ops, transformer, vae
     from bonsai_mlx.quant.layers import BinaryLinear, TernaryLinear
 
     targets = [
@@ -53,11 +53,11 @@ def _patch_targets() -> list[tuple[Any, str, str]]:
         (transformer.NormOut, "__call__", "norms+modulation"),
     ]
     # model helpers: looked up by name at call time, so patching the module attribute works
-    helpers = {"_attention_core": "attention", "_attention": "attention",
-               "_apply_rope": "rope", "_modulated_norm": "norms+modulation"}
+    helpers = {"_attention": "attention", "_apply_rope": "rope",
+               "_modulated_norm": "norms+modulation"}
     targets += [(transformer, name, kind) for name, kind in helpers.items()
                 if hasattr(transformer, name)]
-    return targets
+    return [*targets, (cpu_ops, "attention", "attention")]
 
 
 class StepProfiler:

@@ -1,8 +1,8 @@
-"""CPU element-wise work in numpy (bonsai_mlx/models/cpu_ops.py) and the transformer's CPU
-attention (BLAS matmuls in blocks of query rows + numpy softmax) against exact float64 math,
-with gradients and under mx.compile."""
+"""bonsai_mlx/models/cpu_ops.py: attention (BLAS matmuls over blocks of query rows + numpy
+softmax), SwiGLU and SiLU in numpy on the CPU, against exact float64 math, with gradients and
+under mx.compile."""
 
-from bonsai_mlx.models import cpu_ops, transformer
+from bonsai_mlx.models import cpu_ops
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,9 +26,9 @@ def qkv():
 
 @pytest.mark.parametrize("block", [1 << 24, 3 * 2 * 37 * 5])  # one block; blocks of 5 rows
 def test_cpu_attention_equals_exact_attention(qkv, block, monkeypatch):
-    monkeypatch.setattr(transformer, "_CPU_SCORE_ELEMENTS", block)
+    monkeypatch.setattr(cpu_ops, "SCORE_ELEMENTS", block)
     with mx.stream(mx.cpu):
-        out = transformer._attention_core(*qkv, 0.25)
+        out = cpu_ops.attention(*qkv, 0.25)
     ref = exact_attention(*qkv, 0.25)
     assert out.shape == ref.shape
     assert np.abs(np.array(out) - ref).max() <= 1e-5 * np.abs(ref).max()
@@ -38,7 +38,7 @@ def test_cpu_attention_gradients_equal_mlx_softmax(qkv):
     def loss(attention, q, k, v):
         return (attention(q, k, v) * mx.linspace(-1, 1, 16)).sum()
 
-    ours = lambda q, k, v: transformer._attention_core(q, k, v, 0.25)  # noqa: E731
+    ours = lambda q, k, v: cpu_ops.attention(q, k, v, 0.25)  # noqa: E731
     plain = lambda q, k, v: mx.softmax((q @ k.swapaxes(-1, -2)) * 0.25, axis=-1) @ v  # noqa: E731
     got = mx.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(*qkv)
     want = mx.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(*qkv)
@@ -48,7 +48,7 @@ def test_cpu_attention_gradients_equal_mlx_softmax(qkv):
 
 
 def test_cpu_attention_compiles(qkv):
-    compiled = mx.compile(lambda q, k, v: transformer._attention_core(q, k, v, 0.25))
+    compiled = mx.compile(lambda q, k, v: cpu_ops.attention(q, k, v, 0.25))
     out = compiled(*qkv)
     ref = exact_attention(*qkv, 0.25)
     assert np.abs(np.array(out) - ref).max() <= 1e-5 * np.abs(ref).max()
@@ -94,3 +94,14 @@ def test_softmax_and_swiglu_fall_back_to_mlx_off_float32_and_under_compile(gate_
     assert np.abs(np.array(half.astype(mx.float32)) - ref).max() <= 3e-2 * np.abs(ref).max()
     s = gate_input.astype(mx.float16)
     assert cpu_ops.softmax(s).dtype == mx.float16
+
+
+def test_silu_equals_exact_math_and_its_gradient_equals_mlx(gate_input):
+    x = np.asarray(gate_input, np.float64)
+    out = cpu_ops.silu(gate_input)
+    ref = x / (1 + np.exp(-x))
+    assert np.abs(np.array(out) - ref).max() <= 1e-6 * np.abs(ref).max()
+    w = mx.linspace(-1, 1, gate_input.shape[-1])
+    got = mx.grad(lambda a: (cpu_ops.silu(a) * w).sum())(gate_input)
+    want = mx.grad(lambda a: (nn.silu(a) * w).sum())(gate_input)
+    assert float(mx.abs(got - want).max()) <= 1e-5 * float(mx.abs(want).max())

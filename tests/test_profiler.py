@@ -48,13 +48,13 @@ def test_profile_counts_every_layer_of_one_step_by_kind(tiny_binary):
 
 
 def test_profiler_restores_the_functions_it_patched(tiny_binary):
-    from bonsai_mlx.models import transformer
+    from bonsai_mlx.models import cpu_ops
     from bonsai_mlx.quant.layers import BinaryLinear
 
-    before = (BinaryLinear.__call__, transformer._attention_core)
+    before = (BinaryLinear.__call__, cpu_ops.attention)
     with StepProfiler():
         assert BinaryLinear.__call__ is not before[0]
-    assert (BinaryLinear.__call__, transformer._attention_core) == before
+    assert (BinaryLinear.__call__, cpu_ops.attention) == before
     with StepProfiler() as prof:  # outside a step nothing is counted
         tiny_binary[0].x_embedder(mx.ones((1, 4, tiny_binary[0].config.in_channels)))
     assert prof.report()["step"] == 0 and not prof.report()["calls"]

@@ -1,4 +1,4 @@
-"""Element-wise work that MLX's CPU backend does slowly, done in numpy.
+"""Attention and element-wise work that MLX's CPU backend does slowly, done in numpy.
 
 MLX's CPU `exp`, `sigmoid`, `tanh` and `erf` run scalar code: on a 2-core EPYC (Zen 4)
 guest, `mx.exp` over 14 M float32 values took ~20x numpy's vectorised `np.exp`, and SiLU
@@ -7,6 +7,10 @@ their input, compute in numpy (rows split over the cores; numpy releases the GIL
 loops) and hand back a new MLX array. Everywhere else (a GPU, other dtypes) and inside
 `mx.compile` / `mx.vmap`, which cannot evaluate arrays, they are plain MLX ops. Gradients
 come from MLX vjps (numpy is invisible to `mx.grad`).
+
+`attention` is `mx.fast.scaled_dot_product_attention` except on the CPU for float32, where
+MLX's version is unfused (a matmul, a softmax with the scalar exp, a matmul): there the two
+matmuls go to BLAS a block of query rows at a time and the softmax to numpy.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+# Attention scores held at once on the CPU path (floats): 64 MB in float32.
+SCORE_ELEMENTS = 1 << 24
 
 
 def _numpy_rows(x: mx.array) -> np.ndarray | None:
@@ -58,12 +65,32 @@ def _softmax_kernel(x: np.ndarray, y: np.ndarray) -> None:
 
 def _swiglu_kernel(x: np.ndarray, y: np.ndarray) -> None:
     h = y.shape[-1]
-    a, b = x[:, :h], x[:, h:]
-    np.negative(a, out=y)
+    _silu_kernel(x[:, :h], y)
+    y *= x[:, h:]
+
+
+def _silu_kernel(x: np.ndarray, y: np.ndarray) -> None:
+    np.negative(x, out=y)
     np.exp(y, out=y)
     y += 1
-    np.divide(a, y, out=y)  # silu(a) = a / (1 + exp(-a))
-    y *= b
+    np.divide(x, y, out=y)  # x / (1 + exp(-x))
+
+
+@mx.custom_function
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x), as `nn.silu`."""
+    a = _numpy_rows(x)
+    if a is None:
+        return nn.silu(x)
+    return mx.array(_by_rows(_silu_kernel, a, a.shape[1]).reshape(x.shape))
+
+
+# With one argument, a custom function's vjp gets that argument (not a tuple) as `primals`
+# and returns one array.
+@silu.vjp
+def _silu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
+    sig = mx.sigmoid(x)
+    return cotangent * sig * (1 + x * (1 - sig))
 
 
 @mx.custom_function
@@ -75,8 +102,6 @@ def softmax(x: mx.array) -> mx.array:
     return mx.array(_by_rows(_softmax_kernel, a, a.shape[1]).reshape(x.shape))
 
 
-# With one argument, a custom function's vjp gets that argument (not a tuple) as `primals`
-# and returns one array.
 @softmax.vjp
 def _softmax_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
     return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
@@ -99,3 +124,14 @@ def _swiglu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
     sig = mx.sigmoid(a)
     d_a = cotangent * b * sig * (1 + a * (1 - sig))
     return mx.concatenate([d_a, cotangent * a * sig], axis=-1)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q @ k.T * scale) @ v for (B, H, S, D) arrays (see the module docstring)."""
+    if mx.default_device() != mx.cpu or q.dtype != mx.float32:
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+    b, h, s, _ = q.shape
+    rows = max(1, SCORE_ELEMENTS // (b * h * k.shape[2]))
+    q, kt = q * scale, k.swapaxes(-1, -2)
+    outs = [softmax(q[:, :, i : i + rows] @ kt) @ v for i in range(0, s, rows)]
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)

@@ -234,30 +234,9 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, rope: Rope) -> mx.array:
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     cos, sin = rope
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-    out = _attention_core(q, k, v, q.shape[-1] ** -0.5)
+    out = cpu_ops.attention(q, k, v, q.shape[-1] ** -0.5)
     b, h, s, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
-
-
-# Attention scores held at once on the CPU path (floats): 64 MB in float32.
-_CPU_SCORE_ELEMENTS = 1 << 24
-
-
-def _attention_core(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
-    """softmax(q @ k.T * scale) @ v for (B, H, S, D) arrays.
-
-    On MLX's CPU backend `mx.fast.scaled_dot_product_attention` is unfused: a matmul, a
-    softmax whose exp is scalar code, a matmul. There, for float32, the matmuls go to BLAS
-    a block of query rows at a time (the scores stay under `_CPU_SCORE_ELEMENTS`) and the
-    softmax to numpy (`cpu_ops.softmax`).
-    """
-    if mx.default_device() != mx.cpu or q.dtype != mx.float32:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
-    b, h, s, _ = q.shape
-    rows = max(1, _CPU_SCORE_ELEMENTS // (b * h * k.shape[2]))
-    q, kt = q * scale, k.swapaxes(-1, -2)
-    outs = [cpu_ops.softmax(q[:, :, i : i + rows] @ kt) @ v for i in range(0, s, rows)]
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
 class TimestepEmbedder(nn.Module):
