@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonsai_mlx import __version__
+from bonsai_mlx.checks import text
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.scheduler import MAX_STEPS
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import (
     SAFETENSORS_DTYPE_NAMES,
+    check_writable,
     default_dtype,
     read_json,
     read_safetensors_header,
@@ -221,18 +224,25 @@ def _round16(v: int) -> int:
     return max(16, int(round(v / 16)) * 16)
 
 
-def _check_image(path: str) -> None:
+def _check_image(path: str) -> tuple[int, int]:
+    """Checks that --image PATH is a readable image; returns its size once prepared."""
+    from bonsai_mlx.pipeline import check_image_file, prepared_size
+
     from PIL import Image, UnidentifiedImageError
 
+    check_image_file(Path(path), f"--image {path}")
     try:
         with Image.open(path) as im:
+            size = im.size
             im.verify()
-    except FileNotFoundError:
-        raise BonsaiError(f"--image {path} does not exist; check the path") from None
+    except Image.DecompressionBombError as e:
+        raise BonsaiError(f"--image {path}: {str(e).rstrip('.')}; give a smaller image"
+                          ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BonsaiError(
             f"--image {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"
         ) from None
+    return prepared_size(*size, path)
 
 
 @dataclass
@@ -283,6 +293,9 @@ def write_png_exclusive(image, target: Path, info) -> Path:
             if _claim(tmp, path):
                 return path
         raise BonsaiError(f"too many numbered files beside {target}; choose another -o")
+    except OSError as e:  # the disk filled up, or the folder changed under us
+        raise BonsaiError(f"cannot write {target} ({e.strerror or e}); free some space or "
+                          "choose another -o") from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -301,6 +314,13 @@ def _claim(tmp: str, path: Path) -> bool:
             return False
         os.replace(tmp, path)
         return True
+
+
+def png_size_bound(width: int, height: int) -> int:
+    """Bytes an RGB PNG of this size takes at most: raw rows (filter byte + 3 per pixel),
+    zlib's worst case and room for the chunks and metadata."""
+    raw = height * (1 + 3 * width)
+    return raw + raw // 1000 + 64 * 1024
 
 
 def png_metadata(fields: dict[str, object]):
@@ -374,6 +394,37 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     click.echo(f"warning: {message}", err=True)
 
 
+def parse_lora_spec(text: str) -> tuple[str, float]:
+    """`PATH[:SCALE]` -> (path, scale); a suffix that is not a number belongs to the path."""
+    path, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
+    """Load the LoRAs read from --lora; say what each costs on stderr."""
+    for lora_file, scale in lora_files:
+        pipe.load_lora(lora_file, scale=scale, ignore_unmatched=ignore_unmatched)
+    for info in [] if quiet else pipe.loras.values():
+        click.echo(f"LoRA {info.name} ({info.format}): scale {info.scale:g}, rank "
+                   f"{'/'.join(map(str, info.ranks))}, {info.layers} layers, "
+                   f"{_human(info.bytes)}", err=True)
+
+
+def _lora_label(source: str) -> str:
+    """A LoRA's file name, or `owner/name/file` for one from the Hub cache (PNG metadata
+    names no local folders)."""
+    parts = Path(source).parts
+    if "snapshots" in parts and parts.index("snapshots") >= 1:  # <cache>/models--o--n/...
+        repo = parts[parts.index("snapshots") - 1].removeprefix("models--").replace("--", "/")
+        return f"{repo}/{Path(source).name}"
+    return Path(source).name
+
+
 @cli.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-p", "--prompt", required=True, help="What to draw (or, with --image, the edit).")
 @click.option("-m", "--model", default=DEFAULT_MODEL, show_default=True,
@@ -385,7 +436,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
               help="Random seed; repeat for several images.")
 @click.option("--seeds", "n_random", type=click.IntRange(min=1), default=None,
               help="Make N images with random seeds.")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="Denoising steps [model default: 4 distilled, 50 base].")
 @click.option("--guidance", type=float, default=None,
               help="Guidance scale (base models) [model default].")
@@ -404,10 +455,16 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 @click.option("--tile-vae/--no-tile-vae", default=None,
               help="Decode in tiles (less memory) [default: automatic by size].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="LoRA .safetensors file, folder or Hub repo id (owner/name[/file]), scale "
+                   "1 by default; repeat for several.")
+@click.option("--lora-ignore-unmatched", is_flag=True,
+              help="Skip LoRA layers this model lacks (default: an error listing them).")
 @quiet_option
 @verbose_option
 def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
-        images, strength, dtype, no_offload, tile_vae, revision, quiet) -> None:
+        images, strength, dtype, no_offload, tile_vae, revision, loras, lora_ignore_unmatched,
+        quiet) -> None:
     """Generate images from a prompt (text-to-image, editing, image-to-image).
 
     \b
@@ -415,6 +472,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     bonsai-mlx gen -m binary -p "a red fox" --size 768x512 --seed 1 --seed 2 -o fox.png
     bonsai-mlx gen -p "make it night" --image photo.png
     bonsai-mlx gen -p "an oil painting" --image photo.png --strength 0.6
+    bonsai-mlx gen -m binary -p "a fox, ink style" --lora ink.safetensors:0.8
     """
     # Every check that needs no model comes first, so mistakes fail in milliseconds.
     width, height = parse_size(size) if size else (None, None)
@@ -426,22 +484,37 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         if len(images) != 1:
             raise BonsaiError("--strength (image-to-image) needs exactly one --image; "
                               f"got {len(images)}")
-    for path in images:
-        _check_image(path)
+    text(prompt, "--prompt")
+    if negative_prompt is not None:
+        text(negative_prompt, "--negative-prompt")
+    image_sizes = [_check_image(path) for path in images]
     plan = OutputPlan.from_option(output)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
     if not seed_list:
         seed_list = [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
+    from bonsai_mlx.lora import read_lora
 
-    from bonsai_mlx.pipeline import Pipeline
+    with _hub_progress(show):  # LoRA files are read (and checked) before the model loads
+        lora_files = [(read_lora(path), scale) for path, scale in map(parse_lora_spec, loras)]
 
+    from bonsai_mlx.memory import check_memory
+    from bonsai_mlx.pipeline import ALLOW_PATTERNS, DEFAULT_SIZE, Pipeline
+
+    # the pipeline's own size rule: --size, else the first image's, else the default
+    first = image_sizes[0] if image_sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
+    out_width, out_height = width or first[0], height or first[1]
+    check_writable(plan.folder, len(seed_list) * png_size_bound(out_width, out_height),
+                   hint="choose another -o")
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         t0 = time.perf_counter()
         with _hub_progress(show):
-            pipe = Pipeline.from_pretrained(model_id, dtype=dtype, revision=revision,
-                                            keep_text_encoder=no_offload)
+            root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+        check_memory(root, out_width, out_height, dtype=dtype, tiled_vae=tile_vae,
+                     reference_sizes=tuple(image_sizes) if strength is None else ())
+        pipe = Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload)
+        _apply_loras(pipe, lora_files, lora_ignore_unmatched, quiet)
         load_seconds = time.perf_counter() - t0
 
         for i, seed in enumerate(seed_list):
@@ -466,6 +539,8 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                 "size": f"{image.width}x{image.height}", "model": model_id,
                 "strength": strength,
                 "images": ", ".join(Path(p).name for p in images) or None,
+                "loras": "; ".join(f"{_lora_label(i.source)}:{i.scale:g}"
+                                   for i in pipe.loras.values()) or None,  # as --lora takes
                 "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
             }
             path = write_png_exclusive(image, plan.folder / plan.name(prompt, seed),
@@ -638,11 +713,17 @@ def _model_folder(model: str, revision: str | None) -> tuple[Path, str]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @verbose_option
 def info(model, revision, as_json) -> None:
-    """Components, storage formats and sizes of MODEL (a folder, or a cached alias / repo).
+    """Components, storage formats and sizes of MODEL (a folder, or a cached alias / repo),
+    or the format, ranks and layers of a LoRA file (MODEL ending in .safetensors).
 
-    Reads only safetensors headers and file sizes: no weights are loaded, nothing is
+    Reads only safetensors headers and file sizes (a LoRA file is read whole): nothing is
     downloaded.
     """
+    if model.endswith(".safetensors") and Path(model).expanduser().is_file():
+        from bonsai_mlx.lora import read_lora
+
+        _lora_info(read_lora(model), as_json)
+        return
     folder, name = _model_folder(model, revision)
     comps = describe_folder(folder)
     if not comps:
@@ -670,6 +751,29 @@ def info(model, revision, as_json) -> None:
     for c in comps:
         click.echo(f"{c.name:<{width}}  {c.format:<{fwidth}}  {c.bytes:>15,}  {_human(c.bytes)}")
     click.echo(f"{'total':<{width}}  {'':<{fwidth}}  {total:>15,}  {_human(total)}")
+
+
+def _lora_info(lora_file, as_json: bool) -> None:
+    info = lora_file.summary()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"{info['file']}  (LoRA, {info['format']} format)")
+    click.echo(f"  layers      {len(info['layers'])} transformer layers from "
+               f"{info['file_layers']} in the file, rank {'/'.join(map(str, info['ranks']))}")
+    click.echo(f"  parameters  {info['parameters']:,} ({', '.join(info['dtypes'])}, "
+               f"{_human(info['bytes'])})")
+    if info["text_encoder_tensors"]:
+        click.echo(f"  ignored     {info['text_encoder_tensors']} text-encoder tensors "
+                   "(FLUX.2 LoRAs apply to the transformer)")
+    if info["unknown_tensors"]:
+        click.echo(f"  unknown     {len(info['unknown_tensors'])} tensors of no known layer, "
+                   f"e.g. {info['unknown_tensors'][0]}")
+    width = max((len(layer["module"]) for layer in info["layers"]), default=5)
+    click.echo(f"{'layer':<{width}}  rank  alpha/rank  in -> out")
+    for layer in info["layers"]:
+        click.echo(f"{layer['module']:<{width}}  {layer['rank']:>4}  {layer['scaling']:>10.4g}  "
+                   f"{layer['in']} -> {layer['out']}")
 
 
 # ----------------------------------------------------------------------------------------

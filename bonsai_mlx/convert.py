@@ -30,7 +30,13 @@ from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.transformer import Flux2Transformer
-from bonsai_mlx.pipeline import ALLOW_PATTERNS, LAYOUTS, Pipeline, detect_layout
+from bonsai_mlx.pipeline import (
+    ALLOW_PATTERNS,
+    LAYOUTS,
+    Pipeline,
+    check_destination,
+    detect_layout,
+)
 from bonsai_mlx.quant import (
     PACKED_LINEAR,
     model_packed_layer_paths,
@@ -38,7 +44,12 @@ from bonsai_mlx.quant import (
     quantize_model,
 )
 from bonsai_mlx.quant.model import get_module
-from bonsai_mlx.weights import checkpoint_float_dtype, resolve_model_path
+from bonsai_mlx.weights import (
+    check_writable,
+    checkpoint_float_dtype,
+    resolve_model,
+    resolve_model_path,
+)
 
 import click
 import mlx.core as mx
@@ -153,7 +164,8 @@ def convert(
     - `text_encoder_bits`: 4 (default), 3 or 8 (MLX affine, group 64), or 16 (float); the
       encoder keeps only the layers the pipeline reads. A quantised source encoder (the
       Bonsai packs: 4-bit) can only be kept at its own width.
-    - `overwrite`: replace an existing `dst` (otherwise an error).
+    - `overwrite`: replace an existing `dst` (otherwise an error); only a model folder that
+      is not a source, the current or the home folder (`pipeline.check_destination`).
     `echo` receives progress lines and the byte table (None: silent). Returns the report.
     """
     say = echo or (lambda _: None)
@@ -164,9 +176,9 @@ def convert(
     if text_encoder_bits not in TEXT_ENCODER_BITS:
         raise BonsaiError(f"text_encoder_bits must be 3, 4, 8 or 16, not {text_encoder_bits!r}")
     dst = Path(dst).expanduser()
-    if dst.exists() and not overwrite:  # before any download or loading
-        raise BonsaiError(f"{dst} already exists; choose another folder or pass "
-                          "overwrite=True (--overwrite) to replace it")
+    local = Path(resolve_model(src))  # a repo id is checked once downloaded (save_pretrained)
+    check_destination(dst, overwrite=overwrite, sources=[local] if local.exists() else [])
+    check_writable(dst.parent, hint="choose another destination")
     root = resolve_model_path(src, revision=revision, allow_patterns=ALLOW_PATTERNS)
     layout = detect_layout(root)
     before = payload(root)

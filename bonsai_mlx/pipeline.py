@@ -24,17 +24,22 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bonsai_mlx import lora
+from bonsai_mlx.checks import text
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.text_encoder import PromptEncoder
 from bonsai_mlx.models.transformer import Flux2Transformer
 from bonsai_mlx.models.vae import VAE
 from bonsai_mlx.scheduler import (
+    MAX_STEPS,
     SchedulerConfig,
     euler_step,
     img2img_start_index,
     make_schedule,
 )
 from bonsai_mlx.weights import (
+    check_no_custom_code,
+    check_writable,
     load_weights,
     parse_dtype,
     read_json,
@@ -48,13 +53,16 @@ import numpy as np
 
 MULTIPLE = 16  # VAE factor 8 x 2x2 patch: one token per 16x16 pixels
 MIN_SIZE, MAX_SIZE = 16, 4096  # per side, pixels
+DEFAULT_SIZE = 1024  # per side, without a size or an input image
 MAX_REFERENCE_PIXELS = 1024 * 1024  # reference images are shrunk to at most 1 MP
 REFERENCE_TIME_STEP = 10  # reference image i gets time coordinate 10 + 10 i
 
 # Only these files are downloaded from the Hub (both layouts; a repo holds one of them).
 ALLOW_PATTERNS = [
     "model_index.json", "manifest.json",
-    "scheduler/*.json", "tokenizer/*",
+    # tokenizer data only: never a .py file a tokenizer_config.json could point at
+    "scheduler/*.json", "tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.jinja",
+    "tokenizer/*.model",
     "transformer/*.json", "transformer/*.safetensors",
     "text_encoder/*.json", "text_encoder/*.safetensors",
     "vae/*.json", "vae/*.safetensors",
@@ -128,6 +136,7 @@ class Pipeline:
                                   allow_patterns=ALLOW_PATTERNS)
         layout = detect_layout(root)
         dirs = LAYOUTS[layout]
+        check_no_custom_code(root, *(root / d for d in (*dirs.values(), *SHARED_DIRS)))
         index_path = root / "model_index.json"
         index = read_json(index_path) if index_path.is_file() else {}
         scheduler = SchedulerConfig.from_pretrained(root / "scheduler")
@@ -175,22 +184,21 @@ class Pipeline:
         - `vae/`: encoder and decoder, in `vae_dtype` (default: as stored in the source).
 
         Everything is written into a temporary folder beside `path`, then renamed into place:
-        a failure leaves nothing behind. An existing `path` is an error unless `overwrite`.
-        Returns the folder.
+        a failure leaves nothing behind. An existing `path` is an error unless `overwrite`,
+        and even then only a model folder is replaced (`check_destination`). Returns the
+        folder.
         """
         dst = Path(path).expanduser().absolute()
-        if dst.exists():
-            if not overwrite:
-                raise BonsaiError(f"{dst} already exists; choose another folder or pass "
-                                  "overwrite=True (--overwrite) to replace it")
-            if not dst.is_dir():
-                raise BonsaiError(f"{dst} is a file, not a folder; remove it first")
-            if self.source is not None and dst.resolve() == Path(self.source).resolve():
-                raise BonsaiError(f"{dst} is the folder this pipeline was loaded from (its "
-                                  "weights are read lazily); save to another folder")
+        sources = [p for p in (self.source, self.prompt_encoder.text_encoder_dir,
+                               self.prompt_encoder.tokenizer_dir) if p is not None]
+        check_destination(dst, overwrite=overwrite, sources=sources)
         if self.source is None:
             raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
                               "files are unknown; load it from a folder to save it")
+        if self.loras:
+            raise BonsaiError(f"LoRAs are loaded ({', '.join(self.loras)}); unload_lora() "
+                              "first, or fuse_lora() on a dense model to save them merged")
+        check_writable(dst.parent, hint="choose another folder")
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
         umask = os.umask(0)
@@ -205,8 +213,11 @@ class Pipeline:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, dst)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):  # a full or read-only disk: nothing was left behind
+                raise BonsaiError(f"cannot write {dst} ({e.strerror or e}); nothing was "
+                                  "written: free some space or choose another folder") from e
             raise
         return dst
 
@@ -243,6 +254,38 @@ class Pipeline:
     def encode_prompt(self, prompt: str | Sequence[str]) -> mx.array:
         """Prompt(s) -> embeddings (B, 512, 3 * text hidden size), as diffusers."""
         return self.prompt_encoder.encode(_check_prompts(prompt))
+
+    # ---- LoRA adapters (bonsai_mlx.lora) ----------------------------------------------
+
+    def load_lora(self, path_or_repo_id: str | Path, scale: float = 1.0, name: str | None = None,
+                  weight_name: str | None = None, *, revision: str | None = None,
+                  ignore_unmatched: bool = False) -> str:
+        """Apply a FLUX.2 LoRA to the transformer, unmerged (dense, 1-bit and ternary
+        models alike); returns its name (default: the file's stem). `path_or_repo_id`: a
+        .safetensors file, a folder, a Hugging Face repo id (`weight_name` picks the file
+        when it holds several) or a `lora.LoraFile` already read. Formats: diffusers/PEFT,
+        BFL/ai-toolkit, kohya. See README "LoRA adapters"."""
+        return lora.load_lora(self.transformer, path_or_repo_id, scale=scale, name=name,
+                              weight_name=weight_name, revision=revision,
+                              ignore_unmatched=ignore_unmatched)
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        """Rescale loaded LoRAs by name (`{name: scale}`); 0 turns one off."""
+        lora.set_lora_scales(self.transformer, scales)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA, or all; the original layers come back unchanged."""
+        lora.unload_lora(self.transformer, name)
+
+    def fuse_lora(self) -> list[str]:
+        """Merge the loaded LoRAs into a dense transformer's weights (faster steps; a packed
+        model refuses). Permanent: reload the model to undo."""
+        return lora.fuse_lora(self.transformer)
+
+    @property
+    def loras(self) -> dict[str, lora.LoraInfo]:
+        """Loaded LoRAs by name: source, format, scale, ranks, layers, bytes."""
+        return lora.lora_infos(self.transformer)
 
     # ---- generation -----------------------------------------------------------------
 
@@ -305,8 +348,8 @@ class Pipeline:
         if prepared:
             width = width if width is not None else prepared[0].size[0]
             height = height if height is not None else prepared[0].size[1]
-        width = 1024 if width is None else width
-        height = 1024 if height is None else height
+        width = DEFAULT_SIZE if width is None else width
+        height = DEFAULT_SIZE if height is None else height
         check_size(width, height)
         h, w = height // MULTIPLE, width // MULTIPLE
         batch = len(prompts) * num_images
@@ -406,8 +449,8 @@ class Pipeline:
             steps = n
         if steps is None:
             steps = self.default_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise BonsaiError(f"steps must be an integer >= 1, not {steps!r}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+            raise BonsaiError(f"steps must be an integer in 1..{MAX_STEPS}, not {steps!r}")
         if guidance is None:
             guidance = self.default_guidance
         elif not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
@@ -462,7 +505,8 @@ class Pipeline:
 
 # ---- layout ---------------------------------------------------------------------------
 
-# Folder of each model per layout (tokenizer/, vae/ and scheduler/ are shared).
+# Folder of each model per layout (SHARED_DIRS are in both).
+SHARED_DIRS = ("tokenizer", "vae", "scheduler")
 LAYOUTS = {
     "diffusers": {"transformer": "transformer", "text_encoder": "text_encoder"},
     "bonsai-mlx-pack": {"transformer": "transformer-packed-mflux",
@@ -509,6 +553,59 @@ def detect_layout(root: Path) -> str:
     )
 
 
+def check_destination(dst: str | Path, *, overwrite: bool, sources: Sequence[str | Path] = ()
+                      ) -> None:
+    """Whether `save_pretrained` / `convert` may write `dst`; a BonsaiError, before anything
+    is touched, if not.
+
+    A new folder is always fine. An existing one needs `overwrite`, and is replaced only if
+    it is a model folder (one bonsai-mlx wrote, or a layout `detect_layout` knows) and not
+    a filesystem root or mount point, the current folder or one holding it, the home folder
+    or one holding it, nor a source folder, one inside a source or one holding a source.
+    """
+    dst = Path(dst).expanduser().absolute()
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if not overwrite:
+        raise BonsaiError(f"{dst} already exists; choose another folder or pass "
+                          "overwrite=True (--overwrite) to replace it")
+    if not dst.is_dir():
+        raise BonsaiError(f"{dst} is a file, not a folder; remove it first")
+    reason = _unreplaceable(dst.resolve(), [Path(s).expanduser().resolve() for s in sources])
+    if reason:
+        raise BonsaiError(f"refusing to replace {dst}: it is {reason}. --overwrite replaces "
+                          "only a model folder (one bonsai-mlx wrote); choose a new folder")
+
+
+def _unreplaceable(real: Path, sources: list[Path]) -> str | None:
+    """Why the existing folder `real` (resolved) must not be replaced, or None."""
+
+    def within(inner: Path, outer: Path) -> bool:
+        return inner == outer or outer in inner.parents
+
+    if real == Path(real.anchor) or os.path.ismount(real):
+        return "a filesystem root or mount point"
+    if within(Path.cwd().resolve(), real):
+        return "the current folder or a folder holding it"
+    if within(Path.home().expanduser().resolve(), real):
+        return "the home folder or a folder holding it"
+    for source in sources:
+        if real == source:
+            return "the folder the model is loaded from (its weights are read lazily)"
+        if within(source, real):
+            return f"a folder holding the source {source}"
+        if within(real, source):
+            return f"inside the source {source}"
+    index = real / "model_index.json"
+    if index.is_file() and "bonsai_mlx" in read_json(index):
+        return None
+    try:
+        detect_layout(real)
+    except BonsaiError:
+        return "not a model folder (no FLUX.2 [klein] model_index.json or Bonsai MLX pack)"
+    return None
+
+
 def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = None) -> None:
     """Copy a `vae/` folder's config and weights (encoder included: editing and
     image-to-image need it; text-to-image never loads it). `dtype` None copies the files
@@ -534,20 +631,20 @@ def _check_prompts(prompt) -> list[str]:
     if (not isinstance(prompts, (list, tuple)) or not prompts
             or not all(isinstance(p, str) for p in prompts)):
         raise BonsaiError("prompt must be a string or a non-empty list of strings")
-    return list(prompts)
+    return [text(p, "the prompt") for p in prompts]
 
 
 def _negative_prompts(negative_prompt, n: int) -> list[str]:
     if negative_prompt is None:
         return [""] * n  # diffusers' Flux2KleinPipeline always uses ""
     if isinstance(negative_prompt, str):
-        return [negative_prompt] * n
+        return [text(negative_prompt, "the negative prompt")] * n
     negatives = list(negative_prompt)
     if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
         raise BonsaiError(
             f"negative_prompt must be a string or a list of {n} strings (one per prompt)"
         )
-    return negatives
+    return [text(p, "the negative prompt") for p in negatives]
 
 
 def check_size(width, height) -> None:
@@ -631,14 +728,45 @@ def load_image(image):
     if not isinstance(image, (str, Path)):
         raise BonsaiError(f"an input image must be a PIL image or a path, not {type(image)}")
     path = Path(image).expanduser()
-    if not path.is_file():
-        raise BonsaiError(f"image {path} does not exist")
+    check_image_file(path, f"image {path}")
     try:
         img = PIL.Image.open(path)
         img.load()
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as e:
+    except PIL.Image.DecompressionBombError as e:
+        raise BonsaiError(f"image {path}: {str(e).rstrip('.')}; use a smaller image") from None
+    except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise BonsaiError(f"cannot read image {path}: {e}; use a PNG, JPEG or WebP file") from e
     return img
+
+
+def check_image_file(path: Path, label: str) -> None:
+    """An input image must be a regular file: a FIFO or a device would block or never end
+    when read, a folder cannot be an image."""
+    if not path.exists():
+        raise BonsaiError(f"{label} does not exist; check the path")
+    if not path.is_file():
+        raise BonsaiError(f"{label} is not a regular file (a folder, FIFO or device); "
+                          "give a PNG, JPEG or WebP file")
+
+
+def prepared_size(width: int, height: int, name=None) -> tuple[int, int]:
+    """The size an input image of `width` x `height` has once prepared (`prepare_image`)."""
+    width, height = _resized(width, height, name)
+    return width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
+
+
+def _resized(width: int, height: int, name=None) -> tuple[int, int]:
+    """An input image's size, checked, once resized to at most MAX_REFERENCE_PIXELS (aspect
+    kept, sides truncated; before the crop to multiples of 16)."""
+    label = f"image {name}" if isinstance(name, (str, Path)) else "input image"
+    if width < 64 or height < 64:
+        raise BonsaiError(f"{label} is {width}x{height}; both sides must be at least 64 px")
+    if max(width / height, height / width) > 8:
+        raise BonsaiError(f"{label} is {width}x{height}; the aspect ratio must be at most 8:1")
+    if width * height > MAX_REFERENCE_PIXELS:
+        scale = math.sqrt(MAX_REFERENCE_PIXELS / (width * height))
+        width, height = int(width * scale), int(height * scale)
+    return width, height
 
 
 def prepare_image(image, name=None):
@@ -647,15 +775,10 @@ def prepare_image(image, name=None):
     Larger than 1 MP: LANCZOS-resized to about 1 MP (aspect kept, sides truncated); then
     centre-cropped to multiples of 16; then converted to RGB.
     """
-    label = f"image {name}" if isinstance(name, (str, Path)) else "input image"
     width, height = image.size
-    if width < 64 or height < 64:
-        raise BonsaiError(f"{label} is {width}x{height}; both sides must be at least 64 px")
-    if max(width / height, height / width) > 8:
-        raise BonsaiError(f"{label} is {width}x{height}; the aspect ratio must be at most 8:1")
-    if width * height > MAX_REFERENCE_PIXELS:
-        scale = math.sqrt(MAX_REFERENCE_PIXELS / (width * height))
-        image = image.resize((int(width * scale), int(height * scale)), _lanczos())
+    resized = _resized(width, height, name)
+    if resized != (width, height):
+        image = image.resize(resized, _lanczos())
         width, height = image.size
     w16, h16 = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
     left, top = (width - w16) // 2, (height - h16) // 2

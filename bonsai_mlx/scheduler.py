@@ -10,15 +10,17 @@ in float32 in the same order as diffusers, so sigmas and timesteps match bit for
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from bonsai_mlx.checks import config_from_dict, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import read_json
 
 import mlx.core as mx
 import numpy as np
 
+MAX_STEPS = 1000  # a bound on work: diffusers' schedules have 1000 training timesteps
 _UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                 "stochastic_sampling")
 
@@ -52,6 +54,24 @@ class SchedulerConfig:
     invert_sigmas: bool = False
     use_flow_sigmas: bool = False
 
+    def __post_init__(self) -> None:
+        def put(name, value):  # frozen: fields are normalised once, here
+            object.__setattr__(self, name, value)
+
+        put("num_train_timesteps", integer(self.num_train_timesteps, "num_train_timesteps",
+                                           low=1))
+        put("shift", number(self.shift, "shift", positive=True))
+        for name in ("use_dynamic_shifting", "invert_sigmas", "use_flow_sigmas"):
+            put(name, flag(getattr(self, name), name))
+        if self.time_shift_type not in ("exponential", "linear"):
+            raise BonsaiError(f"time_shift_type {self.time_shift_type!r} must be "
+                              "'exponential' or 'linear'")
+        if self.shift_terminal is not None:
+            terminal = number(self.shift_terminal, "shift_terminal")
+            if not 0 <= terminal < 1:
+                raise BonsaiError(f"shift_terminal must be in [0, 1), not {terminal}")
+            put("shift_terminal", terminal)
+
     @classmethod
     def from_dict(cls, d: dict, source: str = "scheduler config") -> SchedulerConfig:
         cls_name = d.get("_class_name", "FlowMatchEulerDiscreteScheduler")
@@ -63,13 +83,7 @@ class SchedulerConfig:
         used = [k for k in _UNSUPPORTED if d.get(k)]
         if used:
             raise BonsaiError(f"{source}: {', '.join(used)} is not supported; set it to false")
-        if d.get("time_shift_type", "exponential") not in ("exponential", "linear"):
-            raise BonsaiError(
-                f"{source}: time_shift_type {d['time_shift_type']!r} must be "
-                "'exponential' or 'linear'"
-            )
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return config_from_dict(cls, d, source)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> SchedulerConfig:
@@ -122,12 +136,13 @@ def make_schedule(
     """
     if sigmas is not None:
         s = np.array(sigmas, dtype=np.float64).astype(np.float32)
-        if s.ndim != 1 or len(s) < 1:
-            raise BonsaiError(f"sigmas must be a non-empty 1-D list of floats, got shape {s.shape}")
+        if s.ndim != 1 or not 1 <= len(s) <= MAX_STEPS:
+            raise BonsaiError(f"sigmas must be a 1-D list of 1 to {MAX_STEPS} floats, got "
+                              f"shape {s.shape}")
         num_steps = len(s)
     else:
-        if num_steps < 1:
-            raise BonsaiError(f"steps must be >= 1, got {num_steps}")
+        if not 1 <= num_steps <= MAX_STEPS:
+            raise BonsaiError(f"steps must be in 1..{MAX_STEPS}, got {num_steps}")
         if config.use_flow_sigmas:
             # diffusers drops the pipeline's sigmas then: the scheduler's own spacing.
             s = _default_sigmas(config, num_steps)

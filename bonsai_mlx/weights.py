@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import json
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -80,6 +82,39 @@ def read_json(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise BonsaiError(f"{path} should hold a JSON object, found {type(data).__name__}")
     return data
+
+
+# Config keys by which transformers and diffusers import Python files shipped with a model:
+# transformers' `auto_map` (it asks "run the custom code? [y/N]" in a terminal and runs it on
+# "y"), diffusers' `custom_pipeline`.
+CUSTOM_CODE_KEYS = ("auto_map", "custom_pipeline")
+_CODE_FREE_LIBRARIES = (None, "diffusers", "transformers")
+
+
+def check_no_custom_code(*folders: str | Path) -> None:
+    """Refuse model folders whose JSON configs name custom code, naming the file.
+
+    bonsai-mlx never runs code from a model folder: every `*config.json` and
+    `model_index.json` in `folders` is checked for `auto_map` / `custom_pipeline`, and
+    `model_index.json` components must come from diffusers or transformers (any other
+    library is a Python module shipped beside the weights). Missing folders are skipped.
+    """
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.glob("*.json")):
+            if not (f.name.endswith("config.json") or f.name == "model_index.json"):
+                continue
+            data = read_json(f)
+            found = [k for k in CUSTOM_CODE_KEYS if k in data]
+            if f.name == "model_index.json":
+                found += [f"{k}: {v[0]}" for k, v in data.items() if isinstance(v, list)
+                          and len(v) == 2 and v[0] not in _CODE_FREE_LIBRARIES]
+            if found:
+                raise BonsaiError(
+                    f"{f} names custom code ({', '.join(found)}); bonsai-mlx never runs "
+                    "code from a model folder: use the original model, or remove those entries"
+                )
 
 
 def write_json(path: str | Path, data: Mapping) -> None:
@@ -231,7 +266,33 @@ def save_safetensors(
 ) -> None:
     """Write a safetensors file atomically (temporary name, then rename)."""
     with atomic_path(Path(path)) as tmp:
-        mx.save_safetensors(str(tmp), dict(weights), metadata=dict(metadata or {}))
+        try:
+            mx.save_safetensors(str(tmp), dict(weights), metadata=dict(metadata or {}))
+        except RuntimeError as e:  # MLX reports a failed write (disk full) this way
+            raise OSError(errno.EIO, f"{e}; is the disk full?", str(path)) from e
+
+
+def check_writable(folder: str | Path, need_bytes: int = 0, *, hint: str) -> None:
+    """A BonsaiError unless files can be created in `folder` (or, if it does not exist yet,
+    in the nearest folder above it, where it will be made) and `need_bytes` fit there.
+    Run before any long work, so that a bad destination does not waste it; `hint` says
+    what to do instead ("choose another -o")."""
+    folder = Path(folder).expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BonsaiError(f"cannot write to {folder}: {existing} is a file, not a folder; {hint}")
+    try:  # the real test: permissions, read-only mounts, ACLs, quotas on inodes
+        fd, probe = tempfile.mkstemp(prefix=".bonsai-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BonsaiError(f"cannot write to {existing} ({e.strerror or e}); {hint}") from None
+    free = shutil.disk_usage(existing).free
+    if need_bytes > free:
+        raise BonsaiError(f"cannot write to {folder}: {existing} has {free:,} bytes free, "
+                          f"{need_bytes:,} are needed; free some space or {hint}")
 
 
 @contextlib.contextmanager

@@ -171,10 +171,16 @@ def test_save_pretrained_refuses_to_overwrite_and_replaces_when_asked(packs, tmp
     (dst / "precious.txt").write_text("keep me")
     with pytest.raises(BonsaiError, match="already exists.*overwrite"):
         pipe.save_pretrained(dst)
-    assert (dst / "precious.txt").read_text() == "keep me"
+    # overwrite replaces only a model folder
+    with pytest.raises(BonsaiError, match="refusing to replace .* not a model folder"):
+        pipe.save_pretrained(dst, overwrite=True)
+    assert [p.name for p in dst.iterdir()] == ["precious.txt"]
+    dst = tmp_path / "model"
+    pipe.save_pretrained(dst)
+    (dst / "stale.txt").write_text("from the previous save")
     pipe.save_pretrained(dst, overwrite=True)
-    assert not (dst / "precious.txt").exists() and (dst / "model_index.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]  # no temporary left
+    assert not (dst / "stale.txt").exists() and (dst / "model_index.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "saved"]  # no temporary
     with pytest.raises(BonsaiError, match="loaded from"):
         Pipeline.from_pretrained(dst, dtype="float16").save_pretrained(dst, overwrite=True)
 
@@ -184,6 +190,7 @@ def test_save_pretrained_is_atomic(packs, tmp_path, monkeypatch):
     import bonsai_mlx.pipeline as pipeline_module
 
     pipe = Pipeline.from_pretrained(packs["ternary"]["pack"], dtype="float16")
+    previous = pipe.save_pretrained(tmp_path / "previous")
     written = []
 
     def failing_copy(source, folder, dtype=None):
@@ -191,16 +198,18 @@ def test_save_pretrained_is_atomic(packs, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(pipeline_module, "save_vae_files", failing_copy)
-    with pytest.raises(OSError, match="disk full"):
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(BonsaiError, match="disk full"):
         pipe.save_pretrained(tmp_path / "out")
     assert {"transformer", "text_encoder"} <= set(written)  # it failed mid-write
-    assert list(tmp_path.iterdir()) == []
-    # and an existing folder survives a failed overwrite untouched
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.txt").write_text("old")
-    with pytest.raises(OSError, match="disk full"):
-        pipe.save_pretrained(tmp_path / "out", overwrite=True)
-    assert sorted(p.name for p in tmp_path.rglob("*")) == ["old.txt", "out"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    # and an existing model folder survives a failed overwrite untouched
+    (previous / "old.txt").write_text("old")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(BonsaiError, match="disk full"):
+        pipe.save_pretrained(previous, overwrite=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["previous"]
 
 
 def test_cli_convert(packs, tmp_path):

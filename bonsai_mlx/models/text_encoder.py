@@ -36,8 +36,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bonsai_mlx.checks import integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import (
+    check_no_custom_code,
     check_weights,
     checkpoint_float_dtype,
     load_safetensors,
@@ -316,6 +318,16 @@ def qwen3_sizes(config: dict, source: str | Path) -> tuple[int, int]:
 def qwen3_args(config: dict, source: str | Path) -> qwen3.ModelArgs:
     """mlx-lm's ModelArgs from a transformers or mlx-lm Qwen3 config.json."""
     qwen3_sizes(config, source)
+    try:  # what mlx-lm would divide by or build layers of
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size",
+                     "vocab_size", "head_dim"):
+            if name in config or name != "head_dim":
+                integer(config.get(name), name, low=1)
+        number(config.get("rms_norm_eps"), "rms_norm_eps", positive=True)
+        if config["num_attention_heads"] % config["num_key_value_heads"]:
+            raise BonsaiError("num_attention_heads must be a multiple of num_key_value_heads")
+    except BonsaiError as e:
+        raise BonsaiError(f"{source}: {e}") from None
     from mlx_lm.models import qwen3
 
     try:
@@ -366,6 +378,7 @@ class PromptEncoder:
             raise BonsaiError(f'dequantize must be True, False or "auto", not {dequantize!r}')
         self.dequantize = dequantize
 
+        check_no_custom_code(self.text_encoder_dir, self.tokenizer_dir)
         config_path = self.text_encoder_dir / "config.json"
         config = read_json(config_path)
         num_layers, self.hidden_size = qwen3_sizes(config, config_path)
@@ -466,8 +479,9 @@ class PromptEncoder:
             os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
             from transformers import AutoTokenizer
 
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+            try:  # never the folder's own Python code, whatever a terminal answers
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    str(self.tokenizer_dir), trust_remote_code=False)
             except Exception as e:
                 raise BonsaiError(
                     f"could not load the tokenizer from {self.tokenizer_dir}: {e}"

@@ -15,10 +15,11 @@ from __future__ import annotations
 import functools
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bonsai_mlx.checks import config_from_dict, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models import cpu_ops
 from bonsai_mlx.quant.layers import PACKED_LINEAR
@@ -70,9 +71,21 @@ class Flux2TransformerConfig:
     guidance_embeds: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
+                     "joint_attention_dim", "timestep_guidance_channels", "num_layers",
+                     "num_single_layers", "out_channels"):
+            value = getattr(self, name)
+            if not (name == "out_channels" and value is None):
+                setattr(self, name, integer(value, name, low=0 if "layers" in name else 1))
+        for name in ("mlp_ratio", "rope_theta", "eps"):
+            setattr(self, name, number(getattr(self, name), name, positive=True))
+        self.guidance_embeds = flag(self.guidance_embeds, "guidance_embeds")
         if self.out_channels is None:
             self.out_channels = self.in_channels
-        self.axes_dims_rope = tuple(int(d) for d in self.axes_dims_rope)
+        if not isinstance(self.axes_dims_rope, (list, tuple)):
+            raise BonsaiError(f"axes_dims_rope must be a list, not {self.axes_dims_rope!r}")
+        self.axes_dims_rope = tuple(integer(d, "axes_dims_rope", low=1)
+                                    for d in self.axes_dims_rope)
         if sum(self.axes_dims_rope) != self.attention_head_dim or any(
             d % 2 for d in self.axes_dims_rope
         ):
@@ -90,10 +103,11 @@ class Flux2TransformerConfig:
         return int(self.inner_dim * self.mlp_ratio)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Flux2TransformerConfig:
-        """Build from a config.json dict, ignoring keys that are not fields (`_class_name`, ...)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None
+                  ) -> Flux2TransformerConfig:
+        """Build from a config.json dict, ignoring keys that are not fields (`_class_name`, ...);
+        errors name `source`."""
+        return config_from_dict(cls, d, source)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -462,8 +476,14 @@ class Flux2Transformer(nn.Module):
             np.concatenate([txt, img], axis=0), self.config.axes_dims_rope, self.config.rope_theta
         )
 
+    def clear_context_memo(self) -> None:
+        """Forget the memoised text projections; call after changing layers in place (a
+        LoRA adapter loaded, rescaled or removed)."""
+        self._context_memo = _ContextMemo()
+
     def _embed_context(self, encoder_hidden_states) -> mx.array:
-        weight = self.context_embedder.weight
+        # a wrapped layer (LoRA) has no weight of its own: key on the layer itself
+        weight = getattr(self.context_embedder, "weight", self.context_embedder)
         out = self._context_memo.get(encoder_hidden_states, weight)
         if out is None:
             out = self.context_embedder(_as_mx(encoder_hidden_states, self.dtype))
@@ -545,7 +565,7 @@ class Flux2Transformer(nn.Module):
             loaded.append((k, v))
         self.load_weights(loaded)
         mx.eval(self.parameters())
-        self._context_memo = _ContextMemo()
+        self.clear_context_memo()
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -581,7 +601,8 @@ class Flux2Transformer(nn.Module):
                         break
             if packed_layout(path) is not None:
                 if config is None:
-                    config = read_json(path / "config.json")
+                    config_file = path / "config.json"
+                    config = Flux2TransformerConfig.from_dict(read_json(config_file), config_file)
                 model = cls(config, dtype)
                 return load_packed_transformer_weights(model, path,
                                                        affine_baseline=affine_baseline)
@@ -599,7 +620,7 @@ class Flux2Transformer(nn.Module):
         if config is None and config_file.is_file():
             d = read_json(config_file)
             if path.is_dir() or d.get("_class_name") == DIFFUSERS_CLASS:
-                config = d
+                config = Flux2TransformerConfig.from_dict(d, config_file)
         if config is None:
             config = infer_config(weights, path)
         model = cls(config, dtype)
@@ -690,6 +711,35 @@ _BFL_QKV = {"img_attn.qkv": ("to_q", "to_k", "to_v"),
 _BFL_BLOCK = re.compile(r"(double_blocks|single_blocks)\.(\d+)\.(.+)")
 
 
+def bfl_module_to_diffusers(module: str) -> tuple[tuple[str, ...], bool] | None:
+    """A Black Forest Labs module name -> (diffusers module names, swap halves), or None
+    for a name that is not BFL's (diffusers names, unknown names).
+
+    One name, or three for a double block's fused qkv (its output rows split in three, in
+    q, k, v order). `swap halves`: the final layer's output is (shift, scale) in BFL's
+    order and (scale, shift) in diffusers'. Used for weights (`sanitize`) and LoRA files.
+    """
+    m = _BFL_BLOCK.fullmatch(module)
+    if m is None:
+        if module not in _BFL_TOP:
+            return None
+        return (_BFL_TOP[module],), module == "final_layer.adaLN_modulation.1"
+    kind, index, sub = m.groups()
+    if kind == "double_blocks" and sub in _BFL_QKV:
+        return tuple(f"transformer_blocks.{index}.attn.{n}" for n in _BFL_QKV[sub]), False
+    if kind == "double_blocks" and sub in _BFL_DOUBLE:
+        return (f"transformer_blocks.{index}.{_BFL_DOUBLE[sub]}",), False
+    if kind == "single_blocks" and sub in _BFL_SINGLE:
+        return (f"single_transformer_blocks.{index}.{_BFL_SINGLE[sub]}",), False
+    return None
+
+
+def bfl_module_names() -> list[str]:
+    """Every BFL module name `bfl_module_to_diffusers` knows, blocks as `{i}` patterns."""
+    return (list(_BFL_TOP) + [f"double_blocks.{{i}}.{n}" for n in (*_BFL_DOUBLE, *_BFL_QKV)]
+            + [f"single_blocks.{{i}}.{n}" for n in _BFL_SINGLE])
+
+
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Map Black Forest Labs single-file names onto diffusers names; diffusers names pass.
 
@@ -702,23 +752,17 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     out: dict[str, mx.array] = {}
     for key, v in weights.items():
         module, _, param = key.rpartition(".")
-        param = "weight" if param == "scale" else param
-        m = _BFL_BLOCK.fullmatch(module)
-        if m is None and module in _BFL_TOP:
-            if module == "final_layer.adaLN_modulation.1":
-                shift, scale = mx.split(v, 2, axis=0)
-                v = mx.concatenate([scale, shift], axis=0)
-            out[f"{_BFL_TOP[module]}.{param}"] = v
-        elif m and m.group(1) == "double_blocks" and m.group(3) in _BFL_QKV:
-            prefix = f"transformer_blocks.{m.group(2)}.attn"
-            for name, part in zip(_BFL_QKV[m.group(3)], mx.split(v, 3, axis=0), strict=True):
-                out[f"{prefix}.{name}.{param}"] = part
-        elif m and m.group(1) == "double_blocks" and m.group(3) in _BFL_DOUBLE:
-            out[f"transformer_blocks.{m.group(2)}.{_BFL_DOUBLE[m.group(3)]}.{param}"] = v
-        elif m and m.group(1) == "single_blocks" and m.group(3) in _BFL_SINGLE:
-            out[f"single_transformer_blocks.{m.group(2)}.{_BFL_SINGLE[m.group(3)]}.{param}"] = v
-        else:
+        mapped = bfl_module_to_diffusers(module)
+        if mapped is None:
             out[key] = v
+            continue
+        names, swap = mapped
+        param = "weight" if param == "scale" else param
+        if swap:
+            shift, scale = mx.split(v, 2, axis=0)
+            v = mx.concatenate([scale, shift], axis=0)
+        for name, part in zip(names, mx.split(v, len(names), axis=0), strict=True):
+            out[f"{name}.{param}"] = part
     return out
 
 

@@ -20,10 +20,11 @@ import functools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
+from bonsai_mlx.checks import config_from_dict, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models import cpu_ops
 from bonsai_mlx.weights import (
@@ -61,14 +62,32 @@ class VAEConfig:
     batch_norm_eps: float = 1e-4
     patch_size: tuple[int, int] = field(default=(2, 2))
 
+    def __post_init__(self) -> None:
+        for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
+                     "norm_num_groups"):
+            setattr(self, name, integer(getattr(self, name), name, low=1))
+        for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+            setattr(self, name, flag(getattr(self, name), name))
+        self.batch_norm_eps = number(self.batch_norm_eps, "batch_norm_eps", positive=True)
+        for name in ("block_out_channels", "decoder_block_out_channels", "patch_size"):
+            value = getattr(self, name)
+            if value is None and name == "decoder_block_out_channels":
+                continue
+            if not isinstance(value, (list, tuple)) or not value:
+                raise BonsaiError(f"{name} must be a non-empty list, not {value!r}")
+            setattr(self, name, tuple(integer(v, name, low=1) for v in value))
+        if len(self.patch_size) != 2:
+            raise BonsaiError(f"patch_size must be two integers, not {list(self.patch_size)}")
+        for name in ("block_out_channels", "decoder_block_out_channels"):
+            odd = [c for c in getattr(self, name) or () if c % self.norm_num_groups]
+            if odd:  # every GroupNorm splits its channels into norm_num_groups groups
+                raise BonsaiError(f"{name} {odd[0]} does not split into norm_num_groups "
+                                  f"{self.norm_num_groups}")
+
     @classmethod
-    def from_dict(cls, d: dict) -> VAEConfig:
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        for k in ("block_out_channels", "decoder_block_out_channels", "patch_size"):
-            if kwargs.get(k) is not None:
-                kwargs[k] = tuple(kwargs[k])
-        return cls(**kwargs)
+    def from_dict(cls, d: dict, source: str | Path | None = None) -> VAEConfig:
+        """From a config.json dict (unknown keys ignored); errors name `source`."""
+        return config_from_dict(cls, d, source)
 
     @property
     def scale_factor(self) -> int:
@@ -442,7 +461,7 @@ class VAE(nn.Module):
         weights = read()
         config_file = path / "config.json" if path.is_dir() else None
         if config_file is not None and config_file.is_file():
-            config = VAEConfig.from_dict(read_json(config_file))
+            config = VAEConfig.from_dict(read_json(config_file), config_file)
         else:
             config = infer_config(weights, path)
 
@@ -919,14 +938,18 @@ def infer_config(weights: dict[str, mx.array], source: str | Path) -> VAEConfig:
         ) from None
     if n_up == 0 or bn % latent or bn // latent != 4:
         raise BonsaiError(f"{source} does not look like a FLUX.2 VAE (32-channel, 2x2 patches)")
-    return VAEConfig(
-        in_channels=in_ch,
-        out_channels=out_ch,
-        block_out_channels=tuple(enc or dec),
-        decoder_block_out_channels=tuple(dec) if enc and dec != enc else None,
-        layers_per_block=layers,
-        latent_channels=latent,
-        use_quant_conv="quant_conv.weight" in weights,
-        use_post_quant_conv="post_quant_conv.weight" in weights,
-        mid_block_add_attention="decoder.mid_block.attentions.0.to_q.weight" in weights,
-    )
+    try:
+        return VAEConfig(
+            in_channels=in_ch,
+            out_channels=out_ch,
+            block_out_channels=tuple(enc or dec),
+            decoder_block_out_channels=tuple(dec) if enc and dec != enc else None,
+            layers_per_block=layers,
+            latent_channels=latent,
+            use_quant_conv="quant_conv.weight" in weights,
+            use_post_quant_conv="post_quant_conv.weight" in weights,
+            mid_block_add_attention="decoder.mid_block.attentions.0.to_q.weight" in weights,
+        )
+    except BonsaiError as e:  # e.g. a small VAE whose channels do not split into 32 groups
+        raise BonsaiError(f"{source} has no config.json and the config inferred from its "
+                          f"weights does not fit them ({e}); add the VAE's config.json") from None

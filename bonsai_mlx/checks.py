@@ -1,0 +1,79 @@
+"""Checks of values a user or a config file supplies: integers, numbers, flags, text.
+
+Each returns the value as a plain Python int / float / bool / str, or raises a BonsaiError
+naming it. numpy scalars are accepted wherever numbers are (`np.float32(0.5)` is a number);
+bools are not numbers, and a float is not an integer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from pathlib import Path
+
+from bonsai_mlx.errors import BonsaiError
+
+import numpy as np
+
+
+def integer(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """An integer in [low, high] (either bound optional)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise BonsaiError(f"{name} must be an integer, not {value!r}")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = (f"in {low}..{high}" if low is not None and high is not None
+                else f">= {low}" if low is not None else f"<= {high}")
+        raise BonsaiError(f"{name} must be an integer {span}, not {value}")
+    return value
+
+
+def number(value, name: str, *, positive: bool = False) -> float:
+    """A finite real number (> 0 if `positive`)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BonsaiError(f"{name} must be a number, not {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        kind = "a positive finite number" if positive else "a finite number"
+        raise BonsaiError(f"{name} must be {kind}, not {value!r}")
+    return value
+
+
+def flag(value, name: str) -> bool:
+    """true or false."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise BonsaiError(f"{name} must be true or false, not {value!r}")
+    return bool(value)
+
+
+def text(value: str, name: str) -> str:
+    """A string that is valid Unicode text (encodable as UTF-8). Bytes that were not UTF-8
+    reach Python as lone surrogates (a command line's `surrogateescape`), and would fail
+    later in the tokenizer or the PNG metadata."""
+    if not isinstance(value, str):
+        raise BonsaiError(f"{name} must be a string, not {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = value[e.start:e.end]
+        shown = (" ".join(f"0x{ord(c) - 0xDC00:02x}" for c in bad)
+                 if all(0xDC80 <= ord(c) <= 0xDCFF for c in bad) else repr(bad))
+        raise BonsaiError(
+            f"{name} is not valid UTF-8 text ({shown} at character {e.start}); "
+            "write it as UTF-8"
+        ) from None
+    return value
+
+
+def config_from_dict(cls, d: dict, source: str | Path | None = None):
+    """The config dataclass `cls` from a config.json dict: keys that are not fields are
+    ignored (`_class_name`, ...), and a field its `__post_init__` rejects is a BonsaiError
+    naming `source`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in d.items() if k in names})
+    except BonsaiError as e:
+        if source is None:
+            raise
+        raise BonsaiError(f"{source}: {e}") from None
