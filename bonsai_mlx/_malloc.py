@@ -6,8 +6,10 @@ again on `free`. The next op then touches new pages: one page fault per 4 KB, se
 each in a VM. On a 2-core KVM guest a float32 multiply over 56.6 M elements (one attention
 score matrix of FLUX.2 [klein] at 512x512) took 0.41-0.54 s that way and 0.05-0.07 s with
 freed memory kept (benchmarks/RESULTS.md). So glibc is told to serve large blocks from its
-heap (`M_MMAP_MAX` = 0) and to give back only what exceeds 2 GB at its top
-(`M_TRIM_THRESHOLD`): the process keeps its high-water mark of freed memory for reuse.
+heap (`M_MMAP_MAX` = 0) and to give back free memory at the heap's top only beyond 1 GiB
+(`M_TRIM_THRESHOLD`): a step's transient arrays are reused from step to step, and the
+process keeps at most about 1 GiB more than it uses once they are freed (plus holes between
+live blocks, as any heap).
 
 Called from `bonsai_mlx/__init__.py`; a no-op off glibc. BONSAI_MALLOC_DEFAULT=1 opts out.
 """
@@ -19,7 +21,7 @@ import os
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc <malloc.h>
-TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int
+TRIM_THRESHOLD_BYTES = 1 << 30
 _KEPT = False
 
 
