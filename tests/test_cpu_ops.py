@@ -105,3 +105,13 @@ def test_silu_equals_exact_math_and_its_gradient_equals_mlx(gate_input):
     got = mx.grad(lambda a: (cpu_ops.silu(a) * w).sum())(gate_input)
     want = mx.grad(lambda a: (nn.silu(a) * w).sum())(gate_input)
     assert float(mx.abs(got - want).max()) <= 1e-5 * float(mx.abs(want).max())
+
+
+def test_silu_of_very_negative_inputs_is_zero_without_warnings():
+    import warnings
+
+    x = mx.array([-1000.0, -100.0, -89.0, 0.0, 100.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = np.array(cpu_ops.silu(x))
+    assert np.array_equal(out[:4], [0, 0, 0, 0]) and out[4] == 100.0

@@ -71,7 +71,8 @@ def _swiglu_kernel(x: np.ndarray, y: np.ndarray) -> None:
 
 def _silu_kernel(x: np.ndarray, y: np.ndarray) -> None:
     np.negative(x, out=y)
-    np.exp(y, out=y)
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88 gives x / inf = -0: right
+        np.exp(y, out=y)
     y += 1
     np.divide(x, y, out=y)  # x / (1 + exp(-x))
 
