@@ -12,8 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout, not installed
 
-import bonsai_mlx  # noqa: E402, F401  (first: loads OpenBLAS on Linux before mlx.core)
-from bonsai_mlx.bench import main  # noqa: E402
+from bonsai_mlx.cli import main  # noqa: E402  (bonsai_mlx first: OpenBLAS before mlx.core)
 
 if __name__ == "__main__":
-    main()
+    main(["bench", *sys.argv[1:]])

@@ -15,7 +15,7 @@ step of the slice. Sides, timed in turn in each round so that load changes hit a
 
 Prints the median seconds per forward (after `--warmup` untimed rounds), ours / diffusers,
 and how far the dense output is from diffusers'. Targets (issue #16): dense <= 1.0x,
-packed <= 1.2x. `--profile` adds our seconds per kind of work (bonsai_mlx/profiler.py).
+packed <= 1.2x. `--profile` adds our seconds per kind of work (bonsai_mlx/bench/profiler.py).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import warnings
 
 import bonsai_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 from bonsai_mlx._blas import openblas_status
+from bonsai_mlx.bench.profiler import StepProfiler, format_profile
 from bonsai_mlx.models import Flux2Transformer
-from bonsai_mlx.profiler import StepProfiler, format_profile
 from bonsai_mlx.quant.model import quantize_model
+from bonsai_mlx.weights import load_into
 
 import mlx.core as mx
 import numpy as np
@@ -70,7 +71,7 @@ def torch_model(torch, seed: int = 0):
 
 def our_model(weights: dict[str, np.ndarray], fmt: str | None) -> Flux2Transformer:
     model = Flux2Transformer(CONFIG, dtype="float32")
-    model.load_checked_weights({k: mx.array(v) for k, v in weights.items()}, "the slice")
+    load_into(model, {k: mx.array(v) for k, v in weights.items()}, "the slice")
     if fmt:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random weights are not binary/ternary-valued

@@ -1,10 +1,12 @@
-"""Peak memory and time of a VAE decode, untiled vs tiled (full FLUX.2 VAE shapes).
+"""Peak memory and time of a VAE decode, untiled vs tiled (full FLUX.2 VAE shapes), with the
+full decoder or the FLUX.2 small decoder (`--decoder small`).
 
 Random weights (no download needed): the numbers measure memory, speed and how far the
 tiled decode is from the untiled one, not images.
 
     python benchmarks/vae_decode.py --size 2048 --dtype bfloat16          # Apple Silicon
     python benchmarks/vae_decode.py --size 512 --tile-size 256 --dtype float32   # small CPU run
+    python benchmarks/vae_decode.py --size 512 --dtype float32 --modes untiled --decoder small
 
 Modes: `untiled`, `exact` (tiled, whole-image GroupNorm statistics summed over tiles: the
 default of `decode_tiled`), `estimate` (tiled, statistics from a downscaled decode). Prints
@@ -20,7 +22,7 @@ import json
 import time
 
 import bonsai_mlx  # noqa: F401  (first: OpenBLAS before mlx.core on Linux)
-from bonsai_mlx.models.vae import VAE, VAEConfig
+from bonsai_mlx.models.vae import SMALL_DECODER_CHANNELS, VAE, VAEConfig
 from bonsai_mlx.weights import parse_dtype
 
 import mlx.core as mx
@@ -30,15 +32,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=2048, help="image side in pixels")
     ap.add_argument("--tile-size", type=int, default=1024, help="tile side in pixels")
-    ap.add_argument("--tile-overlap", type=int, default=0,
-                    help="accepted for older command lines; tiles need no overlap now")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--modes", default="untiled,exact,estimate")
+    ap.add_argument("--decoder", choices=["full", "small"], default="full",
+                    help="decoder channels: FLUX.2's (128..512) or the small decoder's (96..384)")
     args = ap.parse_args()
 
     mx.random.seed(0)
-    vae = VAE(VAEConfig(), parse_dtype(args.dtype))
-    vae._cast_weights()
+    small = SMALL_DECODER_CHANNELS if args.decoder == "small" else None
+    # weights in the dtype, statistics float32
+    vae = VAE(VAEConfig(decoder_block_out_channels=small), parse_dtype(args.dtype))
     mx.eval(vae.parameters())
     f = vae.scale_factor
     z = mx.random.normal((1, args.size // f, args.size // f, vae.config.latent_channels))
@@ -58,7 +61,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         peak = mx.get_peak_memory() - base
         row = {
-            "mode": mode, "size": args.size, "dtype": args.dtype,
+            "mode": mode, "decoder": args.decoder, "size": args.size, "dtype": args.dtype,
             "tile_size": None if mode == "untiled" else args.tile_size,
             "seconds": round(seconds, 2), "peak_gb": round(peak / 1e9, 3),
             "device": str(mx.default_device()),

@@ -1,8 +1,9 @@
-"""Checks of values a user or a config file supplies: integers, numbers, flags, text.
+"""Checks of values a user or a config file supplies: integers, numbers, flags, text, prompts,
+and config dataclasses filled from config.json (`BaseConfig`, as mlx-lm's `BaseModelArgs`).
 
-Each returns the value as a plain Python int / float / bool / str, or raises a BonsaiError
-naming it. numpy scalars are accepted wherever numbers are (`np.float32(0.5)` is a number);
-bools are not numbers, and a float is not an integer.
+Each check returns the value as a plain Python int / float / bool / str, or raises a
+BonsaiError naming it. numpy scalars are accepted wherever numbers are (`np.float32(0.5)` is
+a number); bools are not numbers, and a float is not an integer.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from bonsai_mlx.errors import BonsaiError
 
@@ -66,14 +69,30 @@ def text(value: str, name: str) -> str:
     return value
 
 
-def config_from_dict(cls, d: dict, source: str | Path | None = None):
-    """The config dataclass `cls` from a config.json dict: keys that are not fields are
-    ignored (`_class_name`, ...), and a field its `__post_init__` rejects is a BonsaiError
-    naming `source`."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    try:
-        return cls(**{k: v for k, v in d.items() if k in names})
-    except BonsaiError as e:
-        if source is None:
-            raise
-        raise BonsaiError(f"{source}: {e}") from None
+def check_prompts(prompt: str | Sequence[str], name: str = "the prompt") -> list[str]:
+    """One prompt or a non-empty list of them -> a list, else a BonsaiError."""
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if (not isinstance(prompts, (list, tuple)) or not prompts
+            or not all(isinstance(p, str) for p in prompts)):
+        raise BonsaiError("prompt must be a string or a non-empty list of strings")
+    return [text(p, name) for p in prompts]
+
+
+
+C = TypeVar("C", bound="BaseConfig")
+
+
+class BaseConfig:
+    """Base of the config dataclasses (frozen or not): `from_dict` is the one config parser."""
+
+    @classmethod
+    def from_dict(cls: type[C], d: Mapping[str, Any], source: str | Path | None = None) -> C:
+        """Build from a config.json dict. Keys that are not fields (`_class_name`, ...) are
+        ignored; a value `__post_init__` rejects is a BonsaiError naming `source`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except BonsaiError as e:
+            if source is None:
+                raise
+            raise BonsaiError(f"{source}: {e}") from None

@@ -10,29 +10,25 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-import os
-import re
 import secrets
 import sys
-import tempfile
 import time
 import traceback
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bonsai_mlx import __version__
-from bonsai_mlx.checks import text
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.images import parse_size
 from bonsai_mlx.scheduler import MAX_STEPS
 from bonsai_mlx.weights import MODEL_ALIASES as ALIASES
 from bonsai_mlx.weights import (
-    SAFETENSORS_DTYPE_NAMES,
+    TOP_LEVEL,
     check_writable,
     default_dtype,
-    read_json,
-    read_safetensors_header,
+    human_bytes,
     resolve_model,
     resolve_model_path,
 )
@@ -41,6 +37,9 @@ import click
 
 __all__ = ["ALIASES", "cli", "default_dtype", "main", "parse_size", "resolve_model"]
 DEFAULT_MODEL = "ternary"
+# What errors call the generation's settings: the options that set them.
+CLI_NAMES = {"prompt": "--prompt", "negative_prompt": "--negative-prompt",
+             "strength": "--strength", "image": "--image", "mask": "--mask"}
 
 _EXIT_USER_ERROR = 2
 _EXIT_INTERRUPTED = 130
@@ -78,6 +77,8 @@ def _usage_message(e: click.ClickException) -> str:
 _LAZY_COMMANDS = {
     "bench": "Benchmark seconds per stage, memory and footprint (`bench --help`)",
     "convert": "Convert a model to packed binary / ternary weights (`convert --help`)",
+    "doctor": "Check this machine: Metal kernels, BLAS, compilers, cached models",
+    "serve": "Serve the studio (web page) and an OpenAI-compatible Images API",
 }
 
 
@@ -128,18 +129,26 @@ verbose_option = click.option(
 quiet_option = click.option(
     "-q", "--quiet", is_flag=True, help="No progress bars and no summary on stderr."
 )
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+    show_default=True, help="Compute dtype; auto is bfloat16 on a GPU, float32 on the CPU.",
+)
+tile_vae_option = click.option(
+    "--tile-vae/--no-tile-vae", default=None,
+    help="Decode in tiles (less memory) [default: automatic by size].",
+)
 
 
 @click.group("bonsai-mlx", cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bonsai-mlx")
 @verbose_option
 def cli() -> None:
-    """FLUX.2 [klein] 4B and its 1-bit / ternary Bonsai compressions on MLX.
+    """FLUX.2 [klein] (4B, 9B) and its 1-bit / ternary Bonsai compressions on MLX.
 
     \b
     First image:  bonsai-mlx gen -p "a bonsai tree in a misty forest, morning light"
-    Models:       ternary (default), binary, klein-4b, klein-base-4b,
-                  any Hugging Face repo id or a local folder
+    Models:       ternary (default), binary, klein-4b, klein-base-4b, klein-9b,
+                  klein-base-9b, klein-9b-kv, any Hugging Face repo id or a local folder
     """
 
 
@@ -154,20 +163,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _is_local(model: str) -> bool:
     return Path(model).expanduser().is_dir()
-
-
-def _cached_snapshot(repo_id: str, revision: str | None = None) -> Path:
-    """The local snapshot of a cached repo, without touching the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-    except LocalEntryNotFoundError:
-        raise BonsaiError(
-            f"{repo_id} is not in the local Hugging Face cache; run `bonsai-mlx download "
-            f"{repo_id}` first, or give a local folder"
-        ) from None
 
 
 @contextlib.contextmanager
@@ -195,150 +190,14 @@ def _show_progress(quiet: bool) -> bool:
 # gen
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """`"WxH"` -> (width, height), multiples of 16 within the pipeline's bounds, else
-    BonsaiError."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX×*]\s*(\d+)\s*", text)
-    if not m:
-        raise BonsaiError(
-            f"--size {text!r} is not WIDTHxHEIGHT; write it like 1024x1024 or 512x768"
-        )
-    width, height = int(m.group(1)), int(m.group(2))
-    for name, v in (("width", width), ("height", height)):
-        if v < 16:
-            raise BonsaiError(f"--size {text}: {name} {v} is too small; use at least 16")
-        if v % 16:
-            lo, hi = v // 16 * 16, v // 16 * 16 + 16
-            options = f"{lo} or {hi}" if lo >= 16 else f"{hi}"
-            raise BonsaiError(
-                f"--size {text}: {name} {v} is not a multiple of 16; use {options} "
-                f"(e.g. --size {_round16(width)}x{_round16(height)})"
-            )
-    from bonsai_mlx.pipeline import check_size
-
-    check_size(width, height)  # the pipeline's bounds, before any model is loaded
-    return width, height
-
-
-def _round16(v: int) -> int:
-    return max(16, int(round(v / 16)) * 16)
-
-
-def _check_image(path: str) -> tuple[int, int]:
-    """Checks that --image PATH is a readable image; returns its size once prepared."""
-    from bonsai_mlx.pipeline import check_image_file, prepared_size
-
-    from PIL import Image, UnidentifiedImageError
-
-    check_image_file(Path(path), f"--image {path}")
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()
-    except Image.DecompressionBombError as e:
-        raise BonsaiError(f"--image {path}: {str(e).rstrip('.')}; give a smaller image"
-                          ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BonsaiError(
-            f"--image {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"
-        ) from None
-    return prepared_size(*size, path)
-
-
-@dataclass
-class OutputPlan:
-    """Where images go: one file name (numbered for several images) or a folder."""
-
-    folder: Path
-    stem: str | None  # None: names come from the prompt and seed
-
-    @classmethod
-    def from_option(cls, output: str | None) -> OutputPlan:
-        if output is None:
-            return cls(Path("."), None)
-        p = Path(output).expanduser()
-        if p.is_dir() or output.endswith(("/", os.sep)):
-            return cls(p, None)
-        if p.suffix.lower() == ".png":
-            return cls(p.parent, p.stem)
-        if p.suffix:
-            raise BonsaiError(
-                f"-o {output}: only PNG is written (it carries the metadata); "
-                f"use {p.with_suffix('.png')} or a folder"
-            )
-        return cls(p, None)  # no suffix: a folder, created
-
-    def name(self, prompt: str, seed: int) -> str:
-        if self.stem is not None:
-            return f"{self.stem}.png"
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].rstrip("-")
-        return f"{slug or 'image'}-{seed}.png"
-
-
-def write_png_exclusive(image, target: Path, info) -> Path:
-    """Save `image` at `target`, or `stem-1.png`, `stem-2.png`, ... when taken. Never
-    overwrites: the PNG is written to a temporary file and linked to a name that must not
-    exist yet (atomic on POSIX), so concurrent runs do not clobber each other either."""
-    folder = target.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".bonsai-", suffix=".png", dir=folder)
-    except OSError as e:
-        raise BonsaiError(f"cannot write to {folder} ({e.strerror}); choose another -o") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        for i in range(100_000):
-            path = target if i == 0 else target.with_name(f"{target.stem}-{i}{target.suffix}")
-            if _claim(tmp, path):
-                return path
-        raise BonsaiError(f"too many numbered files beside {target}; choose another -o")
-    except OSError as e:  # the disk filled up, or the folder changed under us
-        raise BonsaiError(f"cannot write {target} ({e.strerror or e}); free some space or "
-                          "choose another -o") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _claim(tmp: str, path: Path) -> bool:
-    """Give the finished file `tmp` the name `path` if nothing has that name yet."""
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # file systems without hard links: reserve the name, then replace it
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            return False
-        os.replace(tmp, path)
-        return True
-
-
-def png_size_bound(width: int, height: int) -> int:
-    """Bytes an RGB PNG of this size takes at most: raw rows (filter byte + 3 per pixel),
-    zlib's worst case and room for the chunks and metadata."""
-    raw = height * (1 + 3 * width)
-    return raw + raw // 1000 + 64 * 1024
-
-
-def png_metadata(fields: dict[str, object]):
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in fields.items():
-        if value is not None:
-            info.add_itxt(key, str(value))
-    return info
-
-
 @dataclass
 class _Progress:
-    """tqdm bars on stderr for one image: encoding, each denoising step, decoding."""
+    """tqdm bars on stderr for one image: encoding, each denoising step, decoding; and the
+    step's preview written to `preview_file` when given."""
 
     enabled: bool
     label: str = ""
+    preview_file: Path | None = None
     _bar: object = None
     _stage: str = ""
 
@@ -353,7 +212,11 @@ class _Progress:
     def start(self) -> None:
         self._open("encoding", 1, "prompt")
 
-    def callback(self, step: int, total: int, latents=None) -> None:
+    def callback(self, step: int, total: int, latents=None, preview=None) -> None:
+        if preview is not None and self.preview_file is not None:
+            from bonsai_mlx.outputs import write_preview
+
+            write_preview(preview, self.preview_file, step, total)
         if self._stage != "denoising":
             self._open("denoising", total, "step")
         done = min(int(step), total)
@@ -386,7 +249,7 @@ def format_summary(timings, peak_memory, load_seconds: float | None = None) -> s
             elif isinstance(value, (int, float)):
                 parts.append(f"{stage} {_seconds(value)}")
     if peak_memory:
-        parts.append(f"peak memory {_human(peak_memory)}")
+        parts.append(f"peak memory {human_bytes(peak_memory)}")
     return ", ".join(parts)
 
 
@@ -405,6 +268,13 @@ def parse_lora_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
+def _read_loras(specs: tuple[str, ...]) -> list:
+    """(LoraFile, scale) of each --lora PATH[:SCALE], read and checked."""
+    from bonsai_mlx.lora import read_lora
+
+    return [(read_lora(path), scale) for path, scale in map(parse_lora_spec, specs)]
+
+
 def _apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
     """Load the LoRAs read from --lora; say what each costs on stderr."""
     for lora_file, scale in lora_files:
@@ -412,7 +282,7 @@ def _apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
     for info in [] if quiet else pipe.loras.values():
         click.echo(f"LoRA {info.name} ({info.format}): scale {info.scale:g}, rank "
                    f"{'/'.join(map(str, info.ranks))}, {info.layers} layers, "
-                   f"{_human(info.bytes)}", err=True)
+                   f"{human_bytes(info.bytes)}", err=True)
 
 
 def _lora_label(source: str) -> str:
@@ -446,128 +316,192 @@ def _lora_label(source: str) -> str:
 @click.option("--image", "images", multiple=True, metavar="PATH",
               help="Reference image for editing; repeat for several.")
 @click.option("--strength", type=float, default=None,
-              help="Image-to-image from one --image: 0 < strength <= 1 (1 = ignore the image).")
-@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-              default="auto", show_default=True,
-              help="Compute dtype; auto is bfloat16 on a GPU, float32 on the CPU.")
+              help="Image-to-image from one --image (or inpainting with --mask): "
+                   "0 < strength <= 1 (1 = ignore the image).")
+@click.option("--mask", metavar="PATH", default=None,
+              help="Inpaint the first --image: white = repaint, black = keep (same size as "
+                   "the image; --strength default 0.8).")
+@click.option("--vae", default=None, metavar="small|REPO|FOLDER",
+              help="Swap the VAE decoder, e.g. small (FLUX.2 small decoder); images are "
+                   "still encoded with the model's own encoder.")
+@click.option("--reference-kv-cache/--no-reference-kv-cache", default=None,
+              help="Compute the --image references once and reuse their attention keys and "
+                   "values [default: on for klein-9b-kv, off otherwise (an approximation)].")
+@dtype_option
 @click.option("--no-offload", is_flag=True,
               help="Keep the text encoder loaded after encoding (more memory, faster reruns).")
-@click.option("--tile-vae/--no-tile-vae", default=None,
-              help="Decode in tiles (less memory) [default: automatic by size].")
+@tile_vae_option
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA .safetensors file, folder or Hub repo id (owner/name[/file]), scale "
                    "1 by default; repeat for several.")
 @click.option("--lora-ignore-unmatched", is_flag=True,
               help="Skip LoRA layers this model lacks (default: an error listing them).")
+@click.option("--tensor-parallel", is_flag=True,
+              help="Under mlx.launch: split the transformer across the processes, each image "
+                   "faster [default there: each process makes a share of the images].")
+@click.option("--preview", "preview_file", default=None, metavar="FILE.png",
+              help="Write a small preview of every step to FILE.png, replacing it each time "
+                   "(the one file bonsai-mlx overwrites, and only its own previews).")
 @quiet_option
 @verbose_option
 def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, output,
-        images, strength, dtype, no_offload, tile_vae, revision, loras, lora_ignore_unmatched,
-        quiet) -> None:
-    """Generate images from a prompt (text-to-image, editing, image-to-image).
+        images, strength, mask, vae, reference_kv_cache, dtype, no_offload, tile_vae, revision,
+        loras, lora_ignore_unmatched, tensor_parallel, preview_file, quiet) -> None:
+    """Generate images from a prompt (text-to-image, editing, image-to-image, inpainting).
 
     \b
     bonsai-mlx gen -p "a red fox in the snow"
     bonsai-mlx gen -m binary -p "a red fox" --size 768x512 --seed 1 --seed 2 -o fox.png
     bonsai-mlx gen -p "make it night" --image photo.png
     bonsai-mlx gen -p "an oil painting" --image photo.png --strength 0.6
+    bonsai-mlx gen -p "a red balloon" --image photo.png --mask mask.png
+    bonsai-mlx gen -p "a red fox" --vae small
     bonsai-mlx gen -m binary -p "a fox, ink style" --lora ink.safetensors:0.8
+    mlx.launch --backend ring -n 2 -- bonsai-mlx gen -p "a red fox" --seeds 4
+
+    Under mlx.launch (docs/distributed.md) rank 0 writes every file, exactly as one
+    process would.
     """
     # Every check that needs no model comes first, so mistakes fail in milliseconds.
+    from bonsai_mlx import distributed
+    from bonsai_mlx.outputs import OutputPlan, check_preview_target, png_size_bound
+    from bonsai_mlx.request import GenerationRequest
+
     width, height = parse_size(size) if size else (None, None)
     model_id = resolve_model(model)
-    if strength is not None:
-        if not 0.0 < strength <= 1.0:
-            raise BonsaiError(f"--strength {strength} is out of range; use 0 < strength <= 1 "
-                              "(lower keeps more of the input image)")
-        if len(images) != 1:
-            raise BonsaiError("--strength (image-to-image) needs exactly one --image; "
-                              f"got {len(images)}")
-    text(prompt, "--prompt")
-    if negative_prompt is not None:
-        text(negative_prompt, "--negative-prompt")
-    image_sizes = [_check_image(path) for path in images]
+    request = GenerationRequest.create(
+        prompt, width=width, height=height, steps=steps, guidance=guidance,
+        negative_prompt=negative_prompt, images=list(images) or None, strength=strength,
+        tiled_vae=tile_vae, mask=mask, reference_kv_cache=reference_kv_cache, names=CLI_NAMES,
+    )
+    if loras and tensor_parallel:
+        raise BonsaiError("--lora and --tensor-parallel do not combine yet: a LoRA is not "
+                          "sharded; leave out --tensor-parallel (each process then makes a "
+                          "share of the images with the LoRA)")
     plan = OutputPlan.from_option(output)
+    preview_file = check_preview_target(preview_file)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
-    if not seed_list:
-        seed_list = [secrets.randbelow(2**32)]
+    seed_list = seed_list or [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
-    from bonsai_mlx.lora import read_lora
-
     with _hub_progress(show):  # LoRA files are read (and checked) before the model loads
-        lora_files = [(read_lora(path), scale) for path, scale in map(parse_lora_spec, loras)]
-
-    from bonsai_mlx.memory import check_memory
-    from bonsai_mlx.pipeline import ALLOW_PATTERNS, DEFAULT_SIZE, Pipeline
-
-    # the pipeline's own size rule: --size, else the first image's, else the default
-    first = image_sizes[0] if image_sizes else (DEFAULT_SIZE, DEFAULT_SIZE)
-    out_width, out_height = width or first[0], height or first[1]
-    check_writable(plan.folder, len(seed_list) * png_size_bound(out_width, out_height),
-                   hint="choose another -o")
-    with warnings.catch_warnings():
+        lora_files = _read_loras(loras)
+    group = distributed.world()  # the processes mlx.launch started; one otherwise
+    if group.rank() == 0:  # the only rank that writes
+        check_writable(plan.folder, len(seed_list) * png_size_bound(request.width,
+                                                                    request.height),
+                       hint="choose another -o")
+    with warnings.catch_warnings(), distributed.peer_errors(group):
         warnings.showwarning = _print_warning
+        seed_list = distributed.broadcast_ints(seed_list, group)  # rank 0's random seeds
         t0 = time.perf_counter()
-        with _hub_progress(show):
-            root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
-        check_memory(root, out_width, out_height, dtype=dtype, tiled_vae=tile_vae,
-                     reference_sizes=tuple(image_sizes) if strength is None else ())
-        pipe = Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload)
+        pipe = _load_pipeline(model_id, revision, dtype, request, no_offload, show,
+                              tensor_parallel, vae)
         _apply_loras(pipe, lora_files, lora_ignore_unmatched, quiet)
-        load_seconds = time.perf_counter() - t0
+        fields = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model_id,
+                  "images": ", ".join(Path(p).name for p in images) or None,
+                  "mask": Path(mask).name if mask else None, "vae": vae}
+        _generate_all(pipe, request, seed_list, plan, fields, group,
+                      group.size() > 1 and not tensor_parallel, show,
+                      None if quiet else time.perf_counter() - t0, preview_file)
 
-        for i, seed in enumerate(seed_list):
-            label = f"[{i + 1}/{len(seed_list)}] " if len(seed_list) > 1 else ""
-            progress = _Progress(show, label)
-            progress.start()
-            try:
-                image = pipe.generate(
-                    prompt, width=width, height=height, steps=steps, guidance=guidance,
-                    seed=seed, negative_prompt=negative_prompt, images=list(images) or None,
-                    strength=strength, tiled_vae=tile_vae, callback=progress.callback,
-                )
-            finally:
-                progress.close()
-            meta = {
-                "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
-                # the schedule's length (image-to-image runs only its last part)
-                "steps": steps or pipe.default_steps,
-                # distilled models ignore --guidance (the pipeline warns)
-                "guidance": pipe.default_guidance if guidance is None or pipe.is_distilled
-                else guidance,
-                "size": f"{image.width}x{image.height}", "model": model_id,
-                "strength": strength,
-                "images": ", ".join(Path(p).name for p in images) or None,
-                "loras": "; ".join(f"{_lora_label(i.source)}:{i.scale:g}"
-                                   for i in pipe.loras.values()) or None,  # as --lora takes
-                "bonsai-mlx": __version__, "Software": f"bonsai-mlx {__version__}",
-            }
-            path = write_png_exclusive(image, plan.folder / plan.name(prompt, seed),
-                                       png_metadata(meta))
-            click.echo(str(path))
-            if not quiet:
-                summary = format_summary(pipe.last_timings, pipe.last_peak_memory,
-                                         load_seconds if i == 0 else None)
-                click.echo(f"{label}seed {seed}: {summary}", err=True)
+
+def _generate_all(pipe, request, seed_list: list[int], plan, fields: dict[str, object], group,
+                  data_parallel: bool, show: bool, load_seconds: float | None,
+                  preview_file: Path | None = None) -> None:
+    """One image per seed, written by rank 0, each followed by the summary line of the
+    process that made it (none with `load_seconds` None: --quiet); rank 0 writes the step
+    previews of the images it makes to `preview_file`."""
+    pending_load = [load_seconds]  # on this process's first summary
+    summaries: dict[int, str] = {}  # of this process's images, shown once written
+
+    def make(job: tuple[int, int]):
+        i, seed = job
+        label = f"[{i + 1}/{len(seed_list)}] " if len(seed_list) > 1 else ""
+        progress = _Progress(show, label, preview_file if group.rank() == 0 else None)
+        image = _generate(pipe, request.with_seed(seed), progress)
+        if load_seconds is not None and (data_parallel or group.rank() == 0):
+            summary = format_summary(pipe.last_timings, pipe.last_peak_memory,
+                                     pending_load.pop() if pending_load else None)
+            where = f"rank {group.rank()}: " if data_parallel else ""
+            summaries[i] = f"{where}{label}seed {seed}: {summary}"
+        return image
+
+    for (i, seed), image in _made(list(enumerate(seed_list)), make, group, data_parallel):
+        if group.rank() == 0:  # rank 0 writes every file
+            click.echo(str(_write_png(pipe, request.with_seed(seed), image, plan, fields)))
+        if i in summaries:
+            click.echo(summaries.pop(i), err=True)
+
+
+def _made(jobs: list, make, group, data_parallel: bool) -> Iterator[tuple[object, object]]:
+    """(job, image) in job order on every rank. Data-parallel: each rank makes a share and
+    the uint8 pixels are gathered (no shared file system needed); otherwise every rank runs
+    every job (together, when the transformer is sharded)."""
+    if not data_parallel:
+        yield from ((job, make(job)) for job in jobs)
+        return
+    from bonsai_mlx import distributed
+
+    import mlx.core as mx
+    import numpy as np
+    from PIL import Image
+
+    def pixels(job) -> mx.array:
+        return mx.array(np.asarray(make(job)))  # (H, W, 3) uint8
+
+    for job, px in distributed.map_in_rounds(jobs, pixels, group):
+        yield job, Image.fromarray(np.array(px))
+
+
+def _load_pipeline(model_id: str, revision: str | None, dtype: str, request, no_offload: bool,
+                   show: bool, tensor_parallel: bool = False, vae: str | None = None):
+    """Download (or find) the model, check that the request fits in memory, load it (with
+    `vae`'s decoder)."""
+    from bonsai_mlx.layout import ALLOW_PATTERNS
+    from bonsai_mlx.memory import check_memory
+    from bonsai_mlx.pipeline import Pipeline
+
+    with _hub_progress(show):
+        root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
+    # inpainting's image is a reference too; image-to-image's is not
+    references = (() if request.strength is not None and request.mask is None
+                  else tuple(im.size for im in request.images))
+    check_memory(root, request.width, request.height, dtype=dtype, tiled_vae=request.tiled_vae,
+                 reference_sizes=references)
+    return Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload,
+                                    tensor_parallel=tensor_parallel, vae=vae)
+
+
+def _generate(pipe, request, progress: _Progress):
+    """One image, with progress bars (and previews)."""
+    progress.start()
+    try:
+        return pipe.run(request, callback=progress.callback,
+                        preview=progress.preview_file is not None).output("pil")
+    finally:
+        progress.close()
+
+
+def _write_png(pipe, request, image, plan, fields: dict[str, object]) -> Path:
+    """The image written as a PNG carrying its settings."""
+    from bonsai_mlx.outputs import generation_metadata, png_metadata, write_png_exclusive
+
+    loras = "; ".join(f"{_lora_label(i.source)}:{i.scale:g}"  # as --lora takes them
+                      for i in pipe.loras.values())
+    meta = generation_metadata(pipe, request, image, loras=loras, **fields)
+    return write_png_exclusive(image, plan.folder / plan.name(fields["prompt"], request.seed),
+                               png_metadata(meta))
 
 
 # ----------------------------------------------------------------------------------------
 # download
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
-
-
 def _by_component(files: dict[str, int]) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for name, size in sorted(files.items()):
-        top = name.split("/", 1)[0] if "/" in name else "(top level)"
+        top = name.split("/", 1)[0] if "/" in name else TOP_LEVEL
         sizes[top] = sizes.get(top, 0) + size
     return sizes
 
@@ -586,14 +520,14 @@ def download(model, revision, quiet) -> None:
     repo_id = resolve_model(model)
     if _is_local(repo_id):
         raise BonsaiError(f"{model} is a local folder; there is nothing to download")
-    from bonsai_mlx.pipeline import ALLOW_PATTERNS as patterns  # only the files it reads
+    from bonsai_mlx.layout import ALLOW_PATTERNS as patterns  # only the files it reads
 
     if not quiet:
         remote = _remote_sizes(repo_id, revision, patterns)
         if remote:
             for comp, size in _by_component(remote).items():
-                click.echo(f"  {comp:<32} {_human(size):>10}", err=True)
-            click.echo(f"  {'total':<32} {_human(sum(remote.values())):>10}  "
+                click.echo(f"  {comp:<32} {human_bytes(size):>10}", err=True)
+            click.echo(f"  {'total':<32} {human_bytes(sum(remote.values())):>10}  "
                        f"({len(remote)} files, {repo_id})", err=True)
     with _hub_progress(not quiet):
         path = resolve_model_path(repo_id, revision=revision, allow_patterns=patterns)
@@ -618,95 +552,6 @@ def _remote_sizes(repo_id: str, revision: str | None, patterns: list[str]) -> di
 # ----------------------------------------------------------------------------------------
 # info
 
-@dataclass
-class Component:
-    name: str
-    files: int = 0
-    bytes: int = 0
-    tensors: int = 0
-    format: str = ""
-    dtype_bytes: dict[str, int] = field(default_factory=dict)
-
-
-def _files(folder: Path) -> Iterator[Path]:
-    """Every file below `folder`, hidden ones (.cache, .git) left out."""
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts):
-            yield p
-
-
-def describe_folder(folder: Path) -> list[Component]:
-    """Components of a model folder: files, bytes (sum of file sizes), tensor dtypes from
-    safetensors headers only, and the storage format."""
-    comps: dict[str, Component] = {}
-    for path in _files(folder):
-        rel = path.relative_to(folder)
-        name = rel.parts[0] if len(rel.parts) > 1 else "(top level)"
-        c = comps.setdefault(name, Component(name))
-        c.files += 1
-        c.bytes += path.stat().st_size
-        if path.suffix == ".safetensors":
-            for key, t in read_safetensors_header(path).items():
-                if key == "__metadata__":
-                    continue
-                c.tensors += 1
-                dt = SAFETENSORS_DTYPE_NAMES.get(t["dtype"], t["dtype"])
-                start, stop = t["data_offsets"]
-                c.dtype_bytes[dt] = c.dtype_bytes.get(dt, 0) + stop - start
-    for c in comps.values():
-        base = folder if c.name == "(top level)" else folder / c.name
-        c.format = _format_of(base, c)
-    order = sorted(comps.values(), key=lambda c: (c.name == "(top level)", c.name))
-    return order
-
-
-def _format_of(folder: Path, c: Component) -> str:
-    """Storage format of a component: our packed format or MLX affine bits from
-    quantization_config.json / config.json (docs/formats.md), else the dense dtypes."""
-    dense = [d for d in sorted(c.dtype_bytes, key=lambda d: -c.dtype_bytes[d])
-             if d.startswith(("float", "bfloat"))]
-    if c.name == "(top level)":
-        return "index" if not c.tensors else "dense " + " + ".join(dense)
-    qpath = folder / "quantization_config.json"
-    if qpath.is_file():
-        q = read_json(qpath)
-        group = q.get("group_size")
-        group_text = f", group {group}" if group else ""
-        kind = str(q.get("format", "")).lower()
-        if kind in ("binary", "ternary"):  # bonsai-mlx's own packs
-            n = len(q.get("packed_layers") or [])
-            text = f"{kind} packed (bonsai-mlx){group_text}" + (f", {n} layers" if n else "")
-            if q.get("dense_bits") == 8:
-                return text + f" + MLX affine 8-bit dense layers ({q.get('dense_dtype', '?')})"
-            dense_dtype = q.get("dense_dtype") or (dense[0] if dense else None)
-            return text + (f" + {dense_dtype} dense layers" if dense_dtype else "")
-        if "bits" in q:  # the Bonsai MLX packs (mflux layout)
-            bits = q["bits"]
-            meaning = {1: " (binary)", 2: " (ternary)"}.get(bits, "")
-            text = f"MLX affine {bits}-bit{meaning}{group_text}"
-        else:
-            text = "quantized (unrecognised quantization_config.json)"
-        return text + (f" + {dense[0]} dense layers" if dense else "")
-    cpath = folder / "config.json"
-    if cpath.is_file():
-        config = read_json(cpath)
-        quant = config.get("quantization") or config.get("quantization_config")
-        if isinstance(quant, dict) and "bits" in quant:
-            return f"MLX affine {quant['bits']}-bit, group {quant.get('group_size', '?')}"
-    if dense:
-        return "dense " + " + ".join(dense)
-    if c.tensors:
-        return " + ".join(sorted(c.dtype_bytes))
-    return "tokenizer" if c.name == "tokenizer" else "config"
-
-
-def _model_folder(model: str, revision: str | None) -> tuple[Path, str]:
-    resolved = resolve_model(model)
-    if _is_local(resolved):
-        return Path(resolved).expanduser(), resolved
-    return _cached_snapshot(resolved, revision), resolved
-
-
 @cli.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("model")
 @click.option("--revision", default=None, help="Branch, tag or commit (cached repos).")
@@ -719,61 +564,19 @@ def info(model, revision, as_json) -> None:
     Reads only safetensors headers and file sizes (a LoRA file is read whole): nothing is
     downloaded.
     """
+    from bonsai_mlx import info as folder_info
+
     if model.endswith(".safetensors") and Path(model).expanduser().is_file():
         from bonsai_mlx.lora import read_lora
 
-        _lora_info(read_lora(model), as_json)
+        summary = read_lora(model).summary()
+        click.echo(json.dumps(summary, indent=2) if as_json
+                   else "\n".join(folder_info.lora_lines(summary)))
         return
-    folder, name = _model_folder(model, revision)
-    comps = describe_folder(folder)
-    if not comps:
-        raise BonsaiError(f"{folder} holds no files; is this the right folder?")
-    total = sum(c.bytes for c in comps)
-    pipeline_class = None
-    if (folder / "model_index.json").is_file():
-        pipeline_class = read_json(folder / "model_index.json").get("_class_name")
-    if as_json:
-        click.echo(json.dumps({
-            "model": name, "folder": str(folder), "pipeline": pipeline_class,
-            "components": [
-                {"name": c.name, "format": c.format, "files": c.files, "bytes": c.bytes,
-                 "tensors": c.tensors, "dtype_bytes": c.dtype_bytes} for c in comps
-            ],
-            "total_bytes": total,
-        }, indent=2))
-        return
-    click.echo(f"{name}" + (f"  ({pipeline_class})" if pipeline_class else ""))
-    if name != str(folder):
-        click.echo(f"  {folder}")
-    width = max(len(c.name) for c in comps + [Component("component")])
-    fwidth = max(len(c.format) for c in comps + [Component("", format="format")])
-    click.echo(f"{'component':<{width}}  {'format':<{fwidth}}  {'bytes':>15}")
-    for c in comps:
-        click.echo(f"{c.name:<{width}}  {c.format:<{fwidth}}  {c.bytes:>15,}  {_human(c.bytes)}")
-    click.echo(f"{'total':<{width}}  {'':<{fwidth}}  {total:>15,}  {_human(total)}")
-
-
-def _lora_info(lora_file, as_json: bool) -> None:
-    info = lora_file.summary()
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    click.echo(f"{info['file']}  (LoRA, {info['format']} format)")
-    click.echo(f"  layers      {len(info['layers'])} transformer layers from "
-               f"{info['file_layers']} in the file, rank {'/'.join(map(str, info['ranks']))}")
-    click.echo(f"  parameters  {info['parameters']:,} ({', '.join(info['dtypes'])}, "
-               f"{_human(info['bytes'])})")
-    if info["text_encoder_tensors"]:
-        click.echo(f"  ignored     {info['text_encoder_tensors']} text-encoder tensors "
-                   "(FLUX.2 LoRAs apply to the transformer)")
-    if info["unknown_tensors"]:
-        click.echo(f"  unknown     {len(info['unknown_tensors'])} tensors of no known layer, "
-                   f"e.g. {info['unknown_tensors'][0]}")
-    width = max((len(layer["module"]) for layer in info["layers"]), default=5)
-    click.echo(f"{'layer':<{width}}  rank  alpha/rank  in -> out")
-    for layer in info["layers"]:
-        click.echo(f"{layer['module']:<{width}}  {layer['rank']:>4}  {layer['scaling']:>10.4g}  "
-                   f"{layer['in']} -> {layer['out']}")
+    folder, name = folder_info.cached_model_folder(model, revision)
+    report = folder_info.folder_report(folder, name)
+    click.echo(json.dumps(report, indent=2) if as_json
+               else "\n".join(folder_info.report_lines(report)))
 
 
 # ----------------------------------------------------------------------------------------

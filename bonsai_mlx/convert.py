@@ -16,9 +16,10 @@ Sources (a local folder or a Hugging Face repo id):
   (a model not trained for binary / ternary weights loses quality);
 - a folder saved by bonsai-mlx (re-trim, or change the dense layers to 8-bit).
 
-The text encoder keeps only the layers up to the deepest one FLUX.2 reads (9, 18, 27 of
-Qwen3-4B's 36), MLX affine 4-bit by default. Everything is written into a temporary folder
-and renamed into place (`Pipeline.save_pretrained`). `bonsai-mlx convert` is the CLI.
+The text encoder keeps only the layers up to the deepest one FLUX.2 reads (9, 18, 27 of the
+36 of Qwen3-4B and Qwen3-8B), MLX affine 4-bit by default. Everything is written into a
+temporary folder and renamed into place (`Pipeline.save_pretrained`). `bonsai-mlx convert`
+is the CLI.
 """
 
 from __future__ import annotations
@@ -29,24 +30,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.layout import ALLOW_PATTERNS, LAYOUTS, check_destination, detect_layout, payload
 from bonsai_mlx.models.transformer import Flux2Transformer
-from bonsai_mlx.pipeline import (
-    ALLOW_PATTERNS,
-    LAYOUTS,
-    Pipeline,
-    check_destination,
-    detect_layout,
-)
+from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import (
     PACKED_LINEAR,
-    model_packed_layer_paths,
     quantize_dense_layers,
     quantize_model,
 )
-from bonsai_mlx.quant.model import get_module
+from bonsai_mlx.quant.model import get_module, packed_format
 from bonsai_mlx.weights import (
     check_writable,
     checkpoint_float_dtype,
+    human_bytes,
     resolve_model,
     resolve_model_path,
 )
@@ -85,51 +81,15 @@ class ConversionReport:
             a = sum(self.after.values()) if name == "total" else self.after.get(name, 0)
             change = f"{(a - b) / b:+.1%}" if b else ""
             rows.append(f"{name:<13} {b:>15,} {a:>15,} {change:>8}   "
-                        f"{_human(b)} -> {_human(a)}")
+                        f"{human_bytes(b)} -> {human_bytes(a)}")
         return "\n".join(rows)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
-def payload(root: str | Path) -> dict[str, int]:
-    """Bytes on disk per component of a pipeline folder (any layout): the files the pipeline
-    reads (`transformer`, `text_encoder`, `vae`, `tokenizer`, `scheduler`; top-level files
-    as `other`). The Bonsai pack's `transformer-packed-mflux/` and `text_encoder-mlx-4bit/`
-    count as transformer and text_encoder."""
-    root = Path(root)
-    dirs = dict(LAYOUTS[detect_layout(root)], vae="vae", tokenizer="tokenizer",
-                scheduler="scheduler")
-    sizes = {}
-    for name, sub in dirs.items():
-        folder = root / sub
-        sizes[name] = sum(f.stat().st_size for f in folder.rglob("*")
-                          if f.is_file() and not _hidden(f, folder))
-    sizes["other"] = sum(f.stat().st_size for f in root.iterdir()
-                         if f.is_file() and not f.name.startswith("."))
-    return sizes
-
-
-def _hidden(path: Path, folder: Path) -> bool:
-    return any(p.startswith(".") for p in path.relative_to(folder).parts)
-
-
-def _packed_format(model: Flux2Transformer) -> str | None:
-    formats = {m.format for _, m in model.named_modules()
-               if isinstance(m, tuple(PACKED_LINEAR.values()))}
-    return formats.pop() if len(formats) == 1 else None
 
 
 def pack_transformer(model: Flux2Transformer, fmt: str) -> str:
     """Pack the transformer's binary / ternary layers in place. Returns the method: exact
     (every layer then checked to decode to its original weight) or absmean, with a
     warning."""
-    paths = model_packed_layer_paths(model)
+    paths = model.packable_layers()
     originals = {p: get_module(model, p).weight for p in paths}
     exact = quantize_model(model, fmt)  # warns when a layer needs absmean
     if not exact:
@@ -151,30 +111,29 @@ def convert(
     text_encoder_bits: int = 4,
     overwrite: bool = False,
     revision: str | None = None,
+    vae: str | Path | None = None,
     echo: Callable[[str], None] | None = print,
 ) -> ConversionReport:
     """Convert the pipeline `src` (folder or repo id) into bonsai-mlx's layout at `dst`.
 
-    - `fmt`: "binary" or "ternary" packs the transformer's 100 big linear layers (exactly when
-      their weights already take those values, else absmean with a warning); None (default)
-      keeps the transformer as it is (dense or packed). A packed source must be asked for
-      its own format (or None).
+    - `fmt`: "binary" or "ternary" packs the transformer's big linear layers (12 per double
+      block, 2 per single block: 100 in the 4B, 144 in the 9B), exactly when their weights
+      already take those values, else absmean with a warning; None (default) keeps the
+      transformer as it is (dense or packed). A packed source must be asked for its own
+      format (or None).
     - `dense_bits`: 16 keeps the other transformer layers in the checkpoint's float dtype;
       8 makes their Linear layers MLX affine 8-bit (group 64).
     - `text_encoder_bits`: 4 (default), 3 or 8 (MLX affine, group 64), or 16 (float); the
       encoder keeps only the layers the pipeline reads. A quantised source encoder (the
       Bonsai packs: 4-bit) can only be kept at its own width.
+    - `vae`: write this VAE decoder instead of the source's (`"small"`: FLUX.2's small
+      decoder; a repo or folder), with the source's encoder (`Pipeline.from_pretrained`).
     - `overwrite`: replace an existing `dst` (otherwise an error); only a model folder that
-      is not a source, the current or the home folder (`pipeline.check_destination`).
+      is not a source, the current or the home folder (`layout.check_destination`).
     `echo` receives progress lines and the byte table (None: silent). Returns the report.
     """
     say = echo or (lambda _: None)
-    if fmt is not None and fmt not in PACKED_LINEAR:
-        raise BonsaiError(f"unknown format {fmt!r}; use 'binary' or 'ternary'")
-    if dense_bits not in DENSE_BITS:
-        raise BonsaiError(f"dense_bits must be 16 or 8, not {dense_bits!r}")
-    if text_encoder_bits not in TEXT_ENCODER_BITS:
-        raise BonsaiError(f"text_encoder_bits must be 3, 4, 8 or 16, not {text_encoder_bits!r}")
+    _check_options(fmt, dense_bits, text_encoder_bits)
     dst = Path(dst).expanduser()
     local = Path(resolve_model(src))  # a repo id is checked once downloaded (save_pretrained)
     check_destination(dst, overwrite=overwrite, sources=[local] if local.exists() else [])
@@ -182,14 +141,35 @@ def convert(
     root = resolve_model_path(src, revision=revision, allow_patterns=ALLOW_PATTERNS)
     layout = detect_layout(root)
     before = payload(root)
-    transformer_dir = root / LAYOUTS[layout]["transformer"]
     # The checkpoint's own float dtype: fp16 / bf16 values load (and save) unchanged.
-    dtype = checkpoint_float_dtype(transformer_dir)
+    dtype = checkpoint_float_dtype(root / LAYOUTS[layout]["transformer"])
     say(f"loading {root} ({layout}, {str(dtype).removeprefix('mlx.core.')})")
-    pipe = Pipeline.from_pretrained(root, dtype=dtype)
+    pipe = Pipeline.from_pretrained(root, dtype=dtype, vae=vae)
+    have = packed_format(pipe.transformer)
+    have = have if have in PACKED_LINEAR else None
+    method = _pack(pipe.transformer, src, have, fmt, dense_bits, layout, say)
+    say(f"writing {dst} (text encoder {text_encoder_bits}-bit, trimmed to layer "
+        f"{max(pipe.prompt_encoder.out_layers)})")
+    out = pipe.save_pretrained(dst, overwrite=overwrite, text_encoder_bits=text_encoder_bits,
+                               transformer_dtype=dtype)
+    report = ConversionReport(root, out, have or fmt or "dense", method, before, payload(out))
+    say(f"transformer: {report.format}, {report.method}")
+    say(report.table())
+    return report
 
-    model = pipe.transformer
-    have = _packed_format(model)
+
+def _check_options(fmt: str | None, dense_bits: int, text_encoder_bits: int) -> None:
+    if fmt is not None and fmt not in PACKED_LINEAR:
+        raise BonsaiError(f"unknown format {fmt!r}; use 'binary' or 'ternary'")
+    if dense_bits not in DENSE_BITS:
+        raise BonsaiError(f"dense_bits must be 16 or 8, not {dense_bits!r}")
+    if text_encoder_bits not in TEXT_ENCODER_BITS:
+        raise BonsaiError(f"text_encoder_bits must be 3, 4, 8 or 16, not {text_encoder_bits!r}")
+
+
+def _pack(model: Flux2Transformer, src: str | Path, have: str | None, fmt: str | None,
+          dense_bits: int, layout: str, say: Callable[[str], None]) -> str:
+    """Pack the transformer as asked (in place); returns how (`ConversionReport.method`)."""
     if have is not None:
         if fmt is not None and fmt != have:
             raise BonsaiError(f"{src} is already {have}-packed; it cannot become {fmt} "
@@ -202,23 +182,15 @@ def convert(
             method = pack_transformer(model, fmt)
         for w in caught:
             say(f"warning: {w.message}")
-            warnings.warn(str(w.message), w.category, stacklevel=2)
+            warnings.warn(str(w.message), w.category, stacklevel=3)
+    elif dense_bits == 8:
+        raise BonsaiError("dense_bits=8 needs a packed transformer: pass a format "
+                          "(--format binary or ternary)")
     else:
-        if dense_bits == 8:
-            raise BonsaiError("dense_bits=8 needs a packed transformer: pass a format "
-                              "(--format binary or ternary)")
         method = "unchanged"
     if dense_bits == 8:
         quantize_dense_layers(model, 8)
-
-    say(f"writing {dst} (text encoder {text_encoder_bits}-bit, trimmed to layer "
-        f"{max(pipe.prompt_encoder.out_layers)})")
-    out = pipe.save_pretrained(dst, overwrite=overwrite, text_encoder_bits=text_encoder_bits,
-                               transformer_dtype=dtype)
-    report = ConversionReport(root, out, have or fmt or "dense", method, before, payload(out))
-    say(f"transformer: {report.format}, {report.method}")
-    say(report.table())
-    return report
+    return method
 
 
 # ---- command line -------------------------------------------------------------------------
@@ -228,15 +200,19 @@ def convert(
 @click.argument("src")
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["binary", "ternary"]), default=None,
-              help="Pack the transformer's 100 big layers. Omit to keep it as it is.")
+              help="Pack the transformer's big linear layers (4B: 100, 9B: 144). Omit "
+                   "to keep it as it is.")
 @click.option("--dense-bits", type=click.Choice(["16", "8"]), default="16", show_default=True,
               help="The other transformer layers: 16-bit, or MLX affine 8-bit.")
 @click.option("--text-encoder-bits", type=click.Choice(["4", "3", "8", "16"]), default="4",
               show_default=True, help="MLX affine bits of the (trimmed) text encoder.")
+@click.option("--vae", default=None, metavar="small|REPO|FOLDER",
+              help="Write this VAE decoder instead (small: FLUX.2 small decoder); the "
+                   "encoder stays SRC's.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SRC.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the byte table.")
-def convert_command(src, dst, fmt, dense_bits, text_encoder_bits, overwrite, revision,
+def convert_command(src, dst, fmt, dense_bits, text_encoder_bits, vae, overwrite, revision,
                     quiet) -> None:
     """Convert SRC (a folder or Hugging Face repo id: diffusers FLUX.2 [klein], a Bonsai
     `*-unpacked` repo or a Bonsai MLX pack) into bonsai-mlx's layout at DST, and report the
@@ -245,10 +221,11 @@ def convert_command(src, dst, fmt, dense_bits, text_encoder_bits, overwrite, rev
     \b
     bonsai-mlx convert prism-ml/bonsai-image-binary-4B-mlx-1bit bonsai-binary
     bonsai-mlx convert ./klein-ternary-unpacked out --format ternary --dense-bits 8
+    bonsai-mlx convert klein-4b klein-small-decoder --vae small
     """
     report = convert(src, dst, fmt, dense_bits=int(dense_bits),
                      text_encoder_bits=int(text_encoder_bits), overwrite=overwrite,
-                     revision=revision,
+                     revision=revision, vae=vae,
                      echo=None if quiet else lambda s: click.echo(s, err=True))
     if quiet:
         click.echo(report.table())

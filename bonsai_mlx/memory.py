@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.images import MULTIPLE
+from bonsai_mlx.layout import LAYOUTS, detect_layout
 from bonsai_mlx.models.text_encoder import DEFAULT_OUT_LAYERS
 from bonsai_mlx.models.transformer import Flux2TransformerConfig
 from bonsai_mlx.models.vae import AUTO_TILE_PIXELS, VAE, VAEConfig
-from bonsai_mlx.pipeline import LAYOUTS, MULTIPLE, detect_layout
 from bonsai_mlx.weights import (
     DTYPES,
     SAFETENSORS_DTYPE_NAMES,

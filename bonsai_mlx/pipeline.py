@@ -8,85 +8,78 @@ the prompt (Qwen3, evicted afterwards), draw noise in the patchified latent spac
 (B, 128, H/16, W/16) and pack it row-major into tokens, run the FlowMatch Euler schedule
 (with classifier-free guidance for base models), un-normalise, unpatchify and decode.
 Reference images for editing are encoded, normalised and appended after the noise tokens
-with time coordinate 10 + 10 i; they are never noised.
+with time coordinate 10 + 10 i; they are never noised. With `reference_kv_cache` (diffusers'
+`Flux2KleinKVPipeline`) they run once, alone, and every step attends to their cached keys and
+values instead. Inpainting (`Flux2KleinInpaintPipeline`) starts from the noised image, puts
+its kept region back after every step (bonsai_mlx/inpaint.py) and shows it to the model as
+the first reference.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import secrets
-import shutil
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from bonsai_mlx import lora
-from bonsai_mlx.checks import text
+from bonsai_mlx import distributed, lora
+from bonsai_mlx.checks import check_prompts
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.images import LANCZOS, MULTIPLE, ImageInput, image_to_array, to_pil
+from bonsai_mlx.inpaint import KnownRegion, MaskInput
+from bonsai_mlx.layout import (
+    ALLOW_PATTERNS,
+    KV_PIPELINE_CLASS,
+    LAYOUTS,
+    SHARED_DIRS,
+    check_destination,
+    detect_layout,
+)
 from bonsai_mlx.models.text_encoder import PromptEncoder
-from bonsai_mlx.models.transformer import Flux2Transformer
+from bonsai_mlx.models.transformer import ContextMemo, Flux2Transformer, Rope
+from bonsai_mlx.models.transformer_layers import ReferenceKV
 from bonsai_mlx.models.vae import VAE
+from bonsai_mlx.request import GenerationRequest, GenerationResult
 from bonsai_mlx.scheduler import (
-    MAX_STEPS,
+    Schedule,
     SchedulerConfig,
+    denoised_estimate,
     euler_step,
     img2img_start_index,
     make_schedule,
+    noise_latents,
 )
 from bonsai_mlx.weights import (
+    atomic_dir,
     check_no_custom_code,
     check_writable,
-    load_weights,
     parse_dtype,
     read_json,
     resolve_model_path,
-    save_safetensors,
-    write_json,
 )
 
 import mlx.core as mx
 import numpy as np
+import PIL.Image
 
-MULTIPLE = 16  # VAE factor 8 x 2x2 patch: one token per 16x16 pixels
-MIN_SIZE, MAX_SIZE = 16, 4096  # per side, pixels
-DEFAULT_SIZE = 1024  # per side, without a size or an input image
-MAX_REFERENCE_PIXELS = 1024 * 1024  # reference images are shrunk to at most 1 MP
 REFERENCE_TIME_STEP = 10  # reference image i gets time coordinate 10 + 10 i
 
-# Only these files are downloaded from the Hub (both layouts; a repo holds one of them).
-ALLOW_PATTERNS = [
-    "model_index.json", "manifest.json",
-    # tokenizer data only: never a .py file a tokenizer_config.json could point at
-    "scheduler/*.json", "tokenizer/*.json", "tokenizer/*.txt", "tokenizer/*.jinja",
-    "tokenizer/*.model",
-    "transformer/*.json", "transformer/*.safetensors",
-    "text_encoder/*.json", "text_encoder/*.safetensors",
-    "vae/*.json", "vae/*.safetensors",
-    "transformer-packed-mflux/*.json", "transformer-packed-mflux/*.safetensors",
-    "text_encoder-mlx-4bit/*.json", "text_encoder-mlx-4bit/*.safetensors",
-]
-PIPELINE_CLASSES = ("Flux2KleinPipeline",)
-DIFFUSERS_COMPONENTS = {  # model_index.json entries of a saved pipeline
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "Qwen3ForCausalLM"],
-    "tokenizer": ["transformers", "Qwen2Tokenizer"],
-    "transformer": ["diffusers", "Flux2Transformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKLFlux2"],
-}
 
-ImageInput = "PIL.Image.Image | str | Path"
+class GenerationCancelled(Exception):
+    """Raise it from a `generate` callback to stop between steps: `generate` lets it
+    propagate, returns nothing, and leaves the pipeline ready for the next call."""
 
 
 class Pipeline:
     """FLUX.2 [klein]: `from_pretrained`, `generate`, `encode_prompt`.
 
     After each `generate`, `last_timings` holds seconds per stage (`encode`, `images` when
-    images were encoded, `steps` as a list, `decode`), `last_peak_memory` the peak MLX
-    memory in bytes and `last_seed` the seed used.
+    images were encoded, `reference_kv` when reference keys and values were cached, `steps`
+    as a list, `decode`), `last_peak_memory` the peak MLX memory in bytes (of which
+    `last_decode_peak_memory` during decoding) and `last_seed` the seed used. `parallel`
+    says how a call is spread over the ranks of `mlx.launch` (docs/distributed.md).
     """
 
     def __init__(
@@ -97,18 +90,25 @@ class Pipeline:
         scheduler_config: SchedulerConfig,
         *,
         is_distilled: bool,
+        reference_kv_cache: bool = False,
     ):
         self.transformer = transformer
         self.vae = vae
         self.prompt_encoder = prompt_encoder
         self.scheduler_config = scheduler_config
         self.is_distilled = bool(is_distilled)
+        self.latent_channels = transformer.config.in_channels  # of the packed 2x2 patches
         self.default_steps = 4 if self.is_distilled else 50
         self.default_guidance = 1.0 if self.is_distilled else 4.0
+        # generate's default: keep the reference images' keys and values (FLUX.2 [klein] KV)
+        self.reference_kv_cache = bool(reference_kv_cache)
         self.last_timings: dict[str, float | list[float]] = {}
         self.last_peak_memory: int | None = None
+        self.last_decode_peak_memory: int | None = None
         self.last_seed: int | None = None
         self.source: Path | None = None  # the folder from_pretrained read (save_pretrained)
+        self.parallel = distributed.Parallel()  # one process unless from_pretrained says so
+        self._latent_preview = None
 
     # ---- loading --------------------------------------------------------------------
 
@@ -121,16 +121,28 @@ class Pipeline:
         *,
         keep_text_encoder: bool = False,
         prompt_cache_dir: str | Path | None = None,
+        vae: str | Path | None = None,
+        tensor_parallel: bool = False,
+        data_parallel: bool = False,
     ) -> Pipeline:
         """Load a diffusers `Flux2KleinPipeline` folder or a Bonsai MLX pack.
 
         `path_or_repo_id` is a local folder, a Hugging Face repo id or an alias (`ternary`,
-        `binary`, `klein-4b`, `klein-base-4b`); only the files used are downloaded, and
-        HF_HUB_OFFLINE and the cache are respected. `dtype` is the compute dtype of all three
-        models (`"auto"`: bfloat16 on a GPU, float32 on the CPU). The text encoder is released
-        after each prompt encoding unless `keep_text_encoder`; `prompt_cache_dir` caches
-        prompt embeddings on disk.
+        `binary`, `klein-4b`, `klein-base-4b`, `klein-9b`, `klein-base-9b`, `klein-9b-kv`);
+        only the files used are downloaded, and HF_HUB_OFFLINE and the cache are respected.
+        `dtype` is the compute dtype of all three models (`"auto"`: bfloat16 on a GPU,
+        float32 on the CPU). The text encoder is released after each prompt encoding unless
+        `keep_text_encoder`; `prompt_cache_dir` caches prompt embeddings on disk. `vae`
+        swaps the VAE decoder: `"small"` (FLUX.2's small decoder), a Hub repo or a folder;
+        images are still encoded with the model's own encoder.
+
+        Under `mlx.launch` (docs/distributed.md), with every rank running the same calls:
+        `tensor_parallel` shards the transformer across the ranks (each image faster);
+        `data_parallel` makes `generate` split each batch (prompts x `num_images`) across
+        them. Both are no-ops in a single process.
         """
+        if tensor_parallel and data_parallel:
+            raise BonsaiError("choose tensor_parallel or data_parallel, not both")
         dtype = parse_dtype(dtype)
         root = resolve_model_path(path_or_repo_id, revision=revision,
                                   allow_patterns=ALLOW_PATTERNS)
@@ -142,23 +154,24 @@ class Pipeline:
         scheduler = SchedulerConfig.from_pretrained(root / "scheduler")
         # dense, or packed (our layout or a Bonsai MLX 1-/2-bit pack, converted exactly)
         transformer = Flux2Transformer.from_pretrained(root / dirs["transformer"], dtype=dtype)
-        vae = VAE.from_pretrained(root / "vae", dtype=dtype)
+        vae = (VAE.from_pretrained(root / "vae", dtype=dtype) if vae is None else
+               VAE.from_pretrained(vae, dtype=dtype, encoder=root / "vae"))
         prompt_encoder = PromptEncoder.from_pretrained(
             root / dirs["text_encoder"], root / "tokenizer", dtype=dtype,
             keep_loaded=keep_text_encoder, cache_dir=prompt_cache_dir,
         )
-        latent_channels = vae.config.latent_channels
-        in_channels = transformer.config.in_channels
-        if vae.scale_factor * 2 != MULTIPLE or in_channels != 4 * latent_channels:
-            raise BonsaiError(
-                f"{root}: the VAE (factor {vae.scale_factor}, {latent_channels} latent channels) "
-                f"does not fit the transformer ({in_channels} input channels); "
-                "FLUX.2 [klein] needs factor 8 and 4 x latent channels"
-            )
-        # Bonsai packs are compressions of the distilled FLUX.2 [klein] 4B.
-        distilled = index.get("is_distilled", layout == "bonsai-mlx-pack")
-        pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled))
+        _check_fit(root, transformer, vae)
+        # Bonsai packs compress the distilled FLUX.2 [klein] 4B; diffusers' KV pipeline is
+        # distilled without saying so in model_index.json.
+        is_kv = index.get("_class_name") == KV_PIPELINE_CLASS
+        distilled = index.get("is_distilled", layout == "bonsai-mlx-pack" or is_kv)
+        pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled),
+                   reference_kv_cache=is_kv)
         pipe.source = root
+        if tensor_parallel:
+            distributed.use_tensor_parallel(pipe)
+        elif data_parallel:
+            distributed.use_data_parallel(pipe)
         return pipe
 
     # ---- saving ---------------------------------------------------------------------
@@ -195,65 +208,24 @@ class Pipeline:
         if self.source is None:
             raise BonsaiError("this pipeline was not loaded with from_pretrained, so its VAE "
                               "files are unknown; load it from a folder to save it")
+        if self.parallel.mode == "tensor":
+            raise BonsaiError("this pipeline holds one rank's shard of the transformer "
+                              "(tensor_parallel); load it without tensor_parallel to save it")
         if self.loras:
             raise BonsaiError(f"LoRAs are loaded ({', '.join(self.loras)}); unload_lora() "
                               "first, or fuse_lora() on a dense model to save them merged")
         check_writable(dst.parent, hint="choose another folder")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
-        try:
-            self._write(tmp, text_encoder_bits, transformer_dtype, vae_dtype)
-            if dst.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-                os.replace(dst, old / dst.name)
-                os.replace(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, dst)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError):  # a full or read-only disk: nothing was left behind
-                raise BonsaiError(f"cannot write {dst} ({e.strerror or e}); nothing was "
-                                  "written: free some space or choose another folder") from e
-            raise
-        return dst
+        from bonsai_mlx.saving import write_pipeline
 
-    def _write(self, folder: Path, text_encoder_bits, transformer_dtype, vae_dtype) -> None:
-        source = self.source  # not None: save_pretrained checked
-        index_path = source / "model_index.json"
-        index = read_json(index_path) if index_path.is_file() else {}
-        index = {k: v for k, v in index.items() if not k.startswith("bonsai_mlx")}
-        index.update({"_class_name": PIPELINE_CLASSES[0], "is_distilled": self.is_distilled})
-        for name, entry in DIFFUSERS_COMPONENTS.items():
-            index.setdefault(name, entry)
-        quant = self.transformer.save_pretrained(folder / "transformer", dtype=transformer_dtype)
-        text = self.prompt_encoder.save_pretrained(folder / "text_encoder",
-                                                   bits=text_encoder_bits)
-        save_vae_files(source / "vae", folder / "vae", vae_dtype)
-        (folder / "tokenizer").mkdir()
-        for f in sorted(Path(self.prompt_encoder.tokenizer_dir).iterdir()):
-            if f.is_file():
-                shutil.copyfile(f, folder / "tokenizer" / f.name)
-        scheduler_file = source / "scheduler" / "scheduler_config.json"
-        scheduler = (read_json(scheduler_file) if scheduler_file.is_file()
-                     else {"_class_name": "FlowMatchEulerDiscreteScheduler",
-                           **dataclasses.asdict(self.scheduler_config)})
-        write_json(folder / "scheduler" / "scheduler_config.json", scheduler)
-        index["bonsai_mlx"] = {
-            "transformer": quant.get("format", "dense"),
-            "text_encoder_bits": (text.get("quantization") or {}).get("bits", 16),
-            "text_encoder_out_layers": list(self.prompt_encoder.out_layers),
-        }
-        write_json(folder / "model_index.json", index)
+        with atomic_dir(dst, overwrite=overwrite) as tmp:
+            write_pipeline(self, tmp, text_encoder_bits, transformer_dtype, vae_dtype)
+        return dst
 
     # ---- prompts --------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | Sequence[str]) -> mx.array:
         """Prompt(s) -> embeddings (B, 512, 3 * text hidden size), as diffusers."""
-        return self.prompt_encoder.encode(_check_prompts(prompt))
+        return self.prompt_encoder.encode(check_prompts(prompt))
 
     # ---- LoRA adapters (bonsai_mlx.lora) ----------------------------------------------
 
@@ -265,6 +237,9 @@ class Pipeline:
         .safetensors file, a folder, a Hugging Face repo id (`weight_name` picks the file
         when it holds several) or a `lora.LoraFile` already read. Formats: diffusers/PEFT,
         BFL/ai-toolkit, kohya. See README "LoRA adapters"."""
+        if self.parallel.mode == "tensor":
+            raise BonsaiError("LoRA adapters and tensor_parallel do not combine yet (the "
+                              "adapters are not sharded); load the pipeline data_parallel")
         return lora.load_lora(self.transformer, path_or_repo_id, scale=scale, name=name,
                               weight_name=weight_name, revision=revision,
                               ignore_unmatched=ignore_unmatched)
@@ -304,10 +279,13 @@ class Pipeline:
         negative_prompt: str | Sequence[str] | None = None,
         num_images: int = 1,
         output_type: str = "pil",
-        callback: Callable[[int, int, mx.array], None] | None = None,
+        callback: Callable[..., None] | None = None,
         sigmas: Sequence[float] | None = None,
         tiled_vae: bool | None = None,
-    ):
+        preview: bool = False,
+        mask: MaskInput | None = None,
+        reference_kv_cache: bool | None = None,
+    ) -> PIL.Image.Image | list[PIL.Image.Image] | np.ndarray | mx.array:
         """Generate images.
 
         - `width`, `height`: multiples of 16 in [16, 4096]; default 1024, or the size of the
@@ -316,353 +294,319 @@ class Pipeline:
           models (classifier-free guidance with `negative_prompt`, default ""). Guidance on
           a distilled model is ignored, with a warning.
         - `seed`: same seed, same machine -> identical image. `latents` (B, 128, H/16, W/16),
-          diffusers' layout, replaces the seeded noise.
+          diffusers' layout, replaces the seeded noise (with `strength` it is noised into
+          the image as that noise; diffusers' inpainting instead starts from `latents`).
         - `images`: reference images (PIL images or paths) for editing; with `strength` in
           (0, 1], exactly one image is the start of image-to-image instead.
+        - `mask`: inpainting (diffusers' Flux2KleinInpaintPipeline): white = repaint, black =
+          keep; a PIL image, a path or a (H, W) array, the size of `images[0]`, the image to
+          repaint (resized, not cropped, to multiples of 16, or to `width` x `height`);
+          further images are references. `strength` defaults to 0.8.
+        - `reference_kv_cache`: run the reference images once, keep their attention keys and
+          values, and give later steps only the text and noise tokens (FLUX.2 [klein] KV,
+          `Flux2KleinKVPipeline`). Default: on for models whose model_index.json names that
+          pipeline, else off. On other models it is an approximation (references then see
+          neither text nor noise), faster with several references.
         - `num_images` per prompt; a list of prompts gives a batch.
         - `output_type`: "pil" (an image, or a list for a batch), "np" (float32 (B, H, W, 3)
           in [0, 1]) or "mx".
-        - `callback(step, total, latents)` after each step, latents (B, 128, H/16, W/16).
+        - `callback(step, total, latents)` after each step, latents (B, 128, H/16, W/16);
+          raising `GenerationCancelled` in it stops the generation. `preview=True` adds a
+          4th argument: a small RGB picture (H/8 x W/8, PIL; a list for a batch) of the
+          model's current estimate of the final image (`bonsai_mlx.preview`).
         - `sigmas`: a custom schedule (the configured shift still applies).
         - `tiled_vae`: force tiled (True) or untiled (False) decoding; default automatic.
         """
+        request = GenerationRequest.create(
+            prompt, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
+            latents=latents, images=images, strength=strength, negative_prompt=negative_prompt,
+            num_images=num_images, output_type=output_type, sigmas=sigmas, tiled_vae=tiled_vae,
+            mask=mask, reference_kv_cache=reference_kv_cache,
+        )
+        return self.run(request, callback, preview=preview).output(request.output_type)
+
+    def run(self, request: GenerationRequest, callback: Callable[..., None] | None = None,
+            *, preview: bool = False) -> GenerationResult:
+        """Generate what a checked request asks for (`generate` checks its arguments into
+        one; `callback` and `preview` as there); sets `last_timings`, `last_peak_memory`
+        and `last_seed` too."""
         t_start = time.perf_counter()
         mx.reset_peak_memory()
-        prompts = _check_prompts(prompt)
-        if output_type not in ("pil", "np", "mx"):
-            raise BonsaiError(f"output_type must be 'pil', 'np' or 'mx', not {output_type!r}")
-        if not isinstance(num_images, int) or isinstance(num_images, bool) or num_images < 1:
-            raise BonsaiError(f"num_images must be a positive integer, not {num_images!r}")
-        steps, guidance = self._steps_and_guidance(steps, guidance, sigmas)
-        use_cfg = guidance > 1.0 and not self.is_distilled
-        image_list = _as_image_list(images)
-        if strength is not None:
-            if not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-                raise BonsaiError(f"strength must be in (0, 1], not {strength!r}")
-            if len(image_list) != 1:
-                raise BonsaiError(
-                    f"image-to-image (strength) takes exactly one input image, got "
-                    f"{len(image_list)}"
-                )
-        prepared = [prepare_image(load_image(im), im) for im in image_list]
-        if prepared:
-            width = width if width is not None else prepared[0].size[0]
-            height = height if height is not None else prepared[0].size[1]
-        width = DEFAULT_SIZE if width is None else width
-        height = DEFAULT_SIZE if height is None else height
-        check_size(width, height)
-        h, w = height // MULTIPLE, width // MULTIPLE
-        batch = len(prompts) * num_images
-        noise = self._initial_noise(latents, seed, (batch, 128, h, w))  # (B, h*w, 128)
         timings: dict[str, float | list[float]] = {}
-
-        # 1. prompts (the text encoder is released by the PromptEncoder afterwards)
+        x, seed = self._sample(request, timings, callback, preview)
+        mx.clear_cache()  # the conditioning and the transformer's activations are gone
+        # the decode's own peak is kept apart (the small decoder's saving); the whole call's
+        # is the larger one
+        peak = mx.get_peak_memory()
+        mx.reset_peak_memory()
         t0 = time.perf_counter()
-        negatives = _negative_prompts(negative_prompt, len(prompts)) if use_cfg else []
-        embeds = self.prompt_encoder.encode(prompts + negatives)
-        embeds = embeds.astype(self.transformer.dtype)
-        cond = mx.repeat(embeds[: len(prompts)], num_images, axis=0)
-        uncond = mx.repeat(embeds[len(prompts):], num_images, axis=0) if use_cfg else None
-        mx.eval([a for a in (cond, uncond) if a is not None])
-        del embeds
-        txt_ids = text_ids(cond.shape[1])
+        images = self.parallel.decode(lambda: self._decode(x, request), request.batch)
+        timings["decode"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        self.last_decode_peak_memory = int(mx.get_peak_memory())
+        result = GenerationResult(images, seed, timings,
+                                  max(int(peak), self.last_decode_peak_memory))
+        self.last_timings, self.last_peak_memory, self.last_seed = timings, result.peak_memory, seed
+        mx.clear_cache()
+        return result
+
+    def _sample(self, request: GenerationRequest, timings: dict,
+                callback: Callable[..., None] | None, preview: bool = False,
+                ) -> tuple[mx.array, int | None]:
+        """The final packed latents (B, h*w, C) and the seed; what they were made from is
+        released on return."""
+        steps, guidance = self._steps_and_guidance(request)
+        noise, seed = self._noise(request)  # first: wrong latents fail before any encoding
+        t0 = time.perf_counter()
+        cond = self._encode(request, guidance)
+        rows = self.parallel.rows(request.batch)  # this rank's images: all unless data-parallel
+        noise, cond = noise[rows], cond.rows(rows)
         timings["encode"] = time.perf_counter() - t0
+        start = self._start_latents(request, noise, steps, timings)
+        h, w = request.height // MULTIPLE, request.width // MULTIPLE
+        total = start.schedule.num_steps
+        step_times, x, x_prev, t0 = [], start.x, start.x, time.perf_counter()
+        for i, x in enumerate(self._denoise(start, cond, guidance), start=1):
+            finite = mx.isfinite(x).all()  # one reduction: never decode NaN into an image
+            mx.eval(x, finite)
+            if not finite.item():
+                raise self._non_finite(i, total, guidance)
+            step_times.append(time.perf_counter() - t0)
+            if callback is not None and preview:
+                sigma, sigma_next = start.schedule.sigmas[i - 1 : i + 1]
+                x0 = denoised_estimate(x_prev, x, float(sigma), float(sigma_next))
+                picture = to_pil(self.latent_preview()(unpack_latents(x0, h, w)))
+                callback(i, total, unpack_latents(x, h, w), picture)
+            elif callback is not None:
+                callback(i, total, unpack_latents(x, h, w))
+            x_prev, t0 = x, time.perf_counter()
+        timings["steps"] = step_times
+        return x, seed
 
-        # 2. input images: editing references, or the image-to-image start
-        schedule = make_schedule(self.scheduler_config, steps, h * w, sigmas=sigmas)
-        img_ids = latent_ids(h, w)
-        refs = None
-        x = noise
-        if prepared:
-            t0 = time.perf_counter()
-            if strength is None:
-                refs, ref_ids = self._encode_references(prepared, batch)
-                img_ids = np.concatenate([img_ids, ref_ids], axis=0)
-            else:
-                # strength > 0 always leaves at least the last step to run
-                schedule = schedule.start_at(img2img_start_index(schedule.num_steps, strength))
-                init = prepared[0]
-                if init.size != (width, height):
-                    init = init.resize((width, height), _lanczos())
-                z = self._encode_image(init)  # (1, h*w, 128)
-                x = noise_latents(z, noise, float(schedule.sigmas[0]))
-            self.vae.unload_encoder()
-            timings["images"] = time.perf_counter() - t0
-        del prepared
+    def latent_preview(self):
+        """The VAE's cheap latent -> RGB preview (`bonsai_mlx.preview.LatentPreview`),
+        fitted on first use (or read from its cache) and kept."""
+        if self._latent_preview is None:
+            from bonsai_mlx.preview import LatentPreview
 
-        # 3. denoise
-        rope = self.transformer.rope_tables(img_ids, txt_ids)
-        n_tokens = h * w
-        step_times = []
-        total = schedule.num_steps
-        for i in range(total):
-            t0 = time.perf_counter()
-            inputs = x if refs is None else mx.concatenate([x, refs], axis=1)
+            self._latent_preview = LatentPreview.for_vae(self.vae)
+        return self._latent_preview
+
+    def _non_finite(self, step: int, total: int, guidance: float | None) -> BonsaiError:
+        dtype = str(self.transformer.dtype).split(".")[-1]
+        return BonsaiError(
+            f"step {step} of {total} produced non-finite latents (NaN or infinity); "
+            + (f"lower the guidance ({guidance:g}) or " if guidance is not None else "")
+            + f"use another dtype than {dtype} (float32 is the most robust)"
+        )
+
+    def _steps_and_guidance(self, request: GenerationRequest) -> tuple[int, float | None]:
+        """Steps and the classifier-free guidance scale (None: no CFG) on this model."""
+        steps = self.default_steps if request.steps is None else request.steps
+        guidance = self.default_guidance if request.guidance is None else request.guidance
+        if self.is_distilled and request.guidance is not None and request.guidance > 1.0:
+            warnings.warn(
+                f"guidance {request.guidance} is ignored: this model is guidance-distilled "
+                "(is_distilled in model_index.json)", stacklevel=5,
+            )
+        use_cfg = guidance > 1.0 and not self.is_distilled
+        if request.negative_prompts is not None and not use_cfg:
+            why = ("this model is guidance-distilled (is_distilled in model_index.json)"
+                   if self.is_distilled else f"guidance {guidance:g} <= 1 uses none")
+            warnings.warn(f"negative_prompt is ignored: it needs classifier-free guidance, "
+                          f"and {why}", stacklevel=5)
+        return steps, guidance if use_cfg else None
+
+    def _noise(self, request: GenerationRequest) -> tuple[mx.array, int | None]:
+        """Seeded noise (B, C, h, w), or the request's latents, packed to (B, h*w, C) float32;
+        and the seed (None for given latents)."""
+        c = self.latent_channels
+        b, h, w = request.batch, request.height // MULTIPLE, request.width // MULTIPLE
+        if request.latents is not None:
+            if tuple(request.latents.shape) != (b, c, h, w):
+                raise BonsaiError(
+                    f"latents must have shape {(b, c, h, w)} (batch, {c}, height/16, "
+                    f"width/16), got {tuple(request.latents.shape)}"
+                )
+            latents, seed = request.latents, None
+        else:
+            seed = self.parallel.seed(request.seed)  # the same on every rank
+            latents = mx.random.normal((b, c, h, w), dtype=mx.float32, key=mx.random.key(seed))
+        return mx.contiguous(latents.transpose(0, 2, 3, 1).reshape(b, h * w, c)), seed
+
+    def _encode(self, request: GenerationRequest, guidance: float | None) -> Conditioning:
+        """The prompts' embeddings, num_images times each (and the negative prompts' for
+        classifier-free guidance); the PromptEncoder releases the text encoder after."""
+        n = len(request.prompts)
+        negatives = (list(request.negative_prompts or [""] * n)  # diffusers' default: ""
+                     if guidance is not None else [])
+        embeds = self.parallel.encode(
+            lambda: self.prompt_encoder.encode(list(request.prompts) + negatives))
+        embeds = embeds.astype(self.transformer.dtype)
+        positive = mx.repeat(embeds[:n], request.num_images, axis=0)
+        negative = mx.repeat(embeds[n:], request.num_images, axis=0) if negatives else None
+        mx.eval([a for a in (positive, negative) if a is not None])
+        return Conditioning(positive, negative, text_ids(positive.shape[1]))
+
+    def _start_latents(self, request: GenerationRequest, noise: mx.array, steps: int,
+                       timings: dict) -> StartLatents:
+        """Where denoising starts: the noise, or with input images the editing references
+        beside it, or for image-to-image the noised image at the schedule's first sigma;
+        inpainting is both, and keeps the unmasked region."""
+        h, w = request.height // MULTIPLE, request.width // MULTIPLE
+        schedule = make_schedule(self.scheduler_config, steps, h * w, sigmas=request.sigmas)
+        start = StartLatents(noise, None, latent_ids(h, w), schedule)
+        if not request.images:
+            return start
+        t0 = time.perf_counter()
+        if request.strength is not None:
+            # strength > 0 always leaves at least the last step to run
+            schedule = schedule.start_at(img2img_start_index(schedule.num_steps,
+                                                             request.strength))
+            start = dataclasses.replace(start, schedule=schedule)
+        refs = ref_ids = None
+        if request.strength is None or request.mask is not None:  # editing, inpainting
+            refs, ref_ids = self._encode_references(request.images)
+        if request.mask is not None:  # the image to repaint is the first reference
+            z = refs[:, : h * w]
+            start = dataclasses.replace(
+                start, x=noise_latents(z, noise, float(schedule.sigmas[0])),
+                known=KnownRegion(z, noise, mx.array(request.mask)))
+        elif request.strength is not None:  # image-to-image
+            init = request.images[0]
+            if init.size != (request.width, request.height):
+                init = init.resize((request.width, request.height), LANCZOS)
+            x = noise_latents(self._encode_image(init), noise, float(schedule.sigmas[0]))
+            start = dataclasses.replace(start, x=x)
+        self.vae.unload_encoder()
+        timings["images"] = time.perf_counter() - t0
+        if refs is None:
+            return start
+        return self._with_references(start, refs, ref_ids, request, timings)
+
+    def _with_references(self, start: StartLatents, refs: mx.array, ref_ids: np.ndarray,
+                         request: GenerationRequest, timings: dict) -> StartLatents:
+        """Reference tokens (1, R, C) as the transformer takes them: appended after the noise
+        tokens, or, with reference KV caching, run once and kept as keys and values."""
+        use_kv = (self.reference_kv_cache if request.reference_kv_cache is None
+                  else request.reference_kv_cache)
+        if not use_kv:
+            rows = start.x.shape[0]  # this rank's images (data-parallel: a share)
+            return dataclasses.replace(
+                start, refs=mx.broadcast_to(refs, (rows, *refs.shape[1:])),
+                ids=np.concatenate([start.ids, ref_ids], axis=0))
+        t0 = time.perf_counter()
+        kv = self.transformer.reference_kv(refs, ref_ids)
+        timings["reference_kv"] = time.perf_counter() - t0
+        return dataclasses.replace(start, kv=kv)
+
+    def _denoise(self, start: StartLatents, cond: Conditioning,
+                 guidance: float | None) -> Iterator[mx.array]:
+        """The sampler, driven by the caller: RoPE once, then per step the velocity (with
+        classifier-free guidance when `guidance`), an Euler step, and the latents yielded
+        unevaluated, (B, h*w, C) float32."""
+        rope = self.transformer.rope_tables(start.ids, cond.ids)
+        memo = ContextMemo()  # the text projections, computed once per prompt
+        x, schedule, n = start.x, start.schedule, start.x.shape[1]
+        for i in range(schedule.num_steps):
+            inputs = x if start.refs is None else mx.concatenate([x, start.refs], axis=1)
             t = schedule.model_timestep(i)
-            v = self.transformer(inputs, cond, t, rope=rope)[:, :n_tokens]
-            v = v.astype(mx.float32)
-            if use_cfg:
-                v_neg = self.transformer(inputs, uncond, t, rope=rope)[:, :n_tokens]
-                v_neg = v_neg.astype(mx.float32)
+            v = self._velocity(inputs, cond.positive, t, rope, memo, n, start.kv)
+            if guidance is not None:
+                v_neg = self._velocity(inputs, cond.negative, t, rope, memo, n, start.kv)
                 v = v_neg + guidance * (v - v_neg)
             x = euler_step(x, v, float(schedule.sigmas[i]), float(schedule.sigmas[i + 1]))
-            mx.eval(x)
-            step_times.append(time.perf_counter() - t0)
-            if callback is not None:
-                callback(i + 1, total, unpack_latents(x, h, w))
-        timings["steps"] = step_times
-        del cond, uncond, refs, rope, inputs, v
-        mx.clear_cache()
+            if start.known is not None:
+                x = start.known.blend(x, float(schedule.sigmas[i + 1]))
+            yield x
 
-        # 4. decode, one image at a time (peak memory of one decode)
-        t0 = time.perf_counter()
-        packed = x.reshape(batch, h, w, -1)
+    def _velocity(self, inputs: mx.array, context: mx.array, t: float, rope: Rope,
+                  memo: ContextMemo, n: int, kv: list[ReferenceKV] | None) -> mx.array:
+        """The transformer's prediction for the n image tokens, float32."""
+        v = self.transformer(inputs, context, t, rope=rope, context_memo=memo, reference_kv=kv)
+        return v[:, :n].astype(mx.float32)
+
+    def _decode(self, x: mx.array, request: GenerationRequest) -> mx.array:
+        """Packed latents (B, h*w, C) -> images (B, H, W, 3) float32 in [0, 1], one image at
+        a time (the peak memory of one decode)."""
+        h, w = request.height // MULTIPLE, request.width // MULTIPLE
+        packed = x.reshape(x.shape[0], h, w, -1)
         out = []
-        for b in range(batch):
+        for b in range(x.shape[0]):
             z = self.vae.denormalize_latents(packed[b : b + 1])
-            img = self.vae.decode(z, tiled=tiled_vae).astype(mx.float32)
+            img = self.vae.decode(z, tiled=request.tiled_vae).astype(mx.float32)
+            finite = mx.isfinite(img).all()  # never a NaN image written as black
             img = mx.clip(img * 0.5 + 0.5, 0.0, 1.0)
-            mx.eval(img)
+            mx.eval(img, finite)
+            if not finite.item():
+                raise BonsaiError(
+                    f"decoding image {b + 1} produced non-finite pixels (NaN or infinity); use "
+                    f"another dtype than {str(self.vae.dtype).split('.')[-1]} (float32 is the "
+                    "most robust)"
+                )
             out.append(img)
         result = mx.concatenate(out, axis=0) if len(out) > 1 else out[0]
         mx.eval(result)
-        timings["decode"] = time.perf_counter() - t0
-        timings["total"] = time.perf_counter() - t_start
-        self.last_timings = timings
-        self.last_peak_memory = int(mx.get_peak_memory())
-        mx.clear_cache()
+        return result
 
-        if output_type == "mx":
-            return result
-        arr = np.array(result)
-        if output_type == "np":
-            return arr
-        return to_pil(arr)
-
-    # ---- helpers --------------------------------------------------------------------
-
-    def _steps_and_guidance(self, steps, guidance, sigmas) -> tuple[int, float]:
-        if sigmas is not None:
-            n = len(sigmas)
-            if steps is not None and steps != n:
-                raise BonsaiError(f"steps={steps} but {n} sigmas were given; pass one of them")
-            steps = n
-        if steps is None:
-            steps = self.default_steps
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-            raise BonsaiError(f"steps must be an integer in 1..{MAX_STEPS}, not {steps!r}")
-        if guidance is None:
-            guidance = self.default_guidance
-        elif not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise BonsaiError(f"guidance must be a number, not {guidance!r}")
-        elif self.is_distilled and guidance > 1.0:
-            warnings.warn(
-                f"guidance {guidance} is ignored: this model is guidance-distilled "
-                "(is_distilled in model_index.json)", stacklevel=3,
-            )
-        return steps, float(guidance)
-
-    def _initial_noise(self, latents, seed, shape) -> mx.array:
-        """(B, 128, h, w) noise or given latents -> packed (B, h*w, 128) float32."""
-        if latents is not None:
-            latents = mx.array(np.asarray(latents, dtype=np.float32)) if not isinstance(
-                latents, mx.array) else latents.astype(mx.float32)
-            if tuple(latents.shape) != shape:
-                raise BonsaiError(
-                    f"latents must have shape {shape} (batch, 128, height/16, width/16), got "
-                    f"{tuple(latents.shape)}"
-                )
-            self.last_seed = None
-        else:
-            if seed is None:
-                seed = secrets.randbelow(2**32)
-            elif not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
-                raise BonsaiError(f"seed must be a non-negative integer, not {seed!r}")
-            self.last_seed = seed
-            latents = mx.random.normal(shape, dtype=mx.float32, key=mx.random.key(seed))
-        b, c, h, w = shape
-        return mx.contiguous(latents.transpose(0, 2, 3, 1).reshape(b, h * w, c))
-
-    def _encode_image(self, image) -> mx.array:
-        """A prepared PIL image -> normalised packed latents (1, h*w, 128)."""
+    def _encode_image(self, image: PIL.Image.Image) -> mx.array:
+        """A prepared PIL image -> normalised packed latents (1, h*w, C)."""
         x = mx.array(image_to_array(image))[None]  # (1, H, W, 3) in [-1, 1]
         p = self.vae.normalize_latents(self.vae.encode(x).astype(mx.float32))
         p = p.astype(mx.float32)
         mx.eval(p)
         return p.reshape(1, -1, p.shape[-1])
 
-    def _encode_references(self, images, batch: int) -> tuple[mx.array, np.ndarray]:
+    def _encode_references(self, images: Sequence[PIL.Image.Image]
+                           ) -> tuple[mx.array, np.ndarray]:
+        """Reference images as tokens (1, R, C) and their ids, time 10 + 10 i for image i."""
         tokens, ids = [], []
         for i, image in enumerate(images):
-            tokens.append(self._encode_image(image)[0])
+            tokens.append(self._encode_image(image))
             w, h = image.size
             ids.append(latent_ids(h // MULTIPLE, w // MULTIPLE,
                                   t=REFERENCE_TIME_STEP + REFERENCE_TIME_STEP * i))
-        refs = mx.concatenate(tokens, axis=0)
-        refs = mx.broadcast_to(refs[None], (batch, *refs.shape))
-        return refs, np.concatenate(ids, axis=0)
+        return mx.concatenate(tokens, axis=1), np.concatenate(ids, axis=0)
 
 
-# ---- layout ---------------------------------------------------------------------------
+@dataclass
+class Conditioning:
+    """The prompts as the transformer reads them."""
 
-# Folder of each model per layout (SHARED_DIRS are in both).
-SHARED_DIRS = ("tokenizer", "vae", "scheduler")
-LAYOUTS = {
-    "diffusers": {"transformer": "transformer", "text_encoder": "text_encoder"},
-    "bonsai-mlx-pack": {"transformer": "transformer-packed-mflux",
-                        "text_encoder": "text_encoder-mlx-4bit"},
-}
+    positive: mx.array  # (B, L, joint_attention_dim), the transformer's dtype
+    negative: mx.array | None  # the negative prompts', with classifier-free guidance
+    ids: np.ndarray  # (L, 4) text position ids
 
-
-def detect_layout(root: Path) -> str:
-    """'diffusers' or 'bonsai-mlx-pack'; anything else is an explained BonsaiError."""
-    root = Path(root)
-    if not root.is_dir():
-        raise BonsaiError(f"{root} is not a folder")
-    if (root / "transformer-packed-mflux").is_dir():
-        missing = [d for d in ("text_encoder-mlx-4bit", "tokenizer", "vae", "scheduler")
-                   if not (root / d).is_dir()]
-        if missing:
-            raise BonsaiError(
-                f"{root} is a Bonsai MLX pack but lacks {', '.join(missing)}/; the download "
-                "is incomplete or the folder was copied partly"
-            )
-        return "bonsai-mlx-pack"
-    index_path = root / "model_index.json"
-    if index_path.is_file():
-        cls_name = read_json(index_path).get("_class_name")
-        if cls_name not in PIPELINE_CLASSES:
-            raise BonsaiError(
-                f"{index_path} describes a {cls_name!r}; bonsai-mlx runs FLUX.2 [klein] "
-                f"({', '.join(PIPELINE_CLASSES)}) only"
-            )
-        missing = [d for d in ("scheduler", "text_encoder", "tokenizer", "transformer", "vae")
-                   if not (root / d).is_dir()]
-        if missing:
-            raise BonsaiError(
-                f"{root} is a Flux2KleinPipeline folder but lacks {', '.join(missing)}/; "
-                "the download is incomplete or the folder was copied partly"
-            )
-        return "diffusers"
-    found = sorted(p.name for p in root.iterdir())[:12]
-    raise BonsaiError(
-        f"{root} is not a FLUX.2 [klein] model folder: expected a diffusers pipeline "
-        "(model_index.json with transformer/, text_encoder/, tokenizer/, vae/, scheduler/) or "
-        f"a Bonsai MLX pack (transformer-packed-mflux/, text_encoder-mlx-4bit/, vae/); found "
-        f"{found}"
-    )
+    def rows(self, rows: slice) -> Conditioning:
+        """These rows of the batch (a data-parallel rank's images)."""
+        negative = None if self.negative is None else self.negative[rows]
+        return dataclasses.replace(self, positive=self.positive[rows], negative=negative)
 
 
-def check_destination(dst: str | Path, *, overwrite: bool, sources: Sequence[str | Path] = ()
-                      ) -> None:
-    """Whether `save_pretrained` / `convert` may write `dst`; a BonsaiError, before anything
-    is touched, if not.
+@dataclass
+class StartLatents:
+    """Where denoising starts."""
 
-    A new folder is always fine. An existing one needs `overwrite`, and is replaced only if
-    it is a model folder (one bonsai-mlx wrote, or a layout `detect_layout` knows) and not
-    a filesystem root or mount point, the current folder or one holding it, the home folder
-    or one holding it, nor a source folder, one inside a source or one holding a source.
-    """
-    dst = Path(dst).expanduser().absolute()
-    if not dst.exists() and not dst.is_symlink():
-        return
-    if not overwrite:
-        raise BonsaiError(f"{dst} already exists; choose another folder or pass "
-                          "overwrite=True (--overwrite) to replace it")
-    if not dst.is_dir():
-        raise BonsaiError(f"{dst} is a file, not a folder; remove it first")
-    reason = _unreplaceable(dst.resolve(), [Path(s).expanduser().resolve() for s in sources])
-    if reason:
-        raise BonsaiError(f"refusing to replace {dst}: it is {reason}. --overwrite replaces "
-                          "only a model folder (one bonsai-mlx wrote); choose a new folder")
+    x: mx.array  # (B, h*w, C) float32 packed latents
+    refs: mx.array | None  # (B, n, C) editing reference tokens, never noised
+    ids: np.ndarray  # position ids of the image tokens, then the references'
+    schedule: Schedule
+    kv: list[ReferenceKV] | None = None  # the references as cached keys and values instead
+    known: KnownRegion | None = None  # inpainting: what is kept, put back after each step
 
 
-def _unreplaceable(real: Path, sources: list[Path]) -> str | None:
-    """Why the existing folder `real` (resolved) must not be replaced, or None."""
-
-    def within(inner: Path, outer: Path) -> bool:
-        return inner == outer or outer in inner.parents
-
-    if real == Path(real.anchor) or os.path.ismount(real):
-        return "a filesystem root or mount point"
-    if within(Path.cwd().resolve(), real):
-        return "the current folder or a folder holding it"
-    if within(Path.home().expanduser().resolve(), real):
-        return "the home folder or a folder holding it"
-    for source in sources:
-        if real == source:
-            return "the folder the model is loaded from (its weights are read lazily)"
-        if within(source, real):
-            return f"a folder holding the source {source}"
-        if within(real, source):
-            return f"inside the source {source}"
-    index = real / "model_index.json"
-    if index.is_file() and "bonsai_mlx" in read_json(index):
-        return None
-    try:
-        detect_layout(real)
-    except BonsaiError:
-        return "not a model folder (no FLUX.2 [klein] model_index.json or Bonsai MLX pack)"
-    return None
-
-
-def save_vae_files(source: Path, folder: Path, dtype: str | mx.Dtype | None = None) -> None:
-    """Copy a `vae/` folder's config and weights (encoder included: editing and
-    image-to-image need it; text-to-image never loads it). `dtype` None copies the files
-    byte for byte; otherwise float tensors are cast to it."""
-    folder.mkdir(parents=True)
-    dt = parse_dtype(dtype) if dtype is not None else None
-    files = [f for f in sorted(source.iterdir()) if f.is_file()
-             and (f.suffix == ".safetensors" or f.name.endswith(".json"))]
-    for f in files:
-        if f.suffix != ".safetensors" or dt is None:
-            shutil.copyfile(f, folder / f.name)
-            continue
-        tensors = {k: v.astype(dt) if mx.issubdtype(v.dtype, mx.floating) else v
-                   for k, v in load_weights(f).items()}
-        save_safetensors(folder / f.name, tensors, metadata={"format": "pt"})
+def _check_fit(root: Path, transformer: Flux2Transformer, vae: VAE) -> None:
+    latent_channels = vae.config.latent_channels
+    in_channels = transformer.config.in_channels
+    if vae.scale_factor * 2 != MULTIPLE or in_channels != 4 * latent_channels:
+        raise BonsaiError(
+            f"{root}: the VAE (factor {vae.scale_factor}, {latent_channels} latent channels) "
+            f"does not fit the transformer ({in_channels} input channels); "
+            "FLUX.2 [klein] needs factor 8 and 4 x latent channels"
+        )
 
 
 # ---- inputs ---------------------------------------------------------------------------
-
-
-def _check_prompts(prompt) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if (not isinstance(prompts, (list, tuple)) or not prompts
-            or not all(isinstance(p, str) for p in prompts)):
-        raise BonsaiError("prompt must be a string or a non-empty list of strings")
-    return [text(p, "the prompt") for p in prompts]
-
-
-def _negative_prompts(negative_prompt, n: int) -> list[str]:
-    if negative_prompt is None:
-        return [""] * n  # diffusers' Flux2KleinPipeline always uses ""
-    if isinstance(negative_prompt, str):
-        return [text(negative_prompt, "the negative prompt")] * n
-    negatives = list(negative_prompt)
-    if len(negatives) != n or not all(isinstance(p, str) for p in negatives):
-        raise BonsaiError(
-            f"negative_prompt must be a string or a list of {n} strings (one per prompt)"
-        )
-    return [text(p, "the negative prompt") for p in negatives]
-
-
-def check_size(width, height) -> None:
-    """Multiples of 16 within [MIN_SIZE, MAX_SIZE]; the error suggests valid sizes."""
-    for name, v in (("width", width), ("height", height)):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise BonsaiError(f"{name} must be an integer number of pixels, not {v!r}")
-        if not MIN_SIZE <= v <= MAX_SIZE:
-            raise BonsaiError(f"{name} {v} is out of range: use {MIN_SIZE} to {MAX_SIZE} pixels")
-    bad = [(n, v) for n, v in (("width", width), ("height", height)) if v % MULTIPLE]
-    if bad:
-        def near(v):
-            lo = max(MIN_SIZE, v // MULTIPLE * MULTIPLE)
-            hi = min(MAX_SIZE, lo + MULTIPLE)
-            return f"{lo} or {hi}"
-
-        parts = ", ".join(f"{n} {v} (nearest valid: {near(v)})" for n, v in bad)
-        raise BonsaiError(f"width and height must be multiples of {MULTIPLE}: {parts}")
 
 
 def text_ids(length: int) -> np.ndarray:
@@ -686,120 +630,3 @@ def unpack_latents(x: mx.array, h: int, w: int) -> mx.array:
     b, _, c = x.shape
     return x.reshape(b, h, w, c).transpose(0, 3, 1, 2)
 
-
-def noise_latents(z: mx.array, noise: mx.array, sigma: float) -> mx.array:
-    """Flow-matching forward process: sigma * noise + (1 - sigma) * z."""
-    return sigma * noise + (1.0 - sigma) * z
-
-
-# ---- images ---------------------------------------------------------------------------
-
-
-def _as_image_list(images) -> list:
-    if images is None:
-        return []
-    if isinstance(images, (str, Path)) or _is_pil(images):
-        return [images]
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    raise BonsaiError(f"images must be a PIL image, a path or a list of them, not {images!r}")
-
-
-def _is_pil(x) -> bool:
-    try:
-        import PIL.Image
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(x, PIL.Image.Image)
-
-
-def _lanczos():
-    import PIL.Image
-
-    return PIL.Image.Resampling.LANCZOS
-
-
-def load_image(image):
-    """A PIL image as is, or a path opened and decoded (BonsaiError naming the file)."""
-    import PIL.Image
-
-    if _is_pil(image):
-        return image
-    if not isinstance(image, (str, Path)):
-        raise BonsaiError(f"an input image must be a PIL image or a path, not {type(image)}")
-    path = Path(image).expanduser()
-    check_image_file(path, f"image {path}")
-    try:
-        img = PIL.Image.open(path)
-        img.load()
-    except PIL.Image.DecompressionBombError as e:
-        raise BonsaiError(f"image {path}: {str(e).rstrip('.')}; use a smaller image") from None
-    except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise BonsaiError(f"cannot read image {path}: {e}; use a PNG, JPEG or WebP file") from e
-    return img
-
-
-def check_image_file(path: Path, label: str) -> None:
-    """An input image must be a regular file: a FIFO or a device would block or never end
-    when read, a folder cannot be an image."""
-    if not path.exists():
-        raise BonsaiError(f"{label} does not exist; check the path")
-    if not path.is_file():
-        raise BonsaiError(f"{label} is not a regular file (a folder, FIFO or device); "
-                          "give a PNG, JPEG or WebP file")
-
-
-def prepared_size(width: int, height: int, name=None) -> tuple[int, int]:
-    """The size an input image of `width` x `height` has once prepared (`prepare_image`)."""
-    width, height = _resized(width, height, name)
-    return width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
-
-
-def _resized(width: int, height: int, name=None) -> tuple[int, int]:
-    """An input image's size, checked, once resized to at most MAX_REFERENCE_PIXELS (aspect
-    kept, sides truncated; before the crop to multiples of 16)."""
-    label = f"image {name}" if isinstance(name, (str, Path)) else "input image"
-    if width < 64 or height < 64:
-        raise BonsaiError(f"{label} is {width}x{height}; both sides must be at least 64 px")
-    if max(width / height, height / width) > 8:
-        raise BonsaiError(f"{label} is {width}x{height}; the aspect ratio must be at most 8:1")
-    if width * height > MAX_REFERENCE_PIXELS:
-        scale = math.sqrt(MAX_REFERENCE_PIXELS / (width * height))
-        width, height = int(width * scale), int(height * scale)
-    return width, height
-
-
-def prepare_image(image, name=None):
-    """Resize/crop an input image as Flux2KleinPipeline does; returns an RGB PIL image.
-
-    Larger than 1 MP: LANCZOS-resized to about 1 MP (aspect kept, sides truncated); then
-    centre-cropped to multiples of 16; then converted to RGB.
-    """
-    width, height = image.size
-    resized = _resized(width, height, name)
-    if resized != (width, height):
-        image = image.resize(resized, _lanczos())
-        width, height = image.size
-    w16, h16 = width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE
-    left, top = (width - w16) // 2, (height - h16) // 2
-    image = image.crop((left, top, left + w16, top + h16))
-    return image.convert("RGB")
-
-
-def image_to_array(image) -> np.ndarray:
-    """RGB PIL image -> float32 (H, W, 3) in [-1, 1]."""
-    return 2.0 * (np.asarray(image).astype(np.float32) / 255.0) - 1.0
-
-
-def preprocess_image(image) -> np.ndarray:
-    """PIL image or path -> float32 (H, W, 3) in [-1, 1], ready for the VAE."""
-    return image_to_array(prepare_image(load_image(image), image))
-
-
-def to_pil(images: np.ndarray):
-    """float32 (B, H, W, 3) in [0, 1] -> a PIL image, or a list of them for B > 1."""
-    import PIL.Image
-
-    arr = (images * 255).round().astype(np.uint8)
-    out = [PIL.Image.fromarray(a) for a in arr]
-    return out[0] if len(out) == 1 else out

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonsai_mlx.checks import config_from_dict, flag, integer, number
+from bonsai_mlx.checks import BaseConfig, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.weights import read_json
 
@@ -43,7 +43,7 @@ def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(BaseConfig):
     """The fields of `scheduler/scheduler_config.json` that change the schedule."""
 
     num_train_timesteps: int = 1000
@@ -83,7 +83,7 @@ class SchedulerConfig:
         used = [k for k in _UNSUPPORTED if d.get(k)]
         if used:
             raise BonsaiError(f"{source}: {', '.join(used)} is not supported; set it to false")
-        return config_from_dict(cls, d, source)
+        return super().from_dict(d, source)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> SchedulerConfig:
@@ -190,3 +190,16 @@ def euler_step(x: mx.array, velocity: mx.array, sigma: float, sigma_next: float)
     """One Euler step of the flow ODE: `x + (sigma_next - sigma) * v`, in float32."""
     dt = float(np.float32(sigma_next) - np.float32(sigma))
     return x.astype(mx.float32) + dt * velocity.astype(mx.float32)
+
+
+def denoised_estimate(x: mx.array, x_next: mx.array, sigma: float,
+                      sigma_next: float) -> mx.array:
+    """The clean latents an Euler step from `x` (at sigma) to `x_next` (at sigma_next) is
+    heading for: `x - sigma * v`, v recovered from the step (after the last step, x_next)."""
+    dt = float(np.float32(sigma_next) - np.float32(sigma))
+    return x - sigma * ((x_next - x) / dt)
+
+
+def noise_latents(z: mx.array, noise: mx.array, sigma: float) -> mx.array:
+    """Flow-matching forward process: sigma * noise + (1 - sigma) * z."""
+    return sigma * noise + (1.0 - sigma) * z

@@ -10,17 +10,22 @@ from __future__ import annotations
 import contextlib
 import difflib
 import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
@@ -30,8 +35,12 @@ MODEL_ALIASES = {
     "binary": "prism-ml/bonsai-image-binary-4B-mlx-1bit",
     "klein-4b": "black-forest-labs/FLUX.2-klein-4B",
     "klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+    "klein-9b": "black-forest-labs/FLUX.2-klein-9B",
+    "klein-base-9b": "black-forest-labs/FLUX.2-klein-base-9B",
+    "klein-9b-kv": "black-forest-labs/FLUX.2-klein-9b-kv",
 }
 
+TOP_LEVEL = "(top level)"  # the component of files directly in a model folder
 _MAX_HEADER = 100 * 1024 * 1024
 SAFETENSORS_DTYPE_NAMES = {  # a header's dtype tag -> the dtype's name
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -172,6 +181,29 @@ def read_safetensors_header(path: str | Path) -> dict:
     return header
 
 
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks. Remembered per path, size, modification
+    time and inode, so a model's weights are hashed once per process (about a second per
+    GB)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = _hash_file(path)
+    return _DIGESTS[key]
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_safetensors(path: str | Path) -> dict[str, mx.array]:
     """All tensors of one safetensors file as MLX arrays (checked first)."""
     read_safetensors_header(path)
@@ -261,6 +293,34 @@ def check_weights(
     raise BonsaiError("\n".join(lines))
 
 
+def load_into(
+    module: nn.Module,
+    weights: Mapping[str, mx.array],
+    source: str | Path,
+    *,
+    evaluate: bool = True,
+) -> None:
+    """Load checkpoint tensors into `module`: names and shapes checked against its
+    parameters first (one BonsaiError naming `source` lists every problem), floating tensors
+    cast to the dtype of the parameter they replace (any other dtype mismatch is an error),
+    then evaluated (unless `evaluate` is False: the caller evaluates, e.g. after quantizing).
+    """
+    params = dict(tree_flatten(module.parameters()))
+    check_weights(weights, {k: tuple(v.shape) for k, v in params.items()}, source)
+    loaded = []
+    for name, value in weights.items():
+        want = params[name].dtype
+        if value.dtype != want:
+            if not (mx.issubdtype(value.dtype, mx.floating) and mx.issubdtype(want, mx.floating)):
+                raise BonsaiError(f"{source}: tensor {name} is {value.dtype}, the model needs "
+                                  f"{want}")
+            value = value.astype(want)
+        loaded.append((name, value))
+    module.load_weights(loaded)
+    if evaluate:
+        mx.eval(module.parameters())
+
+
 def save_safetensors(
     path: str | Path, weights: Mapping[str, mx.array], metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -295,6 +355,14 @@ def check_writable(folder: str | Path, need_bytes: int = 0, *, hint: str) -> Non
                           f"{need_bytes:,} are needed; free some space or {hint}")
 
 
+def normal_mode(path: str | Path, folder: bool = False) -> None:
+    """Give a file (or folder) made private by mkstemp / mkdtemp the mode a plain open()
+    (or mkdir) would have: 0o666 (0o777) less the umask."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` to write to; it becomes `path` only if the block
@@ -304,13 +372,99 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private
+        normal_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# `atomic_dir`'s temporary folders: .<name>.partial-<pid>-<random> (being written) and
+# .<name>.old-<pid>-<random> (the folder being replaced, for an instant).
+_TEMP_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[a-z0-9_]+$")
+_PROCESS_START = time.time()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; it becomes `path` only if the block
+    succeeds: an error leaves nothing behind (a failed write, such as a full or read-only
+    disk, is a BonsaiError), and a killed process leaves a `.partial` folder that the next
+    `atomic_dir` in the same place removes (`remove_stale_temp_dirs`).
+
+    An existing `path` is an error unless `overwrite`; then it is replaced, and removed only
+    once the new folder is in place. Whether it may be replaced is the caller's to check
+    (`layout.check_destination`).
+    """
+    path = Path(path).expanduser().absolute()
+    existing_folder(path, overwrite=overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(path.parent)
+    pid = os.getpid()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-{pid}-", dir=path.parent))
+    try:
+        normal_mode(tmp, folder=True)
+        yield tmp
+        if path.exists() and overwrite:
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{pid}-", dir=path.parent))
+            os.replace(path, old / path.name)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / path.name, path)  # the previous folder, as it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        elif path.exists():
+            raise BonsaiError(f"{path} appeared while it was being written; nothing replaced")
+        else:
+            os.replace(tmp, path)
+    except OSError as e:  # a full or read-only disk: nothing was left behind
+        raise BonsaiError(f"cannot write {path} ({e.strerror or e}); nothing was "
+                          "written: free some space or choose another folder") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def existing_folder(dst: Path, *, overwrite: bool) -> bool:
+    """Whether `dst` exists; if it does, it must be a folder and `overwrite` given (else a
+    BonsaiError saying so)."""
+    if not dst.exists() and not dst.is_symlink():
+        return False
+    if not overwrite:
+        raise BonsaiError(f"{dst} already exists; choose another folder or pass "
+                          "overwrite=True (--overwrite) to replace it")
+    if not dst.is_dir():
+        raise BonsaiError(f"{dst} is a file, not a folder; remove it first")
+    return True
+
+
+def remove_stale_temp_dirs(folder: Path) -> list[Path]:
+    """Remove `atomic_dir` leftovers in `folder` of processes that are gone: only our own
+    naming, only folders (not links) older than this process whose process no longer runs.
+    A stale `.old` folder whose replacement never arrived is put back, not removed (it is
+    the only copy). Returns what was removed or put back."""
+    done = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = _TEMP_DIR.match(entry.name)
+        if (m is None or entry.is_symlink() or not entry.is_dir()
+                or entry.stat().st_mtime >= _PROCESS_START or _process_alive(int(m["pid"]))):
+            continue
+        target, kept = folder / m["name"], entry / m["name"]
+        if m["kind"] == "old" and kept.is_dir() and not target.exists():
+            os.replace(kept, target)
+        shutil.rmtree(entry, ignore_errors=True)
+        done.append(entry)
+    return done
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
 
 
 def resolve_model(model: str | Path) -> str:
@@ -381,6 +535,35 @@ def resolve_model_path(
         ) from e
     except RepositoryNotFoundError as e:
         raise BonsaiError(f"no Hugging Face repo named {name}; check the id") from e
+
+
+def folder_files(folder: str | Path) -> Iterator[tuple[str, Path]]:
+    """Every file below a model folder, sorted, with its component: the top-level folder it
+    lies in, or TOP_LEVEL. Hidden files and folders (.cache, .git) are left out."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        parts = path.relative_to(folder).parts
+        if path.is_file() and not any(part.startswith(".") for part in parts):
+            yield (parts[0] if len(parts) > 1 else TOP_LEVEL), path
+
+
+def folder_bytes(folder: str | Path, *, weights_only: bool = False) -> dict[str, int]:
+    """Bytes on disk per component of a model folder (see `folder_files`); `weights_only`
+    counts the safetensors files alone."""
+    sizes: dict[str, int] = {}
+    for component, path in folder_files(folder):
+        if not weights_only or path.suffix == ".safetensors":
+            sizes[component] = sizes.get(component, 0) + path.stat().st_size
+    return sizes
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in decimal units: `512 B`, `1.50 kB`, ..., `3.89 GB`."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def checkpoint_float_dtype(folder: str | Path) -> mx.Dtype:

@@ -1,75 +1,84 @@
 // Fused packed GEMM: y (M, N) = x (M, K) @ W.T for a binary or ternary packed W (packed.h).
-// Threadgroup (128, 1, 1); grid (ceil(N / BN) * 128, ceil(M / BM), 1). Inputs x (M, K) in T,
-// w packed, scales float16 (N, K / 128); output y (M, N) in T. K % 128 == 0.
-// Each BK step: x tile and unpacked W tile into threadgroup memory (float), then every
-// simdgroup multiplies its 32 x 32 block with 8 x 8 simdgroup matrices, float accumulation.
+// Template: T (activation dtype), BM (64, or 32 for M < 64). Threadgroup (128, 1, 1); grid
+// (ceil(N / BN) * 128, ceil(M / BM), 1). Inputs x (M, K) in T, w packed, scales float16
+// (N, K / 128); output y (M, N) in T. K % 128 == 0.
+// As MLX's qmm_t: per BK step the x tile and the decoded W tile are staged in threadgroup
+// memory in T, then each SIMD-group multiplies its (BM / 2) x 32 block as 8 x 8 float
+// fragments, read from the tiles element by element (MLX steel's BlockMMA), float accumulation.
 
     const int M = x_shape[0];
     const int K = x_shape[1];
     const int N = w_shape[0];
-    const int units_per_row = w_shape[1];
+    const int units = w_shape[1];
+    constexpr int LD = tile_ld<T>();
+    constexpr int TM = BM / 16;  // fragment rows per SIMD-group
 
-    threadgroup float smem[BM * XS_STRIDE + BK * WS_STRIDE];
-    threadgroup float* xs = smem;
-    threadgroup float* ws = smem + BM * XS_STRIDE;
+    threadgroup T smem[(BM + BN) * LD];
+    threadgroup T* xs = smem;
+    threadgroup T* ws = smem + BM * LD;
 
     const uint tid = thread_index_in_threadgroup;
     const uint sg = simdgroup_index_in_threadgroup;
+    const uint lane = thread_index_in_simdgroup;
     const int m0 = int(threadgroup_position_in_grid.y) * BM;
     const int n0 = int(threadgroup_position_in_grid.x) * BN;
-    const int sm = int(sg / 2) * 32;
+    const int sm = int(sg / 2) * (BM / 2);
     const int sn = int(sg % 2) * 32;
+    const int fr = frag_row(lane);
+    const int fc = frag_col(lane);
 
-    simdgroup_matrix<float, 8, 8> acc[4][4];
-    for (int i = 0; i < 4; ++i) {
+    simdgroup_matrix<float, 8, 8> acc[TM][4];
+    for (int i = 0; i < TM; ++i) {
         for (int j = 0; j < 4; ++j) {
             acc[i][j] = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
         }
     }
 
+    float scale = 0.0f;  // this thread's W row scale (load_w_tile)
     for (int k0 = 0; k0 < K; k0 += BK) {
-        load_x_tile(x, xs, M, K, m0, k0, tid);
-        load_w_tile(w, scales, ws, N, K, units_per_row, n0, k0, tid);
+        load_x_tile<BM>(xs, x, M, K, m0, k0, tid);
+        load_w_tile(ws, w, scales, scale, N, K, units, n0, k0, tid);
         threadgroup_barrier(mem_flags::mem_threadgroup);
         for (int kk = 0; kk < BK; kk += 8) {
-            simdgroup_matrix<float, 8, 8> a[4];
+            simdgroup_matrix<float, 8, 8> a[TM];
             simdgroup_matrix<float, 8, 8> b[4];
-            for (int i = 0; i < 4; ++i) {
-                simdgroup_load(a[i], xs + (sm + 8 * i) * XS_STRIDE + kk, XS_STRIDE);
+            for (int i = 0; i < TM; ++i) {
+                load_fragment(a[i], xs, sm + 8 * i, kk, lane);
             }
             for (int j = 0; j < 4; ++j) {
-                simdgroup_load(b[j], ws + kk * WS_STRIDE + sn + 8 * j, WS_STRIDE);
+                load_fragment_transposed(b[j], ws, sn + 8 * j, kk, lane);
             }
-            for (int i = 0; i < 4; ++i) {
+            for (int i = 0; i < TM; ++i) {
                 for (int j = 0; j < 4; ++j) {
                     simdgroup_multiply_accumulate(acc[i][j], a[i], b[j], acc[i][j]);
                 }
             }
         }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
+        threadgroup_barrier(mem_flags::mem_threadgroup);  // before the next step's tiles
     }
 
-    // Epilogue: each simdgroup stages one 8 x 8 block at a time in its own 64 floats of
-    // threadgroup memory (free after the last barrier) and writes the in-bounds part.
-    threadgroup float* stage = smem + sg * 64;
-    const uint lane = thread_index_in_simdgroup;
-    const int r = int(lane / 4);
-    const int c = int(lane % 4) * 2;
-    for (int i = 0; i < 4; ++i) {
+    // Epilogue: each SIMD-group stages 8 rows x 32 columns at a time, in T, in its own 8 rows
+    // of the x tile (free after the last barrier); then each lane writes 8 consecutive outputs
+    // of one row (4 lanes per row), the in-bounds part only (M, N arbitrary).
+    threadgroup T* stage = smem + sg * (8 * LD);
+    const int orow = int(lane / 4);
+    const int ocol = int(lane % 4) * 8;
+    for (int i = 0; i < TM; ++i) {
         for (int j = 0; j < 4; ++j) {
-            simdgroup_store(acc[i][j], stage, 8);
-            simdgroup_barrier(mem_flags::mem_threadgroup);
-            const int m = m0 + sm + 8 * i + r;
-            const int n = n0 + sn + 8 * j + c;
-            if (m < M) {
-                device T* yr = y + ulong(m) * ulong(N);
-                if (n < N) {
-                    yr[n] = T(stage[r * 8 + c]);
-                }
-                if (n + 1 < N) {
-                    yr[n + 1] = T(stage[r * 8 + c + 1]);
+            stage[fr * LD + 8 * j + fc] = T(acc[i][j].thread_elements()[0]);
+            stage[fr * LD + 8 * j + fc + 1] = T(acc[i][j].thread_elements()[1]);
+        }
+        simdgroup_barrier(mem_flags::mem_threadgroup);
+        const int m = m0 + sm + 8 * i + orow;
+        const int n = n0 + sn + ocol;
+        if (m < M) {
+            device T* yr = y + m * N + n;
+            const threadgroup T* src = stage + orow * LD + ocol;
+            for (int e = 0; e < 8; ++e) {
+                if (n + e < N) {
+                    yr[e] = src[e];
                 }
             }
-            simdgroup_barrier(mem_flags::mem_threadgroup);
         }
+        simdgroup_barrier(mem_flags::mem_threadgroup);  // before the next 8 rows are staged
     }

@@ -1,5 +1,6 @@
-"""Deployment payload of full-size FLUX.2 [klein] 4B per component: the published Bonsai MLX
-packs against what `bonsai-mlx convert` writes (issue 10).
+"""Deployment payload of full-size FLUX.2 [klein] 4B and 9B per component: the published
+Bonsai MLX packs (4B) and the published 16-bit checkpoints (9B) against what `bonsai-mlx
+convert` writes (issues 10 and 19), and the bytes the FLUX.2 small decoder saves.
 
 Byte counts are exact tensor bytes from the full-size shapes (nothing is downloaded and no
 weight is materialised: the models are built lazily in MLX and only shapes are read), plus
@@ -10,9 +11,11 @@ an estimated safetensors header per file:
 - text encoder: Qwen3-4B (mlx-lm's model, config of Qwen/Qwen3-4B) quantised as mlx-lm does
   (affine, group 64, bfloat16 scales and biases, tied embedding): the published
   `text_encoder-mlx-4bit/` holds all 36 layers and the final norm; ours keeps the 27 layers
-  FLUX.2 reads (hidden states 9, 18, 27), at 4 bits (default), 3 or 8;
+  FLUX.2 reads (hidden states 9, 18, 27), at 4 bits (default), 3 or 8. The 9B's Qwen3-8B
+  (its own lm_head) is published in bfloat16, all 36 layers;
 - VAE: FLUX.2's AutoencoderKLFlux2 (encoder + decoder) in float16, as both store it; the
-  decoder alone is what text-to-image loads.
+  decoder alone is what text-to-image loads. The small decoder (decoder channels 96, 192,
+  384, 384 instead of 128, 256, 512, 512; the same encoder) is what `--vae small` writes.
 
     python scripts/payload.py
 """
@@ -26,13 +29,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bonsai_mlx.bench import QWEN3_4B  # noqa: E402  (Qwen/Qwen3-4B's config.json)
 from bonsai_mlx.models.text_encoder import (  # noqa: E402
     DEFAULT_OUT_LAYERS,
     QUANTIZE_GROUP_SIZE,
+    QWEN3_4B,
+    QWEN3_8B,
     Qwen3Encoder,
 )
-from bonsai_mlx.models.vae import VAE, Encoder, VAEConfig  # noqa: E402
+from bonsai_mlx.models.transformer import KLEIN_4B, KLEIN_9B  # noqa: E402
+from bonsai_mlx.models.vae import SMALL_DECODER_CHANNELS, VAE, VAEConfig  # noqa: E402
+from bonsai_mlx.models.vae_layers import Encoder  # noqa: E402
 
 import footprint  # noqa: E402
 import mlx.core as mx  # noqa: E402
@@ -43,6 +49,7 @@ from mlx_lm.models import qwen3  # noqa: E402
 PUBLISHED_GB = {"transformer binary": 0.97, "transformer ternary": 1.43, "text encoder": 2.28,
                 "vae": 0.17, "binary": 3.42, "ternary": 3.88}
 GOALS = {"binary": 2.9e9, "ternary": 3.2e9}
+SMALL_DECODER = VAEConfig(decoder_block_out_channels=SMALL_DECODER_CHANNELS)
 
 
 def _header_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
@@ -100,22 +107,26 @@ def vae_bytes(config: VAEConfig | None = None, dtype: mx.Dtype = mx.float16) -> 
             "file": dec + enc + 8 + _header_bytes(shapes)}
 
 
-def transformer_bytes(fmt: str, dense_bits: int = 16) -> int:
+def transformer_bytes(fmt: str, dense_bits: int = 16, config=KLEIN_4B) -> int:
     """Our packed transformer file (scripts/footprint.py's tensors + estimated header)."""
-    spec = footprint.tensors(fmt, dense_bits)
+    spec = footprint.tensors(fmt, dense_bits, config)
     tensors = sum(footprint.nbytes(s, d) for s, d, _ in spec.values())
     return tensors + _header_bytes({k: s for k, (s, _, _) in spec.items()})
 
 
-def published_transformer_bytes(bits: int) -> int:
-    """The published MLX affine pack from the same shapes (tensors + estimated header)."""
-    shapes = {k: s for k, (s, _, _) in footprint.tensors("binary", 16).items()
-              if not k.endswith(".scales")}
-    for path in footprint.packed_layer_paths(footprint.NUM_LAYERS, footprint.NUM_SINGLE):
-        n, k = footprint.packed_shape(path)
+def published_transformer_bytes(bits: int, config=KLEIN_4B) -> int:
+    """The published MLX affine pack from the same shapes (tensors + estimated header);
+    bits 16: the dense bfloat16 checkpoint."""
+    shapes = footprint.shapes(config)
+    if bits == 16:
+        return sum(footprint.nbytes(s, mx.bfloat16) for s in shapes.values()) + _header_bytes(
+            shapes)
+    shapes = dict(shapes)
+    for path in footprint.packed_paths(config):
+        n, k = footprint.packed_shape(path, config)
         shapes[f"{path}.weight"] = (n, k * bits // 32)
         shapes[f"{path}.scales"] = shapes[f"{path}.biases"] = (n, k // footprint.GROUP_SIZE)
-    return sum(footprint.affine_bytes(bits).values()) + _header_bytes(shapes)
+    return sum(footprint.affine_bytes(bits, config).values()) + _header_bytes(shapes)
 
 
 def payload_table(text_encoder_bits: int = 4) -> list[dict]:
@@ -140,22 +151,47 @@ def payload_table(text_encoder_bits: int = 4) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    rows = payload_table()
-    v = vae_bytes()
-    print("FLUX.2 [klein] 4B deployment payload, decimal GB (1 GB = 1e9 bytes); tensor bytes "
-          "from full-size shapes + estimated safetensors headers; tokenizer and configs "
-          "(~0.01 GB, the same everywhere) not counted")
-    head = (f"{'format':<9}{'variant':<48}{'transformer':>12}{'text enc.':>10}{'VAE':>7}"
+def payload_table_9b() -> list[dict]:
+    """FLUX.2 [klein] 9B: the published 16-bit checkpoint, and `bonsai-mlx convert` of it
+    (packed transformer, Qwen3-8B trimmed to 27 layers at 4 bits), with either decoder."""
+    vae, small = vae_bytes()["file"], vae_bytes(SMALL_DECODER)["file"]
+    te = text_encoder_bytes(QWEN3_8B, max(DEFAULT_OUT_LAYERS), 4)["file"]
+    rows = [{"format": "bf16", "variant": "published (diffusers, bfloat16)",
+             "transformer": published_transformer_bytes(16, KLEIN_9B),
+             "text_encoder": text_encoder_bytes(QWEN3_8B, None, 16)["file"], "vae": vae}]
+    for fmt in ("binary", "ternary"):
+        for dense_bits in (16, 8):
+            for name, v in (("", vae), (", small decoder", small)):
+                rows.append({"format": fmt,
+                             "variant": f"bonsai-mlx, dense {dense_bits}-bit, text encoder "
+                                        f"4-bit{name}",
+                             "transformer": transformer_bytes(fmt, dense_bits, KLEIN_9B),
+                             "text_encoder": te, "vae": v})
+    for r in rows:
+        r["total"] = r["transformer"] + r["text_encoder"] + r["vae"]
+    return rows
+
+
+def _print_rows(rows: list[dict], goals: dict) -> None:
+    head = (f"{'format':<9}{'variant':<62}{'transformer':>12}{'text enc.':>10}{'VAE':>7}"
             f"{'total':>8}{'goal':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        goal = "" if r["variant"].startswith("published") else (
-            "ok" if r["total"] <= GOALS[r["format"]] else "MISS")
-        print(f"{r['format']:<9}{r['variant']:<48}{r['transformer'] / 1e9:>12.3f}"
+        goal = "" if r["format"] not in goals or r["variant"].startswith("published") else (
+            "ok" if r["total"] <= goals[r["format"]] else "MISS")
+        print(f"{r['format']:<9}{r['variant']:<62}{r['transformer'] / 1e9:>12.3f}"
               f"{r['text_encoder'] / 1e9:>10.3f}{r['vae'] / 1e9:>7.3f}{r['total'] / 1e9:>8.3f}"
               f"{goal:>7}")
+
+
+def main() -> None:
+    rows = payload_table()
+    v, small = vae_bytes(), vae_bytes(SMALL_DECODER)
+    print("FLUX.2 [klein] 4B deployment payload, decimal GB (1 GB = 1e9 bytes); tensor bytes "
+          "from full-size shapes + estimated safetensors headers; tokenizer and configs "
+          "(~0.01 GB, the same everywhere) not counted")
+    _print_rows(rows, GOALS)
     te_full = text_encoder_bytes(QWEN3_4B, None, 4)["tensors"]
     te_cut = text_encoder_bytes(QWEN3_4B, max(DEFAULT_OUT_LAYERS), 4)["tensors"]
     print(f"published (whitepaper): transformer {PUBLISHED_GB['transformer binary']} / "
@@ -167,6 +203,13 @@ def main() -> None:
           f"{GOALS['binary'] / 1e9} GB, ternary <= {GOALS['ternary'] / 1e9} GB")
     print(f"VAE float16: decoder (loaded for text-to-image) {v['decoder']:,} B, encoder "
           f"(loaded only to encode images) {v['encoder']:,} B")
+    print()
+    print("FLUX.2 [klein] 9B (and base 9B, 9B KV: the same shapes), decimal GB")
+    _print_rows(payload_table_9b(), {})
+    print(f"small decoder (--vae small), float16: decoder {small['decoder']:,} B instead of "
+          f"{v['decoder']:,} B (-{(v['decoder'] - small['decoder']) / 1e9:.3f} GB, "
+          f"{small['decoder'] / v['decoder']:.0%}); VAE file {small['file']:,} B instead of "
+          f"{v['file']:,} B")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ import json
 import shutil
 from pathlib import Path
 
-from bonsai_mlx.models.transformer import Flux2Transformer, Flux2TransformerConfig
-from bonsai_mlx.quant import packed_layer_paths
+from bonsai_mlx.models.transformer import (
+    Flux2Transformer,
+    Flux2TransformerConfig,
+    packed_layer_paths,
+)
 
 import mlx.core as mx
 import numpy as np

@@ -4,6 +4,10 @@ import json
 import math
 
 from bonsai_mlx import bench
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.images import parse_size
+from bonsai_mlx.models.text_encoder import QWEN3_4B
+from bonsai_mlx.quant import packed_format
 
 import pytest
 from click.testing import CliRunner
@@ -170,8 +174,8 @@ def test_cli_tiny_prints_table_and_writes_json(tmp_path):
 
 
 def test_bad_size_is_a_user_error():
-    with pytest.raises(bench.BonsaiError, match="multiple"):
-        bench.run_bench(synthetic="binary", tiny=True, sizes=[bench.parse_size("65x64")])
+    with pytest.raises(BonsaiError, match="multiple"):
+        bench.run_bench(synthetic="binary", tiny=True, sizes=[parse_size("65x64")])
 
 
 def test_skip_encode_reports_no_encode_time(tmp_path):
@@ -202,7 +206,7 @@ def test_precision_is_read_from_the_loaded_layers(kind, precision):
     import mlx.core as mx
 
     model = bench.synthetic_transformer(kind, mx.float32, tiny=True)
-    assert bench.model_precision(model) == precision
+    assert packed_format(model) == precision
 
 
 def test_text_encoder_flops_by_hand(tiny_records):
@@ -212,4 +216,4 @@ def test_text_encoder_flops_by_hand(tiny_records):
     assert roof["encode_flops"] == 3 * per_layer
     assert roof["encode_achieved_tflops"] > 0
     # Qwen3-4B, layers 1..27 over 512 tokens: about 2.9 TFLOP.
-    assert bench.text_encoder_flops(bench.QWEN3_4B, 512, 27) == pytest.approx(2.9e12, rel=0.02)
+    assert bench.text_encoder_flops(QWEN3_4B, 512, 27) == pytest.approx(2.9e12, rel=0.02)

@@ -9,8 +9,9 @@ import socket
 from pathlib import Path
 
 from bonsai_mlx import __version__
-from bonsai_mlx.cli import _Progress, cli, parse_size, resolve_model, write_png_exclusive
+from bonsai_mlx.cli import _Progress, cli, parse_size, resolve_model
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.outputs import write_png_exclusive
 from bonsai_mlx.weights import save_safetensors, write_json
 
 import click

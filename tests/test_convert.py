@@ -187,7 +187,7 @@ def test_save_pretrained_refuses_to_overwrite_and_replaces_when_asked(packs, tmp
 
 def test_save_pretrained_is_atomic(packs, tmp_path, monkeypatch):
     """A failure after the transformer and the text encoder were written leaves nothing."""
-    import bonsai_mlx.pipeline as pipeline_module
+    import bonsai_mlx.saving as saving_module
 
     pipe = Pipeline.from_pretrained(packs["ternary"]["pack"], dtype="float16")
     previous = pipe.save_pretrained(tmp_path / "previous")
@@ -197,7 +197,7 @@ def test_save_pretrained_is_atomic(packs, tmp_path, monkeypatch):
         written.extend(p.name for p in folder.parent.iterdir())
         raise OSError("disk full")
 
-    monkeypatch.setattr(pipeline_module, "save_vae_files", failing_copy)
+    monkeypatch.setattr(saving_module, "save_vae_files", failing_copy)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(BonsaiError, match="disk full"):
         pipe.save_pretrained(tmp_path / "out")

@@ -5,12 +5,15 @@ Flux2Transformer; outputs must match the dense model with the same (dequantised)
 import json
 
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.models.transformer import Flux2Transformer, Flux2TransformerConfig
+from bonsai_mlx.models.transformer import (
+    Flux2Transformer,
+    Flux2TransformerConfig,
+    packed_layer_paths,
+)
 from bonsai_mlx.quant import (
     BinaryLinear,
     TernaryLinear,
     load_packed_transformer_weights,
-    packed_layer_paths,
     packed_layout,
     quantize_dense_layers,
     quantize_model,
@@ -215,6 +218,9 @@ def test_plain_module_with_the_same_layer_names_loads(tmp_path):
             self.proj_out = nn.Linear(128, 8, bias=False)
             self.transformer_blocks = []
             self.single_transformer_blocks = [Block()]
+
+        def packable_layers(self):
+            return packed_layer_paths(0, 1)
 
     rng = np.random.default_rng(7)
     src = Model()

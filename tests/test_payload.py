@@ -8,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from bonsai_mlx.cli import describe_folder
 from bonsai_mlx.convert import convert, payload
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.info import describe_folder
 from bonsai_mlx.models.text_encoder import PromptEncoder, save_text_encoder
 from bonsai_mlx.models.vae import VAE, VAEConfig
 from bonsai_mlx.pipeline import Pipeline
@@ -170,3 +170,32 @@ def test_full_size_accounting_matches_real_files_and_meets_the_goals(tmp_path):
         assert abs(theirs["total"] - published) < 0.05e9  # the published sizes, reproduced
     te = payload_script.text_encoder_bytes(payload_script.QWEN3_4B, None, 4)["tensors"]
     assert abs(te - 2.28e9) < 0.03e9
+
+
+def test_9b_and_small_decoder_accounting():
+    """scripts/payload.py's 9B rows against closed-form parameter counts of FLUX.2 [klein] 9B
+    (8 double + 24 single blocks, width 4096 = 32 heads x 128, MLP 12288, joint 12288) and of
+    Qwen3-8B (8.19 B parameters with its own lm_head: the model card's "8.2B")."""
+    payload_script = load_script("payload")
+    d, f, j, heads_dim = 4096, 12288, 12288, 128
+    double = 8 * d * d + 2 * (2 * f * d + d * f) + 4 * heads_dim
+    single = (3 * d + 2 * f) * d + d * (d + f) + 2 * heads_dim
+    top = d * 128 + d * j + d * 256 + d * d + 2 * 6 * d * d + 3 * d * d + 2 * d * d + 128 * d
+    params = top + 8 * double + 24 * single
+    rows = payload_script.payload_table_9b()
+    published = rows[0]
+    assert published["variant"].startswith("published")
+    assert 0 <= published["transformer"] - 2 * params < 1e6  # bf16 + the header estimate
+    assert abs(2 * params - 18.16e9) < 0.01e9
+    h, i, v, layers = 4096, 12288, 151936, 36
+    layer = h * 32 * 128 + 2 * h * 8 * 128 + 32 * 128 * h + 3 * h * i + 2 * h + 2 * 128
+    qwen3_8b = 2 * v * h + layers * layer + h
+    assert 0 <= published["text_encoder"] - 2 * qwen3_8b < 1e6
+    assert abs(qwen3_8b - 8.19e9) < 0.01e9
+    ternary = next(r for r in rows if r["variant"] == "bonsai-mlx, dense 16-bit, text "
+                   "encoder 4-bit" and r["format"] == "ternary")
+    assert ternary["total"] < published["total"] / 5
+    # the small decoder: only the decoder's channels change, the encoder is the same
+    full, small = payload_script.vae_bytes(), payload_script.vae_bytes(
+        payload_script.SMALL_DECODER)
+    assert small["encoder"] == full["encoder"] and 0.5 < small["decoder"] / full["decoder"] < 0.6

@@ -7,7 +7,8 @@ import warnings
 from pathlib import Path
 
 from bonsai_mlx import BonsaiError
-from bonsai_mlx.pipeline import Pipeline, preprocess_image
+from bonsai_mlx.images import preprocess_image
+from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.scheduler import img2img_start_index, make_schedule
 
 import mlx.core as mx
@@ -263,7 +264,6 @@ def _write_bonsai_pack_and_dense_twin(tmp_path):
     import shutil
 
     from bonsai_mlx.models.transformer import Flux2Transformer
-    from bonsai_mlx.quant.model import model_packed_layer_paths
 
     from mlx.utils import tree_flatten
 
@@ -271,7 +271,7 @@ def _write_bonsai_pack_and_dense_twin(tmp_path):
                   attention_head_dim=64, num_attention_heads=2, joint_attention_dim=48,
                   axes_dims_rope=[16, 16, 16, 16], rope_theta=2000, guidance_embeds=False)
     model = Flux2Transformer(config, dtype="float32")
-    packed = set(model_packed_layer_paths(model))
+    packed = set(model.packable_layers())
     rng = np.random.default_rng(0)
     dense, pack = {}, {}
     for k, v in tree_flatten(model.parameters()):
@@ -322,3 +322,48 @@ def test_bonsai_mlx_pack_generates_what_its_dense_twin_does(tmp_path, arrays):
     a = pack.generate("a fox", width=96, height=64, steps=2, latents=lat, output_type="np")
     b = dense.generate("a fox", width=96, height=64, steps=2, latents=lat, output_type="np")
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_a_callback_can_cancel_between_steps_and_the_pipeline_carries_on(pipes):
+    from bonsai_mlx.pipeline import GenerationCancelled
+
+    pipe = pipes["distilled"]
+    seen = []
+
+    def stop_at_two(step, total, latents):
+        seen.append(step)
+        if step == 2:
+            raise GenerationCancelled
+
+    with pytest.raises(GenerationCancelled):
+        pipe.generate("a fox", width=64, height=32, steps=4, seed=3, callback=stop_at_two)
+    assert seen == [1, 2]
+    after = pipe.generate("a fox", width=64, height=32, steps=4, seed=3, output_type="np")
+    fresh = Pipeline.from_pretrained(FIXTURES / "distilled", dtype="float32")
+    np.testing.assert_array_equal(
+        after, fresh.generate("a fox", width=64, height=32, steps=4, seed=3, output_type="np"))
+
+
+def test_a_request_is_checked_without_a_model_and_runs_as_generate(pipes):
+    from bonsai_mlx.cli import CLI_NAMES
+    from bonsai_mlx.request import GenerationRequest
+
+    req = GenerationRequest.create("a cat", width=32, height=32, steps=1, seed=3)
+    assert (req.width, req.height, req.batch, req.seed, req.images) == (32, 32, 1, 3, ())
+    edit = GenerationRequest.create("a cat", images=[FIXTURES / "reference.png"])
+    assert (edit.width, edit.height) == edit.images[0].size == (96, 64)  # the image's size
+    pipe = pipes["distilled"]
+    ran = pipe.run(req)
+    assert ran.seed == 3 == pipe.last_seed and ran.timings is pipe.last_timings
+    generated = pipe.generate("a cat", width=32, height=32, steps=1, seed=3, output_type="np")
+    np.testing.assert_array_equal(ran.output("np"), generated)
+    other = pipe.run(req.with_seed(4)).output("np")
+    assert other.shape == (1, 32, 32, 3) and not np.array_equal(other, generated)
+    with pytest.raises(BonsaiError, match=r"--strength 2\.0 is out of range"):
+        GenerationRequest.create("a", strength=2.0, images=[FIXTURES / "reference.png"],
+                                 names=CLI_NAMES)
+    with pytest.raises(BonsaiError, match="needs exactly one --image, got 2"):
+        GenerationRequest.create("a", strength=0.5, images=[FIXTURES / "reference.png"] * 2,
+                                 names=CLI_NAMES)
+    with pytest.raises(BonsaiError, match="seed"):
+        req.with_seed(-1)

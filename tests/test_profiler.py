@@ -1,10 +1,10 @@
-"""bonsai_mlx/profiler.py and `bench --profile`: seconds per kind of work in a step."""
+"""bonsai_mlx/bench/profiler.py and `bench --profile`: seconds per kind of work in a step."""
 
 import json
 import time
 
 from bonsai_mlx import bench
-from bonsai_mlx.profiler import KINDS, StepProfiler, format_profile
+from bonsai_mlx.bench.profiler import KINDS, StepProfiler, format_profile
 
 import mlx.core as mx
 import numpy as np
@@ -37,9 +37,9 @@ def test_profile_counts_every_layer_of_one_step_by_kind(tiny_binary):
     assert calls["linear packed"] == 14
     assert calls["rope"] == 2 * 2  # q and k in each of the 2 attentions
     assert calls["step"] == 1
-    # dense: x_embedder, 2 timestep MLP layers, 3 modulations, norm_out, proj_out (the
-    # context projection is reused from the plain call: same input array)
-    assert calls["linear dense"] == 8
+    # dense: x_embedder, context_embedder (no ContextMemo passed), 2 timestep MLP layers,
+    # 3 modulations, norm_out, proj_out
+    assert calls["linear dense"] == 9
     assert set(report["seconds"]) == set(KINDS)
     assert all(s >= 0 for s in report["seconds"].values())
     assert report["seconds"]["linear packed"] > 0 and report["seconds"]["attention"] > 0

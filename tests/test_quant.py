@@ -2,14 +2,13 @@
 
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.kernels import reference
+from bonsai_mlx.models.transformer import PACKED_LAYERS, packed_layer_paths
 from bonsai_mlx.quant import (
-    PACKED_LAYERS,
     BinaryLinear,
     TernaryLinear,
     binary_from_affine,
     pack_binary,
     pack_ternary,
-    packed_layer_paths,
     quantize_binary,
     quantize_model,
     quantize_ternary,
@@ -352,6 +351,9 @@ class TinyFlux(nn.Module):
         self.proj_out = nn.Linear(d, 16, bias=False)
         self.transformer_blocks = [_Double(d) for _ in range(2)]
         self.single_transformer_blocks = [_Single(d) for _ in range(3)]
+
+    def packable_layers(self):  # as Flux2Transformer lists them
+        return packed_layer_paths(2, 3)
 
 
 @pytest.mark.parametrize("fmt,cls,values", [("binary", BinaryLinear, signs),

@@ -13,6 +13,7 @@ from pathlib import Path
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.text_encoder import PromptEncoder
 
+import numpy as np
 import pytest
 from test_cli import assert_user_error, run
 
@@ -102,7 +103,7 @@ def test_the_tokenizer_is_loaded_without_remote_code_whatever_stdin_says(
 def test_hub_downloads_never_fetch_python_files():
     import fnmatch
 
-    from bonsai_mlx.pipeline import ALLOW_PATTERNS
+    from bonsai_mlx.layout import ALLOW_PATTERNS
 
     def fetched(name: str) -> bool:
         return any(fnmatch.fnmatch(name, p) for p in ALLOW_PATTERNS)
@@ -374,7 +375,7 @@ def alarm():
 
 
 def test_a_decompression_bomb_is_refused_before_decoding(tmp_path, loading_forbidden):
-    from bonsai_mlx.pipeline import load_image
+    from bonsai_mlx.images import load_image
 
     bomb = bomb_png(tmp_path / "bomb.png")
     assert bomb.stat().st_size < 100_000
@@ -390,7 +391,7 @@ def test_an_image_that_is_not_a_regular_file_is_refused_without_blocking(
         tmp_path, alarm, loading_forbidden, kind):
     import os
 
-    from bonsai_mlx.pipeline import load_image
+    from bonsai_mlx.images import load_image
 
     path = {"fifo": tmp_path / "photo.png", "device": Path("/dev/zero"),
             "folder": tmp_path}[kind]
@@ -593,3 +594,367 @@ def test_a_convert_whose_disk_fills_up_is_one_error_line_and_leaves_nothing(
     assert_user_error(result, f"cannot write {tmp_path / 'converted'}", "Unable to write",
                       "is the disk full?", "nothing was written")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Non-finite latents stop with the step named; no NaN image is ever written
+
+
+def test_an_overflowing_guidance_stops_with_the_step_and_writes_no_png(tmp_path):
+    """float16 overflows to infinity, then NaN: before, a black PNG and exit 0."""
+    out = tmp_path / "out.png"
+    result = run("gen", "-m", str(FIXTURES / "pipeline" / "base"), "-p", "a fox", "--size",
+                 "32x32", "--steps", "3", "--seed", "1", "--dtype", "float16",
+                 "--guidance", "1e38", "-o", str(out))
+    assert_user_error(result, "step 2 of 3 produced non-finite latents",
+                      "lower the guidance (1e+38)", "another dtype than float16")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_first_non_finite_step_is_named(monkeypatch):
+    """The transformer's prediction turns to NaN at the second step of three."""
+    from bonsai_mlx.pipeline import Pipeline
+
+    import mlx.core as mx
+
+    pipe = Pipeline.from_pretrained(TINY, dtype="float32")
+    calls = []
+    real = type(pipe.transformer).__call__
+
+    def nan_from_the_second_call(self, *args, **kwargs):
+        calls.append(1)
+        out = real(self, *args, **kwargs)
+        return out * mx.array(float("nan")) if len(calls) == 2 else out
+
+    monkeypatch.setattr(type(pipe.transformer), "__call__", nan_from_the_second_call)
+    with pytest.raises(BonsaiError, match=r"^step 2 of 3 produced non-finite latents.*"
+                                          r"use another dtype than float32"):
+        pipe.generate("a fox", width=32, height=32, steps=3, seed=0)
+    with pytest.raises(BonsaiError, match="latents contain NaN"):
+        pipe.generate("a fox", width=32, height=32, steps=1,
+                      latents=np.full((1, 128, 2, 2), np.nan, np.float32))
+
+
+def test_a_non_finite_decode_is_refused(monkeypatch):
+    from bonsai_mlx.pipeline import Pipeline
+
+    import mlx.core as mx
+
+    pipe = Pipeline.from_pretrained(TINY, dtype="float32")
+    real = pipe.vae.decode
+    monkeypatch.setattr(pipe.vae, "decode", lambda z, **kw: real(z, **kw) / mx.array(0.0))
+    with pytest.raises(BonsaiError, match="decoding image 1 produced non-finite pixels"):
+        pipe.generate("a fox", width=32, height=32, steps=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ternary_model(tmp_path_factory) -> Path:
+    """A tiny pipeline converted to bonsai-mlx's ternary format."""
+    from bonsai_mlx.convert import convert
+
+    from bonsai_packs import dense_transformer_weights, write_unpacked
+
+    root = tmp_path_factory.mktemp("ternary")
+    unpacked = write_unpacked(root / "unpacked", dense_transformer_weights("ternary", seed=2))
+    return convert(unpacked, root / "ternary", "ternary", echo=None).destination
+
+
+def test_a_ternary_byte_of_243_or_more_is_refused(tmp_path, ternary_model):
+    from bonsai_mlx.pipeline import Pipeline
+
+    import mlx.core as mx
+
+    model = copy_model(tmp_path, "corrupt", ternary_model)
+    weights_file = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = dict(mx.load(str(weights_file)))
+    name = "single_transformer_blocks.1.attn.to_out.weight"
+    assert tensors[name].dtype == mx.uint8 and tensors[name].max().item() < 243
+    Pipeline.from_pretrained(model, dtype="float32")  # loads before the corruption
+    packed = np.array(tensors[name])
+    packed[3, 1] = 250
+    tensors[name] = mx.array(packed)
+    mx.save_safetensors(str(weights_file), tensors, metadata={"format": "mlx"})
+    with pytest.raises(BonsaiError, match=f"{name} holds the byte 250.*corrupt"):
+        Pipeline.from_pretrained(model, dtype="float32")
+    result = run(*gen_args(model, "-o", str(tmp_path / "out.png")))
+    assert_user_error(result, name, "byte 250", "< 243")
+    assert not (tmp_path / "out.png").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# 7. The prompt cache: keyed on the weights' bytes, checked on read, never fatal
+
+
+def flip_weight_signs(weights_file: Path, tensor: str) -> None:
+    """Change a tensor's values in place: same file size, same header, same names."""
+    import os
+    import struct
+
+    from bonsai_mlx.weights import read_safetensors_header
+
+    info = read_safetensors_header(weights_file)[tensor]
+    raw = bytearray(weights_file.read_bytes())
+    (n,) = struct.unpack("<Q", raw[:8])
+    start, stop = (8 + n + o for o in info["data_offsets"])
+    size = {"F32": 4, "F16": 2, "BF16": 2}[info["dtype"]]
+    for i in range(start + size - 1, stop, size):
+        raw[i] ^= 0x80  # the sign bit of each little-endian value
+    stat = weights_file.stat()
+    weights_file.write_bytes(bytes(raw))
+    os.utime(weights_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def encoder_of(model: Path, cache: Path) -> PromptEncoder:
+    return PromptEncoder(model / "text_encoder", model / "tokenizer", dtype="float32",
+                         max_sequence_length=24, cache_dir=cache)
+
+
+def test_new_weights_with_the_same_sizes_and_headers_miss_the_cache(tmp_path):
+    from bonsai_mlx.weights import read_safetensors_header
+
+    model = copy_model(tmp_path)
+    weights_file = model / "text_encoder" / "model.safetensors"
+    old = np.array(encoder_of(model, tmp_path / "cache").encode("a fox"))
+    header = read_safetensors_header(weights_file)
+    flip_weight_signs(weights_file, "model.embed_tokens.weight")
+    assert read_safetensors_header(weights_file) == header
+    fresh = encoder_of(model, tmp_path / "cache")
+    new = np.array(fresh.encode("a fox"))
+    assert fresh.loads == 1 and not np.array_equal(new, old)
+    uncached = PromptEncoder(model / "text_encoder", model / "tokenizer", dtype="float32",
+                             max_sequence_length=24)
+    np.testing.assert_array_equal(new, np.array(uncached.encode("a fox")))
+
+
+def test_weights_are_hashed_once_per_file_and_process(tmp_path, monkeypatch):
+    import bonsai_mlx.weights as weights
+
+    model = copy_model(tmp_path)
+    hashed = []
+    real = weights._hash_file
+    monkeypatch.setattr(weights, "_DIGESTS", {})
+    monkeypatch.setattr(weights, "_hash_file", lambda path: hashed.append(path) or real(path))
+    for _ in range(3):
+        encoder_of(model, tmp_path / "cache").encode("a fox")
+    assert hashed == [(model / "text_encoder" / "model.safetensors").resolve()]
+
+
+@pytest.mark.parametrize("damage", ["one byte", "garbage", "truncated", "empty"])
+def test_a_corrupt_cache_entry_warns_is_recomputed_and_rewritten(tmp_path, damage):
+    model = copy_model(tmp_path)
+    cache = tmp_path / "cache"
+    right = np.array(encoder_of(model, cache).encode("a fox"))
+    (entry,) = cache.glob("*.safetensors")
+    raw = bytearray(entry.read_bytes())
+    if damage == "one byte":
+        raw[-7] ^= 0x40  # a value in the data, the header intact
+    entry.write_bytes({"one byte": bytes(raw), "garbage": b"not a safetensors file",
+                       "truncated": bytes(raw[:-100]), "empty": b""}[damage])
+    second = encoder_of(model, cache)
+    with pytest.warns(UserWarning, match=f"prompt cache entry {entry} is unusable"):
+        again = np.array(second.encode("a fox"))
+    assert second.loads == 1
+    np.testing.assert_array_equal(again, right)
+    third = encoder_of(model, cache)  # rewritten: a clean hit, no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(np.array(third.encode("a fox")), right)
+    assert third.loads == 0
+
+
+def test_a_read_only_cache_folder_keeps_generating(read_only_dir):
+    from bonsai_mlx.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(TINY, dtype="float32", prompt_cache_dir=read_only_dir)
+    with pytest.warns(UserWarning, match=f"cannot write the prompt cache in {read_only_dir}"):
+        image = pipe.generate("a fox", width=32, height=32, steps=1, seed=0, output_type="np")
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    plain = Pipeline.from_pretrained(TINY, dtype="float32")
+    np.testing.assert_array_equal(
+        image, plain.generate("a fox", width=32, height=32, steps=1, seed=0, output_type="np"))
+    assert not list(read_only_dir.iterdir())
+
+
+# ----------------------------------------------------------------------------------------
+# 8. Small ones: file modes, stale temporary folders, the notebook, ignored negative
+# prompts, numpy numbers
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_pngs_get_the_mode_the_umask_gives(tmp_path, umask):
+    import os
+
+    previous = os.umask(umask)
+    try:
+        result = run(*gen_args(TINY, "-o", str(tmp_path / "out.png"), "-q"))
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def run_cli_process(*args: str):
+    """The command line in a new process: a next run, as a user makes one."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "bonsai_mlx.cli", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_killed_conversion_leaves_no_partial_folder_after_the_next_run(tmp_path):
+    import signal
+    import subprocess
+
+    killed = subprocess.Popen([sys.executable, "-c", f"""
+import time
+import bonsai_mlx.saving as saving
+def hang(*args, **kwargs):
+    print("writing", flush=True)
+    time.sleep(300)
+saving.save_vae_files = hang
+from bonsai_mlx.convert import convert
+convert({str(TINY)!r}, {str(tmp_path / "out")!r}, echo=None)
+"""], stdout=subprocess.PIPE, text=True)
+    assert killed.stdout.readline() == "writing\n"
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    (partial,) = tmp_path.iterdir()
+    assert partial.name.startswith(f".out.partial-{killed.pid}-")
+    result = run_cli_process("convert", str(TINY), str(tmp_path / "out"), "-q")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_only_our_stale_temporary_folders_are_cleaned(tmp_path):
+    import os
+    import time
+
+    from bonsai_mlx.weights import remove_stale_temp_dirs
+
+    dead, past = dead_pid(), time.time() - 3600
+    ours_dead = tmp_path / f".model.partial-{dead}-abc123"
+    ours_alive = tmp_path / f".model.partial-{os.getpid()}-abc123"
+    not_ours = [tmp_path / ".model.partial-abc123", tmp_path / f".model.backup-{dead}-abc",
+                tmp_path / "model.partial-1-abc", tmp_path / ".config"]
+    for folder in (ours_dead, ours_alive, *not_ours):
+        (folder / "data").mkdir(parents=True)
+    link = tmp_path / f".other.partial-{dead}-abc123"
+    link.symlink_to(tmp_path / ".config")
+    file = tmp_path / f".file.partial-{dead}-abc123"
+    file.write_text("a file, not our folder")
+    recent = tmp_path / f".model.partial-{dead}-new123"  # newer than this process
+    (recent / "data").mkdir(parents=True)
+    for p in (ours_dead, ours_alive, *not_ours, file):
+        os.utime(p, (past, past))
+    assert remove_stale_temp_dirs(tmp_path) == [ours_dead]
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {p.name for p in (ours_alive, *not_ours, link, file, recent)}
+    assert (tmp_path / ".config" / "data").is_dir()  # the link's target is untouched
+
+
+def test_a_stale_old_folder_is_put_back_when_its_replacement_never_arrived(tmp_path):
+    import os
+    import time
+
+    from bonsai_mlx.weights import remove_stale_temp_dirs
+
+    dead, past = dead_pid(), time.time() - 3600
+    old = tmp_path / f".model.old-{dead}-abc123"
+    (old / "model").mkdir(parents=True)
+    (old / "model" / "model_index.json").write_text("{}")
+    os.utime(old, (past, past))
+    remove_stale_temp_dirs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (tmp_path / "model" / "model_index.json").read_text() == "{}"
+
+
+def test_the_notebook_installs_from_this_checkout():
+    notebook = Path(__file__).parents[1] / "examples" / "quickstart.ipynb"
+    cells = json.loads(notebook.read_text())["cells"]
+    installs = [line.strip() for c in cells if c["cell_type"] == "code"
+                for line in c["source"] if line.lstrip().startswith("%pip")]
+    assert len(installs) == 1, installs
+    target = installs[0].split()[-1]
+    assert "-e" in installs[0].split() and not target.startswith("bonsai")
+    root = (notebook.parent / target).resolve()
+    assert 'name = "bonsai-mlx"' in (root / "pyproject.toml").read_text()
+
+
+def test_a_negative_prompt_on_a_distilled_model_warns_and_is_not_recorded(tmp_path):
+    from bonsai_mlx.pipeline import Pipeline
+
+    from PIL import Image
+
+    out = tmp_path / "out.png"
+    result = run(*gen_args(TINY, "--negative-prompt", "blurry", "-o", str(out)))
+    assert result.exit_code == 0, result.output
+    assert "warning: negative_prompt is ignored" in result.stderr
+    assert "guidance-distilled" in result.stderr
+    with Image.open(out) as im:
+        assert "negative_prompt" not in im.text
+    base = Pipeline.from_pretrained(FIXTURES / "pipeline" / "base", dtype="float32")
+    with pytest.warns(UserWarning, match="guidance 1 <= 1 uses none"):
+        base.generate("a fox", width=32, height=32, steps=1, guidance=1.0,
+                      negative_prompt="blurry")
+
+
+def test_a_negative_prompt_that_is_used_is_recorded(tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out.png"
+    result = run(*gen_args(FIXTURES / "pipeline" / "base", "--negative-prompt", "blurry",
+                           "-o", str(out)))
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+    with Image.open(out) as im:
+        assert im.text["negative_prompt"] == "blurry"
+
+
+def test_numpy_numbers_are_numbers():
+    from bonsai_mlx.pipeline import Pipeline
+
+    from PIL import Image
+
+    pipe = Pipeline.from_pretrained(TINY, dtype="float32")
+    image = Image.new("RGB", (64, 64), (100, 50, 20))
+
+    def make(**kw):
+        return pipe.generate("a fox", output_type="np", **kw)
+
+    np.testing.assert_array_equal(
+        make(width=np.int64(32), height=np.int32(32), steps=np.int64(2), seed=np.uint32(3),
+             num_images=np.int8(1), guidance=np.float32(1.0)),
+        make(width=32, height=32, steps=2, seed=3, num_images=1, guidance=1.0))
+    np.testing.assert_array_equal(
+        make(images=[image], strength=np.float32(0.5), steps=2, seed=0),
+        make(images=[image], strength=0.5, steps=2, seed=0))
+    for bad in (dict(width=np.float64(32.0)), dict(steps=np.True_), dict(strength=np.nan)):
+        with pytest.raises(BonsaiError):
+            make(**{"width": 32, "height": 32, "steps": 1, **bad})
+
+
+def test_security_md_names_what_exists():
+    """SECURITY.md points at code (`bonsai_mlx.pipeline.check_destination`, ...) and tests:
+    each must exist, so the page cannot drift from what is checked."""
+    import importlib
+    import re
+
+    root = Path(__file__).parents[1]
+    page = (root / "SECURITY.md").read_text()
+    dotted = set(re.findall(r"`(bonsai_mlx(?:\.\w+)+)`", page))
+    assert {"bonsai_mlx.pipeline.check_destination", "bonsai_mlx.pipeline.ALLOW_PATTERNS"} <= dotted
+    for name in dotted:
+        module, _, attr = name.rpartition(".")
+        assert hasattr(importlib.import_module(module), attr), name
+    for path in re.findall(r"`((?:bonsai_mlx|tests|docs)/[\w/.]+)`", page):
+        assert (root / path).exists(), path
+    assert "[SECURITY.md](SECURITY.md)" in (root / "README.md").read_text()

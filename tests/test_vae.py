@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import bonsai_mlx.models.vae as vae_module
+import bonsai_mlx.models.vae_tiling as vae_tiling
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.vae import VAE
 from bonsai_mlx.weights import load_weights, save_safetensors
@@ -176,8 +177,8 @@ def test_per_tile_statistics_would_fail_the_bound(monkeypatch):
     """The bound above is tight: tiles that normalise with their own statistics miss it."""
     vae = VAE.from_pretrained(VAE_DIR / "small", dtype="float32")
     ref = load_reference("small_io")
-    monkeypatch.setattr(vae_module.SharedNormStats, "statistics",
-                        lambda self, norm, g: vae_module._group_moments(g))
+    monkeypatch.setattr(vae_tiling.SharedNormStats, "statistics",
+                        lambda self, norm, g: vae_tiling.group_moments(g))
     out = vae.decode(ref["z_large"], tiled=True, tile_size=64)
     with pytest.raises(AssertionError):
         assert_close(out, ref["z_large_out"])
@@ -192,7 +193,7 @@ def test_estimated_statistics(monkeypatch):
     assert out.shape == ref["z_large_out"].shape
     assert_close(out, ref["z_large_out"], 1.5)
     # an estimate from the whole latent is exact, across tiles
-    monkeypatch.setattr(vae_module, "_downscale", lambda x, side, multiple: x)
+    monkeypatch.setattr(vae_tiling, "downscale", lambda x, side, multiple: x)
     assert_close(vae.decode(ref["z_large"], tiled=True, tile_size=64, tile_stats="estimate"),
                  ref["z_large_out"])
     assert_close(vae.encode(ref["x_large"], tiled=True, tile_size=64, tile_stats="estimate"),
@@ -203,10 +204,10 @@ def test_tile_context_covers_the_receptive_field():
     vae = VAE.from_pretrained(VAE_DIR / "small", dtype="float32")
     # decoder from the first upsampler, in latent pixels before it: up (1 at 2x) + 2 resnets
     # at 2x (4) + up (1 at 4x) + 2 resnets at 4x + up + 2 resnets at 8x + conv_out (1 at 8x)
-    needs = vae_module._context_needed(vae.decoder.upsampling_layers())
+    needs = vae_tiling.context_needed(vae.decoder.upsampling_layers())
     assert needs[0] == 5 and needs[-1] == 1
     vae.load_encoder()
-    needs = vae_module._context_needed(vae.encoder.downsampling_layers())
+    needs = vae_tiling.context_needed(vae.encoder.downsampling_layers())
     assert all(n % 8 == 0 for n in needs[:2])  # stride-2 layers see even offsets
 
 
@@ -218,7 +219,7 @@ def test_decode_tiles_automatically_above_the_threshold(monkeypatch):
     assert calls == []
     monkeypatch.setattr(vae_module, "AUTO_TILE_PIXELS", 32 * 32 - 1)
     vae.decode(mx.zeros((1, 4, 4, 32)), tile_size=16, tile_stats="estimate")
-    assert calls == [{"tile_size": 16, "tile_overlap": 0, "tile_stats": "estimate"}]
+    assert calls == [{"tile_size": 16, "tile_stats": "estimate"}]
 
 
 def test_pipeline_folder_with_vae_subfolder_loads(tmp_path):

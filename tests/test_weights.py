@@ -135,3 +135,67 @@ def test_preferred_stem_wins_else_any_file(tmp_path):
     assert list(load_weights(tmp_path, "diffusion_pytorch_model")) == ["a"]
     assert list(load_weights(tmp_path, ("missing", "ae", "diffusion_pytorch_model"))) == ["b"]
     assert sorted(load_weights(tmp_path, "missing")) == ["a", "b"]  # no preferred stem: all
+
+
+def test_config_values_of_the_wrong_type_name_the_file_and_key():
+    from bonsai_mlx.models.transformer import Flux2TransformerConfig
+    from bonsai_mlx.models.vae import VAEConfig
+    from bonsai_mlx.scheduler import SchedulerConfig
+
+    cfg = Flux2TransformerConfig.from_dict(
+        {"num_attention_heads": 4, "attention_head_dim": 32, "axes_dims_rope": [8, 8, 8, 8],
+         "out_channels": None, "rope_theta": 2000, "_class_name": "x"}, "t/config.json")
+    assert cfg.axes_dims_rope == (8, 8, 8, 8) and cfg.out_channels == cfg.in_channels
+    assert VAEConfig.from_dict({"patch_size": [2, 2]}).patch_size == (2, 2)
+    with pytest.raises(BonsaiError, match=r"t/config.json: num_attention_heads must be an "
+                                          r"integer, not '24'"):
+        Flux2TransformerConfig.from_dict({"num_attention_heads": "24"}, "t/config.json")
+    with pytest.raises(BonsaiError, match="guidance_embeds must be true or false, not 1"):
+        Flux2TransformerConfig.from_dict({"guidance_embeds": 1})
+    with pytest.raises(BonsaiError, match="block_out_channels must be a non-empty list"):
+        VAEConfig.from_dict({"block_out_channels": 128})
+    with pytest.raises(BonsaiError, match="s.json: shift must be a number, not 'three'"):
+        SchedulerConfig.from_dict({"shift": "three"}, "s.json")
+
+
+def test_folder_bytes_per_component_leave_hidden_files_out(tmp_path):
+    from bonsai_mlx.weights import TOP_LEVEL, folder_bytes, human_bytes
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_bytes(b"x" * 10)
+    (tmp_path / "vae" / "w.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / "vae" / ".cache").mkdir()
+    (tmp_path / "vae" / ".cache" / "big").write_bytes(b"x" * 1000)
+    (tmp_path / "model_index.json").write_bytes(b"x" * 3)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_bytes(b"x" * 7)
+    assert folder_bytes(tmp_path) == {"vae": 110, TOP_LEVEL: 3}
+    assert folder_bytes(tmp_path, weights_only=True) == {"vae": 100}
+    assert [human_bytes(n) for n in (999, 1000, 1_234_567, 3.89e9, 2e15)] == [
+        "999 B", "1.00 kB", "1.23 MB", "3.89 GB", "2000.00 TB"]
+
+
+def test_atomic_dir_replaces_only_on_success_and_leaves_nothing_behind(tmp_path):
+    from bonsai_mlx.weights import atomic_dir
+
+    dst = tmp_path / "out"
+    with atomic_dir(dst) as tmp:
+        (tmp / "a").write_text("new")
+        assert not dst.exists()
+    assert (dst / "a").read_text() == "new" and oct(dst.stat().st_mode)[-3:] != "700"
+    with pytest.raises(BonsaiError, match="already exists"):
+        with atomic_dir(dst):
+            pass
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dst, overwrite=True) as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("crash")
+    assert (dst / "a").read_text() == "new"
+    with atomic_dir(dst, overwrite=True) as tmp:
+        (tmp / "b").write_text("replaced")
+    assert sorted(p.name for p in dst.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BonsaiError, match="is a file"):
+        with atomic_dir(tmp_path / "file", overwrite=True):
+            pass

@@ -15,6 +15,7 @@ The supported MSL subset is listed in docs/emulator.md.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -26,11 +27,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bonsai_mlx.kernels import device, guarded
+
 import mlx.core as mx
 import numpy as np
 
 SHIM_HEADER = Path(__file__).with_name("metal_shim.h")
 CXX_FLAGS = ["-O2", "-std=c++20", "-shared", "-fPIC", "-Wno-attributes", "-fno-strict-aliasing"]
+PATTERN_INIT = "-ftrivial-auto-var-init=pattern"
 MAX_CONSTANT_ARRAY_SIZE = 8  # MLX passes inputs with fewer elements in `constant` memory
 MAX_THREADS_PER_THREADGROUP = 1024
 
@@ -91,7 +95,7 @@ METAL_ATTRIBUTES = [
 
 # `threadgroup T name[..]..;` declarations in a kernel body. They become references into the
 # per-threadgroup arena, so all fibers of a threadgroup share them.
-_TG_DECL = re.compile(
+THREADGROUP_DECLARATION = re.compile(
     r"\bthreadgroup\s+(?P<type>[A-Za-z_][\w:]*(?:\s*<[^;{}]*?>)?)\s+(?P<name>[A-Za-z_]\w*)"
     r"\s*(?P<dims>(?:\[[^\]]*\]\s*)*);"
 )
@@ -126,11 +130,18 @@ def schedule() -> int:
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("BONSAI_EMULATOR_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bonsai-mlx" / "emulator"
+    """Compiled kernels: $BONSAI_EMULATOR_CACHE, else ~/.cache/bonsai-mlx/emulator."""
+    return device.cache_folder("emulator", "BONSAI_EMULATOR_CACHE")
+
+
+@functools.cache
+def cxx_flags(cxx: str) -> tuple[str, ...]:
+    """CXX_FLAGS, plus `-ftrivial-auto-var-init=pattern` where the compiler has it (g++ >= 12,
+    clang >= 8): uninitialised locals then hold a non-zero pattern (g++: 0xFE bytes, clang:
+    0xFF / 0xAA), so a kernel reading one gives a wrong result instead of an accidental 0."""
+    probe = subprocess.run([cxx, PATTERN_INIT, "-x", "c++", "-fsyntax-only", "-"], input="",
+                           capture_output=True, text=True)
+    return (*CXX_FLAGS, PATTERN_INIT) if probe.returncode == 0 else tuple(CXX_FLAGS)
 
 
 def _dtype_of(x: Any) -> mx.Dtype:
@@ -154,6 +165,76 @@ def _template_value(v: Any, *, cxx: bool) -> str:
     if isinstance(v, mx.Dtype):
         return TYPE_STRINGS[v]
     raise TypeError(f"template argument {v!r} must be an int, a bool or an mx.Dtype")
+
+
+def _shape_buffers(arr: np.ndarray, infos: tuple[bool, bool, bool]):
+    """(suffix, array) for the `_shape`, `_strides`, `_ndim` buffers the body mentions."""
+    if arr.ndim == 0:
+        return []
+    sh, st, nd = infos
+    extra = []
+    if sh:
+        extra.append(("_shape", np.array(arr.shape, dtype=np.int32)))
+    if st:
+        extra.append(("_strides", np.array(arr.strides, dtype=np.int64) // arr.itemsize))
+    if nd:
+        extra.append(("_ndim", np.array(arr.ndim, dtype=np.int32)))
+    return extra
+
+
+def _from_storage(out: np.ndarray, dt: mx.Dtype) -> mx.array:
+    a = mx.array(out)  # a copy: the guarded memory is unmapped after the launch
+    return a.view(mx.bfloat16) if dt == mx.bfloat16 else a
+
+
+class _LaunchMemory:
+    """Every buffer of one launch in guarded memory (guarded.py), freed on exit."""
+
+    def __init__(self):
+        self.buffers: list[guarded.GuardedBuffer] = []
+        self._arrays: list[np.ndarray] = []
+
+    def __enter__(self) -> _LaunchMemory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._arrays.clear()
+        for b in self.buffers:
+            b.close()
+
+    def _place(self, name: str, kind: str, dtype, shape) -> np.ndarray:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        buf = guarded.GuardedBuffer(name, kind, nbytes)
+        self.buffers.append(buf)
+        arr = buf.array(np.dtype(dtype), tuple(shape))
+        self._arrays.append(arr)
+        return arr
+
+    def input(self, name: str, arr: np.ndarray) -> int:
+        placed = self._place(name, "input", arr.dtype, arr.shape)
+        placed[...] = arr
+        return self.address(placed)
+
+    def output(self, name: str, shape, dt: mx.Dtype, init_value) -> np.ndarray:
+        out = self._place(name, "output", NUMPY_STORAGE[dt], shape)
+        if init_value is None:
+            out.view(np.uint8).fill(0xFF)  # NaN bytes: unwritten outputs show
+        elif dt == mx.bfloat16:
+            out[...] = np.array(mx.array(init_value, dtype=mx.bfloat16).view(mx.uint16))
+        else:
+            out[...] = init_value
+        return out
+
+    @staticmethod
+    def address(arr: np.ndarray) -> int:
+        return arr.__array_interface__["data"][0]
+
+    def canary_damage(self) -> str | None:
+        for b in self.buffers:
+            n = b.canary_damage()
+            if n is not None:
+                return f"up to {n} byte(s) before the start of {b.kind} '{b.name}'"
+        return None
 
 
 def _template_kind(v: Any) -> str:
@@ -257,7 +338,7 @@ class MetalKernelEmulator:
         return src
 
     def _cxx_source(self, func_name, inputs, in_dtypes, out_dtypes, template) -> str:
-        body = _TG_DECL.sub(_threadgroup_declaration, self.source)
+        body = THREADGROUP_DECLARATION.sub(_threadgroup_declaration, self.source)
         emu = MetalKernelEmulator(
             self.name,
             self.input_names,
@@ -300,9 +381,10 @@ class MetalKernelEmulator:
             f"  {func_name}{targs}({', '.join(args)});\n"
             "}\n"
             'extern "C" int bonsai_launch(void* const* args, const long* grid, const long* tg,'
-            " int schedule, char* err, int errlen) {\n"
+            " int schedule, char* err, int errlen, long* fault) {\n"
             "  bonsai_args = args;\n"
-            "  return bonsai_emu::launch(grid, tg, schedule, &bonsai_run_thread, err, errlen);\n"
+            "  return bonsai_emu::launch(grid, tg, schedule, &bonsai_run_thread, err, errlen,"
+            " fault);\n"
             "}\n"
         )
         return src
@@ -313,7 +395,8 @@ class MetalKernelEmulator:
         if cxx is None:
             raise EmulatorError("the Metal emulator needs a C++ compiler: install g++ (or set CXX)")
         shim = SHIM_HEADER.read_text()
-        key = hashlib.sha256("\0".join([shim, cxx_source, cxx, *CXX_FLAGS]).encode()).hexdigest()
+        flags = cxx_flags(cxx)
+        key = hashlib.sha256("\0".join([shim, cxx_source, cxx, *flags]).encode()).hexdigest()
         key = key[:24]
         with _LOCK:
             if key in _LIBRARIES:
@@ -326,7 +409,7 @@ class MetalKernelEmulator:
                 cpp.write_text(cxx_source)
                 fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
                 os.close(fd)
-                cmd = [cxx, *CXX_FLAGS, f"-I{SHIM_HEADER.parent}", str(cpp), "-o", tmp]
+                cmd = [cxx, *flags, f"-I{SHIM_HEADER.parent}", str(cpp), "-o", tmp]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     os.unlink(tmp)
@@ -344,6 +427,7 @@ class MetalKernelEmulator:
                 ctypes.c_int,
                 ctypes.c_char_p,
                 ctypes.c_int,
+                ctypes.POINTER(ctypes.c_long),
             ]
             _LIBRARIES[key] = lib
             return lib
@@ -391,51 +475,40 @@ class MetalKernelEmulator:
             print("```")
         lib = self._library(self._cxx_source(func_name, arrays, in_dtypes, out_dtypes, template))
 
-        outputs = []
-        for shape, dt in zip(output_shapes, out_dtypes, strict=True):
-            store = NUMPY_STORAGE[dt]
-            if init_value is None:
-                out = np.empty(tuple(shape), dtype=store)
-                out.view(np.uint8).fill(0xFF)  # NaN bytes: unwritten outputs show
-            elif dt == mx.bfloat16:
-                bits = np.array(mx.array(init_value, dtype=mx.bfloat16).view(mx.uint16))
-                out = np.full(tuple(shape), bits, dtype=np.uint16)
-            else:
-                out = np.full(tuple(shape), init_value, dtype=store)
-            outputs.append(out)
+        with _LaunchMemory() as memory:
+            pointers = []
+            for name, arr, infos in zip(self.input_names, arrays, self.shape_infos, strict=True):
+                pointers.append(memory.input(name, arr))
+                for suffix, extra in _shape_buffers(arr, infos):
+                    pointers.append(memory.input(name + suffix, extra))
+            outputs = [memory.output(name, tuple(shape), dt, init_value)
+                       for name, shape, dt in zip(self.output_names, output_shapes, out_dtypes,
+                                                  strict=True)]
+            pointers += [memory.address(o) for o in outputs]
+            if min(grid) > 0:
+                self._launch(lib, pointers, grid, threadgroup, memory)
+            results = [_from_storage(o, dt) for o, dt in zip(outputs, out_dtypes, strict=True)]
+            del outputs  # views of the guarded memory, which is unmapped on exit
+        return results
 
-        keep: list[np.ndarray] = []  # keeps shape/stride buffers alive during the launch
-        pointers: list[int] = []
-        for arr, (sh, st, nd) in zip(arrays, self.shape_infos, strict=True):
-            pointers.append(arr.ctypes.data)
-            if arr.ndim > 0:
-                extra = []
-                if sh:
-                    extra.append(np.array(arr.shape, dtype=np.int32))
-                if st:
-                    extra.append(np.array(arr.strides, dtype=np.int64) // arr.itemsize)
-                if nd:
-                    extra.append(np.array(arr.ndim, dtype=np.int32))
-                for e in extra:
-                    keep.append(e)
-                    pointers.append(e.ctypes.data)
-        pointers += [o.ctypes.data for o in outputs]
+    def _launch(self, lib, pointers, grid, threadgroup, memory: _LaunchMemory) -> None:
         argv = (ctypes.c_void_p * max(1, len(pointers)))(*pointers)
         g = (ctypes.c_long * 3)(*grid)
         t = (ctypes.c_long * 3)(*threadgroup)
         err = ctypes.create_string_buffer(1024)
-        if min(grid) > 0:
-            with _LOCK:
-                rc = lib.bonsai_launch(argv, g, t, schedule(), err, len(err))
-            if rc != 0:
-                raise EmulatorError(f"kernel {self.name!r}: {err.value.decode()}")
-        del keep
-
-        results = []
-        for out, dt in zip(outputs, out_dtypes, strict=True):
-            a = mx.array(out)
-            results.append(a.view(mx.bfloat16) if dt == mx.bfloat16 else a)
-        return results
+        fault = (ctypes.c_long * 2)(0, -1)
+        with _LOCK:
+            rc = lib.bonsai_launch(argv, g, t, schedule(), err, len(err), fault)
+        message = err.value.decode()
+        if rc == 2 and "stack overflow" not in message:  # name the buffer next to the fault
+            threadgroup_name = message.split(": ", 1)[0]
+            where = guarded.describe_fault(memory.buffers, fault[0] % 2**64, fault[1])
+            message = f"{threadgroup_name}: {where}"
+        if rc != 0:
+            raise EmulatorError(f"kernel {self.name!r}: {message}")
+        damage = memory.canary_damage()
+        if damage:
+            raise EmulatorError(f"kernel {self.name!r}: out-of-bounds write {damage}")
 
 
 def metal_kernel(

@@ -16,9 +16,13 @@
 #include <limits>
 #include <type_traits>
 
-#if !defined(__x86_64__)
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <ucontext.h>
-#endif
+#include <unistd.h>
+
 
 // ----------------------------------------------------------------------------------------
 // Scalar types
@@ -754,151 +758,260 @@ using namespace metal;
 
 // ----------------------------------------------------------------------------------------
 // Launch: run every threadgroup of the grid, one after another.
+//
+// A memory fault while the kernel runs (an out-of-bounds access that reaches one of the
+// inaccessible pages the Python side places around every buffer, a fiber overflowing its
+// stack into its guard page, a wild pointer) must not kill the test process: SIGSEGV / SIGBUS
+// handlers, on their own signal stack, jump back here and the launch returns 2 with the
+// faulting address (fault[0]) and whether it was a write (fault[1]: 1 write, 0 read,
+// -1 unknown), for the Python side to name the buffer.
 namespace bonsai_emu {
 
+struct Grid {
+  long grid[3], tgx, tgy, tgz, tg_threads, ngx, ngy, ngz;
+  int max_simds, schedule;
+  char* stacks;
+  size_t stack_stride;
+};
+
+struct FaultState {
+  sigjmp_buf jump;
+  bool active = false;
+  pthread_t owner;  // (not "thread": MSL's address space is a macro here)
+  void* volatile addr = nullptr;
+  volatile int write = -1;
+  long tg[3] = {0, 0, 0};
+  struct sigaction old_segv, old_bus;
+  stack_t old_altstack;
+};
+inline FaultState F;
+
+inline void fault_handler(int sig, siginfo_t* info, void* uctx) {
+  if (!F.active || !pthread_equal(pthread_self(), F.owner)) {
+    // Not a fault of the kernel being emulated: give it to the previous handler.
+    sigaction(sig, sig == SIGSEGV ? &F.old_segv : &F.old_bus, nullptr);
+    return;
+  }
+  F.addr = info->si_addr;
+#if defined(__linux__) && defined(__x86_64__)
+  F.write = (static_cast<ucontext_t*>(uctx)->uc_mcontext.gregs[REG_ERR] & 2) ? 1 : 0;
+#else
+  (void)uctx;
+  F.write = -1;
+#endif
+  siglongjmp(F.jump, sig);
+}
+
+inline void setup_fiber(Fiber& f, int i, const Grid& g, long gx, long gy, long gz, uint sx,
+                        uint sy, uint sz, int n, int nsimd) {
+  uint lx = uint(i) % sx, ly = uint(i) / sx % sy, lz = uint(i) / (sx * sy);
+  f.state = READY;
+  f.simd_ops = 0;
+  f.tg_offset = 0;
+  f.stack = g.stacks + size_t(i) * g.stack_stride;
+  f.thread_position_in_threadgroup = uint3(lx, ly, lz);
+  f.threadgroup_position_in_grid = uint3(uint(gx), uint(gy), uint(gz));
+  f.thread_position_in_grid =
+      uint3(uint(gx * g.tgx) + lx, uint(gy * g.tgy) + ly, uint(gz * g.tgz) + lz);
+  f.threadgroups_per_grid = uint3(uint(g.ngx), uint(g.ngy), uint(g.ngz));
+  f.threads_per_grid = uint3(uint(g.grid[0]), uint(g.grid[1]), uint(g.grid[2]));
+  f.grid_size = f.threads_per_grid;
+  f.grid_origin = uint3(0u, 0u, 0u);
+  f.threads_per_threadgroup = uint3(sx, sy, sz);
+  f.dispatch_threads_per_threadgroup = uint3(uint(g.tgx), uint(g.tgy), uint(g.tgz));
+  f.thread_index_in_threadgroup = uint(i);
+  f.thread_index_in_simdgroup = uint(i) % kSimdWidth;
+  f.simdgroup_index_in_threadgroup = uint(i) / kSimdWidth;
+  f.simdgroups_per_threadgroup = uint(nsimd);
+  f.dispatch_simdgroups_per_threadgroup = uint(g.max_simds);
+  f.threads_per_simdgroup = kSimdWidth;
+  f.thread_execution_width = kSimdWidth;
+  f.thread_index_in_quadgroup = uint(i) % 4;
+  f.quadgroup_index_in_threadgroup = uint(i) / 4;
+  f.quadgroups_per_threadgroup = uint((n + 3) / 4);
+  f.dispatch_quadgroups_per_threadgroup = uint((g.tg_threads + 3) / 4);
+#if defined(__x86_64__)
+  uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + kStackSize) & ~uintptr_t(15);
+  void** sp = reinterpret_cast<void**>(top - 56);
+  for (int k = 0; k < 6; ++k) sp[k] = nullptr;
+  sp[3] = &f;  // r12 -> first argument of bonsai_fiber_main
+  sp[6] = reinterpret_cast<void*>(&bonsai_fiber_trampoline);
+  f.sp = sp;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = f.stack;
+  f.ctx.uc_stack.ss_size = kStackSize;
+  f.ctx.uc_link = nullptr;
+  uintptr_t p = reinterpret_cast<uintptr_t>(&f);
+  makecontext(&f.ctx, reinterpret_cast<void (*)()>(&bonsai_fiber_start_uc), 2,
+              unsigned(p & 0xffffffffu), unsigned(p >> 32));
+#endif
+}
+
+// Schedule: one SIMD-group at a time, run until all its lanes wait at a threadgroup_barrier
+// or finish (lanes in order, switching at SIMD-group operations), then the next. A missing
+// barrier between SIMD-groups then reads stale or poisoned threadgroup memory. schedule 1
+// takes SIMD-groups and lanes in reverse order; schedule 2 is round-robin over all threads.
+// Returns whether any fiber ran.
+inline bool schedule_round(int n, int nsimd, int schedule) {
+  Fiber* fibers = R.fibers;
+  bool ran = false;
+  for (int si = 0; si < nsimd && !R.abort; ++si) {
+    int s = schedule == 1 ? nsimd - 1 - si : si;
+    int lo = schedule == 2 ? 0 : s * kSimdWidth;
+    int hi = schedule == 2 ? n : std::min(n, lo + kSimdWidth);
+    bool progress = true;
+    while (progress && !R.abort) {
+      progress = false;
+      for (int li = lo; li < hi; ++li) {
+        int i = schedule == 1 ? hi - 1 - (li - lo) : li;
+        Fiber& f = fibers[i];
+        if (f.state != READY) continue;
+        R.cur = &f;
+#if defined(__x86_64__)
+        bonsai_ctx_switch(&R.sched_sp, f.sp);
+#else
+        swapcontext(&R.sched_ctx, &f.ctx);
+#endif
+        ran = progress = true;
+        if (R.abort) break;
+        if (schedule == 2) progress = false;  // one pass per round
+      }
+    }
+    if (schedule == 2) break;
+  }
+  return ran;
+}
+
+inline int run_threadgroup(const Grid& g, long gx, long gy, long gz, char* err, int errlen) {
+  // Edge threadgroups are smaller: threads outside the grid do not exist.
+  uint sx = uint(std::min(g.tgx, g.grid[0] - gx * g.tgx));
+  uint sy = uint(std::min(g.tgy, g.grid[1] - gy * g.tgy));
+  uint sz = uint(std::min(g.tgz, g.grid[2] - gz * g.tgz));
+  int n = int(sx * sy * sz);
+  int nsimd = (n + kSimdWidth - 1) / kSimdWidth;
+  F.tg[0] = gx, F.tg[1] = gy, F.tg[2] = gz;
+  R.nfibers = n;
+  R.tg_alive = n;
+  R.tg_waiting = 0;
+  std::memset(R.arena, 0xff, sizeof(R.arena));  // NaN poison: uninitialised reads show
+  for (int s = 0; s < nsimd; ++s) {
+    R.simds[s].alive = std::min(kSimdWidth, n - s * kSimdWidth);
+    R.simds[s].waiting = 0;
+    R.simds[s].present[0] = R.simds[s].present[1] = 0;
+  }
+  for (int i = 0; i < n; ++i) setup_fiber(R.fibers[i], i, g, gx, gy, gz, sx, sy, sz, n, nsimd);
+  int done = 0;
+  while (done < n) {
+    bool ran = schedule_round(n, nsimd, g.schedule);
+    done = 0;
+    for (int i = 0; i < n; ++i) done += R.fibers[i].state == DONE;
+    if (R.abort) {
+      std::snprintf(err, size_t(errlen), "threadgroup (%ld, %ld, %ld): %s", gx, gy, gz, R.error);
+      return 1;
+    }
+    if (!ran && done < n) {
+      int tgw = 0, sw = 0;
+      for (int i = 0; i < n; ++i) {
+        tgw += R.fibers[i].state == WAIT_TG;
+        sw += R.fibers[i].state == WAIT_SIMD;
+      }
+      std::snprintf(err, size_t(errlen),
+                    "deadlock in threadgroup (%ld, %ld, %ld): %d threads wait at "
+                    "threadgroup_barrier, %d at a SIMD-group operation, %d finished "
+                    "(divergent barrier?)",
+                    gx, gy, gz, tgw, sw, done);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+inline int run_grid(const Grid& g, char* err, int errlen) {
+  for (long gz = 0; gz < g.ngz; ++gz)
+    for (long gy = 0; gy < g.ngy; ++gy)
+      for (long gx = 0; gx < g.ngx; ++gx)
+        if (int rc = run_threadgroup(g, gx, gy, gz, err, errlen)) return rc;
+  return 0;
+}
+
+// Fiber stacks, each above an inaccessible guard page (stacks grow down): an overflow faults.
+inline char* map_stacks(long count, size_t* stride) {
+  size_t page = size_t(sysconf(_SC_PAGESIZE));
+  *stride = kStackSize + page;
+  size_t bytes = size_t(count) * *stride;
+  void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  char* base = static_cast<char*>(p);
+  for (long i = 0; i < count; ++i) mprotect(base + size_t(i) * *stride, page, PROT_NONE);
+  return base + page;  // stack i: [base + page + i * stride, + kStackSize)
+}
+
 inline int launch(const long* grid, const long* tg, int schedule, void (*entry)(Fiber*), char* err,
-                  int errlen) {
-  long tgx = std::min(tg[0], grid[0]), tgy = std::min(tg[1], grid[1]),
-       tgz = std::min(tg[2], grid[2]);
-  long tg_threads = tgx * tgy * tgz;
-  long ngx = (grid[0] + tgx - 1) / tgx, ngy = (grid[1] + tgy - 1) / tgy,
-       ngz = (grid[2] + tgz - 1) / tgz;
-  int max_simds = int((tg_threads + kSimdWidth - 1) / kSimdWidth);
-  Fiber* fibers = new Fiber[size_t(tg_threads)];
-  Simd* simds = new Simd[size_t(max_simds)];
-  char* stacks = static_cast<char*>(std::malloc(size_t(tg_threads) * kStackSize));
-  if (!stacks) {
-    std::snprintf(err, size_t(errlen), "out of memory for %ld fiber stacks", tg_threads);
-    delete[] fibers;
-    delete[] simds;
+                  int errlen, long* fault) {
+  Grid g;
+  for (int a = 0; a < 3; ++a) g.grid[a] = grid[a];
+  g.tgx = std::min(tg[0], grid[0]), g.tgy = std::min(tg[1], grid[1]);
+  g.tgz = std::min(tg[2], grid[2]);
+  g.tg_threads = g.tgx * g.tgy * g.tgz;
+  g.ngx = (grid[0] + g.tgx - 1) / g.tgx, g.ngy = (grid[1] + g.tgy - 1) / g.tgy;
+  g.ngz = (grid[2] + g.tgz - 1) / g.tgz;
+  g.max_simds = int((g.tg_threads + kSimdWidth - 1) / kSimdWidth);
+  g.schedule = schedule;
+  g.stacks = map_stacks(g.tg_threads, &g.stack_stride);
+  if (!g.stacks) {
+    std::snprintf(err, size_t(errlen), "out of memory for %ld fiber stacks", g.tg_threads);
     return 1;
   }
+  size_t page = size_t(sysconf(_SC_PAGESIZE));
+  char* stack_map = g.stacks - page;
+  size_t stack_bytes = size_t(g.tg_threads) * g.stack_stride;
+  Fiber* fibers = new Fiber[size_t(g.tg_threads)];
+  Simd* simds = new Simd[size_t(g.max_simds)];
   R.fibers = fibers;
   R.simds = simds;
   R.entry = entry;
   R.abort = false;
   R.error[0] = 0;
-  int rc = 0;
-  for (long gz = 0; gz < ngz && !rc; ++gz)
-    for (long gy = 0; gy < ngy && !rc; ++gy)
-      for (long gx = 0; gx < ngx && !rc; ++gx) {
-        // Edge threadgroups are smaller: threads outside the grid do not exist.
-        uint sx = uint(std::min(tgx, grid[0] - gx * tgx));
-        uint sy = uint(std::min(tgy, grid[1] - gy * tgy));
-        uint sz = uint(std::min(tgz, grid[2] - gz * tgz));
-        int n = int(sx * sy * sz);
-        int nsimd = (n + kSimdWidth - 1) / kSimdWidth;
-        R.nfibers = n;
-        R.tg_alive = n;
-        R.tg_waiting = 0;
-        std::memset(R.arena, 0xff, sizeof(R.arena));  // NaN poison: uninitialised reads show
-        for (int s = 0; s < nsimd; ++s) {
-          simds[s].alive = std::min(kSimdWidth, n - s * kSimdWidth);
-          simds[s].waiting = 0;
-          simds[s].present[0] = simds[s].present[1] = 0;
-        }
-        for (int i = 0; i < n; ++i) {
-          Fiber& f = fibers[i];
-          uint lx = uint(i) % sx, ly = uint(i) / sx % sy, lz = uint(i) / (sx * sy);
-          f.state = READY;
-          f.simd_ops = 0;
-          f.tg_offset = 0;
-          f.stack = stacks + size_t(i) * kStackSize;
-          f.thread_position_in_threadgroup = uint3(lx, ly, lz);
-          f.threadgroup_position_in_grid = uint3(uint(gx), uint(gy), uint(gz));
-          f.thread_position_in_grid =
-              uint3(uint(gx * tgx) + lx, uint(gy * tgy) + ly, uint(gz * tgz) + lz);
-          f.threadgroups_per_grid = uint3(uint(ngx), uint(ngy), uint(ngz));
-          f.threads_per_grid = uint3(uint(grid[0]), uint(grid[1]), uint(grid[2]));
-          f.grid_size = f.threads_per_grid;
-          f.grid_origin = uint3(0u, 0u, 0u);
-          f.threads_per_threadgroup = uint3(sx, sy, sz);
-          f.dispatch_threads_per_threadgroup = uint3(uint(tgx), uint(tgy), uint(tgz));
-          f.thread_index_in_threadgroup = uint(i);
-          f.thread_index_in_simdgroup = uint(i) % kSimdWidth;
-          f.simdgroup_index_in_threadgroup = uint(i) / kSimdWidth;
-          f.simdgroups_per_threadgroup = uint(nsimd);
-          f.dispatch_simdgroups_per_threadgroup = uint(max_simds);
-          f.threads_per_simdgroup = kSimdWidth;
-          f.thread_execution_width = kSimdWidth;
-          f.thread_index_in_quadgroup = uint(i) % 4;
-          f.quadgroup_index_in_threadgroup = uint(i) / 4;
-          f.quadgroups_per_threadgroup = uint((n + 3) / 4);
-          f.dispatch_quadgroups_per_threadgroup = uint((tg_threads + 3) / 4);
-#if defined(__x86_64__)
-          uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + kStackSize) & ~uintptr_t(15);
-          void** sp = reinterpret_cast<void**>(top - 56);
-          for (int k = 0; k < 6; ++k) sp[k] = nullptr;
-          sp[3] = &f;  // r12 -> first argument of bonsai_fiber_main
-          sp[6] = reinterpret_cast<void*>(&bonsai_fiber_trampoline);
-          f.sp = sp;
-#else
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack;
-          f.ctx.uc_stack.ss_size = kStackSize;
-          f.ctx.uc_link = nullptr;
-          uintptr_t p = reinterpret_cast<uintptr_t>(&f);
-          makecontext(&f.ctx, reinterpret_cast<void (*)()>(&bonsai_fiber_start_uc), 2,
-                      unsigned(p & 0xffffffffu), unsigned(p >> 32));
-#endif
-        }
-        // Schedule: one SIMD-group at a time, run until all its lanes wait at a
-        // threadgroup_barrier or finish (lanes in order, switching at SIMD-group operations),
-        // then the next. A missing barrier between SIMD-groups then reads stale or poisoned
-        // threadgroup memory. schedule 1 takes SIMD-groups and lanes in reverse order;
-        // schedule 2 is round-robin over all threads.
-        int done = 0;
-        while (done < n) {
-          bool ran = false;
-          for (int si = 0; si < nsimd && !R.abort; ++si) {
-            int s = schedule == 1 ? nsimd - 1 - si : si;
-            int lo = schedule == 2 ? 0 : s * kSimdWidth;
-            int hi = schedule == 2 ? n : std::min(n, lo + kSimdWidth);
-            bool progress = true;
-            while (progress && !R.abort) {
-              progress = false;
-              for (int li = lo; li < hi; ++li) {
-                int i = schedule == 1 ? hi - 1 - (li - lo) : li;
-                Fiber& f = fibers[i];
-                if (f.state != READY) continue;
-                R.cur = &f;
-#if defined(__x86_64__)
-                bonsai_ctx_switch(&R.sched_sp, f.sp);
-#else
-                swapcontext(&R.sched_ctx, &f.ctx);
-#endif
-                ran = progress = true;
-                if (R.abort) break;
-                if (schedule == 2) progress = false;  // one pass per round
-              }
-            }
-            if (schedule == 2) break;
-          }
-          done = 0;
-          for (int i = 0; i < n; ++i) done += fibers[i].state == DONE;
-          if (R.abort) {
-            std::snprintf(err, size_t(errlen), "threadgroup (%ld, %ld, %ld): %s", gx, gy, gz,
-                          R.error);
-            rc = 1;
-            break;
-          }
-          if (!ran && done < n) {
-            int tgw = 0, sw = 0;
-            for (int i = 0; i < n; ++i) {
-              tgw += fibers[i].state == WAIT_TG;
-              sw += fibers[i].state == WAIT_SIMD;
-            }
-            std::snprintf(err, size_t(errlen),
-                          "deadlock in threadgroup (%ld, %ld, %ld): %d threads wait at "
-                          "threadgroup_barrier, %d at a SIMD-group operation, %d finished "
-                          "(divergent barrier?)",
-                          gx, gy, gz, tgw, sw, done);
-            rc = 1;
-            break;
-          }
-        }
-      }
-  std::free(stacks);
+
+  static char altstack[1 << 16];
+  stack_t ss{};
+  ss.ss_sp = altstack;
+  ss.ss_size = sizeof(altstack);
+  sigaltstack(&ss, &F.old_altstack);
+  struct sigaction sa{};
+  sa.sa_sigaction = &fault_handler;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &F.old_segv);
+  sigaction(SIGBUS, &sa, &F.old_bus);
+  F.owner = pthread_self();
+  F.addr = nullptr;
+  F.active = true;
+  int rc;
+  if (sigsetjmp(F.jump, 1) == 0) {
+    rc = run_grid(g, err, errlen);
+  } else {
+    rc = 2;
+    uintptr_t a = reinterpret_cast<uintptr_t>(F.addr);
+    uintptr_t lo = reinterpret_cast<uintptr_t>(stack_map);
+    // Below a fiber's stack: its guard page, or further down for a huge local array.
+    bool stack_guard = a + 4 * kStackSize >= lo && a < lo + stack_bytes &&
+                       (a < lo || (a - lo) % g.stack_stride < page);
+    std::snprintf(err, size_t(errlen), "threadgroup (%ld, %ld, %ld): %s at address %p",
+                  F.tg[0], F.tg[1], F.tg[2],
+                  stack_guard ? "stack overflow in a kernel thread (recursion or huge local "
+                                "arrays)"
+                              : "memory fault",
+                  F.addr);
+    fault[0] = long(a);
+    fault[1] = F.write;
+  }
+  F.active = false;
+  sigaction(SIGSEGV, &F.old_segv, nullptr);
+  sigaction(SIGBUS, &F.old_bus, nullptr);
+  sigaltstack(&F.old_altstack, nullptr);
+  munmap(stack_map, stack_bytes);
   delete[] fibers;
   delete[] simds;
   R.fibers = nullptr;

@@ -172,7 +172,6 @@ def load_lora(model: nn.Module, source: str | Path | LoraFile, *, scale: float =
         adapter.scale = float(scale)
         wrapper.adapters.setdefault(name, []).append(adapter)
     mx.eval(list(cast.values()))
-    _changed(model)
     return name
 
 
@@ -239,11 +238,6 @@ def _wrappers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def _changed(model: nn.Module) -> None:
-    if hasattr(model, "clear_context_memo"):  # Flux2Transformer memoises text projections
-        model.clear_context_memo()
-
-
 def _check_names(model: nn.Module, names) -> None:
     loaded = lora_infos(model)
     unknown = [n for n in names if n not in loaded]
@@ -263,7 +257,6 @@ def set_lora_scales(model: nn.Module, scales: Mapping[str, float]) -> None:
         for name, scale in scales.items():
             for adapter in wrapper.adapters.get(name, []):
                 adapter.scale = float(scale)
-    _changed(model)
 
 
 def unload_lora(model: nn.Module, name: str | None = None) -> None:
@@ -278,7 +271,6 @@ def unload_lora(model: nn.Module, name: str | None = None) -> None:
             wrapper.adapters.pop(name, None)
         if not wrapper.adapters:
             set_module(model, path, wrapper.base)
-    _changed(model)
 
 
 def fuse_lora(model: nn.Module) -> list[str]:
@@ -304,7 +296,6 @@ def fuse_lora(model: nn.Module) -> list[str]:
         wrapper.base.weight = w.astype(wrapper.base.weight.dtype)
         mx.eval(wrapper.base.weight)
         set_module(model, path, wrapper.base)
-    _changed(model)
     return names
 
 

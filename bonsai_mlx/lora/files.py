@@ -29,8 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.models.transformer import bfl_module_names, bfl_module_to_diffusers
-from bonsai_mlx.quant.model import DOUBLE_BLOCK_LINEARS, SINGLE_BLOCK_LINEARS
+from bonsai_mlx.models.transformer import (
+    DOUBLE_BLOCK_LINEARS,
+    SINGLE_BLOCK_LINEARS,
+    bfl_module_names,
+    bfl_module_to_diffusers,
+)
 from bonsai_mlx.weights import (
     MODEL_ALIASES,
     load_safetensors,

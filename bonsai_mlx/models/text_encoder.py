@@ -11,8 +11,8 @@ sharded) and the mlx-lm layout of Bonsai's `text_encoder-mlx-4bit/` (affine-quan
 "quantization" in config.json).
 
 `PromptEncoder` loads the weights on the first prompt it has not seen, frees them after
-encoding (unless keep_loaded=True), and caches embeddings in memory and optionally on disk,
-so a seed sweep over one prompt runs Qwen3 once.
+encoding (unless keep_loaded=True), and caches embeddings in memory and optionally on disk
+(`prompt_cache.py`), so a seed sweep over one prompt runs Qwen3 once.
 
 mlx-lm is imported when a model is first built, not with this module: it imports
 transformers, which takes seconds.
@@ -31,22 +31,21 @@ import io
 import os
 import re
 import warnings
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bonsai_mlx.checks import integer, number
+from bonsai_mlx.checks import check_prompts, integer, number
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.models.prompt_cache import PromptCache
 from bonsai_mlx.weights import (
     check_no_custom_code,
-    check_weights,
     checkpoint_float_dtype,
-    load_safetensors,
+    file_sha256,
+    load_into,
     load_weights,
     parse_dtype,
     read_json,
-    read_safetensors_header,
     safetensors_files,
     save_safetensors,
     write_json,
@@ -59,8 +58,24 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 if TYPE_CHECKING:
     from mlx_lm.models import qwen3
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_OUT_LAYERS = (9, 18, 27)
+# Qwen3-4B, the FLUX.2 [klein] 4B text encoder (Qwen/Qwen3-4B's config.json).
+QWEN3_4B = {
+    "model_type": "qwen3", "hidden_size": 2560, "num_hidden_layers": 36,
+    "intermediate_size": 9728, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "rms_norm_eps": 1e-6, "vocab_size": 151936,
+    "max_position_embeddings": 40960, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+}
+# Qwen/Qwen3-8B's config.json: the text encoder of FLUX.2 [klein] 9B (hidden 4096 = the 9B
+# transformer's width; its lm_head is not tied to the embedding)
+QWEN3_8B = {
+    "model_type": "qwen3", "hidden_size": 4096, "num_hidden_layers": 36,
+    "intermediate_size": 12288, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "head_dim": 128, "rms_norm_eps": 1e-6, "vocab_size": 151936,
+    "max_position_embeddings": 40960, "rope_theta": 1000000.0, "tie_word_embeddings": False,
+}
 QUANTIZE_GROUP_SIZE = 64  # for quantize_bits at load time, as mlx-lm converts
 LOAD_QUANTIZE_BITS = (4, 8)  # quantize_bits at load time
 SAVE_QUANTIZE_BITS = (3, 4, 8)  # MLX affine widths `save_text_encoder` writes
@@ -178,7 +193,7 @@ class DequantizedLinear(nn.Module):
 
 
 @contextlib.contextmanager
-def dequantized_linears(module: nn.Module):
+def dequantized_linears(module: nn.Module) -> Iterator[nn.Module]:
     """Within the block, `module`'s `nn.QuantizedLinear`s are `DequantizedLinear`s; they
     are put back after it (also on an error), which frees the float weights. Evaluate what
     you compute inside the block before leaving it, or the float weights outlive it in the
@@ -230,7 +245,6 @@ def load_qwen3_encoder(
     mlx-lm does (affine, group 64); for a quantized checkpoint it must match its bits.
     """
     folder = Path(folder)
-    dtype = parse_dtype(dtype)
     config_path = folder / "config.json"
     config = read_json(config_path)
     args = qwen3_args(config, config_path)
@@ -243,59 +257,54 @@ def load_qwen3_encoder(
     final_norm = num_layers == args.num_hidden_layers and TRUNCATED_KEY not in config
     args.num_hidden_layers = num_layers
     model = Qwen3Encoder(args, final_norm=final_norm)
-
     # mx.load is lazy: the tensors of skipped layers are never read from disk.
     weights = model.sanitize(load_weights(folder))
-    quantization = config.get("quantization")
+    quantization = mlx_quantization(config)
     if quantization is not None:
-        bits = quantization.get("bits")
-        if quantize_bits is not None and quantize_bits != bits:
-            raise BonsaiError(
-                f"{folder} is already quantized to {bits} bits; "
-                f"quantize_bits={quantize_bits} cannot change that (leave it unset)"
-            )
-
-        quantized_paths = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
-
-        def quantized_here(path: str, module: nn.Module) -> bool | dict:
-            if path not in quantized_paths:
-                return False
-            per_layer = quantization.get(path)  # mlx-lm's per-layer overrides
-            return per_layer if isinstance(per_layer, dict) else True
-
-        nn.quantize(
-            model,
-            group_size=quantization.get("group_size", 64),
-            bits=bits,
-            mode=quantization.get("mode", "affine"),
-            class_predicate=quantized_here,
-        )
-    weights = {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-        for k, v in weights.items()
-    }
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    check_weights(weights, expected, folder)
-    model.load_weights(list(weights.items()))
+        _quantize_as_stored(model, quantization, weights, quantize_bits, folder)
+    model.set_dtype(parse_dtype(dtype))
+    load_into(model, weights, folder, evaluate=False)
     del weights
-
     if quantize_bits is not None and quantization is None:
         if quantize_bits not in LOAD_QUANTIZE_BITS:
             raise BonsaiError(f"quantize_bits must be 4 or 8, not {quantize_bits}")
-        nn.quantize(
-            model,
-            group_size=QUANTIZE_GROUP_SIZE,
-            bits=quantize_bits,
-            class_predicate=lambda _, m: (
-                hasattr(m, "to_quantized") and m.weight.shape[-1] % QUANTIZE_GROUP_SIZE == 0
-            ),
-        )
+        nn.quantize(model, group_size=QUANTIZE_GROUP_SIZE, bits=quantize_bits,
+                    class_predicate=lambda _, m: hasattr(m, "to_quantized")
+                    and m.weight.shape[-1] % QUANTIZE_GROUP_SIZE == 0)
     # One layer at a time, so quantizing at load never holds all the float weights at once.
     mx.eval(model.model.embed_tokens.parameters())
     for layer in model.model.layers:
         mx.eval(layer.parameters())
     model.eval()
     return model
+
+
+def mlx_quantization(config: dict) -> dict | None:
+    """The MLX affine quantization an mlx-lm config.json records (`"quantization"`: bits,
+    group_size, per-layer overrides), or None for a float checkpoint."""
+    quantization = config.get("quantization")
+    return quantization if isinstance(quantization, dict) else None
+
+
+def _quantize_as_stored(model: Qwen3Encoder, quantization: dict, weights: dict[str, mx.array],
+                        quantize_bits: int | None, folder: Path) -> None:
+    """Make the layers the checkpoint stores quantized (those with `.scales`) quantized."""
+    bits = quantization.get("bits")
+    if quantize_bits is not None and quantize_bits != bits:
+        raise BonsaiError(
+            f"{folder} is already quantized to {bits} bits; "
+            f"quantize_bits={quantize_bits} cannot change that (leave it unset)"
+        )
+    quantized_paths = {k.removesuffix(".scales") for k in weights if k.endswith(".scales")}
+
+    def quantized_here(path: str, module: nn.Module) -> bool | dict:
+        if path not in quantized_paths:
+            return False
+        per_layer = quantization.get(path)  # mlx-lm's per-layer overrides
+        return per_layer if isinstance(per_layer, dict) else True
+
+    nn.quantize(model, group_size=quantization.get("group_size", 64), bits=bits,
+                mode=quantization.get("mode", "affine"), class_predicate=quantized_here)
 
 
 def qwen3_sizes(config: dict, source: str | Path) -> tuple[int, int]:
@@ -340,10 +349,8 @@ class PromptEncoder:
     """Prompts -> FLUX.2 [klein] prompt embeddings (B, L, len(out_layers) * hidden).
 
     Matches diffusers' `Flux2KleinPipeline.encode_prompt`. Qwen3 is loaded on the first
-    prompt not found in a cache and released after each encode unless `keep_loaded`.
-    Embeddings are cached per prompt: the last `cache_size` in memory (this encoder's model,
-    layers and length), and all of them under `cache_dir` if given, keyed by a hash of the
-    model and tokenizer files, dtype, quantization, layers, length and prompt.
+    prompt not found in `cache` (a `PromptCache`: the last `cache_size` in memory, all of
+    them under `cache_dir` if given) and released after each encode unless `keep_loaded`.
 
     `dequantize` ("auto", True, False): run a quantized encoder one float32 layer at a
     time (see `should_dequantize`; "auto" does on the CPU, not on a GPU). In float32 the
@@ -372,16 +379,31 @@ class PromptEncoder:
         self.max_sequence_length = int(max_sequence_length)
         self.quantize_bits = quantize_bits
         self.keep_loaded = keep_loaded
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.cache_size = cache_size
         if dequantize not in ("auto", True, False):
             raise BonsaiError(f'dequantize must be True, False or "auto", not {dequantize!r}')
         self.dequantize = dequantize
 
         check_no_custom_code(self.text_encoder_dir, self.tokenizer_dir)
+        self.hidden_size = self._check_layers()
+        if self.max_sequence_length < 1:
+            raise BonsaiError(f"max_sequence_length must be positive, not {max_sequence_length}")
+        if quantize_bits not in (None, *LOAD_QUANTIZE_BITS):
+            raise BonsaiError(f"quantize_bits must be 4, 8 or None, not {quantize_bits}")
+        if not self.tokenizer_dir.is_dir():
+            raise BonsaiError(f"{self.tokenizer_dir} is not a folder (the tokenizer/ folder)")
+
+        self.model: Qwen3Encoder | None = None
+        self.loads = 0  # how many times Qwen3 was loaded (tests, benchmarks)
+        self._tokenizer = None
+        self._identity: str | None = None
+        shape = (1, self.max_sequence_length, len(self.out_layers) * self.hidden_size)
+        self.cache = PromptCache(cache_dir, cache_size, self._cache_key, shape, self.dtype)
+
+    def _check_layers(self) -> int:
+        """The hidden size, once the layers asked for are checked against the config."""
         config_path = self.text_encoder_dir / "config.json"
         config = read_json(config_path)
-        num_layers, self.hidden_size = qwen3_sizes(config, config_path)
+        num_layers, hidden_size = qwen3_sizes(config, config_path)
         truncated = config.get(TRUNCATED_KEY)
         too_deep = [k for k in self.out_layers if k > num_layers]
         if isinstance(truncated, dict) and self.out_layers and too_deep:
@@ -396,18 +418,7 @@ class PromptEncoder:
                 f"out_layers {self.out_layers} must be non-empty hidden-state indices in "
                 f"0..{num_layers} ({config_path})"
             )
-        if self.max_sequence_length < 1:
-            raise BonsaiError(f"max_sequence_length must be positive, not {max_sequence_length}")
-        if quantize_bits not in (None, *LOAD_QUANTIZE_BITS):
-            raise BonsaiError(f"quantize_bits must be 4, 8 or None, not {quantize_bits}")
-        if not self.tokenizer_dir.is_dir():
-            raise BonsaiError(f"{self.tokenizer_dir} is not a folder (the tokenizer/ folder)")
-
-        self.model: Qwen3Encoder | None = None
-        self.loads = 0  # how many times Qwen3 was loaded (tests, benchmarks)
-        self._tokenizer = None
-        self._identity: str | None = None
-        self._memory: OrderedDict[str, mx.array] = OrderedDict()
+        return hidden_size
 
     @classmethod
     def from_pretrained(
@@ -420,16 +431,14 @@ class PromptEncoder:
 
     def encode(self, prompt: str | Sequence[str]) -> mx.array:
         """One prompt or a list -> (B, max_sequence_length, len(out_layers) * hidden)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise BonsaiError("prompt must be a string or a non-empty list of strings")
-        found = {p: self._cached(p) for p in dict.fromkeys(prompts)}
+        prompts = check_prompts(prompt)
+        found = {p: self.cache.get(p) for p in dict.fromkeys(prompts)}
         missing = [p for p, e in found.items() if e is None]
         if missing:
             embeds = self._run_model(missing)
             for i, p in enumerate(missing):
                 found[p] = embeds[i : i + 1]
-                self._remember(p, found[p])
+                self.cache.put(p, found[p])
         return mx.concatenate([found[p] for p in prompts], axis=0)
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[mx.array, mx.array]:
@@ -472,7 +481,8 @@ class PromptEncoder:
         mx.clear_cache()
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded on first use (never with the folder's own code)."""
         if self._tokenizer is None:
             # We use only transformers' tokenizers: its "PyTorch was not found" advice (and
             # mlx-lm's, which sets the same variable) is noise for our users.
@@ -508,57 +518,21 @@ class PromptEncoder:
                 self.unload()
         return embeds
 
-    def _cached(self, prompt: str) -> mx.array | None:
-        if prompt in self._memory:
-            self._memory.move_to_end(prompt)
-            return self._memory[prompt]
-        if self.cache_dir is None:
-            return None
-        path = self._disk_path(prompt)
-        if not path.is_file():
-            return None
-        try:
-            embeds = load_safetensors(path)["prompt_embeds"]
-        except (BonsaiError, KeyError):
-            return None  # an unreadable cache entry is recomputed and rewritten
-        expected = (1, self.max_sequence_length, len(self.out_layers) * self.hidden_size)
-        if tuple(embeds.shape) != expected or embeds.dtype != self.dtype:
-            return None
-        self._remember(prompt, embeds, to_disk=False)
-        return embeds
-
-    def _remember(self, prompt: str, embeds: mx.array, to_disk: bool = True) -> None:
-        if self.cache_size > 0:
-            self._memory[prompt] = embeds
-            self._memory.move_to_end(prompt)
-            while len(self._memory) > self.cache_size:
-                self._memory.popitem(last=False)
-        if to_disk and self.cache_dir is not None:
-            save_safetensors(self._disk_path(prompt), {"prompt_embeds": embeds})
-
-    def _disk_path(self, prompt: str) -> Path:
-        key = hashlib.sha256()
-        for part in (self._model_identity(), repr(self.out_layers),
-                     str(self.max_sequence_length), prompt):
-            key.update(part.encode("utf-8") + b"\0")
-        return self.cache_dir / f"{key.hexdigest()}.safetensors"
-
-    def _model_identity(self) -> str:
-        """A hash of what determines the embeddings, cheap to compute for 8 GB of weights:
-        config, tokenizer files, weight file names, sizes and headers, dtype, quantization."""
+    def _cache_key(self) -> tuple[str, ...]:
+        """What determines the embeddings, for the disk cache: a hash of the weights' bytes
+        (hashed once per file and process, `file_sha256`), config, tokenizer files, dtype
+        and quantization; the layers read; the length."""
         if self._identity is None:
             h = hashlib.sha256()
             h.update((self.text_encoder_dir / "config.json").read_bytes())
             for f in safetensors_files(self.text_encoder_dir):
-                header = read_safetensors_header(f)
-                h.update(f.name.encode() + str(f.stat().st_size).encode())
-                h.update(repr(sorted(header.items(), key=lambda kv: kv[0])).encode())
+                h.update(f.name.encode() + b"\0" + file_sha256(f).encode())
             for f in sorted(self.tokenizer_dir.iterdir()):
                 if f.is_file():
                     h.update(f.name.encode() + b"\0" + f.read_bytes())
             h.update(f"{self.dtype} {self.quantize_bits}".encode())
             self._identity = h.hexdigest()
-        return self._identity
+        return self._identity, repr(self.out_layers), str(self.max_sequence_length)
 
 
 # ---- saving ---------------------------------------------------------------------------
@@ -595,37 +569,42 @@ def save_text_encoder(
         raise BonsaiError(f"out_layers {out_layers} must be hidden-state indices in "
                           f"0..{args.num_hidden_layers} ({config_path})")
     keep = max(out_layers[-1], 1)
-    quantization = config.get("quantization")
+    quantization = mlx_quantization(config)
     if quantization is not None and quantization.get("bits") != bits:
         raise BonsaiError(
             f"{source} is already MLX affine {quantization.get('bits')}-bit; saving it at {bits} "
             f"bits would not be lossless: use {quantization.get('bits')} bits for it"
         )
-    dtype = checkpoint_float_dtype(source)
-    model = load_qwen3_encoder(source, keep, dtype)
-
+    model = load_qwen3_encoder(source, keep, checkpoint_float_dtype(source))
     out = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    if quantization is not None:
-        out["quantization"] = out["quantization_config"] = quantization
-    elif bits != 16:
+    if quantization is None and bits != 16:
         from mlx_lm.utils import quantize_model
 
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints bits per weight
             model, quantized = quantize_model(model, {}, QUANTIZE_GROUP_SIZE, bits)
-        out["quantization"] = out["quantization_config"] = quantized["quantization"]
+        quantization = quantized["quantization"]
+    if quantization is not None:
+        out["quantization"] = out["quantization_config"] = quantization
     if keep < args.num_hidden_layers or TRUNCATED_KEY in config:
-        previous = config.get(TRUNCATED_KEY) or {}
-        out[TRUNCATED_KEY] = {
-            "source_num_hidden_layers": previous.get("source_num_hidden_layers",
-                                                     args.num_hidden_layers),
-            "out_layers": out_layers,
-        }
-        out["num_hidden_layers"] = keep
-        if isinstance(out.get("layer_types"), list):
-            out["layer_types"] = out["layer_types"][:keep]
-        if isinstance(out.get("max_window_layers"), int):
-            out["max_window_layers"] = min(out["max_window_layers"], keep)
+        out.update(_truncated_config(config, args.num_hidden_layers, keep, out_layers))
     weights = dict(tree_flatten(model.parameters()))
     save_safetensors(folder / "model.safetensors", weights, metadata={"format": "mlx"})
     write_json(folder / "config.json", out)
+    return out
+
+
+def _truncated_config(config: dict, num_layers: int, keep: int, out_layers: list[int]) -> dict:
+    """The config.json entries of an encoder cut after `keep` of `num_layers` layers."""
+    previous = config.get(TRUNCATED_KEY) or {}
+    out = {
+        TRUNCATED_KEY: {
+            "source_num_hidden_layers": previous.get("source_num_hidden_layers", num_layers),
+            "out_layers": out_layers,
+        },
+        "num_hidden_layers": keep,
+    }
+    if isinstance(config.get("layer_types"), list):
+        out["layer_types"] = config["layer_types"][:keep]
+    if isinstance(config.get("max_window_layers"), int):
+        out["max_window_layers"] = min(config["max_window_layers"], keep)
     return out

@@ -5,34 +5,42 @@ diffusers `transformer/` folder loads unchanged; `sanitize` maps Black Forest La
 single-file names onto them. Every linear layer is a plain bias-free `nn.Linear` called as
 `self.<name>(x)`, so the quantised layers can replace them by path.
 
-Numerics follow diffusers: the timestep sinusoid and the rotary embedding are computed in
-float32 (the RoPE angles in float64, once per id set), everything else in the model dtype
-(norms accumulate in float32 inside `mx.fast`).
+The layers are in `transformer_layers.py`; here: the config, the model's dataflow, loading
+(`from_pretrained`, checkpoint names, the packable layers) and saving.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bonsai_mlx.checks import config_from_dict, flag, integer, number
+from bonsai_mlx.arrays import to_mx, to_numpy
+from bonsai_mlx.checks import BaseConfig, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.models import cpu_ops
+from bonsai_mlx.models.transformer_layers import (
+    Fused,
+    Modulation,
+    NormOut,
+    ReferenceKV,
+    Rope,
+    SingleTransformerBlock,
+    TimeGuidanceEmbed,
+    TransformerBlock,
+    rope_tables,
+)
 from bonsai_mlx.quant.layers import PACKED_LINEAR
 from bonsai_mlx.quant.loading import (
     QUANT_CONFIG,
     WEIGHTS_STEM,
-    load_packed_transformer_weights,
-    packed_layout,
+    apply_packed_layout,
     packed_quantization_config,
+    read_quantization_config,
 )
 from bonsai_mlx.weights import (
     DTYPES,
-    check_weights,
+    load_into,
     load_weights,
     parse_dtype,
     read_json,
@@ -48,11 +56,9 @@ from mlx.utils import tree_flatten
 DIFFUSERS_CLASS = "Flux2Transformer2DModel"
 BFL_PREFIX = "model.diffusion_model."
 
-Rope = tuple[mx.array, mx.array]  # (cos, sin), each (S, head_dim / 2) float32, S = txt + img
-
 
 @dataclass
-class Flux2TransformerConfig:
+class Flux2TransformerConfig(BaseConfig):
     """Fields and names as in diffusers' `transformer/config.json`; defaults are Klein 4B."""
 
     patch_size: int = 1
@@ -102,361 +108,77 @@ class Flux2TransformerConfig:
     def mlp_hidden_dim(self) -> int:
         return int(self.inner_dim * self.mlp_ratio)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str | Path | None = None
-                  ) -> Flux2TransformerConfig:
-        """Build from a config.json dict, ignoring keys that are not fields (`_class_name`, ...);
-        errors name `source`."""
-        return config_from_dict(cls, d, source)
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["axes_dims_rope"] = list(self.axes_dims_rope)
         return {"_class_name": DIFFUSERS_CLASS, **d}
 
 
-# ---------------------------------------------------------------------------------------
-# Small pure functions, fused with mx.compile on a GPU. On the CPU backend compiling means
-# seconds of C++ compilation per new kernel for little gain, so they run eagerly there.
-# COMPILE: None = on a GPU only; True / False forces it (tests compare both paths).
-COMPILE: bool | None = None
-
-
-def _maybe_compiled(fn):
-    compiled = mx.compile(fn)
-
-    def call(*args):
-        use = COMPILE if COMPILE is not None else mx.default_device() == mx.gpu
-        return compiled(*args) if use else fn(*args)
-
-    call.__name__ = fn.__name__
-    call.__doc__ = fn.__doc__
-    return call
-
-
-@_maybe_compiled
-def _modulated_norm(x: mx.array, shift: mx.array, scale: mx.array, eps: float) -> mx.array:
-    """LayerNorm without affine, then `(1 + scale) * x + shift`."""
-    return mx.fast.layer_norm(x, None, None, eps) * (1 + scale) + shift
-
-
-@_maybe_compiled
-def _gated_add(x: mx.array, gate: mx.array, y: mx.array) -> mx.array:
-    return x + gate * y
-
-
-def _swiglu(x: mx.array) -> mx.array:
-    """silu(a) * b for x = [a | b]; in numpy on the CPU (cpu_ops), fused on a GPU."""
-    if mx.default_device() == mx.cpu:
-        return cpu_ops.swiglu(x)
-    return _swiglu_fused(x)
-
-
-@_maybe_compiled
-def _swiglu_fused(x: mx.array) -> mx.array:
-    a, b = mx.split(x, 2, axis=-1)
-    return nn.silu(a) * b
-
-
-@_maybe_compiled
-def _apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate interleaved pairs (2j, 2j+1) of x (B, H, S, D) by the angles of (S, D/2) tables.
-
-    Done explicitly: `mx.fast.rope` takes one position per token, here each axis has its own.
-    Computed in float32 like diffusers, then cast back.
-    """
-    xp = x.astype(mx.float32).reshape(*x.shape[:-1], -1, 2)
-    x0, x1 = xp[..., 0], xp[..., 1]
-    out = mx.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1)
-    return out.reshape(x.shape).astype(x.dtype)
-
-
-def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
-    """Sinusoidal embedding (B,) -> (B, dim) in float32, [cos | sin] order (diffusers'
-    `Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0)`)."""
-    args = t.astype(mx.float32)[:, None] * _timestep_freqs(dim // 2, max_period)[None]
-    return mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
-
-
-@functools.lru_cache(maxsize=8)
-def _timestep_freqs(half: int, max_period: float) -> mx.array:
-    """exp(-ln(max_period) * i / half) as float32: the exponent in float32 like diffusers,
-    the exp correctly rounded (via float64). Arguments reach 1000 rad, so a 1-ulp
-    difference in a frequency (MLX's float32 exp vs torch's) moves them by ~1e-4 rad."""
-    exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / np.float32(half)
-    return mx.array(np.exp(exponent.astype(np.float32).astype(np.float64)).astype(np.float32))
-
-
-def rope_tables(
-    ids: np.ndarray | mx.array, axes_dims: tuple[int, ...], theta: float
-) -> Rope:
-    """RoPE (cos, sin) tables for position ids (S, n_axes), each (S, sum(axes_dims) / 2).
-
-    Angles and their cos/sin in float64 (text positions reach 511, where a float32 angle is
-    off by ~3e-5 rad), then cast to float32, as diffusers does.
-    """
-    ids = _as_numpy(ids)
-    if ids.ndim == 3:
-        ids = ids[0]
-    if ids.ndim != 2 or ids.shape[-1] != len(axes_dims):
-        raise BonsaiError(
-            f"position ids must have shape (S, {len(axes_dims)}) or (B, S, {len(axes_dims)}), "
-            f"got {ids.shape}"
-        )
-    pos = ids.astype(np.float32).astype(np.float64)
-    angles = [
-        np.outer(pos[:, i], 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-        for i, d in enumerate(axes_dims)
-    ]
-    angle = np.concatenate(angles, axis=1)
-    return mx.array(np.cos(angle).astype(np.float32)), mx.array(np.sin(angle).astype(np.float32))
-
-
-def _as_numpy(a: np.ndarray | mx.array) -> np.ndarray:
-    if isinstance(a, mx.array):
-        if mx.issubdtype(a.dtype, mx.floating):
-            a = a.astype(mx.float32)
-        return np.array(a)
-    return np.asarray(a)
+# The published transformers' shapes (their transformer/config.json), for byte counts and
+# synthetic benchmarks: Klein 4B (and its Bonsai compressions) and Klein 9B (base, KV).
+KLEIN_4B = Flux2TransformerConfig()
+KLEIN_9B = Flux2TransformerConfig(num_layers=8, num_single_layers=24, num_attention_heads=32,
+                                  joint_attention_dim=12288)
 
 
 def _per_sample(v, batch: int, name: str) -> mx.array:
     """A scalar or (B,) value -> (B,) float32."""
-    v = _as_mx(v, mx.float32).reshape(-1)
+    v = to_mx(v, mx.float32).reshape(-1)
     if v.size not in (1, batch):
         raise BonsaiError(f"{name} must be a scalar or have {batch} values, got {v.size}")
     return mx.broadcast_to(v, (batch,))
 
 
-def _as_mx(a: np.ndarray | mx.array, dtype: mx.Dtype) -> mx.array:
-    if not isinstance(a, mx.array):
-        a = mx.array(np.ascontiguousarray(a, dtype=np.float32))
-    return a.astype(dtype)
 
-
-# ---------------------------------------------------------------------------------------
-# Modules (names as in diffusers)
-
-
-def _heads(x: mx.array, head_dim: int) -> mx.array:
-    """(B, S, H * D) -> (B, S, H, D)."""
-    return x.reshape(*x.shape[:-1], -1, head_dim)
-
-
-def _attention(q: mx.array, k: mx.array, v: mx.array, rope: Rope) -> mx.array:
-    """q, k, v (B, S, H, D) after the q/k norms -> (B, S, H * D)."""
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    cos, sin = rope
-    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-    out = cpu_ops.attention(q, k, v, q.shape[-1] ** -0.5)
-    b, h, s, d = out.shape
-    return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, in_channels: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_channels, dim, bias=False)
-        self.linear_2 = nn.Linear(dim, dim, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_2(nn.silu(self.linear_1(x)))
-
-
-class TimeGuidanceEmbed(nn.Module):
-    def __init__(self, config: Flux2TransformerConfig):
-        super().__init__()
-        self.in_channels = config.timestep_guidance_channels
-        self.timestep_embedder = TimestepEmbedder(self.in_channels, config.inner_dim)
-        if config.guidance_embeds:
-            self.guidance_embedder = TimestepEmbedder(self.in_channels, config.inner_dim)
-
-    def __call__(self, t: mx.array, guidance: mx.array | None, dtype: mx.Dtype) -> mx.array:
-        temb = self.timestep_embedder(timestep_embedding(t, self.in_channels).astype(dtype))
-        if guidance is not None and "guidance_embedder" in self:
-            g = timestep_embedding(guidance, self.in_channels).astype(dtype)
-            temb = temb + self.guidance_embedder(g)
-        return temb
-
-
-class Modulation(nn.Module):
-    """`Linear(SiLU(temb))` chunked into `sets` x (shift, scale, gate), each (B, 1, dim)."""
-
-    def __init__(self, dim: int, sets: int):
-        super().__init__()
-        self.sets = sets
-        self.linear = nn.Linear(dim, dim * 3 * sets, bias=False)
-
-    def __call__(self, temb: mx.array) -> list[tuple[mx.array, mx.array, mx.array]]:
-        chunks = mx.split(self.linear(nn.silu(temb))[:, None, :], 3 * self.sets, axis=-1)
-        return [tuple(chunks[3 * i : 3 * i + 3]) for i in range(self.sets)]
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.linear_in = nn.Linear(dim, 2 * hidden, bias=False)
-        self.linear_out = nn.Linear(hidden, dim, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.linear_out(_swiglu(self.linear_in(x)))
-
-
-class JointAttention(nn.Module):
-    """Double-stream attention: separate q/k/v per stream, one attention over [txt; img]."""
-
-    def __init__(self, config: Flux2TransformerConfig):
-        super().__init__()
-        dim, d, eps = config.inner_dim, config.attention_head_dim, config.eps
-        self.head_dim = d
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(dim, dim, bias=False)
-        self.to_v = nn.Linear(dim, dim, bias=False)
-        self.norm_q = nn.RMSNorm(d, eps=eps)
-        self.norm_k = nn.RMSNorm(d, eps=eps)
-        self.to_out = [nn.Linear(dim, dim, bias=False)]
-        self.add_q_proj = nn.Linear(dim, dim, bias=False)
-        self.add_k_proj = nn.Linear(dim, dim, bias=False)
-        self.add_v_proj = nn.Linear(dim, dim, bias=False)
-        self.norm_added_q = nn.RMSNorm(d, eps=eps)
-        self.norm_added_k = nn.RMSNorm(d, eps=eps)
-        self.to_add_out = nn.Linear(dim, dim, bias=False)
-
-    def __call__(self, x: mx.array, c: mx.array, rope: Rope) -> tuple[mx.array, mx.array]:
-        d = self.head_dim
-        # joint sequence [txt; img], each (B, S, H, D)
-        q = mx.concatenate([self.norm_added_q(_heads(self.add_q_proj(c), d)),
-                            self.norm_q(_heads(self.to_q(x), d))], axis=1)
-        k = mx.concatenate([self.norm_added_k(_heads(self.add_k_proj(c), d)),
-                            self.norm_k(_heads(self.to_k(x), d))], axis=1)
-        v = mx.concatenate([_heads(self.add_v_proj(c), d), _heads(self.to_v(x), d)], axis=1)
-        out = _attention(q, k, v, rope)
-        n_txt = c.shape[1]
-        return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
-
-
-class TransformerBlock(nn.Module):
-    """Double-stream block: image and text streams with their own weights, joint attention."""
-
-    def __init__(self, config: Flux2TransformerConfig):
-        super().__init__()
-        self.eps = config.eps
-        self.attn = JointAttention(config)
-        self.ff = FeedForward(config.inner_dim, config.mlp_hidden_dim)
-        self.ff_context = FeedForward(config.inner_dim, config.mlp_hidden_dim)
-
-    def __call__(self, x, c, mod_img, mod_txt, rope: Rope) -> tuple[mx.array, mx.array]:
-        (shift, scale, gate), (shift2, scale2, gate2) = mod_img
-        (c_shift, c_scale, c_gate), (c_shift2, c_scale2, c_gate2) = mod_txt
-        eps = self.eps
-        attn_x, attn_c = self.attn(
-            _modulated_norm(x, shift, scale, eps), _modulated_norm(c, c_shift, c_scale, eps), rope
-        )
-        x = _gated_add(x, gate, attn_x)
-        x = _gated_add(x, gate2, self.ff(_modulated_norm(x, shift2, scale2, eps)))
-        c = _gated_add(c, c_gate, attn_c)
-        c = _gated_add(c, c_gate2, self.ff_context(_modulated_norm(c, c_shift2, c_scale2, eps)))
-        if c.dtype == mx.float16:
-            c = mx.clip(c, -65504, 65504)
-        return x, c
-
-
-class ParallelSelfAttention(nn.Module):
-    """Single-stream attention + SwiGLU MLP sharing one input and one output projection."""
-
-    def __init__(self, config: Flux2TransformerConfig):
-        super().__init__()
-        dim, d = config.inner_dim, config.attention_head_dim
-        self.head_dim = d
-        self.mlp_hidden = config.mlp_hidden_dim
-        self.to_qkv_mlp_proj = nn.Linear(dim, 3 * dim + 2 * self.mlp_hidden, bias=False)
-        self.norm_q = nn.RMSNorm(d, eps=config.eps)
-        self.norm_k = nn.RMSNorm(d, eps=config.eps)
-        self.to_out = nn.Linear(dim + self.mlp_hidden, dim, bias=False)
-
-    def __call__(self, x: mx.array, rope: Rope) -> mx.array:
-        h = self.to_qkv_mlp_proj(x)
-        dim = (h.shape[-1] - 2 * self.mlp_hidden) // 3
-        q, k, v, mlp = mx.split(h, [dim, 2 * dim, 3 * dim], axis=-1)
-        d = self.head_dim
-        out = _attention(self.norm_q(_heads(q, d)), self.norm_k(_heads(k, d)), _heads(v, d), rope)
-        return self.to_out(mx.concatenate([out, _swiglu(mlp)], axis=-1))
-
-
-class SingleTransformerBlock(nn.Module):
-    def __init__(self, config: Flux2TransformerConfig):
-        super().__init__()
-        self.eps = config.eps
-        self.attn = ParallelSelfAttention(config)
-
-    def __call__(self, x: mx.array, mod, rope: Rope) -> mx.array:
-        shift, scale, gate = mod
-        x = _gated_add(x, gate, self.attn(_modulated_norm(x, shift, scale, self.eps), rope))
-        if x.dtype == mx.float16:
-            x = mx.clip(x, -65504, 65504)
-        return x
-
-
-class NormOut(nn.Module):
-    """`LN(x) * (1 + scale) + shift` with (scale, shift) = Linear(SiLU(temb)), scale first."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.linear = nn.Linear(dim, 2 * dim, bias=False)
-
-    def __call__(self, x: mx.array, temb: mx.array) -> mx.array:
-        scale, shift = mx.split(self.linear(nn.silu(temb))[:, None, :], 2, axis=-1)
-        return _modulated_norm(x, shift, scale, self.eps)
-
-
-class _ContextMemo:
-    """The last two text projections, keyed by the identity of the (immutable) input array
-    and of the projection weight: with CFG the two prompts alternate every step. A plain
-    object, kept out of the parameter tree (an nn.Module adopts lists and tuples)."""
+class ContextMemo:
+    """The text projections (`context_embedder` outputs) of one generation, keyed by the
+    identity of the (immutable) input array: with classifier-free guidance two prompts
+    alternate every step. Make one per generation and pass it to every step's call
+    (`context_memo=`), so a layer changed between generations (a LoRA) is never seen stale."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[mx.array, mx.array, mx.array]] = []
+        self._entries: list[tuple[mx.array, mx.array]] = []
 
-    def get(self, source, weight) -> mx.array | None:
-        for s, w, value in self.entries:
-            if s is source and w is weight:
-                return value
-        return None
+    def get(self, source: mx.array) -> mx.array | None:
+        return next((value for s, value in self._entries if s is source), None)
 
-    def put(self, source: mx.array, weight: mx.array, value: mx.array) -> None:
-        self.entries = [(source, weight, value), *self.entries[:1]]
+    def put(self, source: mx.array, value: mx.array) -> None:
+        self._entries = [(source, value), *self._entries[:1]]
 
 
 class Flux2Transformer(nn.Module):
     """FLUX.2 transformer. `model(hidden_states, encoder_hidden_states, timestep, img_ids,
     txt_ids)` -> (B, N, out_channels), with diffusers' meaning of every argument."""
 
-    def __init__(self, config: Flux2TransformerConfig | dict, dtype: str | mx.Dtype = "bfloat16"):
+    def __init__(self, config: Flux2TransformerConfig | dict, dtype: str | mx.Dtype = "bfloat16",
+                 *, compile: bool | None = None):
         super().__init__()
         if isinstance(config, dict):
             config = Flux2TransformerConfig.from_dict(config)
         self.config = config
         dim = config.inner_dim
+        # Decided once, here: fused element-wise functions on a GPU, plain ones on the CPU.
+        gpu = mx.default_device().type == mx.DeviceType.gpu
+        fused = Fused(gpu if compile is None else compile)
         self.time_guidance_embed = TimeGuidanceEmbed(config)
         self.double_stream_modulation_img = Modulation(dim, 2)
         self.double_stream_modulation_txt = Modulation(dim, 2)
         self.single_stream_modulation = Modulation(dim, 1)
         self.x_embedder = nn.Linear(config.in_channels, dim, bias=False)
         self.context_embedder = nn.Linear(config.joint_attention_dim, dim, bias=False)
-        self.transformer_blocks = [TransformerBlock(config) for _ in range(config.num_layers)]
-        self.single_transformer_blocks = [
-            SingleTransformerBlock(config) for _ in range(config.num_single_layers)
+        self.transformer_blocks = [
+            TransformerBlock(config, fused) for _ in range(config.num_layers)
         ]
-        self.norm_out = NormOut(dim, config.eps)
+        self.single_transformer_blocks = [
+            SingleTransformerBlock(config, fused) for _ in range(config.num_single_layers)
+        ]
+        self.norm_out = NormOut(dim, config.eps, fused)
         self.proj_out = nn.Linear(
             dim, config.patch_size * config.patch_size * config.out_channels, bias=False
         )
         self._dtype = parse_dtype(dtype)
         self.set_dtype(self._dtype)
-        # Text projections reused while the same encoder_hidden_states arrays come back
-        # (every denoising step of one generation).
-        self._context_memo = _ContextMemo()
+        self.compiled = fused.compiled
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -465,7 +187,7 @@ class Flux2Transformer(nn.Module):
 
     def rope_tables(self, img_ids: np.ndarray | mx.array, txt_ids: np.ndarray | mx.array) -> Rope:
         """RoPE tables for the joint sequence [txt, img]; compute once, pass as `rope=`."""
-        txt, img = _as_numpy(txt_ids), _as_numpy(img_ids)
+        txt, img = to_numpy(txt_ids), to_numpy(img_ids)
         txt = txt[0] if txt.ndim == 3 else txt
         img = img[0] if img.ndim == 3 else img
         if txt.ndim != 2 or img.ndim != 2:
@@ -475,21 +197,6 @@ class Flux2Transformer(nn.Module):
         return rope_tables(
             np.concatenate([txt, img], axis=0), self.config.axes_dims_rope, self.config.rope_theta
         )
-
-    def clear_context_memo(self) -> None:
-        """Forget the memoised text projections; call after changing layers in place (a
-        LoRA adapter loaded, rescaled or removed)."""
-        self._context_memo = _ContextMemo()
-
-    def _embed_context(self, encoder_hidden_states) -> mx.array:
-        # a wrapped layer (LoRA) has no weight of its own: key on the layer itself
-        weight = getattr(self.context_embedder, "weight", self.context_embedder)
-        out = self._context_memo.get(encoder_hidden_states, weight)
-        if out is None:
-            out = self.context_embedder(_as_mx(encoder_hidden_states, self.dtype))
-            if isinstance(encoder_hidden_states, mx.array):  # immutable, so safe to reuse
-                self._context_memo.put(encoder_hidden_states, weight, out)
-        return out
 
     def __call__(
         self,
@@ -501,13 +208,80 @@ class Flux2Transformer(nn.Module):
         *,
         guidance: np.ndarray | mx.array | float | None = None,
         rope: Rope | None = None,
+        context_memo: ContextMemo | None = None,
+        reference_kv: list[ReferenceKV] | None = None,
     ) -> mx.array:
         """hidden_states (B, N, in_channels), encoder_hidden_states (B, L, joint_attention_dim),
         timestep (B,) or scalar sigma in [0, 1], img_ids (N, 4) | (B, N, 4), txt_ids (L, 4) |
-        (B, L, 4) (not needed when `rope` is given). Returns (B, N, out_channels) in the
-        model dtype."""
+        (B, L, 4) (not needed when `rope` is given), numpy or MLX. Returns (B, N,
+        out_channels) in the model dtype. `context_memo` reuses text projections across
+        the steps of one generation; with `reference_kv` (from `reference_kv`) every
+        attention also sees the cached reference tokens."""
+        x, c, temb, rope = self._inputs(hidden_states, encoder_hidden_states, timestep,
+                                        img_ids, txt_ids, guidance, rope, context_memo)
+        n_txt = c.shape[1]
+        mod_img = self.double_stream_modulation_img(temb)
+        mod_txt = self.double_stream_modulation_txt(temb)
+        (mod_single,) = self.single_stream_modulation(temb)
+        double, single = self._split_caches(reference_kv)
+        x = self.x_embedder(x)
+        for block, cache in zip(self.transformer_blocks, double, strict=True):
+            x, c = block(x, c, mod_img, mod_txt, rope, cache)
+        x = mx.concatenate([c, x], axis=1)
+        for block, cache in zip(self.single_transformer_blocks, single, strict=True):
+            x = block(x, mod_single, rope, cache)
+        return self.proj_out(self.norm_out(x[:, n_txt:], temb))
+
+    def reference_kv(
+        self,
+        references: np.ndarray | mx.array,
+        reference_ids: np.ndarray | mx.array,
+        timestep: float = 0.0,
+    ) -> list[ReferenceKV]:
+        """The reference-image tokens (1 or B, R, in_channels) run alone through every block,
+        attending only to each other, modulated at `timestep` (0: clean); returns each
+        attention layer's keys and values (double blocks, then single blocks), for
+        `__call__(..., reference_kv=)`. This is diffusers' KV "extract" step: its reference
+        tokens see neither text nor noise, so they never change and are computed once."""
         cfg = self.config
-        x = _as_mx(hidden_states, self.dtype)
+        x = to_mx(references, self.dtype)
+        if x.ndim != 3 or x.shape[-1] != cfg.in_channels:
+            raise BonsaiError(
+                f"references must be (B, R, {cfg.in_channels}), got {tuple(x.shape)}")
+        rope = rope_tables(reference_ids, cfg.axes_dims_rope, cfg.rope_theta)
+        if rope[0].shape[0] != x.shape[1]:
+            raise BonsaiError(f"{rope[0].shape[0]} reference ids for {x.shape[1]} tokens")
+        t = _per_sample(timestep, x.shape[0], "timestep") * 1000
+        temb = self.time_guidance_embed(t, None, self.dtype)
+        mod_img = self.double_stream_modulation_img(temb)
+        (mod_single,) = self.single_stream_modulation(temb)
+        caches = [ReferenceKV() for _ in range(cfg.num_layers + cfg.num_single_layers)]
+        double, single = self._split_caches(caches)
+        x = self.x_embedder(x)
+        for block, cache in zip(self.transformer_blocks, double, strict=True):
+            x, _ = block(x, None, mod_img, None, rope, cache)
+        for block, cache in zip(self.single_transformer_blocks, single, strict=True):
+            x = block(x, mod_single, rope, cache)
+        # the last block's output is never used; evaluating the caches computes only them
+        mx.eval([(c.keys, c.values) for c in caches])
+        return caches
+
+    def _split_caches(self, caches: list[ReferenceKV] | None) -> tuple[list, list]:
+        n, n_single = len(self.transformer_blocks), len(self.single_transformer_blocks)
+        if caches is None:
+            return [None] * n, [None] * n_single
+        if len(caches) != n + n_single:
+            raise BonsaiError(f"reference_kv has {len(caches)} layers; this transformer has "
+                              f"{n + n_single} (make it with this model's reference_kv)")
+        return caches[:n], caches[n:]
+
+    def _inputs(self, hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids,
+                guidance, rope: Rope | None, context_memo: ContextMemo | None,
+                ) -> tuple[mx.array, mx.array, mx.array, Rope]:
+        """The call's arguments checked and as the blocks take them: image tokens in the
+        model dtype, the projected text (B, L, dim), the time embedding (B, dim), RoPE."""
+        cfg = self.config
+        x = to_mx(hidden_states, self.dtype)
         if x.ndim != 3 or x.shape[-1] != cfg.in_channels:
             raise BonsaiError(
                 f"hidden_states must be (B, N, {cfg.in_channels}), got {tuple(x.shape)}")
@@ -517,60 +291,39 @@ class Flux2Transformer(nn.Module):
             raise BonsaiError(
                 f"encoder_hidden_states must be ({b}, L, {cfg.joint_attention_dim}), "
                 f"got {ctx_shape}")
-        c = self._embed_context(encoder_hidden_states)
-        n_txt = c.shape[1]
+        c = self._embed_context(encoder_hidden_states, context_memo)
         if rope is None:
             if img_ids is None or txt_ids is None:
                 raise BonsaiError("pass img_ids and txt_ids, or precomputed rope= tables")
             rope = self.rope_tables(img_ids, txt_ids)
-        if rope[0].shape[0] != n_txt + n:
+        if rope[0].shape[0] != c.shape[1] + n:
             raise BonsaiError(
-                f"RoPE tables cover {rope[0].shape[0]} tokens but the input has {n_txt} text + "
-                f"{n} image tokens; build them from this input's ids"
+                f"RoPE tables cover {rope[0].shape[0]} tokens but the input has {c.shape[1]} "
+                f"text + {n} image tokens; build them from this input's ids"
             )
-
         t = _per_sample(timestep, b, "timestep") * 1000
         g = None if guidance is None else _per_sample(guidance, b, "guidance") * 1000
-        temb = self.time_guidance_embed(t, g, self.dtype)  # (B, dim)
-        mod_img = self.double_stream_modulation_img(temb)
-        mod_txt = self.double_stream_modulation_txt(temb)
-        (mod_single,) = self.single_stream_modulation(temb)
+        return x, c, self.time_guidance_embed(t, g, self.dtype), rope
 
-        x = self.x_embedder(x)
-        for block in self.transformer_blocks:
-            x, c = block(x, c, mod_img, mod_txt, rope)
-        x = mx.concatenate([c, x], axis=1)
-        for block in self.single_transformer_blocks:
-            x = block(x, mod_single, rope)
-        x = self.norm_out(x[:, n_txt:], temb)
-        return self.proj_out(x)
+    def _embed_context(self, encoder_hidden_states, memo: ContextMemo | None) -> mx.array:
+        out = memo.get(encoder_hidden_states) if memo is not None else None
+        if out is None:
+            out = self.context_embedder(to_mx(encoder_hidden_states, self.dtype))
+            if memo is not None and isinstance(encoder_hidden_states, mx.array):  # immutable
+                memo.put(encoder_hidden_states, out)
+        return out
 
     # -- loading --------------------------------------------------------------------------
-
-    def load_checked_weights(self, weights: dict[str, mx.array], source: str | Path) -> None:
-        """Load diffusers-named tensors after checking names and shapes against the model.
-
-        Floating tensors are cast to the dtype of the parameter they replace; any other
-        dtype mismatch is an error. Raises BonsaiError naming `source`.
-        """
-        params = dict(tree_flatten(self.parameters()))
-        check_weights(weights, {k: tuple(v.shape) for k, v in params.items()}, source)
-        loaded = []
-        for k, v in weights.items():
-            want = params[k].dtype
-            if v.dtype != want:
-                if not (mx.issubdtype(v.dtype, mx.floating) and mx.issubdtype(want, mx.floating)):
-                    raise BonsaiError(f"{source}: tensor {k} is {v.dtype}, the model needs {want}")
-                v = v.astype(want)
-            loaded.append((k, v))
-        self.load_weights(loaded)
-        mx.eval(self.parameters())
-        self.clear_context_memo()
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """See the module-level `sanitize`."""
         return sanitize(weights)
+
+    def packable_layers(self) -> list[str]:
+        """The linear layers a binary / ternary model packs (see `packed_layer_paths`)."""
+        return packed_layer_paths(len(self.transformer_blocks),
+                                  len(self.single_transformer_blocks))
 
     @classmethod
     def from_pretrained(
@@ -580,6 +333,7 @@ class Flux2Transformer(nn.Module):
         *,
         config: Flux2TransformerConfig | dict | None = None,
         affine_baseline: bool = False,
+        compile: bool | None = None,
     ) -> Flux2Transformer:
         """Load a diffusers `transformer/` folder (single or sharded safetensors; a model
         root holding `transformer/` also works) or a Black Forest Labs single-file
@@ -591,49 +345,22 @@ class Flux2Transformer(nn.Module):
 
         The config comes from `config`, else the folder's config.json (for a single file: a
         diffusers config.json beside it), else it is inferred from the tensor shapes.
+        `compile`: fuse the element-wise functions with mx.compile (default: on a GPU).
         """
-        path = Path(path).expanduser()
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                for sub in ("transformer", "transformer-packed-mflux"):
-                    if (path / sub).is_dir():
-                        path = path / sub
-                        break
-            if packed_layout(path) is not None:
-                if config is None:
-                    config_file = path / "config.json"
-                    config = Flux2TransformerConfig.from_dict(read_json(config_file), config_file)
-                model = cls(config, dtype)
-                return load_packed_transformer_weights(model, path,
-                                                       affine_baseline=affine_baseline)
-            if affine_baseline:
-                raise BonsaiError(f"{path} is not a Bonsai MLX pack (no {QUANT_CONFIG}); "
-                                  "affine_baseline needs one")
-            weights = load_weights(path, WEIGHTS_STEM)
-            config_file = path / "config.json"
-        elif path.is_file():
-            weights = load_weights(path)
-            config_file = path.parent / "config.json"
-        else:
-            raise BonsaiError(f"{path} does not exist; pass a transformer folder or a .safetensors")
-        weights = sanitize(weights)
-        if config is None and config_file.is_file():
-            d = read_json(config_file)
-            if path.is_dir() or d.get("_class_name") == DIFFUSERS_CLASS:
-                config = Flux2TransformerConfig.from_dict(d, config_file)
-        if config is None:
-            config = infer_config(weights, path)
-        model = cls(config, dtype)
-        model.load_checked_weights(weights, path)
+        path = _checkpoint_path(path)
+        quant = read_quantization_config(path) if path.is_dir() else None
+        if affine_baseline and quant is None:
+            raise BonsaiError(f"{path} is not a Bonsai MLX pack (no {QUANT_CONFIG}); "
+                              "affine_baseline needs one")
+        weights = sanitize(load_weights(path, WEIGHTS_STEM))
+        config = _read_config(path, config, weights, packed=quant is not None)
+        model = cls(config, dtype, compile=compile)
+        if quant is not None:
+            weights = apply_packed_layout(model, quant, weights, affine_baseline=affine_baseline)
+        load_into(model, weights, path)
         return model
 
     # -- saving ---------------------------------------------------------------------------
-
-    @property
-    def is_packed(self) -> bool:
-        """Whether binary / ternary layers replace the dense ones."""
-        packed_types = tuple(PACKED_LINEAR.values())
-        return any(isinstance(m, packed_types) for _, m in self.named_modules())
 
     def save_pretrained(self, folder: str | Path, *, dtype: str | mx.Dtype | None = None) -> dict:
         """Write a diffusers-style `transformer/` folder: config.json and
@@ -670,7 +397,60 @@ class Flux2Transformer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoint names
+# Checkpoints: where they are, their config, their names, their packable layers
+
+DOUBLE_BLOCK_LINEARS = (
+    "attn.to_q", "attn.to_k", "attn.to_v",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+    "attn.to_out.0", "attn.to_add_out",
+    "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+)
+SINGLE_BLOCK_LINEARS = ("attn.to_qkv_mlp_proj", "attn.to_out")
+
+
+def packed_layer_paths(num_layers: int = 5, num_single_layers: int = 20) -> list[str]:
+    """The layers binary / ternary checkpoints pack, diffusers names, block by block: every
+    linear of the blocks, 12 per double block and 2 per single block (the embedders,
+    modulations and output projection stay dense)."""
+    return [f"transformer_blocks.{i}.{n}" for i in range(num_layers)
+            for n in DOUBLE_BLOCK_LINEARS] + [
+        f"single_transformer_blocks.{i}.{n}" for i in range(num_single_layers)
+        for n in SINGLE_BLOCK_LINEARS]
+
+
+PACKED_LAYERS = packed_layer_paths(5, 20)  # FLUX.2 [klein] 4B: 100 layers
+
+
+def _checkpoint_path(path: str | Path) -> Path:
+    """A transformer folder or file; a model root without config.json stands for its
+    `transformer/` (or a Bonsai pack's `transformer-packed-mflux/`) subfolder."""
+    path = Path(path).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        for sub in ("transformer", "transformer-packed-mflux"):
+            if (path / sub).is_dir():
+                return path / sub
+    if not (path.is_dir() or path.is_file()):
+        raise BonsaiError(f"{path} does not exist; pass a transformer folder or a .safetensors")
+    return path
+
+
+def _read_config(path: Path, config: Flux2TransformerConfig | dict | None,
+                 weights: dict[str, mx.array], packed: bool) -> Flux2TransformerConfig:
+    """`config` if given, else the folder's config.json (a diffusers one beside a single
+    file), else inferred from the tensor shapes (not for packed tensors)."""
+    if isinstance(config, Flux2TransformerConfig):
+        return config
+    if config is not None:
+        return Flux2TransformerConfig.from_dict(config)
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    if config_file.is_file():
+        d = read_json(config_file)
+        if path.is_dir() or d.get("_class_name") == DIFFUSERS_CLASS:
+            return Flux2TransformerConfig.from_dict(d, str(config_file))
+    if packed:
+        raise BonsaiError(f"{config_file} does not exist; a packed transformer needs it")
+    return infer_config(weights, path)
+
 
 
 # Black Forest Labs module name -> diffusers module name (the parameter suffix is kept,

@@ -7,46 +7,54 @@ onto diffusers' in `sanitize`.
 
 Text-to-image only decodes, so the encoder is read from disk the first time `encode` runs.
 
-Tiled decoding (`decode_tiled`) runs only the full-resolution part of the decoder tile by
-tile; the latent-resolution part (mid-block attention included) sees the whole image. Each
-tile is decoded with the context its convolutions read, and every GroupNorm uses the whole
-image's statistics, summed over tiles, so the result is the untiled decode up to float
-rounding (tests/test_vae.py), at lower peak memory.
+The layers are in `vae_layers.py`; decoding and encoding run them layer by layer, and above
+AUTO_TILE_PIXELS tile by tile, in `vae_tiling.py`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from itertools import pairwise
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from bonsai_mlx.checks import config_from_dict, flag, integer, number
+from bonsai_mlx.checks import BaseConfig, flag, integer, number
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.models import cpu_ops
+from bonsai_mlx.models import vae_tiling
+from bonsai_mlx.models.vae_layers import Decoder, Encoder, LatentBatchNorm
+from bonsai_mlx.models.vae_tiling import callables, run_layers
 from bonsai_mlx.weights import (
     check_weights,
+    load_into,
     load_weights,
     parse_dtype,
     read_json,
     resolve_model_path,
+    save_safetensors,
+    write_json,
 )
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten
+
+# Hub VAEs by short name (Pipeline.from_pretrained's vae=, the CLI's --vae).
+VAE_ALIASES = {"small": "black-forest-labs/FLUX.2-small-decoder"}
+SMALL_DECODER_CHANNELS = (96, 192, 384, 384)  # its decoder_block_out_channels (config.json)
+# The files read from a Hub repo: a pipeline's vae/, or a VAE repo's top-level files.
+HUB_FILES = ["vae/*", "config.json", "diffusion_pytorch_model.safetensors",
+             "diffusion_pytorch_model.safetensors.index.json"]
+# Config fields that only the decoder uses: a decoder may differ from its encoder in these.
+DECODER_ONLY_FIELDS = ("decoder_block_out_channels", "out_channels", "use_post_quant_conv")
 
 # Above this many output pixels, decode/encode tile by default (2048x2048 tiles, 1024x1024
 # does not). Tiles cut the peak memory of the full-resolution layers to about two whole
-# activations of one layer plus one tile's temporaries (see `decode_tiled`).
+# activations of one layer plus one tile's temporaries (see `vae_tiling.py`).
 AUTO_TILE_PIXELS = 1536 * 1536
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(BaseConfig):
     """diffusers' `AutoencoderKLFlux2` config.json (unknown keys are ignored)."""
 
     in_channels: int = 3
@@ -84,321 +92,19 @@ class VAEConfig:
                 raise BonsaiError(f"{name} {odd[0]} does not split into norm_num_groups "
                                   f"{self.norm_num_groups}")
 
-    @classmethod
-    def from_dict(cls, d: dict, source: str | Path | None = None) -> VAEConfig:
-        """From a config.json dict (unknown keys ignored); errors name `source`."""
-        return config_from_dict(cls, d, source)
-
     @property
     def scale_factor(self) -> int:
         """Image pixels per latent pixel along each side (8 for FLUX.2)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-class GroupNorm(nn.Module):
-    """PyTorch-style GroupNorm on NHWC input; statistics in float32 whatever the dtype.
-
-    `shared` (set during tiled decode/encode) supplies one set of statistics for the whole
-    image instead of the tile's own.
-    """
-
-    def __init__(self, num_groups: int, dims: int, eps: float = 1e-6):
-        super().__init__()
-        if dims % num_groups:
-            raise BonsaiError(f"GroupNorm: {dims} channels do not split into {num_groups} groups")
-        self.num_groups = num_groups
-        self.eps = eps
-        self.weight = mx.ones((dims,))
-        self.bias = mx.zeros((dims,))
-        self.shared: SharedNormStats | None = None
-
-    def __call__(self, x: mx.array) -> mx.array:
-        B, H, W, C = x.shape
-        g = x.astype(mx.float32).reshape(B, H, W, self.num_groups, C // self.num_groups)
-        if self.shared is not None:
-            mean, var = self.shared.statistics(self, g)
-        else:
-            mean, var = _group_moments(g)
-        g = ((g - mean) * mx.rsqrt(var + self.eps)).reshape(B, H, W, C)
-        return (g * self.weight + self.bias).astype(x.dtype)
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # what only `encode` needs
+WEIGHT_STEMS = ("diffusion_pytorch_model", "ae")  # diffusers' and Black Forest Labs' files
 
 
-def _group_moments(g: mx.array) -> tuple[mx.array, mx.array]:
-    """Mean and (biased) variance of (B, H, W, groups, C/groups) per batch and group."""
-    mean = g.mean(axis=(1, 2, 4), keepdims=True)
-    return mean, mx.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
-
-
-class SharedNormStats:
-    """GroupNorm statistics shared by all tiles of one image, per norm layer.
-
-    `record = True`: each norm uses its input's own statistics and keeps them (the estimate
-    pass on a downscaled input). Otherwise each norm uses the kept statistics; a norm with
-    none yet adds its input over the tile's owned pixels (`region`) to running moments and
-    stops the tile (`StatsMissing`); `finish()` turns the moments summed over all tiles
-    into the norm's statistics.
-    """
-
-    def __init__(self):
-        self.record = False
-        self.region: tuple[slice, slice] | None = None
-        self.moments: dict[int, tuple[mx.array, mx.array]] = {}
-        self._partial: dict[int, tuple[int, mx.array, mx.array]] = {}
-
-    def statistics(self, norm: GroupNorm, g: mx.array) -> tuple[mx.array, mx.array]:
-        key = id(norm)
-        if self.record:
-            self.moments[key] = _group_moments(g)
-        if key in self.moments:
-            return self.moments[key]
-        tile = g[:, self.region[0], self.region[1]]
-        n = tile.shape[1] * tile.shape[2] * tile.shape[4]
-        mean, var = _group_moments(tile)
-        m2 = var * n
-        if key in self._partial:  # Chan et al.'s pairwise combination, stable in float32
-            n0, mean0, m20 = self._partial[key]
-            delta = mean - mean0
-            mean = mean0 + delta * (n / (n0 + n))
-            m2 = m20 + m2 + mx.square(delta) * (n0 * n / (n0 + n))
-            n += n0
-        self._partial[key] = (n, mean, m2)
-        raise StatsMissing
-
-    def pending(self) -> list[mx.array]:
-        """The running moments (to evaluate with each tile, so no tile's graph is kept)."""
-        return [a for _, mean, m2 in self._partial.values() for a in (mean, m2)]
-
-    def finish(self) -> None:
-        for key, (n, mean, m2) in self._partial.items():
-            self.moments[key] = (mean, m2 / n)
-        self._partial = {}
-
-
-class StatsMissing(Exception):
-    """A GroupNorm in a tile has no whole-image statistics yet (see SharedNormStats)."""
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
-        super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = GroupNorm(groups, out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(cpu_ops.silu(self.norm1(x)))
-        h = self.conv2(cpu_ops.silu(self.norm2(h)))
-        if "conv_shortcut" in self:
-            x = self.conv_shortcut(x)
-        return x + h
-
-
-class Attention(nn.Module):
-    """Single-head self-attention over all pixels, with a residual (the mid block's)."""
-
-    # Query rows per attention call: bounds the (rows x pixels) score matrix that backends
-    # without a fused kernel for head dim 512 materialise (2048x2048 decode: 65536 pixels).
-    query_chunk = 4096
-    score_elements = 2**26  # and at most this many scores per call (256 MB in float32)
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.group_norm = GroupNorm(groups, channels)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = [nn.Linear(channels, channels)]
-
-    def __call__(self, x: mx.array) -> mx.array:
-        B, H, W, C = x.shape
-        h = self.group_norm(x).reshape(B, 1, H * W, C)
-        q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        scale = C**-0.5
-        n = H * W
-        chunk = max(256, min(self.query_chunk, self.score_elements // n))
-        if n <= chunk:
-            out = cpu_ops.attention(q, k, v, scale)
-        else:
-            out = mx.concatenate(
-                [
-                    cpu_ops.attention(q[:, :, i : i + chunk], k, v, scale)
-                    for i in range(0, n, chunk)
-                ],
-                axis=2,
-            )
-        return x + self.to_out[0](out).reshape(B, H, W, C)
-
-
-class MidBlock(nn.Module):
-    def __init__(self, channels: int, groups: int, attention: bool):
-        super().__init__()
-        self.resnets = [ResnetBlock(channels, channels, groups) for _ in range(2)]
-        self.attentions = [Attention(channels, groups)] if attention else []
-
-    def __call__(self, x: mx.array) -> mx.array:
-        x = self.resnets[0](x)
-        for attn in self.attentions:
-            x = attn(x)
-        return self.resnets[1](x)
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        # Asymmetric padding (bottom and right only), as the original model.
-        return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        B, H, W, C = x.shape
-        x = mx.broadcast_to(x[:, :, None, :, None, :], (B, H, 2, W, 2, C))
-        return self.conv(x.reshape(B, 2 * H, 2 * W, C))  # nearest x2
-
-
-class DownBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, downsample: bool):
-        super().__init__()
-        self.resnets = [
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)
-        ]
-        self.downsamplers = [Downsample(out_ch)] if downsample else []
-
-    def __call__(self, x: mx.array) -> mx.array:
-        for layer in self.resnets + self.downsamplers:
-            x = layer(x)
-            mx.eval(x)  # see UpBlock
-        return x
-
-
-class UpBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, layers: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = [
-            ResnetBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(layers)
-        ]
-        self.upsamplers = [Upsample(out_ch)] if upsample else []
-
-    def __call__(self, x: mx.array) -> mx.array:
-        for layer in self.resnets + self.upsamplers:
-            x = layer(x)
-            # Evaluating layer by layer frees each layer's temporaries before the next one
-            # allocates: 40% lower peak memory than one graph for the whole decoder.
-            mx.eval(x)
-        return x
-
-
-# (layer, how it changes resolution: "same" | "up" | "down", conv halo in pixels): what the
-# tiled decode/encode needs to know to give each tile exactly the context it reads.
-TileLayer = tuple[Callable[[mx.array], mx.array], str, int]
-
-
-def _run_layers(layers: list[TileLayer], x: mx.array) -> mx.array:
-    """The layers in order on the whole input, evaluated one by one (see UpBlock)."""
-    for layer, _, _ in layers:
-        x = layer(x)
-        mx.eval(x)
-    return x
-
-
-class Encoder(nn.Module):
-    """(B, H, W, 3) -> (B, H/f, W/f, 2 * latent_channels) moments (mean | logvar)."""
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        ch, g = cfg.block_out_channels, cfg.norm_num_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
-        self.down_blocks = [
-            DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, i < len(ch) - 1)
-            for i in range(len(ch))
-        ]
-        self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention)
-        self.conv_norm_out = GroupNorm(g, ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
-
-    def downsampling_layers(self) -> list[TileLayer]:
-        """conv_in and the down blocks up to the last downsampler (above latent resolution)."""
-        layers = [(self.conv_in, "same", 1)]
-        for block in self.down_blocks[:-1]:
-            layers += [(r, "same", 2) for r in block.resnets]
-            layers += [(d, "down", 2) for d in block.downsamplers]
-        return layers
-
-    def latent_stage(self, x: mx.array) -> mx.array:
-        """The rest, all at latent resolution: last down block, mid block, conv_out."""
-        x = self.mid_block(self.down_blocks[-1](x))
-        return self.conv_out(cpu_ops.silu(self.conv_norm_out(x)))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.latent_stage(_run_layers(self.downsampling_layers(), x))
-
-
-class OutputHead(nn.Module):
-    """GroupNorm, SiLU, conv: the decoder's last layers as one tileable layer (a view: it
-    holds the decoder's own modules)."""
-
-    def __init__(self, norm: GroupNorm, conv: nn.Conv2d):
-        super().__init__()
-        self.norm, self.conv = norm, conv
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(cpu_ops.silu(self.norm(x)))
-
-
-class Decoder(nn.Module):
-    """(B, h, w, latent_channels) -> (B, h*f, w*f, 3)."""
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        ch = tuple(reversed(cfg.decoder_block_out_channels or cfg.block_out_channels))
-        g = cfg.norm_num_groups
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention)
-        self.up_blocks = [
-            UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, i < len(ch) - 1)
-            for i in range(len(ch))
-        ]
-        self.conv_norm_out = GroupNorm(g, ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
-
-    def latent_stage(self, z: mx.array) -> mx.array:
-        """conv_in, the mid block and the first up block's resnets: all at latent resolution."""
-        x = self.mid_block(self.conv_in(z))
-        for resnet in self.up_blocks[0].resnets:
-            x = resnet(x)
-            mx.eval(x)  # see UpBlock
-        return x
-
-    def upsampling_layers(self) -> list[TileLayer]:
-        """The rest, from the first upsampler to conv_out (above latent resolution)."""
-        layers = []
-        for i, block in enumerate(self.up_blocks):
-            if i > 0:
-                layers += [(r, "same", 2) for r in block.resnets]
-            layers += [(u, "up", 1) for u in block.upsamplers]
-        return [*layers, (OutputHead(self.conv_norm_out, self.conv_out), "same", 1)]
-
-    def __call__(self, z: mx.array) -> mx.array:
-        return _run_layers(self.upsampling_layers(), self.latent_stage(z))
-
-
-class LatentBatchNorm(nn.Module):
-    """The frozen BatchNorm (no affine) that normalises patchified latents."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.running_mean = mx.zeros((channels,))
-        self.running_var = mx.ones((channels,))
+def _encoder_shapes(cfg: VAEConfig) -> dict[str, tuple[int, ...]]:
+    return {f"{name}.{k}": v.shape for name, module in _encoder_modules(cfg).items()
+            for k, v in tree_flatten(module.parameters())}
 
 
 def _encoder_modules(cfg: VAEConfig) -> dict[str, nn.Module]:
@@ -418,15 +124,18 @@ class VAE(nn.Module):
     `encoder_loaded`).
     """
 
-    def __init__(self, config: VAEConfig, dtype: mx.Dtype = mx.float32):
+    def __init__(self, config: VAEConfig, dtype: str | mx.Dtype = mx.float32):
         super().__init__()
         self.config = config
-        self.dtype = dtype
+        self.dtype = parse_dtype(dtype)
         self.decoder = Decoder(config)
         if config.use_post_quant_conv:
             self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
         self.bn = LatentBatchNorm(math.prod(config.patch_size) * config.latent_channels)
-        self._load_encoder_weights: Callable[[], dict[str, mx.array]] | None = None
+        self.set_dtype(self.dtype)
+        self.bn.set_dtype(mx.float32)  # the latent statistics stay float32
+        self.source: Path | None = None  # the checkpoint the encoder is read from
+        self.decoder_source: Path | None = None  # the checkpoint the decoder was read from
 
     @property
     def scale_factor(self) -> int:
@@ -439,78 +148,68 @@ class VAE(nn.Module):
     # ---- loading --------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str | mx.Dtype = "bfloat16") -> VAE:
+    def from_pretrained(cls, path: str | Path, dtype: str | mx.Dtype = "bfloat16", *,
+                        encoder: str | Path | None = None) -> VAE:
         """Load a diffusers `vae/` folder or a Black Forest Labs `ae.safetensors` file.
 
         `path` is a folder (diffusers `config.json` + safetensors, a folder holding
-        `ae.safetensors`, or a pipeline folder / Hub repo id with a `vae/` subfolder) or a
-        single `.safetensors` file. Without a config.json the config is inferred from
-        tensor shapes (GroupNorm groups: 32, as in FLUX.2). Only the decoder is read now.
+        `ae.safetensors`, or a pipeline folder / Hub repo id with a `vae/` subfolder), a
+        single `.safetensors` file or an alias (`small`: FLUX.2's small decoder). Without a
+        config.json the config is inferred from tensor shapes (GroupNorm groups: 32, as in
+        FLUX.2). Only the decoder is read now; the encoder's tensors are checked, and read
+        by the first `encode`.
+
+        `encoder`: encode images with that VAE's encoder instead (the same kinds of path):
+        a swapped decoder, such as the small one, keeps the pipeline's encoder. The two
+        configs must agree on everything but the decoder's channels.
         """
-        dtype = parse_dtype(dtype)
-        local = Path(path).expanduser()
-        # A local file or folder as is; anything else is an alias or a Hub repo id.
-        path = local if local.exists() else resolve_model_path(path, allow_patterns=["vae/*"])
-        if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
-            path = path / "vae"  # a whole pipeline folder or Hub repo
-        source = path
-
-        def read() -> dict[str, mx.array]:
-            return sanitize(load_weights(source, ("diffusion_pytorch_model", "ae")))
-
-        weights = read()
-        config_file = path / "config.json" if path.is_dir() else None
-        if config_file is not None and config_file.is_file():
-            config = VAEConfig.from_dict(read_json(config_file), config_file)
-        else:
-            config = infer_config(weights, path)
-
-        vae = cls(config, dtype)
-        own = {k: v.shape for k, v in tree_flatten(vae.parameters())}
-        encoder_expected = {
-            f"{name}.{k}": v.shape
-            for name, module in _encoder_modules(config).items()
-            for k, v in tree_flatten(module.parameters())
-        }
-        has_encoder = any(k in weights for k in encoder_expected)
-        check_weights(weights, {**own, **encoder_expected} if has_encoder else own, source)
-
-        vae.load_weights([(k, v) for k, v in weights.items() if k in own])
-        vae._cast_weights()
-        mx.eval(vae.parameters())
-        if has_encoder:
-            vae._load_encoder_weights = read
-        del weights  # the encoder's tensors were never read from disk (mx.load is lazy)
+        path = _checkpoint_path(path)
+        weights = _read_weights(path)
+        vae = cls(_read_config(path, weights), dtype)
+        own_encoder = {k: v for k, v in weights.items() if k.startswith(ENCODER_PREFIXES)}
+        if encoder is not None:
+            vae._use_encoder_of(encoder)
+        elif own_encoder:
+            check_weights(own_encoder, _encoder_shapes(vae.config), path)
+            vae.source = path
+        # mx.load is lazy: the encoder's tensors are never read from disk here
+        load_into(vae, {k: v for k, v in weights.items() if k not in own_encoder}, path)
+        vae.decoder_source = path
         return vae
 
-    def _cast_weights(self) -> None:
-        """Cast every weight to the compute dtype; BatchNorm statistics stay float32."""
-        self.update(
-            tree_map_with_path(
-                lambda k, v: v.astype(mx.float32 if k.startswith("bn.") else self.dtype),
-                self.parameters(),
-            )
-        )
+    def _use_encoder_of(self, path: str | Path) -> None:
+        """Encode with the encoder (and quant_conv) of the VAE at `path`."""
+        source = _checkpoint_path(path)
+        weights = _read_weights(source)
+        config = _read_config(source, weights)
+        mismatch = [f"{f.name} {getattr(config, f.name)} vs {getattr(self.config, f.name)}"
+                    for f in fields(VAEConfig) if f.name not in DECODER_ONLY_FIELDS
+                    and getattr(config, f.name) != getattr(self.config, f.name)]
+        if mismatch:
+            raise BonsaiError(
+                f"the VAE decoder does not fit the encoder of {source} ({'; '.join(mismatch)}); "
+                "use a decoder made for this model's VAE")
+        encoder = {k: v for k, v in weights.items() if k.startswith(ENCODER_PREFIXES)}
+        if encoder:  # else that VAE cannot encode either
+            check_weights(encoder, _encoder_shapes(config), source)
+            self.source = source
 
     def load_encoder(self) -> None:
         """Read the encoder and `quant_conv` from the weight files (done by `encode`)."""
         if self.encoder_loaded:
             return
-        if self._load_encoder_weights is None:
+        if self.source is None:
             raise BonsaiError(
                 "this VAE was loaded without encoder weights, so it cannot encode images; "
                 "load a checkpoint that includes the encoder"
             )
-        weights = self._load_encoder_weights()
-        modules = _encoder_modules(self.config)
-        for name, module in modules.items():
+        weights = _read_weights(self.source)
+        for name, module in _encoder_modules(self.config).items():
+            module.set_dtype(self.dtype)
+            prefix = f"{name}."
+            load_into(module, {k.removeprefix(prefix): v for k, v in weights.items()
+                               if k.startswith(prefix)}, self.source)
             setattr(self, name, module)
-        self.load_weights(
-            [(k, v.astype(self.dtype)) for k, v in weights.items()
-             if k.startswith(("encoder.", "quant_conv."))],
-            strict=False,
-        )
-        mx.eval([module.parameters() for module in modules.values()])
 
     def unload_encoder(self) -> None:
         """Drop the encoder's weights (the next `encode` reads them again)."""
@@ -546,12 +245,7 @@ class VAE(nn.Module):
     # ---- decode / encode ------------------------------------------------------------
 
     def decode(
-        self,
-        z: mx.array,
-        *,
-        tiled: bool | None = None,
-        tile_size: int = 1024,
-        tile_overlap: int = 0,
+        self, z: mx.array, *, tiled: bool | None = None, tile_size: int = 1024,
         tile_stats: str = "exact",
     ) -> mx.array:
         """(B, h, w, latent_channels) un-normalised latents -> (B, h*f, w*f, 3), f = 8.
@@ -564,25 +258,13 @@ class VAE(nn.Module):
         if tiled is None:
             tiled = z.shape[1] * z.shape[2] * f * f > AUTO_TILE_PIXELS
         if tiled:
-            return self.decode_tiled(
-                z, tile_size=tile_size, tile_overlap=tile_overlap, tile_stats=tile_stats
-            )
-        return self._decode(z)
-
-    def _post_quant(self, z: mx.array) -> mx.array:
-        z = z.astype(self.dtype)
-        return self.post_quant_conv(z) if "post_quant_conv" in self else z
-
-    def _decode(self, z: mx.array) -> mx.array:
-        return self.decoder(self._post_quant(z))
+            return self.decode_tiled(z, tile_size=tile_size, tile_stats=tile_stats)
+        decoder = self.decoder
+        layers = [*decoder.latent_layers(), *callables(decoder.upsampling_layers())]
+        return run_layers(layers, self.post_quant(z))
 
     def encode(
-        self,
-        x: mx.array,
-        *,
-        tiled: bool | None = None,
-        tile_size: int = 1024,
-        tile_overlap: int = 0,
+        self, x: mx.array, *, tiled: bool | None = None, tile_size: int = 1024,
         tile_stats: str = "exact",
     ) -> mx.array:
         """(B, H, W, 3) image in [-1, 1] -> mean latent (B, H/f, W/f, latent_channels).
@@ -595,35 +277,32 @@ class VAE(nn.Module):
         if tiled is None:
             tiled = x.shape[1] * x.shape[2] > AUTO_TILE_PIXELS
         if tiled:
-            return self.encode_tiled(
-                x, tile_size=tile_size, tile_overlap=tile_overlap, tile_stats=tile_stats
-            )
-        return self._encode(x)
+            return self.encode_tiled(x, tile_size=tile_size, tile_stats=tile_stats)
+        encoder = self.encoder
+        layers = [*callables(encoder.downsampling_layers()), *encoder.latent_layers()]
+        return self.moments_to_mean(run_layers(layers, x.astype(self.dtype)))
 
-    def _encode(self, x: mx.array) -> mx.array:
-        return self._moments_to_mean(self.encoder(x.astype(self.dtype)))
+    def post_quant(self, z: mx.array) -> mx.array:
+        """Latents in the compute dtype, through `post_quant_conv` when there is one."""
+        z = z.astype(self.dtype)
+        return self.post_quant_conv(z) if "post_quant_conv" in self else z
 
-    def _moments_to_mean(self, h: mx.array) -> mx.array:
+    def moments_to_mean(self, h: mx.array) -> mx.array:
+        """The encoder's moments (through `quant_conv`) -> the mean latent."""
         if "quant_conv" in self:
             h = self.quant_conv(h)
-        return h[..., : self.config.latent_channels]  # the mean; the rest is log-variance
+        return h[..., : self.config.latent_channels]  # the rest is log-variance
 
-    def decode_tiled(
-        self,
-        z: mx.array,
-        *,
-        tile_size: int = 1024,
-        tile_overlap: int = 0,
-        tile_stats: str = "exact",
-    ) -> mx.array:
+    def decode_tiled(self, z: mx.array, *, tile_size: int = 1024,
+                     tile_stats: str = "exact") -> mx.array:
         """`decode` with the full-resolution part of the decoder run tile by tile.
 
         Everything at latent resolution (conv_in, mid-block attention over the whole image,
         the first up block's resnets) runs untiled; it is small. The up blocks and conv_out
         run on tiles of about `tile_size` image pixels that partition the image, each with
         the neighbouring context its convolutions read (so there are no seams and nothing
-        to blend; `tile_overlap` is accepted for compatibility and unused). Every GroupNorm
-        in the tiled part uses one set of statistics for the whole image:
+        to blend). Every GroupNorm in the tiled part uses one set of statistics for the
+        whole image:
         - `tile_stats="exact"` (default): the tiles advance layer by layer and each norm's
           statistics are summed over all tiles first; equal to `decode(z, tiled=False)` up
           to float rounding. Peak memory: two whole activations of one layer plus a tile's
@@ -632,27 +311,11 @@ class VAE(nn.Module):
           average-pooled to at most 64 latent pixels (or one tile) a side, then one tiled
           pass (as pkuliyi2015's Tiled VAE): lowest memory (about one tile), approximate.
         """
-        f = self.scale_factor
         self._check_input(z, self.config.latent_channels, "latents", 1)
-        tile = _check_tiling(tile_size, tile_overlap, tile_stats, f)
-        layers = self.decoder.upsampling_layers()
-        z = self._post_quant(z)
-        side = min(ESTIMATE_SIDE, tile)
-        h = self.decoder.latent_stage(z)
-        mx.eval(h)
-        out = _run_with_shared_norms(
-            layers, h, self.decoder, _downscale(z, side, 1), tile, 1, tile_stats
-        )
-        return out.astype(self.dtype)
+        return vae_tiling.decode_tiled(self, z, tile_size=tile_size, tile_stats=tile_stats)
 
-    def encode_tiled(
-        self,
-        x: mx.array,
-        *,
-        tile_size: int = 1024,
-        tile_overlap: int = 0,
-        tile_stats: str = "exact",
-    ) -> mx.array:
+    def encode_tiled(self, x: mx.array, *, tile_size: int = 1024,
+                     tile_stats: str = "exact") -> mx.array:
         """`encode` with the encoder's full-resolution part run tile by tile.
 
         As `decode_tiled`, mirrored: conv_in and the down blocks run on tiles with their
@@ -660,17 +323,9 @@ class VAE(nn.Module):
         the image to at most 512 pixels a side); the latent-resolution rest (last down
         block, mid block, conv_out) runs untiled.
         """
-        f = self.scale_factor
-        self._check_input(x, self.config.in_channels, "image", f)
+        self._check_input(x, self.config.in_channels, "image", self.scale_factor)
         self.load_encoder()
-        tile = _check_tiling(tile_size, tile_overlap, tile_stats, f) * f
-        layers = self.encoder.downsampling_layers()
-        x = x.astype(self.dtype)
-        side = min(ESTIMATE_SIDE * f, tile)
-        h = _run_with_shared_norms(layers, x, functools.partial(_run_layers, layers),
-                                   _downscale(x, side, f), tile, f, tile_stats)
-        out = self._moments_to_mean(self.encoder.latent_stage(h.astype(self.dtype)))
-        return out.astype(self.dtype)
+        return vae_tiling.encode_tiled(self, x, tile_size=tile_size, tile_stats=tile_stats)
 
     @staticmethod
     def _check_input(x: mx.array, channels: int, what: str, multiple: int) -> None:
@@ -684,180 +339,40 @@ class VAE(nn.Module):
             )
 
 
-# ---- tiling -------------------------------------------------------------------------
-
-# The GroupNorm statistics of a tiled decode/encode are first estimated on the input
-# average-pooled to at most this many latent pixels a side.
-ESTIMATE_SIDE = 64
+# ---- saving a swapped decoder --------------------------------------------------------
 
 
-def _check_tiling(tile_size: int, tile_overlap: int, tile_stats: str, f: int) -> int:
-    """The tile side in latent pixels."""
-    if tile_size < f or tile_overlap < 0:
-        raise BonsaiError(
-            f"tile_size {tile_size} / tile_overlap {tile_overlap} invalid: need "
-            f"tile_size >= {f} and tile_overlap >= 0"
-        )
-    if tile_stats not in ("exact", "estimate"):
-        raise BonsaiError(f"tile_stats {tile_stats!r} invalid: use 'exact' or 'estimate'")
-    return tile_size // f
+def save_vae_with_decoder(
+    folder: Path, decoder_from: str | Path, encoder_from: str | Path,
+    dtype: mx.Dtype | None = None,
+) -> None:
+    """Write one diffusers `vae/` folder from the decoder side (decoder, post_quant_conv,
+    latent statistics, config) of `decoder_from` and the encoder and quant_conv of
+    `encoder_from`, as `VAE.from_pretrained(decoder_from, encoder=encoder_from)` combines
+    them: diffusers names, PyTorch's (O, I, kH, kW) convolutions, float tensors in `dtype`
+    (None: as stored). Each file is written atomically."""
+    dec_source, enc_source = _checkpoint_path(decoder_from), _checkpoint_path(encoder_from)
+    tensors = {k: v for k, v in _read_weights(dec_source).items()
+               if not k.startswith(ENCODER_PREFIXES)}
+    tensors.update({k: v for k, v in _read_weights(enc_source).items()
+                    if k.startswith(ENCODER_PREFIXES)})
 
+    def stored(v: mx.array) -> mx.array:
+        v = v.transpose(0, 3, 1, 2) if v.ndim == 4 else v  # undo sanitize's MLX layout
+        return v.astype(dtype) if dtype is not None and mx.issubdtype(v.dtype, mx.floating) else v
 
-def _downscale(x: mx.array, side: int, multiple: int) -> mx.array:
-    """x average-pooled to at most about `side` pixels a side, sides a multiple of `multiple`.
-
-    Pixels past a whole number of pooling windows are dropped (an estimate needs no more).
-    """
-    B, H, W, C = x.shape
-    dtype = x.dtype
-    ky, kx = math.ceil(H / side), math.ceil(W / side)
-    if ky == kx == 1:
-        return x
-    h = max(H // ky // multiple, 1) * multiple
-    w = max(W // kx // multiple, 1) * multiple
-    ky, kx = H // h, W // w
-    x = x[:, : h * ky, : w * kx].astype(mx.float32)
-    return x.reshape(B, h, ky, w, kx, C).mean(axis=(2, 4)).astype(dtype)
-
-
-def _context_needed(layers: list[TileLayer]) -> list[int]:
-    """Per layer, the context (input pixels beyond a tile's edge) that makes the last layer's
-    output over the tile exact: conv halos summed back through the resolution changes,
-    rounded so that every stride-2 layer sees tiles at even offsets."""
-    need, align, needs = 0, 1, []
-    for _, kind, halo in reversed(layers):
-        if kind == "same":
-            need += halo
-        elif kind == "up":  # nearest x2, then a conv at the output resolution
-            need = -(-(need + halo) // 2)
-        else:  # stride-2 conv: output j reads inputs 2j .. 2j + halo
-            need, align = 2 * need + halo, 2 * align
-        need = -(-need // align) * align
-        needs.append(need)
-    return needs[::-1]
-
-
-def _tile_bounds(length: int, tile: int, align: int) -> list[int]:
-    """Boundaries of about equal tiles of at most ~`tile` covering [0, length), on `align`."""
-    n = math.ceil(length / tile)
-    units = length // align
-    return sorted({round(i * units / n) * align for i in range(n)} | {length})
-
-
-def _crop_context(t: mx.array, ctx: list[int], need: int) -> tuple[mx.array, list[int]]:
-    """Drop context beyond `need` pixels; ctx = [top, bottom, left, right]."""
-    keep = [min(c, need) for c in ctx]
-    top, bottom, left, right = (c - k for c, k in zip(ctx, keep, strict=True))
-    return t[:, top : t.shape[1] - bottom, left : t.shape[2] - right], keep
-
-
-def _run_tile(
-    layers: list[TileLayer],
-    needs: list[int],
-    x: mx.array,
-    ys: tuple[int, int],
-    xs: tuple[int, int],
-    stats: SharedNormStats,
-) -> mx.array | None:
-    """The layers' output over x[:, ys, xs], from that tile plus the context it needs;
-    None if a GroupNorm's statistics were missing (that norm's input was summed instead)."""
-    (a, b), (c, d) = ys, xs
-    H, W = x.shape[1:3]
-    n = needs[0]
-    ctx = [min(a, n), min(H - b, n), min(c, n), min(W - d, n)]
-    t = x[:, a - ctx[0] : b + ctx[1], c - ctx[2] : d + ctx[3]]
-    core = [b - a, d - c]
-    for (layer, kind, _), need in zip(layers, needs, strict=True):
-        t, ctx = _crop_context(t, ctx, need)
-        # the tile's own pixels: summed over tiles, each image pixel counts once
-        stats.region = (slice(ctx[0], ctx[0] + core[0]), slice(ctx[2], ctx[2] + core[1]))
-        try:
-            t = layer(t)
-        except StatsMissing:
-            mx.eval(stats.pending())
-            return None
-        mx.eval(t)  # one layer of one tile alive at a time
-        if kind == "up":
-            ctx, core = [2 * v for v in ctx], [2 * v for v in core]
-        elif kind == "down":
-            ctx, core = [v // 2 for v in ctx], [v // 2 for v in core]
-    return _crop_context(t, ctx, 0)[0]
-
-
-def _run_tiled(
-    layers: list[TileLayer], x: mx.array, tile: int, align: int, stats: SharedNormStats
-) -> mx.array | None:
-    """`layers` applied to x (NHWC) tile by tile: tiles of about `tile` pixels, on `align`,
-    that partition x, each with its context; equal to the untiled result given `stats`.
-    None when statistics were missing (they are complete after `stats.finish()`)."""
-    needs = _context_needed(layers)
-    ups = sum(kind == "up" for _, kind, _ in layers)
-    downs = sum(kind == "down" for _, kind, _ in layers)
-
-    def scale(v: int) -> int:
-        return v * 2**ups // 2**downs
-
-    B, H, W, _ = x.shape
-    ys, xs = _tile_bounds(H, tile, align), _tile_bounds(W, tile, align)
-    out, missing = None, False
-    for a, b in pairwise(ys):
-        for c, d in pairwise(xs):
-            y = _run_tile(layers, needs, x, (a, b), (c, d), stats)
-            if y is None:
-                missing = True
-                continue
-            if out is None:
-                out = mx.zeros((B, scale(H), scale(W), y.shape[-1]), y.dtype)
-            out[:, scale(a) : scale(b), scale(c) : scale(d)] = y
-            mx.eval(out)
-    return None if missing else out
-
-
-def _run_with_shared_norms(
-    layers: list[TileLayer],
-    x: mx.array,
-    estimate: Callable[[mx.array], mx.array],
-    small: mx.array,
-    tile: int,
-    align: int,
-    tile_stats: str,
-) -> mx.array:
-    """Tiled `layers` on x, every GroupNorm in them using whole-image statistics.
-
-    "exact": layer by layer (an upsampler together with the layer after it, so upsampled
-    activations are never whole), each norm's statistics summed over all tiles before the
-    tiles pass it; keeps each layer's whole input and output (at most two activations).
-    "estimate": `estimate(small)` records them on a downscaled input; one tiled pass.
-    """
-    norms = [m for layer, _, _ in layers for _, m in layer.named_modules()
-             if isinstance(m, GroupNorm)]
-    stats = SharedNormStats()
-    for norm in norms:
-        norm.shared = stats
-    try:
-        if tile_stats == "estimate":
-            stats.record = True
-            estimate(small)
-            stats.record = False
-            return _run_tiled(layers, x, tile, align, stats)
-        units = [[]]
-        for layer in layers:
-            units[-1].append(layer)
-            if layer[1] != "up":
-                units.append([])
-        for unit in filter(None, units):
-            while (y := _run_tiled(unit, x, tile, align, stats)) is None:
-                stats.finish()
-            x = y
-            for _, kind, _ in unit:  # the same tiles, at the next unit's resolution
-                if kind == "up":
-                    tile *= 2
-                elif kind == "down":
-                    tile, align = tile // 2, max(align // 2, 1)
-        return x
-    finally:
-        for norm in norms:
-            norm.shared = None
+    tensors = {k: stored(v) for k, v in tensors.items()}
+    tensors["bn.num_batches_tracked"] = mx.array(0, dtype=mx.int64)  # diffusers' buffer
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors(folder / "diffusion_pytorch_model.safetensors", tensors,
+                     metadata={"format": "pt"})
+    config_file = dec_source / "config.json"
+    if dec_source.is_dir() and config_file.is_file():
+        config = read_json(config_file)
+    else:
+        config = {"_class_name": "AutoencoderKLFlux2",
+                  **asdict(_read_config(dec_source, _read_weights(dec_source)))}
+    write_json(folder / "config.json", config)
 
 
 # ---- weight names -------------------------------------------------------------------
@@ -911,6 +426,30 @@ def _bfl_to_diffusers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
             new = m[1]
         out[new.replace("nin_shortcut", "conv_shortcut")] = v
     return out
+
+
+def _checkpoint_path(path: str | Path) -> Path:
+    """A local file or folder as is (a pipeline folder stands for its `vae/`); anything else
+    is an alias or a Hub repo id, whose `vae/` (or, for a VAE repo, its top-level files) is
+    downloaded."""
+    path = VAE_ALIASES.get(str(path), path)
+    local = Path(path).expanduser()
+    path = local if local.exists() else resolve_model_path(path, allow_patterns=HUB_FILES)
+    if path.is_dir() and (path / "vae").is_dir() and not any(path.glob("*.safetensors")):
+        path = path / "vae"  # a whole pipeline folder or Hub repo
+    return path
+
+
+def _read_weights(path: Path) -> dict[str, mx.array]:
+    return sanitize(load_weights(path, WEIGHT_STEMS))
+
+
+def _read_config(path: Path, weights: dict[str, mx.array]) -> VAEConfig:
+    """The folder's config.json, else inferred from the tensor shapes."""
+    config_file = path / "config.json"
+    if path.is_dir() and config_file.is_file():
+        return VAEConfig.from_dict(read_json(config_file), str(config_file))
+    return infer_config(weights, path)
 
 
 def infer_config(weights: dict[str, mx.array], source: str | Path) -> VAEConfig:

@@ -14,6 +14,9 @@ BonsaiError naming the layer (`name`) and, where it applies, the group.
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
+from bonsai_mlx.arrays import to_numpy
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.kernels import reference
 from bonsai_mlx.kernels.reference import GROUP_SIZE
@@ -22,6 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 FORMATS = ("binary", "ternary")
+Array: TypeAlias = np.ndarray | mx.array  # pack / unpack: numpy in, numpy out; MLX, MLX
 
 _POW3 = 3 ** np.arange(5, dtype=np.uint16)  # (5,)
 # byte of 2-bit codes -> its 4 codes as the 4 bytes of one little-endian word (a fast lookup)
@@ -44,18 +48,10 @@ def check_input_dims(k: int, name: str = "weight") -> None:
         )
 
 
-def _to_numpy(a) -> np.ndarray:
-    if isinstance(a, mx.array):
-        if a.dtype == mx.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
-            a = a.astype(mx.float32)
-        return np.array(a)
-    return np.asarray(a)
-
-
 # ---------------------------------------------------------------- pack / unpack
 
 
-def pack_binary(q):
+def pack_binary(q: Array) -> Array:
     """q (N, K) with K % 32 == 0, +1 where q > 0 else -1 -> uint32 (N, K/32).
 
     numpy in -> numpy out; mx.array in -> mx.array out.
@@ -70,7 +66,7 @@ def pack_binary(q):
     return packed.view("<u4").reshape(*bits.shape[:-1], -1)  # (N, K/32, 4) bytes -> words
 
 
-def unpack_binary(packed):
+def unpack_binary(packed: Array) -> Array:
     """uint32 (N, K/32) -> int8 (N, K) in {-1, +1}. numpy or mx in, the same out."""
     if isinstance(packed, mx.array):
         return reference.unpack_binary(packed)
@@ -79,7 +75,7 @@ def unpack_binary(packed):
     return bits.astype(np.int8) * 2 - 1
 
 
-def pack_ternary(q):
+def pack_ternary(q: Array) -> Array:
     """q (N, K) in {-1, 0, +1} -> uint8 (N, ceil(K/5)). numpy or mx in, the same out."""
     k = q.shape[-1]
     pad = -k % 5
@@ -101,7 +97,7 @@ def _pack_digits(t: np.ndarray) -> np.ndarray:
     return t[..., 0] + 3 * t[..., 1] + 9 * t[..., 2] + 27 * t[..., 3] + 81 * t[..., 4]
 
 
-def unpack_ternary(packed, k: int):
+def unpack_ternary(packed: Array, k: int) -> Array:
     """uint8 (N, ceil(K/5)) -> int8 (N, K) in {-1, 0, +1}. numpy or mx in, the same out."""
     if packed.shape[-1] != -(-k // 5):
         raise BonsaiError(f"ternary packing of K={k} needs {-(-k // 5)} bytes per row, "
@@ -126,13 +122,13 @@ def _groups(w: np.ndarray, name: str) -> np.ndarray:
 
 def is_binary_valued(w) -> bool:
     """Whether every group of 128 takes only the values {-s, +s} for one s (per group)."""
-    a = np.abs(_groups(_to_numpy(w), "weight"))
+    a = np.abs(_groups(to_numpy(w), "weight"))
     return bool(np.all(a == a[..., :1]))
 
 
 def is_ternary_valued(w) -> bool:
     """Whether every group of 128 takes only the values {-s, 0, +s} for one s (per group)."""
-    a = np.abs(_groups(_to_numpy(w), "weight"))
+    a = np.abs(_groups(to_numpy(w), "weight"))
     m = a.max(axis=-1, keepdims=True)
     return bool(np.all((a == 0) | (a == m)))
 
@@ -152,13 +148,14 @@ def _scales_f16(s: np.ndarray, name: str, exact: bool) -> np.ndarray:
     return s16
 
 
-def quantize_binary(w, *, lossless: bool | None = None, name: str = "weight"):
+def quantize_binary(w: Array, *, lossless: bool | None = None,
+                    name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """Dense (N, K) -> (packed uint32 (N, K/32), scales float16 (N, K/128)), numpy out.
 
     lossless=None: exact if the weight is already binary per group, else absmean
     (s = mean|w| per group, q = sign(w)). True: require exactness. False: always absmean.
     """
-    g = _groups(_to_numpy(w), name)
+    g = _groups(to_numpy(w), name)
     a = np.abs(g)
     exact = bool(np.all(a == a[..., :1])) if lossless is not False else False
     if lossless and not exact:
@@ -168,13 +165,14 @@ def quantize_binary(w, *, lossless: bool | None = None, name: str = "weight"):
     return pack_binary(g.reshape(w.shape[0], -1) >= 0), _scales_f16(s, name, exact)
 
 
-def quantize_ternary(w, *, lossless: bool | None = None, name: str = "weight"):
+def quantize_ternary(w: Array, *, lossless: bool | None = None,
+                     name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """Dense (N, K) -> (packed uint8 (N, ceil(K/5)), scales float16 (N, K/128)), numpy out.
 
     lossless=None: exact if the weight is already ternary per group, else absmean
     (s = mean|w|, q = round(clip(w/s, -1, 1))). True: require exactness. False: absmean.
     """
-    g = _groups(_to_numpy(w), name)
+    g = _groups(to_numpy(w), name)
     a = np.abs(g)
     m = a.max(axis=-1)
     exact = bool(np.all((a == 0) | (a == m[..., None]))) if lossless is not False else False
@@ -196,7 +194,7 @@ def quantize_ternary(w, *, lossless: bool | None = None, name: str = "weight"):
 
 def _affine_values(scales, biases, bits: int, name: str):
     """Per group, the value of each code: (N, G, 2**bits) float32."""
-    s, b = _to_numpy(scales).astype(np.float32), _to_numpy(biases).astype(np.float32)
+    s, b = to_numpy(scales).astype(np.float32), to_numpy(biases).astype(np.float32)
     if s.shape != b.shape or s.ndim != 2:
         raise BonsaiError(f"{name}: scales {s.shape} and biases {b.shape} do not match")
     return s[..., None] * np.arange(2**bits, dtype=np.float32) + b[..., None]
@@ -222,16 +220,17 @@ def _check_affine_shapes(wq, scales, bits: int, group_size: int, name: str) -> i
     return k
 
 
-def binary_from_affine(wq, scales, biases, *, group_size: int = GROUP_SIZE,
-                       name: str = "weight"):
+def binary_from_affine(wq: Array, scales: Array, biases: Array, *,
+                       group_size: int = GROUP_SIZE,
+                       name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """MLX affine 1-bit (w = scale * bit + bias) -> binary (packed, scales), numpy out.
 
     Exact. A group must decode to {-s, +s}: bias == -scale/2, s = scale/2 (where only one
     code occurs in a group, its value v alone decides: s = |v|). The words are reused as
     they are; only a group with a negative scale has its bits inverted.
     """
-    wq = _to_numpy(wq)
-    _check_affine_shapes(wq, _to_numpy(scales), 1, group_size, name)
+    wq = to_numpy(wq)
+    _check_affine_shapes(wq, to_numpy(scales), 1, group_size, name)
     v = _affine_values(scales, biases, 1, name)  # (N, G, 2): values of bit 0, bit 1
     words = wq.reshape(wq.shape[0], -1, GROUP_SIZE // 32)  # (N, G, 4)
     used1 = np.any(words != 0, axis=-1)
@@ -256,15 +255,16 @@ def binary_from_affine(wq, scales, biases, *, group_size: int = GROUP_SIZE,
     return packed, _scales_f16(s, name, exact=True)
 
 
-def ternary_from_affine(wq, scales, biases, *, group_size: int = GROUP_SIZE,
-                        name: str = "weight"):
+def ternary_from_affine(wq: Array, scales: Array, biases: Array, *,
+                        group_size: int = GROUP_SIZE,
+                        name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """MLX affine 2-bit -> ternary (packed, scales), numpy out, after checking exactness.
 
     Every group's codes must decode to values in {-s, 0, +s} for one s >= 0 (Bonsai uses
     codes 0, 1, 2 with scale = s, bias = -s); otherwise BonsaiError naming the group.
     """
-    wq = _to_numpy(wq)
-    _check_affine_shapes(wq, _to_numpy(scales), 2, group_size, name)
+    wq = to_numpy(wq)
+    _check_affine_shapes(wq, to_numpy(scales), 2, group_size, name)
     v = _affine_values(scales, biases, 2, name)  # (N, G, 4)
     codes = _codes_2bit(wq)  # (N, K)
     if np.all(v[..., 0] == -v[..., 2]) and np.all(v[..., 1] == 0) and np.all(v[..., 2] >= 0) \

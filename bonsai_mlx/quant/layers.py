@@ -10,7 +10,7 @@ from __future__ import annotations
 from bonsai_mlx import kernels
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.quant import formats
-from bonsai_mlx.quant.formats import GROUP_SIZE
+from bonsai_mlx.quant.formats import GROUP_SIZE, Array
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -73,13 +73,14 @@ class BinaryLinear(_PackedLinear):
         return kernels.dequantize_binary(self.weight, self._scales16(), dtype)
 
     @classmethod
-    def from_weight(cls, weight, *, lossless: bool | None = None, name: str = "weight"):
+    def from_weight(cls, weight: Array, *, lossless: bool | None = None,
+                    name: str = "weight") -> BinaryLinear:
         """Dense (N, K) weight -> layer; exact when it is binary per group, else absmean."""
         return cls._from_packed(*formats.quantize_binary(weight, lossless=lossless, name=name))
 
     @classmethod
-    def from_affine(cls, weight, scales, biases, *, group_size: int = GROUP_SIZE,
-                    name: str = "weight"):
+    def from_affine(cls, weight: Array, scales: Array, biases: Array, *,
+                    group_size: int = GROUP_SIZE, name: str = "weight") -> BinaryLinear:
         """An MLX affine 1-bit triple (a Bonsai 1-bit layer) -> layer, exactly."""
         return cls._from_packed(*formats.binary_from_affine(
             weight, scales, biases, group_size=group_size, name=name))
@@ -103,13 +104,14 @@ class TernaryLinear(_PackedLinear):
         return kernels.dequantize_ternary(self.weight, self._scales16(), self.input_dims, dtype)
 
     @classmethod
-    def from_weight(cls, weight, *, lossless: bool | None = None, name: str = "weight"):
+    def from_weight(cls, weight: Array, *, lossless: bool | None = None,
+                    name: str = "weight") -> TernaryLinear:
         """Dense (N, K) weight -> layer; exact when it is ternary per group, else absmean."""
         return cls._from_packed(*formats.quantize_ternary(weight, lossless=lossless, name=name))
 
     @classmethod
-    def from_affine(cls, weight, scales, biases, *, group_size: int = GROUP_SIZE,
-                    name: str = "weight"):
+    def from_affine(cls, weight: Array, scales: Array, biases: Array, *,
+                    group_size: int = GROUP_SIZE, name: str = "weight") -> TernaryLinear:
         """An MLX affine 2-bit triple (a Bonsai ternary layer) -> layer, after checking it."""
         return cls._from_packed(*formats.ternary_from_affine(
             weight, scales, biases, group_size=group_size, name=name))

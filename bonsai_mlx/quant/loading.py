@@ -16,7 +16,9 @@ The model is any nn.Module with diffusers' layer names whose packed layers are s
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.quant import formats
@@ -24,13 +26,13 @@ from bonsai_mlx.quant.layers import PACKED_LINEAR, BinaryLinear, TernaryLinear
 from bonsai_mlx.quant.model import (
     DENSE_GROUP_SIZE,
     get_module,
-    model_packed_layer_paths,
+    packable_layers,
     quantize_dense_layers,
     set_module,
     use_packed_layers,
 )
 from bonsai_mlx.weights import (
-    check_weights,
+    load_into,
     load_weights,
     read_json,
     save_safetensors,
@@ -44,20 +46,56 @@ from mlx.utils import tree_flatten
 QUANT_CONFIG = "quantization_config.json"
 WEIGHTS_STEM = "diffusion_pytorch_model"
 QUANT_METHOD = "bonsai-mlx"
+MLX_AFFINE = "mlx-affine"
+AFFINE_FORMATS = {1: "binary", 2: "ternary"}  # a Bonsai MLX pack's bits -> our format
 
 
-def packed_layout(folder: str | Path) -> str | None:
-    """`"bonsai-mlx"` (ours), `"mlx-affine"` (a Bonsai MLX pack), or None (dense)."""
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """A transformer folder's `quantization_config.json` (docs/formats.md), as written:
+    `apply_packed_layout` checks that it can be loaded, `bonsai-mlx info` describes it.
+
+    `method` is "bonsai-mlx" (ours: `format`, `group_size`, `packed_layers`, `dense_bits`,
+    `dense_group_size`, `dense_dtype`) or "mlx-affine" (a Bonsai MLX pack: `bits`,
+    `group_size`; `format` follows from the bits).
+    """
+
+    path: Path
+    method: str
+    format: Any = None
+    group_size: Any = None
+    bits: Any = None
+    packed_layers: Any = None
+    dense_bits: Any = 16
+    dense_group_size: Any = DENSE_GROUP_SIZE
+    dense_dtype: Any = None
+
+
+def read_quantization_config(folder: str | Path) -> QuantizationConfig | None:
+    """The folder's quantization_config.json, or None for a dense folder (no such file)."""
     path = Path(folder) / QUANT_CONFIG
     if not path.is_file():
         return None
     cfg = read_json(path)
     if cfg.get("quant_method") == QUANT_METHOD:
-        return QUANT_METHOD
+        return QuantizationConfig(
+            path, QUANT_METHOD, cfg.get("format"), cfg.get("group_size"),
+            packed_layers=cfg.get("packed_layers"), dense_bits=cfg.get("dense_bits", 16),
+            dense_group_size=cfg.get("dense_group_size", DENSE_GROUP_SIZE),
+            dense_dtype=cfg.get("dense_dtype"),
+        )
     if "bits" in cfg:
-        return "mlx-affine"
+        bits = cfg["bits"]
+        return QuantizationConfig(path, MLX_AFFINE, AFFINE_FORMATS.get(bits),
+                                  cfg.get("group_size"), bits)
     raise BonsaiError(f"{path} is neither a bonsai-mlx nor a Bonsai MLX quantization config "
                       "(no 'quant_method': 'bonsai-mlx' and no 'bits')")
+
+
+def packed_layout(folder: str | Path) -> str | None:
+    """`"bonsai-mlx"` (ours), `"mlx-affine"` (a Bonsai MLX pack), or None (dense)."""
+    quant = read_quantization_config(folder)
+    return None if quant is None else quant.method
 
 
 def _triples(weights: Mapping[str, mx.array], source: Path) -> list[str]:
@@ -71,59 +109,66 @@ def _triples(weights: Mapping[str, mx.array], source: Path) -> list[str]:
     return layers
 
 
-def prepare_packed_transformer(model: nn.Module, folder: str | Path, *,
-                               affine_baseline: bool = False) -> dict[str, mx.array]:
-    """Swap `model`'s layers for the packed ones `folder` holds and return the tensors to
-    load into it (converted to our format for a Bonsai pack, unless `affine_baseline`)."""
-    folder = Path(folder)
-    layout = packed_layout(folder)
-    if layout is None:
-        raise BonsaiError(f"{folder} has no {QUANT_CONFIG}; it is not a packed transformer")
-    cfg = read_json(folder / QUANT_CONFIG)
-    weights = load_weights(folder, WEIGHTS_STEM)
-    if hasattr(model, "sanitize"):  # checkpoint names -> diffusers names (BFL single file)
-        weights = model.sanitize(weights)
-    if layout == QUANT_METHOD:
+def apply_packed_layout(model: nn.Module, quant: QuantizationConfig,
+                        weights: Mapping[str, mx.array], *,
+                        affine_baseline: bool = False) -> dict[str, mx.array]:
+    """Swap `model`'s layers (dense, freshly built) for the packed ones `quant` describes, in
+    place, and return the checkpoint `weights` as the packed model loads them: a Bonsai
+    pack's affine layers converted to our format exactly (every group checked), or kept as
+    stock `nn.QuantizedLinear` with `affine_baseline`."""
+    if quant.method == QUANT_METHOD:
         if affine_baseline:
-            raise BonsaiError(f"{folder} is in the bonsai-mlx layout, not MLX affine; "
-                              "the affine baseline needs a Bonsai MLX pack")
-        return _prepare_ours(model, cfg, weights, folder)
-    return _prepare_affine(model, cfg, weights, folder, affine_baseline)
+            raise BonsaiError(f"{quant.path.parent} is in the bonsai-mlx layout, not MLX "
+                              "affine; the affine baseline needs a Bonsai MLX pack")
+        return _apply_ours(model, quant, weights)
+    return _apply_affine(model, quant, weights, affine_baseline)
 
 
-def _prepare_ours(model, cfg, weights, folder):
-    fmt = formats.check_format(cfg.get("format"))
-    if cfg.get("group_size") != formats.GROUP_SIZE:
-        raise BonsaiError(f"{folder / QUANT_CONFIG}: group_size {cfg.get('group_size')}, "
-                          f"only {formats.GROUP_SIZE} is supported")
-    paths = cfg.get("packed_layers")
+def _apply_ours(model: nn.Module, quant: QuantizationConfig,
+                weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+    fmt = formats.check_format(quant.format)
+    if quant.group_size != formats.GROUP_SIZE:
+        raise BonsaiError(f"{quant.path}: group_size {quant.group_size}, only "
+                          f"{formats.GROUP_SIZE} is supported")
+    paths = quant.packed_layers
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise BonsaiError(f"{folder / QUANT_CONFIG}: 'packed_layers' must be a list of names")
+        raise BonsaiError(f"{quant.path}: 'packed_layers' must be a list of names")
     use_packed_layers(model, fmt, paths=paths)
-    dense_bits = cfg.get("dense_bits", 16)
-    if dense_bits == 8:
-        quantize_dense_layers(model, 8, cfg.get("dense_group_size", DENSE_GROUP_SIZE))
-    elif dense_bits != 16:
-        raise BonsaiError(f"{folder / QUANT_CONFIG}: dense_bits {dense_bits}; use 16 or 8")
-    return weights
+    if fmt == "ternary":
+        _check_trits(weights, paths, quant.path.parent)
+    if quant.dense_bits == 8:
+        quantize_dense_layers(model, 8, quant.dense_group_size)
+    elif quant.dense_bits != 16:
+        raise BonsaiError(f"{quant.path}: dense_bits {quant.dense_bits}; use 16 or 8")
+    return dict(weights)
 
 
-def _prepare_affine(model, cfg, weights, folder, affine_baseline):
-    bits, group_size = cfg.get("bits"), cfg.get("group_size")
-    if bits not in (1, 2):
-        raise BonsaiError(f"{folder / QUANT_CONFIG}: bits {bits!r}; a Bonsai pack is 1-bit "
+def _check_trits(weights: Mapping[str, mx.array], paths: list[str], folder: Path) -> None:
+    """A ternary byte packs 5 base-3 digits, so it is < 243 (docs/formats.md); a larger one
+    is corruption, which would decode to wrong weights without any error."""
+    names = [f"{p}.weight" for p in paths if f"{p}.weight" in weights]
+    maxima = [weights[n].max() for n in names]
+    mx.eval(maxima)
+    for name, top in zip(names, maxima, strict=True):
+        if top.item() >= 243:
+            raise BonsaiError(f"{folder}: {name} holds the byte {top.item()}, but ternary "
+                              "bytes are < 243 (5 base-3 digits): the file is corrupt; "
+                              "re-download or re-convert it")
+
+
+def _apply_affine(model: nn.Module, quant: QuantizationConfig, weights: Mapping[str, mx.array],
+                  affine_baseline: bool) -> dict[str, mx.array]:
+    bits, group_size, folder = quant.bits, quant.group_size, quant.path.parent
+    if bits not in AFFINE_FORMATS:
+        raise BonsaiError(f"{quant.path}: bits {bits!r}; a Bonsai pack is 1-bit "
                           "(binary) or 2-bit (ternary)")
     if group_size != formats.GROUP_SIZE:
-        raise BonsaiError(f"{folder / QUANT_CONFIG}: group_size {group_size!r}, expected "
+        raise BonsaiError(f"{quant.path}: group_size {group_size!r}, expected "
                           f"{formats.GROUP_SIZE}")
     out = dict(weights)
     for layer in _triples(weights, folder):
         wq, scales, biases = (out.pop(f"{layer}.{p}") for p in ("weight", "scales", "biases"))
-        current = get_module(model, layer)
-        if not isinstance(current, nn.Linear) or "bias" in current:
-            raise BonsaiError(f"{folder}: {layer} is quantised in the file but is "
-                              f"{type(current).__name__} in the model, not a bias-free Linear")
-        n, k = current.weight.shape
+        n, k = _bias_free_linear(model, layer, folder).weight.shape
         if wq.shape != (n, k * bits // 32):
             raise BonsaiError(f"{folder}: {layer}.weight is {tuple(wq.shape)}, the model's "
                               f"({n}, {k}) layer needs {(n, k * bits // 32)} at {bits} bits")
@@ -138,21 +183,26 @@ def _prepare_affine(model, cfg, weights, folder, affine_baseline):
     return out
 
 
+def _bias_free_linear(model: nn.Module, layer: str, folder: Path) -> nn.Linear:
+    current = get_module(model, layer)
+    if not isinstance(current, nn.Linear) or "bias" in current:
+        raise BonsaiError(f"{folder}: {layer} is quantised in the file but is "
+                          f"{type(current).__name__} in the model, not a bias-free Linear")
+    return current
+
+
 def load_packed_transformer_weights(model: nn.Module, folder: str | Path, *,
                                     affine_baseline: bool = False) -> nn.Module:
-    """Load a packed transformer folder (ours or a Bonsai MLX pack) into a freshly built
-    dense `model`, in place: packed layers are swapped in and every tensor is checked
-    (names, shapes) and loaded; float tensors take the dtype of the model's parameter.
-    Returns the model."""
-    weights = prepare_packed_transformer(model, folder, affine_baseline=affine_baseline)
-    if hasattr(model, "load_checked_weights"):  # Flux2Transformer: its own checked loader
-        model.load_checked_weights(weights, folder)
-        return model
-    params = dict(tree_flatten(model.parameters()))
-    check_weights(weights, {k: tuple(v.shape) for k, v in params.items()}, folder)
-    model.load_weights([(k, v.astype(params[k].dtype) if mx.issubdtype(v.dtype, mx.floating)
-                         else v) for k, v in weights.items()])
-    mx.eval(model.parameters())
+    """Load a packed transformer folder (ours or a Bonsai MLX pack, tensors named as the
+    model's parameters) into a freshly built dense `model`, in place: packed layers are
+    swapped in (`apply_packed_layout`) and every tensor is checked and loaded
+    (`weights.load_into`). Returns the model."""
+    quant = read_quantization_config(folder)
+    if quant is None:
+        raise BonsaiError(f"{folder} has no {QUANT_CONFIG}; it is not a packed transformer")
+    weights = load_weights(folder, WEIGHTS_STEM)
+    weights = apply_packed_layout(model, quant, weights, affine_baseline=affine_baseline)
+    load_into(model, weights, folder)
     return model
 
 
@@ -186,9 +236,9 @@ def packed_quantization_config(model: nn.Module) -> dict:
 
 
 def _canonical_order(model: nn.Module, paths: list[str]) -> list[str]:
-    """In `packed_layer_paths` order (block by block), any other path after it."""
+    """In the model's `packable_layers()` order (block by block), any other path after it."""
     try:
-        order = {p: i for i, p in enumerate(model_packed_layer_paths(model))}
+        order = {p: i for i, p in enumerate(packable_layers(model))}
     except BonsaiError:
         order = {}
 

@@ -1,7 +1,8 @@
-"""Which layers of a FLUX.2 transformer are packed, and swapping them in by path.
+"""Swapping a model's layers for packed ones, by path.
 
-Works on any `nn.Module` whose layers carry diffusers' names (`transformer_blocks.0.attn.to_q`,
-...); the transformer itself is never imported here.
+Works on any `nn.Module`. The layers to pack are given as paths (`transformer_blocks.0.attn.to_q`,
+...); by default a model's own `packable_layers()` (Flux2Transformer lists its 100 big
+linears), so no model's layer names are written here.
 """
 
 from __future__ import annotations
@@ -15,38 +16,31 @@ from bonsai_mlx.quant.layers import PACKED_LINEAR
 
 import mlx.nn as nn
 
-DOUBLE_BLOCK_LINEARS = (
-    "attn.to_q", "attn.to_k", "attn.to_v",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
-    "attn.to_out.0", "attn.to_add_out",
-    "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
-)
-SINGLE_BLOCK_LINEARS = ("attn.to_qkv_mlp_proj", "attn.to_out")
 DENSE_GROUP_SIZE = 64  # MLX affine 8-bit group for the layers that stay dense (dense_bits 8)
 
 
-def packed_layer_paths(num_layers: int = 5, num_single_layers: int = 20) -> list[str]:
-    """The packed linear layers, diffusers names: 12 per double block, 2 per single block."""
-    return [f"transformer_blocks.{i}.{n}" for i in range(num_layers)
-            for n in DOUBLE_BLOCK_LINEARS] + [
-        f"single_transformer_blocks.{i}.{n}" for i in range(num_single_layers)
-        for n in SINGLE_BLOCK_LINEARS]
+def packable_layers(model: nn.Module, paths: Sequence[str] | None = None) -> list[str]:
+    """`paths` if given, else the layers the model lists as packable (`packable_layers()`)."""
+    if paths is not None:
+        return list(paths)
+    listed = getattr(model, "packable_layers", None)
+    if not callable(listed):
+        raise BonsaiError(f"{type(model).__name__} does not list its packable layers "
+                          "(packable_layers()); pass the layer paths explicitly")
+    return list(listed())
 
 
-PACKED_LAYERS = packed_layer_paths(5, 20)  # FLUX.2 [klein] 4B: 100 layers
+def packed_format(model: nn.Module) -> str:
+    """What a loaded model's linear layers are: "binary" or "ternary" (packed), else
+    "mlx-affine" (stock `nn.QuantizedLinear`), else "dense" (whatever folder they came from)."""
+    kinds = {type(m) for _, m in model.named_modules()}
+    for name, cls in (*PACKED_LINEAR.items(), ("mlx-affine", nn.QuantizedLinear)):
+        if cls in kinds:
+            return name
+    return "dense"
 
 
-def model_packed_layer_paths(model: nn.Module) -> list[str]:
-    """`packed_layer_paths` for this model's number of double and single blocks."""
-    try:
-        return packed_layer_paths(len(model.transformer_blocks),
-                                  len(model.single_transformer_blocks))
-    except AttributeError:
-        raise BonsaiError("the model has no transformer_blocks / single_transformer_blocks; "
-                          "pass the packed layer paths explicitly") from None
-
-
-def get_module(model: nn.Module, path: str):
+def get_module(model: nn.Module, path: str) -> nn.Module:
     """The sub-module at a dotted path (`a.b.0.c`), or BonsaiError naming the path."""
     m = model
     for part in path.split("."):
@@ -77,7 +71,8 @@ def _linear(model: nn.Module, path: str) -> nn.Linear:
 
 def quantize_model(model: nn.Module, fmt: str, *, paths: Sequence[str] | None = None,
                    lossless: bool | None = None) -> bool:
-    """Replace the packed layers' dense `nn.Linear`s by BinaryLinear/TernaryLinear, in place.
+    """Replace the packable layers' dense `nn.Linear`s (`paths`, default the model's
+    `packable_layers()`) by BinaryLinear/TernaryLinear, in place.
 
     Each layer is packed exactly when its weight already takes the format's values per
     group (a Bonsai `*-unpacked` checkpoint), otherwise by absmean post-training
@@ -87,7 +82,7 @@ def quantize_model(model: nn.Module, fmt: str, *, paths: Sequence[str] | None = 
     cls = PACKED_LINEAR[formats.check_format(fmt)]
     is_exact = formats.is_binary_valued if fmt == "binary" else formats.is_ternary_valued
     lossy = []
-    for path in model_packed_layer_paths(model) if paths is None else paths:
+    for path in packable_layers(model, paths):
         w = _linear(model, path).weight
         formats.check_input_dims(w.shape[1], path)
         exact = is_exact(w)
@@ -110,7 +105,7 @@ def use_packed_layers(model: nn.Module, fmt: str, *,
     """Replace the packed layers by empty BinaryLinear/TernaryLinear (same in/out sizes),
     ready for `model.load_weights` of a packed file. In place; returns the model."""
     cls = PACKED_LINEAR[formats.check_format(fmt)]
-    for path in model_packed_layer_paths(model) if paths is None else paths:
+    for path in packable_layers(model, paths):
         n, k = _linear(model, path).weight.shape
         formats.check_input_dims(k, path)
         set_module(model, path, cls(k, n))

@@ -16,7 +16,9 @@ for the duration of the `with` block:
   `TernaryLinear` ("linear packed", dequantizing included), the attention product
   ("attention"), RoPE ("rope"), LayerNorm + modulation, RMSNorm and the modulation vectors
   ("norms+modulation"); the rest of a step (gated residuals, SwiGLU, concatenations,
-  embeddings) is "other".
+  embeddings) is "other". RoPE and the modulated norm are a model's own functions
+  (`transformer_layers.Fused`, chosen when it is built): they are patched on that object
+  when one of its steps starts, and restored with the rest.
 
 Forcing evaluation at every boundary removes fusion and overlap, so a profiled step takes a
 little longer than a plain one; `step` (the sum) says by how much next to the plain time.
@@ -38,7 +40,7 @@ STEP, VAE_DECODE = "step", "vae decode"
 
 def _patch_targets() -> list[tuple[Any, str, str]]:
     """(owner, attribute, kind) for every function the profiler times."""
-    from bonsai_mlx.models import cpu_ops, transformer, vae
+    from bonsai_mlx.models import cpu_ops, transformer, transformer_layers, vae
     from bonsai_mlx.quant.layers import BinaryLinear, TernaryLinear
 
     targets = [
@@ -49,15 +51,21 @@ def _patch_targets() -> list[tuple[Any, str, str]]:
         (BinaryLinear, "__call__", "linear packed"),
         (TernaryLinear, "__call__", "linear packed"),
         (nn.RMSNorm, "__call__", "norms+modulation"),
-        (transformer.Modulation, "__call__", "norms+modulation"),
-        (transformer.NormOut, "__call__", "norms+modulation"),
+        (transformer_layers.Modulation, "__call__", "norms+modulation"),
+        (transformer_layers.NormOut, "__call__", "norms+modulation"),
+        # looked up by name at call time, so patching the module attribute works
+        (transformer_layers, "_attention", "attention"),
     ]
-    # model helpers: looked up by name at call time, so patching the module attribute works
-    helpers = {"_attention": "attention", "_apply_rope": "rope",
-               "_modulated_norm": "norms+modulation"}
-    targets += [(transformer, name, kind) for name, kind in helpers.items()
-                if hasattr(transformer, name)]
     return [*targets, (cpu_ops, "attention", "attention")]
+
+
+def _fused_targets(model: Any) -> list[tuple[Any, str, str]]:
+    """(owner, attribute, kind) for a transformer's own element-wise functions (its
+    `Fused`, shared by all its blocks); none for an object without one."""
+    fused = getattr(getattr(model, "norm_out", None), "fused", None)
+    if fused is None:
+        return []
+    return [(fused, "apply_rope", "rope"), (fused, "modulated_norm", "norms+modulation")]
 
 
 class StepProfiler:
@@ -69,18 +77,23 @@ class StepProfiler:
         self._stack: list[str] = []
         self._mark = 0.0
         self._saved: list[tuple[Any, str, Any]] = []
+        self._patched: set[int] = set()  # ids of the Fused objects already patched
 
     def __enter__(self) -> StepProfiler:
-        for owner, name, kind in _patch_targets():
+        self._patch(_patch_targets())
+        return self
+
+    def _patch(self, targets: list[tuple[Any, str, str]]) -> None:
+        for owner, name, kind in targets:
             original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
             self._saved.append((owner, name, original))
             setattr(owner, name, self._timed(original, kind))
-        return self
 
     def __exit__(self, *exc) -> None:
         for owner, name, original in reversed(self._saved):
             setattr(owner, name, original)
         self._saved.clear()
+        self._patched.clear()
 
     def _boundary(self) -> None:
         now = time.perf_counter()
@@ -95,6 +108,8 @@ class StepProfiler:
             outer = self._stack[-1] if self._stack else None
             if outer == VAE_DECODE or (outer is None and kind not in (STEP, VAE_DECODE)):
                 return fn(*args, **kwargs)  # not inside a step, or inside the VAE: no split
+            if kind == STEP and args:
+                self._patch_model(args[0])
             mx.eval(_arrays((args, kwargs)))
             self._boundary()
             self._stack.append(kind)
@@ -108,6 +123,12 @@ class StepProfiler:
             return out
 
         return call
+
+    def _patch_model(self, model: Any) -> None:
+        targets = _fused_targets(model)
+        if targets and id(targets[0][0]) not in self._patched:
+            self._patched.add(id(targets[0][0]))
+            self._patch(targets)
 
     def report(self) -> dict[str, Any]:
         """{"seconds": {kind: s}, "calls": {kind: n}, "step": s, "vae_decode": s}: `step`
