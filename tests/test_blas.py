@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from bonsai_mlx import _blas
 
@@ -71,31 +72,133 @@ def test_sgemm_check_passes_on_the_installed_openblas():
     assert found["verified"] is True
 
 
-def _status_in_child(**env) -> dict:
+def _status_in_child(cache: Path, **env) -> dict:
+    """openblas_status() of a fresh process, its verdicts kept in `cache`."""
     code = "import json, bonsai_mlx._blas as b; print(json.dumps(b.openblas_status()))"
     clean = {k: v for k, v in os.environ.items()
              if k not in ("OPENBLAS_CORETYPE", _blas._PROBE_ENV, _blas._FORCED_ENV)}
-    done = subprocess.run([sys.executable, "-c", code], env={**clean, **env},
+    done = subprocess.run([sys.executable, "-c", code],
+                          env={**clean, _blas.CACHE_ENV: str(cache), **env},
                           capture_output=True, text=True, timeout=120, check=True)
     return json.loads(done.stdout)
 
 
 @needs_openblas
-def test_misdetected_core_is_replaced_by_the_cpus_best():
+def test_misdetected_core_is_replaced_by_the_cpus_best(tmp_path):
     target = _blas.cpu_coretype(*_blas._cpu_info())
     if target is None:
         pytest.skip("this CPU has no x86 core above SSE to force")
     # Pretend OpenBLAS picked Prescott here, as it does on the issue's Sapphire Rapids host.
-    status = _status_in_child(**{_blas._PROBE_ENV: "Prescott"})
+    status = _status_in_child(tmp_path, **{_blas._PROBE_ENV: "Prescott"})
     assert set(status) == {"loaded", "library", "corename", "coretype", "verified"}
     assert status["loaded"] and status["coretype"] == target and status["verified"] is True
     assert _blas.core_tier(status["corename"]) == _blas.core_tier(target)
 
 
 @needs_openblas
-def test_users_coretype_is_left_alone():
+def test_users_coretype_is_left_alone(tmp_path):
     if not _blas._cpu_info()[0]:
         pytest.skip("x86 core names")
-    status = _status_in_child(OPENBLAS_CORETYPE="Nehalem")
+    status = _status_in_child(tmp_path, OPENBLAS_CORETYPE="Nehalem")
     assert status["corename"] == "Nehalem"
     assert status["coretype"] is None and status["verified"] is None
+
+
+# ---------------------------------------------------------------------------------------
+# The verdict kept on disk
+
+KEY = {"version": _blas._CACHE_VERSION, "library": "/lib/libopenblas.so.0", "mtime_ns": 1,
+       "size": 2, "ld_so_cache_mtime_ns": 3, "ld_library_path": "", "cpu": "Xeon",
+       "vendor": "GenuineIntel", "flags": "abc"}
+
+
+@pytest.fixture
+def misdetected(monkeypatch, tmp_path):
+    """A Sapphire Rapids host whose OpenBLAS picks Prescott (the issue's), probes counted,
+    verdicts kept in tmp_path, the library's key settable."""
+    monkeypatch.setattr(_blas, "_STATUS", dict(_blas._STATUS, coretype=None, verified=None))
+    for name in ("OPENBLAS_CORETYPE", _blas._PROBE_ENV, _blas._FORCED_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(_blas.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(_blas, "_cpu_info", lambda: (SAPPHIRE_RAPIDS, "GenuineIntel"))
+    state = {"key": dict(KEY), "path": KEY["library"], "probes": []}
+    monkeypatch.setattr(_blas, "_cache_key", lambda: dict(state["key"]))
+
+    def probe(coretype, verify):
+        state["probes"].append((coretype, verify))
+        return {"library": "libopenblas.so.0", "path": state["path"],
+                "corename": coretype or "Prescott", "verified": True if verify else None}
+
+    monkeypatch.setattr(_blas, "_probe", probe)
+
+    def choose():  # as a new process would: nothing inherited from the last call
+        os.environ.pop(_blas._PROBE_ENV, None)
+        _blas._STATUS["verified"] = None
+        return _blas._choose_coretype()
+
+    state["choose"] = choose
+    return state
+
+
+def test_a_kept_verdict_spares_the_probes(misdetected, tmp_path):
+    assert misdetected["choose"]() == "SapphireRapids"
+    assert misdetected["probes"] == [(None, False), ("SapphireRapids", True)]
+    (kept,) = tmp_path.glob("core-*.json")
+    assert json.loads(kept.read_text()) == {"key": KEY, "picked": "Prescott",
+                                            "coretype": "SapphireRapids", "verified": True}
+    assert misdetected["choose"]() == "SapphireRapids"  # read back: no child this time
+    assert len(misdetected["probes"]) == 2
+    assert _blas.openblas_status()["verified"] is True
+    assert os.environ[_blas._PROBE_ENV] == "Prescott"  # children still inherit the answer
+    misdetected["key"]["mtime_ns"] += 1  # OpenBLAS upgraded in place: asked again
+    assert misdetected["choose"]() == "SapphireRapids"
+    assert len(misdetected["probes"]) == 4
+
+
+def test_a_corrupt_or_foreign_verdict_is_a_miss(misdetected, tmp_path):
+    misdetected["choose"]()
+    (kept,) = tmp_path.glob("core-*.json")
+    for bad in ("{not json", json.dumps({"key": {**KEY, "cpu": "other"}, "picked": "Haswell",
+                                         "coretype": "Haswell", "verified": True}),
+                json.dumps({"key": KEY, "picked": 3, "coretype": None, "verified": None})):
+        kept.write_text(bad)
+        assert misdetected["choose"]() == "SapphireRapids"
+        assert json.loads(kept.read_text())["coretype"] == "SapphireRapids"  # replaced
+    assert len(misdetected["probes"]) == 2 * 4
+
+
+def test_no_verdict_is_kept_for_another_file_or_a_failed_check(misdetected, tmp_path,
+                                                                  monkeypatch):
+    misdetected["path"] = "/elsewhere/libopenblas.so.0"  # the linker found another file
+    assert misdetected["choose"]() == "SapphireRapids"
+    assert not list(tmp_path.glob("core-*.json"))
+    misdetected["path"] = KEY["library"]
+    probe = _blas._probe
+    monkeypatch.setattr(_blas, "_probe", lambda c, verify: None if verify else probe(c, verify))
+    assert misdetected["choose"]() is None  # the checking child died: not a verdict to keep
+    assert not list(tmp_path.glob("core-*.json"))
+
+
+def test_an_unwritable_cache_folder_costs_only_the_probes(misdetected, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(_blas.CACHE_ENV, str(blocker / "cache"))
+    assert misdetected["choose"]() == "SapphireRapids"
+    assert misdetected["choose"]() == "SapphireRapids"
+    assert len(misdetected["probes"]) == 4 and blocker.read_text() == ""
+
+
+@needs_openblas
+def test_a_process_keeps_its_verdict_and_the_next_one_uses_it(tmp_path):
+    if not _blas._cpu_info()[0]:
+        pytest.skip("x86 core names")
+    first = _status_in_child(tmp_path)
+    (kept,) = tmp_path.glob("core-*.json")  # found the file the child loaded, without loading
+    record = json.loads(kept.read_text())
+    assert record["key"] == _blas._cache_key() and record["picked"] == first["corename"]
+    # A forged verdict no probe would give (Prescott is never a CPU's best core) shows the
+    # next process reads it instead of asking OpenBLAS.
+    kept.write_text(json.dumps({**record, "coretype": "Prescott", "verified": True}))
+    second = _status_in_child(tmp_path)
+    assert second["coretype"] == "Prescott" and second["corename"] == "Prescott"
+    assert second["verified"] is True
