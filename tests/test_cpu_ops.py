@@ -115,3 +115,59 @@ def test_silu_of_very_negative_inputs_is_zero_without_warnings():
         warnings.simplefilter("error")
         out = np.array(cpu_ops.silu(x))
     assert np.array_equal(out[:4], [0, 0, 0, 0]) and out[4] == 100.0
+
+
+
+@pytest.fixture
+def counted_ops(monkeypatch):
+    """Calls of cpu_ops' functions, counted. The models look them up when called (attention,
+    SiLU) or when built (SwiGLU): build models after this."""
+    calls = dict.fromkeys(("attention", "swiglu", "silu"), 0)
+
+    def counting(name, fn):
+        def counted(*args):
+            calls[name] += 1
+            return fn(*args)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(cpu_ops, name, counting(name, getattr(cpu_ops, name)))
+    return calls
+
+
+def test_the_transformer_runs_attention_and_swiglu_through_cpu_ops(counted_ops, monkeypatch):
+    from bonsai_mlx import bench
+
+    model = bench.synthetic_transformer("bf16", mx.float32, tiny=True)  # dense, float32
+    assert not model.compiled  # the CPU default: the element-wise functions run as they are
+    cfg, g = model.config, np.random.default_rng(0)
+    x = mx.array(g.standard_normal((1, 16, cfg.in_channels), dtype=np.float32))
+    c = mx.array(g.standard_normal((1, 8, cfg.joint_attention_dim), dtype=np.float32))
+    img = np.stack([np.zeros(16), np.arange(16) // 4, np.arange(16) % 4, np.zeros(16)], 1)
+    txt = np.stack([np.zeros(8)] * 3 + [np.arange(8)], 1)
+    refs = model.reference_kv(x[:, :4] * 0.5, img[:4] + [1, 0, 0, 0])
+    counted_ops.update(attention=0, swiglu=0)
+    out = model(x, c, 0.5, img, txt, reference_kv=refs)
+    # one attention per block; SwiGLU in ff, ff_context and the single block's MLP
+    assert counted_ops == {"attention": 2, "swiglu": 3, "silu": 0}
+    # with the reference keys appended (24 + 4 keys for 24 queries) it is MLX's attention
+    monkeypatch.setattr(cpu_ops, "attention", lambda q, k, v, scale:
+                        mx.fast.scaled_dot_product_attention(q, k, v, scale=scale))
+    expected = model(x, c, 0.5, img, txt, reference_kv=refs)
+    np.testing.assert_allclose(np.array(out), np.array(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_the_vae_runs_silu_and_attention_through_cpu_ops(counted_ops):
+    from bonsai_mlx import bench
+
+    vae = bench.synthetic_vae(mx.float32, tiny=True)
+    z = mx.array(np.random.default_rng(0).standard_normal(
+        (1, 4, 4, vae.config.latent_channels), dtype=np.float32))
+    resnets = 2 + sum(len(b.resnets) for b in vae.decoder.up_blocks)  # mid + up blocks
+    vae.decode(z, tiled=False)
+    # two per resnet and the output head's; the mid block's attention over all pixels
+    assert counted_ops == {"attention": 1, "swiglu": 0, "silu": 2 * resnets + 1}
+    counted_ops.update(attention=0, silu=0)
+    vae.decode(z, tiled=True, tile_size=16)
+    assert counted_ops["attention"] == 1 and counted_ops["silu"] > 2 * resnets + 1  # per tile

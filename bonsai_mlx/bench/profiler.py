@@ -138,7 +138,7 @@ class StepProfiler:
             "seconds": per_kind,
             "calls": {k: self.calls.get(k, 0) for k in (*KINDS, STEP, VAE_DECODE)
                       if self.calls.get(k)},
-            "step": round(sum(per_kind.values()), 4),
+            "step": round(sum(self.seconds.get(k, 0.0) for k in KINDS), 4),
             "vae_decode": round(self.seconds.get(VAE_DECODE, 0.0), 4),
         }
 
