@@ -173,7 +173,7 @@ def _choose_coretype() -> str | None:
     if _PROBE_ENV in os.environ:  # a parent process asked OpenBLAS already
         return _verdict(target, os.environ[_PROBE_ENV])[0]["coretype"]
     key = _cache_key()
-    verdict = _read_verdict(key)
+    verdict = _read_verdict(key, target)
     if verdict is None:
         probe = _probe(None, verify=False)
         if probe is None:
@@ -278,15 +278,16 @@ def _verdict_path(key: dict) -> Path:
     return _cache_folder() / f"core-{_crc(json.dumps(key, sort_keys=True))}.json"
 
 
-def _read_verdict(key: dict | None) -> dict | None:
-    """The kept verdict for `key`; None when there is none or it is unusable."""
+def _read_verdict(key: dict | None, target: str) -> dict | None:
+    """The kept verdict for `key`; None when there is none or it is unusable (a core type
+    other than the CPU's best, `target`, is never one this module chose)."""
     if key is None:
         return None
     try:
         record = json.loads(_verdict_path(key).read_text())
         verdict = {k: record[k] for k in ("picked", "coretype", "verified")}
         if (record["key"] != key or not isinstance(verdict["picked"], str)
-                or not isinstance(verdict["coretype"], (str, type(None)))
+                or verdict["coretype"] not in (None, target)
                 or verdict["verified"] not in (True, False, None)):
             return None
     except (OSError, ValueError, TypeError, KeyError):

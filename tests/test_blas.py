@@ -160,11 +160,13 @@ def test_a_corrupt_or_foreign_verdict_is_a_miss(misdetected, tmp_path):
     (kept,) = tmp_path.glob("core-*.json")
     for bad in ("{not json", json.dumps({"key": {**KEY, "cpu": "other"}, "picked": "Haswell",
                                          "coretype": "Haswell", "verified": True}),
-                json.dumps({"key": KEY, "picked": 3, "coretype": None, "verified": None})):
+                json.dumps({"key": KEY, "picked": 3, "coretype": None, "verified": None}),
+                json.dumps({"key": KEY, "picked": "Prescott", "coretype": "Haswell",
+                            "verified": True})):  # not a core this CPU's verdict can name
         kept.write_text(bad)
         assert misdetected["choose"]() == "SapphireRapids"
         assert json.loads(kept.read_text())["coretype"] == "SapphireRapids"  # replaced
-    assert len(misdetected["probes"]) == 2 * 4
+    assert len(misdetected["probes"]) == 2 * 5
 
 
 def test_no_verdict_is_kept_for_another_file_or_a_failed_check(misdetected, tmp_path,
@@ -192,13 +194,17 @@ def test_an_unwritable_cache_folder_costs_only_the_probes(misdetected, tmp_path,
 def test_a_process_keeps_its_verdict_and_the_next_one_uses_it(tmp_path):
     if not _blas._cpu_info()[0]:
         pytest.skip("x86 core names")
+    target = _blas.cpu_coretype(*_blas._cpu_info())
     first = _status_in_child(tmp_path)
     (kept,) = tmp_path.glob("core-*.json")  # found the file the child loaded, without loading
     record = json.loads(kept.read_text())
     assert record["key"] == _blas._cache_key() and record["picked"] == first["corename"]
-    # A forged verdict no probe would give (Prescott is never a CPU's best core) shows the
-    # next process reads it instead of asking OpenBLAS.
-    kept.write_text(json.dumps({**record, "coretype": "Prescott", "verified": True}))
+    # Forged: OpenBLAS picked Prescott and the CPU's best core passed its check. The next
+    # process forces that core without asking OpenBLAS (a probe would replace the file).
+    forged = {**record, "picked": "Prescott", "coretype": target, "verified": True}
+    kept.write_text(json.dumps(forged))
+    inode = kept.stat().st_ino
     second = _status_in_child(tmp_path)
-    assert second["coretype"] == "Prescott" and second["corename"] == "Prescott"
-    assert second["verified"] is True
+    assert second["coretype"] == target and second["verified"] is True
+    assert _blas.core_tier(second["corename"]) == _blas.core_tier(target)
+    assert kept.stat().st_ino == inode and json.loads(kept.read_text()) == forged
