@@ -1,8 +1,10 @@
 """bonsai-mlx: FLUX.2 [klein] 4B and its 1-bit / ternary compressions on MLX."""
 
 from bonsai_mlx._blas import preload_openblas
+from bonsai_mlx._malloc import keep_freed_memory
 
 preload_openblas()  # before anything imports mlx.core
+keep_freed_memory()  # MLX's CPU arrays reuse freed memory instead of faulting in new pages
 
 from bonsai_mlx.errors import BonsaiError  # noqa: E402
 

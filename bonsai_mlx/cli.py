@@ -134,6 +134,11 @@ dtype_option = click.option(
     "--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
     show_default=True, help="Compute dtype; auto is bfloat16 on a GPU, float32 on the CPU.",
 )
+tile_vae_option = click.option(
+    "--tile-vae/--no-tile-vae", default=None,
+    help="Decode (and encode) images in tiles: less memory, the same image "
+         "[default: untiled when that fits in the memory available].",
+)
 
 
 @click.group("bonsai-mlx", cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -317,9 +322,7 @@ def apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
 @dtype_option
 @click.option("--no-offload", is_flag=True,
               help="Keep the text encoder loaded after encoding (more memory, faster reruns).")
-@click.option("--tile-vae/--no-tile-vae", default=None,
-              help="Decode (and encode) images in tiles: less memory, the same image "
-                   "[default: untiled when that fits in the memory available].")
+@tile_vae_option
 @click.option("--vae-tile-size", type=int, default=None, metavar="PIXELS",
               help="Tile side for tiled VAE decoding (implies --tile-vae): a multiple of 8, "
                    "at least 64 [default: the largest that fits in the memory available].")

@@ -3,7 +3,8 @@
 One concern per module: `machine` (the machine and its peak), `flops` (FLOP counts and the
 roofline), `memory` (active memory sampling), `synthetic` (full-size models with random
 weights), `runner` (`run_bench`: timed runs and their JSON records), `compare` (diffusers +
-torch side by side), `report` (the table), `command` (`bonsai-mlx bench`).
+torch side by side), `report` (the table), `command` (`bonsai-mlx bench`), `profiler`
+(seconds per kind of work in a step: `--profile`).
 """
 
 from bonsai_mlx.bench.command import bench_command

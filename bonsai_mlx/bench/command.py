@@ -9,6 +9,7 @@ from bonsai_mlx import distributed
 from bonsai_mlx.bench.report import format_table
 from bonsai_mlx.bench.runner import DEFAULT_PROMPT, run_bench
 from bonsai_mlx.bench.synthetic import SYNTHETIC_KINDS
+from bonsai_mlx.cli import dtype_option, tile_vae_option
 from bonsai_mlx.images import parse_size
 
 import click
@@ -23,8 +24,7 @@ import click
 @click.option("--steps", default=4, show_default=True, help="Denoising steps.")
 @click.option("--repeats", "-n", default=3, show_default=True, help="Timed runs per size.")
 @click.option("--warmup", default=1, show_default=True, help="Untimed runs first.")
-@click.option("--dtype", default="bfloat16", show_default=True,
-              help="Compute dtype (float32 is fastest on MLX's CPU backend).")
+@dtype_option
 @click.option("--tiny", is_flag=True, help="Miniature synthetic model: a smoke run in seconds.")
 @click.option("--skip-encode", is_flag=True,
               help="Synthetic only: zeros instead of the 4-bit text encoder, to time only "
@@ -33,13 +33,18 @@ import click
 @click.option("--vae", default=None, metavar="small|REPO|FOLDER",
               help="Swap the VAE decoder (small: FLUX.2 small decoder; --synthetic: its "
                    "shapes) to compare decode seconds and memory.")
+@click.option("--profile", is_flag=True,
+              help="Also seconds per kind of work (linears, attention, norms, RoPE, VAE) "
+                   "in one profiled step per size.")
+@tile_vae_option
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=False)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Append the records to this file as JSON lines.")
 @click.option("--tensor-parallel", is_flag=True,
               help="Under mlx.launch: shard the transformer across the processes.")
 def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, skip_encode,
-                  compare, vae, prompt, json_path, tensor_parallel) -> None:
+                  compare, vae, profile, tile_vae, prompt, json_path,
+                  tensor_parallel) -> None:
     """Benchmark MODEL (alias, Hub repo or folder) or a --synthetic model: seconds per
     stage, memory, footprint and the distance to the chip's peak."""
     if tiny and synthetic is None:
@@ -47,8 +52,8 @@ def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, 
     records = run_bench(
         model, synthetic=synthetic, sizes=[parse_size(s) for s in sizes] or None,
         steps=steps, repeats=repeats, warmup=warmup, dtype=dtype, tiny=tiny,
-        skip_encode=skip_encode, compare=compare, vae=vae, prompt=prompt,
-        json_path=json_path,
+        skip_encode=skip_encode, compare=compare, vae=vae, profile=profile,
+        tiled_vae=tile_vae, prompt=prompt, json_path=json_path,
         command=command_line(click.get_current_context().params),
         tensor_parallel=tensor_parallel,
     )
@@ -70,7 +75,10 @@ def command_line(params: dict[str, Any]) -> str:
     if params.get("vae"):
         parts += ["--vae", params["vae"]]
     parts += [f"--{flag.replace('_', '-')}" for flag in ("tiny", "skip_encode", "compare",
-                                                          "tensor_parallel") if params.get(flag)]
+                                                          "profile", "tensor_parallel")
+              if params.get(flag)]
+    if params.get("tile_vae") is not None:
+        parts.append("--tile-vae" if params["tile_vae"] else "--no-tile-vae")
     if params.get("prompt") not in (None, DEFAULT_PROMPT):
         parts += ["--prompt", params["prompt"]]
     return shlex.join(parts)

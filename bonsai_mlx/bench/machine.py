@@ -117,9 +117,11 @@ def machine_info() -> dict[str, Any]:
     if be == "metal":
         info["gpu_cores"] = _apple_gpu_cores()
     if be == "cpu":
-        from bonsai_mlx._blas import OPENBLAS_LOADED
+        from bonsai_mlx._blas import openblas_status
 
-        info["blas"] = "openblas" if OPENBLAS_LOADED else "mlx bundled"
+        blas = openblas_status()
+        info["blas"] = "openblas" if blas["loaded"] else "mlx bundled"
+        info["openblas_core"] = blas["corename"]
     return info
 
 

@@ -112,6 +112,20 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     for rs in groups.values():
         lines += [_row(rs, width), *_rank_rows(rs[-1])]
     if runs:
-        lines += _footer(runs)
+        lines += _footer(runs) + _profile_lines(runs)
     lines += [_comparison(r) for r in records if r["kind"] == "compare"]
     return "\n".join(lines)
+
+
+def _profile_lines(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """With `bench --profile`: each model and size's table of seconds per kind of work."""
+    from bonsai_mlx.bench.profiler import format_profile
+
+    lines, seen = [], set()
+    for r in runs:
+        key = (r["model"], r["width"], r["height"])
+        if r.get("profile") and key not in seen:
+            seen.add(key)
+            lines += [f"profile {r['model']} {r['width']}x{r['height']}, one step "
+                      "(seconds per kind of work):", format_profile(r["profile"])]
+    return lines

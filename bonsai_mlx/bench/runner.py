@@ -13,7 +13,9 @@ size: `warmup` untimed runs, then `repeats` timed runs. Each timed run gives one
 - the machine (chip, CPU, memory, OS, MLX version and backend, bonsai-mlx version, git
   revision);
 - under `mlx.launch` (docs/distributed.md): every rank's peak memory, seconds per step and
-  seconds per step in tensor-parallel `all_sum` (`"ranks"`); rank 0 reports for all.
+  seconds per step in tensor-parallel `all_sum` (`"ranks"`); rank 0 reports for all;
+- with `profile`, seconds per kind of work in one more, profiled 1-step image per size
+  (`profiler.py`), in each of that size's records (`"profile"`).
 """
 
 from __future__ import annotations
@@ -108,8 +110,10 @@ def dtype_name(dtype: str | mx.Dtype) -> str:
 
 
 def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: str,
-             seed: int, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """One timed image: stage seconds (from the pipeline), wall total, memory."""
+             seed: int, log: Callable[[str], None] | None = None,
+             tiled_vae: bool | None = None) -> dict[str, Any]:
+    """One timed image: stage seconds (from the pipeline), wall total, memory.
+    `tiled_vae` forces tiled (True) or untiled (False) decoding; None decides by size."""
     pipe = target.pipeline
 
     def progress(step: int, total: int, latents) -> None:
@@ -122,7 +126,7 @@ def run_once(target: BenchTarget, width: int, height: int, steps: int, prompt: s
     with MemorySampler() as sampler, distributed.timing_communication() as comm:
         t0 = time.perf_counter()
         image = pipe.generate(prompt, width=width, height=height, steps=steps, seed=seed,
-                              output_type="mx", callback=progress)
+                              output_type="mx", callback=progress, tiled_vae=tiled_vae)
         mx.eval(image)
         wall = time.perf_counter() - t0
     timings = dict(pipe.last_timings)
@@ -207,6 +211,8 @@ class _Run:
     encode_flops: int | None
     group: Any  # the ranks of mlx.launch (size 1 in one process)
     parallel: str  # "none", "tensor" or "data"
+    profile: bool = False  # one more, profiled 1-step image per size
+    tiled_vae: bool | None = None  # force tiled / untiled decoding; None: by size
 
 
 def _record(run: _Run, width: int, height: int, index: int, result: dict[str, Any],
@@ -241,15 +247,31 @@ def _run_size(run: _Run, width: int, height: int, repeats: int, prompt: str, see
                               target.text_tokens)
     for i in range(run.warmup):
         log(f"{width}x{height}: warm-up {i + 1}/{run.warmup}")
-        run_once(target, width, height, run.steps, f"{prompt} (warm-up {i})", seed, log)
+        run_once(target, width, height, run.steps, f"{prompt} (warm-up {i})", seed, log,
+                 run.tiled_vae)
     records = []
     for i in range(repeats):
         # A new prompt each run: the prompt encoder caches embeddings per prompt.
         result = run_once(target, width, height, run.steps, f"{prompt} (run {i})", seed + i,
-                          log)
+                          log, run.tiled_vae)
         log(f"{width}x{height}: run {i + 1}/{repeats}: {result['seconds']['total']:.2f} s")
         records.append(_record(run, width, height, i, result, flops))
+    if run.profile:
+        _add_profile(records, run, width, height, prompt, seed, log)
     return records
+
+
+def _add_profile(records: list[dict[str, Any]], run: _Run, width: int, height: int,
+                 prompt: str, seed: int, log: Callable[[str], None]) -> None:
+    """One more 1-step image under the profiler; its report goes into each record."""
+    from bonsai_mlx.bench.profiler import StepProfiler
+
+    log(f"{width}x{height}: profiling one step")
+    with StepProfiler() as prof:
+        run_once(run.target, width, height, 1, f"{prompt} (profile)", seed, None,
+                 run.tiled_vae)
+    for r in records:
+        r["profile"] = prof.report()
 
 
 def run_bench(
@@ -260,11 +282,13 @@ def run_bench(
     steps: int = 4,
     repeats: int = 3,
     warmup: int = 1,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     tiny: bool = False,
     skip_encode: bool = False,
     compare: bool = False,
     vae: str | None = None,
+    profile: bool = False,
+    tiled_vae: bool | None = None,
     prompt: str = DEFAULT_PROMPT,
     seed: int = 0,
     json_path: str | Path | None = None,
@@ -276,10 +300,12 @@ def run_bench(
     `compare` one `"kind": "compare"` record per size. `json_path` appends them as JSON
     lines. `log` receives progress lines (default: stderr). `skip_encode` (synthetic only)
     feeds zeros instead of running the text encoder; encode seconds are then None. `vae`
-    swaps the VAE decoder ("small": FLUX.2's small decoder). Under `mlx.launch` every rank
-    runs the benchmark, the transformer sharded across them with `tensor_parallel` (else
-    each makes its own images); rank 0 logs, returns the records with every rank's numbers
-    and writes `json_path`."""
+    swaps the VAE decoder ("small": FLUX.2's small decoder), `tiled_vae` forces tiled (True)
+    or untiled (False) decoding. `dtype` "auto": bfloat16 on a GPU, float32 on the CPU.
+    `profile`: see the module docstring. Under `mlx.launch` every rank runs the benchmark,
+    the transformer sharded across them with `tensor_parallel` (else each makes its own
+    images); rank 0 logs, returns the records with every rank's numbers and writes
+    `json_path`."""
     group = distributed.world()
     log = log or (lambda s: click.echo(s, err=True))
     if group.rank() != 0:
@@ -290,15 +316,12 @@ def run_bench(
                      steps, repeats, warmup)
     machine = machine_info()
     log(f"machine: {machine['chip']} ({machine['backend']}), MLX {machine['mlx_version']}")
-    t0 = time.perf_counter()
-    target = load_target(model, synthetic, dtype, tiny, skip_encode, vae)
-    if tensor_parallel:
-        distributed.use_tensor_parallel(target.pipeline, group)
-    log(f"loaded {target.model} in {time.perf_counter() - t0:.1f} s")
+    target = _loaded(log, group if tensor_parallel else None, model, synthetic, dtype, tiny,
+                     skip_encode, vae)
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     parallel = "none" if group.size() == 1 else "tensor" if tensor_parallel else "data"
     run = _Run(target, steps, warmup, stamp, command, machine, _encode_flops(target), group,
-               parallel)
+               parallel, profile, tiled_vae)
     records: list[dict[str, Any]] = []
     for w, h in sizes:
         ours = _run_size(run, w, h, repeats, prompt, seed, log)
@@ -309,6 +332,16 @@ def run_bench(
     if json_path is not None and group.rank() == 0:
         _append_json_lines(json_path, records)
     return records
+
+
+def _loaded(log: Callable[[str], None], shard_over: Any, *args: Any) -> BenchTarget:
+    """`load_target(*args)`, the transformer sharded over the `shard_over` group if any."""
+    t0 = time.perf_counter()
+    target = load_target(*args)
+    if shard_over is not None:
+        distributed.use_tensor_parallel(target.pipeline, shard_over)
+    log(f"loaded {target.model} in {time.perf_counter() - t0:.1f} s")
+    return target
 
 
 def _append_json_lines(path: str | Path, records: list[dict[str, Any]]) -> None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from bonsai_mlx.arrays import to_numpy
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.models import cpu_ops
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -64,7 +65,8 @@ class Fused:
         wrap = mx.compile if compiled else (lambda fn: fn)
         self.modulated_norm = wrap(modulated_norm)
         self.gated_add = wrap(gated_add)
-        self.swiglu = wrap(swiglu)
+        # uncompiled: numpy's vectorised exp on the CPU in float32 (cpu_ops), MLX elsewhere
+        self.swiglu = wrap(swiglu) if compiled else cpu_ops.swiglu
         self.apply_rope = wrap(apply_rope)
 
 
@@ -148,7 +150,7 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, rope: Rope, fused: Fused,
     q, k = fused.apply_rope(q, cos, sin), fused.apply_rope(k, cos, sin)
     if cache is not None:
         k, v = cache.fetch(k, v)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+    out = cpu_ops.attention(q, k, v, q.shape[-1] ** -0.5)
     b, h, s, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
 

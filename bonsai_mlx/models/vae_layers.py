@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.models import cpu_ops
 from bonsai_mlx.models.vae_tiling import TileLayer, TileNorm, callables
 
 import mlx.core as mx
@@ -48,8 +49,8 @@ class ResnetBlock(nn.Module):
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(nn.silu(self.norm1(x)))
-        h = self.conv2(nn.silu(self.norm2(h)))
+        h = self.conv1(cpu_ops.silu(self.norm1(x)))
+        h = self.conv2(cpu_ops.silu(self.norm2(h)))
         if "conv_shortcut" in self:
             x = self.conv_shortcut(x)
         return x + h
@@ -79,13 +80,11 @@ class Attention(nn.Module):
         n = H * W
         chunk = max(256, min(self.query_chunk, self.score_elements // n))
         if n <= chunk:
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+            out = cpu_ops.attention(q, k, v, scale)
         else:
             out = mx.concatenate(
                 [
-                    mx.fast.scaled_dot_product_attention(
-                        q[:, :, i : i + chunk], k, v, scale=scale
-                    )
+                    cpu_ops.attention(q[:, :, i : i + chunk], k, v, scale)
                     for i in range(0, n, chunk)
                 ],
                 axis=2,
@@ -164,7 +163,7 @@ class OutputHead(nn.Module):
         self.norm, self.conv = norm, conv
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(nn.silu(self.norm(x)))
+        return self.conv(cpu_ops.silu(self.norm(x)))
 
 
 class Encoder(nn.Module):

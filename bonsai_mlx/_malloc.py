@@ -1,0 +1,48 @@
+"""Keep freed memory in the process on Linux, so MLX's CPU arrays reuse it.
+
+MLX's CPU allocator has no buffer cache: every op's output is a fresh `malloc`, and glibc
+serves blocks above 32 MB (at most; 128 KB by default) with a fresh `mmap` that it unmaps
+again on `free`. The next op then touches new pages: one page fault per 4 KB, several µs
+each in a VM. On a 2-core KVM guest a float32 multiply over 56.6 M elements (one attention
+score matrix of FLUX.2 [klein] at 512x512) took 0.41-0.54 s that way and 0.05-0.07 s with
+freed memory kept (benchmarks/RESULTS.md). So glibc is told to serve large blocks from its
+heap (`M_MMAP_MAX` = 0) and to give back free memory at the heap's top only beyond 1 GiB
+(`M_TRIM_THRESHOLD`): a step's transient arrays are reused from step to step, and the
+process keeps at most about 1 GiB more than it uses once they are freed (plus holes between
+live blocks, as any heap).
+
+Called from `bonsai_mlx/__init__.py`; a no-op off glibc. BONSAI_MALLOC_DEFAULT=1 opts out.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc <malloc.h>
+TRIM_THRESHOLD_BYTES = 1 << 30
+_KEPT = False
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's malloc to reuse freed memory instead of unmapping it; return whether it
+    did (False off Linux / glibc, or with BONSAI_MALLOC_DEFAULT=1)."""
+    global _KEPT
+    if _KEPT:
+        return True
+    if not sys.platform.startswith("linux") or os.environ.get("BONSAI_MALLOC_DEFAULT"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    # mallopt returns 1 on success; musl's stub returns 0 and changes nothing
+    _KEPT = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return _KEPT
+
+
+def malloc_status() -> dict:
+    """{"keeps_freed_memory": bool} for diagnostics."""
+    return {"keeps_freed_memory": _KEPT}
