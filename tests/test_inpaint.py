@@ -6,6 +6,7 @@ from bonsai_mlx import BonsaiError
 from bonsai_mlx.images import prepare_inpaint_image
 from bonsai_mlx.inpaint import bilinear_resize, mask_latents
 from bonsai_mlx.pipeline import Pipeline
+from bonsai_mlx.request import GenerationRequest
 from bonsai_mlx.scheduler import img2img_start_index, make_schedule
 
 import mlx.core as mx
@@ -55,7 +56,8 @@ def test_kept_region_is_the_noised_image_after_every_step(pipes, data):
     schedule = make_schedule(pipe.scheduler_config, steps, 20)
     m = mask_latents(PIL.Image.open(MASK), 80, 64).reshape(4, 5)
     assert (m == 0).any() and (m == 1).any() and ((m > 0) & (m < 1)).any()
-    z = pipe._encode_image(prepare_inpaint_image(PIL.Image.open(IMAGE)))  # 90x70 -> 80x64
+    untiled = GenerationRequest.create("x", tiled_vae=False)  # as generate() chose here
+    z = pipe._encode_image(prepare_inpaint_image(PIL.Image.open(IMAGE)), untiled)  # -> 80x64
     z = np.array(z).reshape(4, 5, 128).transpose(2, 0, 1)
     for i, lat in enumerate(seen):
         sigma = float(schedule.sigmas[start + i + 1])
