@@ -4,8 +4,10 @@ own stack and of the openai client)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
+import io
 import json
 import os
 import select
@@ -15,6 +17,9 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pipeline"
 TINY = FIXTURES / "distilled"
@@ -148,3 +153,17 @@ def multipart(fields: dict[str, str], files: list[tuple[str, str, bytes, str]]):
                      + data + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def png(data: bytes | str) -> Image.Image:
+    """A PNG from its bytes or from the API's base64 text (`b64_json`), loaded."""
+    image = Image.open(io.BytesIO(base64.b64decode(data) if isinstance(data, str) else data))
+    assert image.format == "PNG"
+    image.load()
+    return image
+
+
+def same_pixels(image: Image.Image, expected: Image.Image) -> None:
+    assert image.size == expected.size
+    diff = np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16))
+    assert diff.max() <= 1, diff.max()  # identical but for float rounding at .5

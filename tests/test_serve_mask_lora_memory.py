@@ -12,7 +12,6 @@ driven by the official `openai` client and the job API:
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import warnings
@@ -24,7 +23,7 @@ from bonsai_mlx.pipeline import Pipeline
 import numpy as np
 import pytest
 from PIL import Image
-from serve_server import REFERENCE, TINY, module_server, multipart, sse_events
+from serve_server import REFERENCE, TINY, module_server, multipart, png, same_pixels, sse_events
 
 openai = pytest.importorskip("openai")
 
@@ -64,19 +63,6 @@ def with_loras(pipe):
 
     yield load
     pipe.unload_lora()
-
-
-def png(b64: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    assert image.format == "PNG"
-    image.load()
-    return image
-
-
-def same_pixels(image: Image.Image, expected: Image.Image) -> None:
-    assert image.size == expected.size
-    diff = np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16))
-    assert diff.max() <= 1, diff.max()  # identical but for float rounding at .5
 
 
 def differs(image: Image.Image, other: Image.Image) -> bool:

@@ -15,7 +15,7 @@ from bonsai_mlx.pipeline import Pipeline
 import numpy as np
 import pytest
 from PIL import Image
-from serve_server import REFERENCE, REFERENCE2, TINY, module_server, request
+from serve_server import REFERENCE, REFERENCE2, TINY, module_server, png, request, same_pixels
 
 openai = pytest.importorskip("openai")
 
@@ -34,19 +34,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def pipe():
     return Pipeline.from_pretrained(TINY, dtype="auto")
-
-
-def png(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    assert image.format == "PNG"
-    image.load()
-    return image
-
-
-def same_pixels(image: Image.Image, expected: Image.Image) -> None:
-    assert image.size == expected.size
-    diff = np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16))
-    assert diff.max() <= 1, diff.max()  # identical but for float rounding at .5
 
 
 # ---- what works ------------------------------------------------------------------------------
