@@ -158,9 +158,9 @@ def vae_bytes(vae: VAEConfig, width: int, height: int, itemsize: int, *,
 
 
 def choose_vae_tile(vae: VAEConfig, width: int, height: int, *, dtype: str | mx.Dtype,
-                  budget: int | None, tiled: bool | None = None,
-                  tile_size: int | None = None, encode: bool = False,
-                  gpu: bool | None = None) -> int | None:
+                    budget: int | None, tiled: bool | None = None,
+                    tile_size: int | None = None, encode: bool = False,
+                    gpu: bool | None = None) -> int | None:
     """How the VAE runs on a `width` x `height` image: None untiled, else the tile size.
 
     `tiled` False or a `tile_size` decide. Otherwise: untiled when its estimate fits in
