@@ -49,9 +49,27 @@ def test_cpu_attention_gradients_equal_mlx_softmax(qkv):
 
 def test_cpu_attention_compiles(qkv):
     compiled = mx.compile(lambda q, k, v: cpu_ops.attention(q, k, v, 0.25))
-    out = compiled(*qkv)
-    ref = exact_attention(*qkv, 0.25)
-    assert np.abs(np.array(out) - ref).max() <= 1e-5 * np.abs(ref).max()
+    for inputs in (qkv, [a[:, :, ::-1] * 0.5 for a in qkv]):  # nothing frozen into the graph
+        out = compiled(*inputs)
+        ref = exact_attention(*inputs, 0.25)
+        assert np.abs(np.array(out) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_cpu_attention_holds_one_block_of_scores_at_a_time(monkeypatch):
+    """The full 8 x 2048 x 2048 scores are 128 MB; blocks of 4 MB keep the peak near one
+    block's scores and probabilities, not every block's."""
+    monkeypatch.setattr(cpu_ops, "SCORE_ELEMENTS", 1 << 20)
+    g = np.random.default_rng(2)
+    q, k, v = (mx.array(g.standard_normal((1, 8, 2048, 64), dtype=np.float32)) for _ in "qkv")
+    with mx.stream(mx.cpu):
+        mx.eval(q, k, v)
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        out = cpu_ops.attention(q, k, v, 0.125)
+        mx.eval(out)
+        peak = mx.get_peak_memory() - before
+    assert peak < 32e6, f"{peak / 1e6:.0f} MB above the inputs"
+    assert out.shape == (1, 8, 2048, 64)
 
 
 def exact_swiglu(x):
@@ -105,6 +123,10 @@ def test_silu_equals_exact_math_and_its_gradient_equals_mlx(gate_input):
     got = mx.grad(lambda a: (cpu_ops.silu(a) * w).sum())(gate_input)
     want = mx.grad(lambda a: (nn.silu(a) * w).sum())(gate_input)
     assert float(mx.abs(got - want).max()) <= 1e-5 * float(mx.abs(want).max())
+
+
+def test_silu_of_a_scalar_equals_mlx():
+    assert float(cpu_ops.silu(mx.array(1.5))) == pytest.approx(float(nn.silu(mx.array(1.5))))
 
 
 def test_silu_of_very_negative_inputs_is_zero_without_warnings():

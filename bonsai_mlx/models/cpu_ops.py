@@ -30,7 +30,7 @@ SCORE_ELEMENTS = 1 << 24
 def _numpy_rows(x: mx.array) -> np.ndarray | None:
     """x evaluated, as a 2-D numpy view (rows, last axis); None when numpy should not run:
     not float32, not on the CPU, or inside a transformation that cannot evaluate."""
-    if x.dtype != mx.float32 or mx.default_device() != mx.cpu or x.size == 0:
+    if x.dtype != mx.float32 or mx.default_device() != mx.cpu or x.size == 0 or x.ndim == 0:
         return None
     try:
         mx.eval(x)
@@ -129,10 +129,17 @@ def _swiglu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     """softmax(q @ k.T * scale) @ v for (B, H, S, D) arrays (see the module docstring)."""
-    if mx.default_device() != mx.cpu or q.dtype != mx.float32:
+    if mx.default_device() != mx.cpu or q.dtype != mx.float32 or q.shape[2] == 0:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
     b, h, s, _ = q.shape
     rows = max(1, SCORE_ELEMENTS // (b * h * k.shape[2]))
     q, kt = q * scale, k.swapaxes(-1, -2)
-    outs = [softmax(q[:, :, i : i + rows] @ kt) @ v for i in range(0, s, rows)]
+    outs = []
+    for i in range(0, s, rows):
+        out = softmax(q[:, :, i : i + rows] @ kt) @ v
+        try:  # frees this block's scores and probabilities before the next block's
+            mx.eval(out)
+        except ValueError:  # mx.compile / mx.vmap tracing: MLX schedules it
+            pass
+        outs.append(out)
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
