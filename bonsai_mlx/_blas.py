@@ -33,6 +33,8 @@ import functools
 import json
 import os
 import platform
+import re
+import stat
 import sys
 import zlib
 from pathlib import Path
@@ -43,6 +45,8 @@ _PROBE_ENV = "BONSAI_OPENBLAS_DEFAULT_CORE"
 _FORCED_ENV = "BONSAI_OPENBLAS_FORCED_CORE"  # marks an OPENBLAS_CORETYPE set by us
 CACHE_ENV = "BONSAI_OPENBLAS_CACHE"  # a folder for the verdicts instead of the default
 _CACHE_VERSION = 1  # bump when the verdict's meaning changes
+VERDICT_BYTES = 4096  # a kept verdict is ~0.5 KB; a larger file is not one of ours
+CORE_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")  # what openblas_get_corename() returns
 
 # Instruction-set tier of each x86 core name `openblas_get_corename()` returns (lowercase);
 # names not listed (Prescott, Nehalem, Core2, Atom, ...) are SSE-only: tier 0.
@@ -204,12 +208,19 @@ def _verdict(target: str, picked: str) -> tuple[dict, bool]:
 # `weights.atomic_path` or `kernels.device.cache_folder` (both import MLX); it follows them.
 
 
-def _cache_folder() -> Path:
-    """$BONSAI_OPENBLAS_CACHE, else $XDG_CACHE_HOME/bonsai-mlx/openblas (default ~/.cache)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "bonsai-mlx" / "openblas"
+def _cache_folder() -> Path | None:
+    """$BONSAI_OPENBLAS_CACHE, else $XDG_CACHE_HOME/bonsai-mlx/openblas (default ~/.cache);
+    None when that is not an absolute path (no home folder: nothing is kept)."""
+    try:
+        if os.environ.get(CACHE_ENV):
+            folder = Path(os.environ[CACHE_ENV]).expanduser()
+        else:
+            base = (os.environ.get("XDG_CACHE_HOME")
+                    or os.path.join(os.path.expanduser("~"), ".cache"))
+            folder = Path(base) / "bonsai-mlx" / "openblas"
+    except RuntimeError:  # "~user" of an unknown user
+        return None
+    return folder if folder.is_absolute() else None
 
 
 def _library_dirs() -> list[str]:
@@ -249,10 +260,10 @@ def _cache_key() -> dict | None:
     """What a verdict depends on (see the module docstring); None without a library file."""
     library = _find_library()
     try:
-        stat = os.stat(library) if library else None
+        info = os.stat(library) if library else None
     except OSError:
-        stat = None
-    if stat is None:
+        info = None
+    if info is None:
         return None
     try:
         linker_cache = os.stat("/etc/ld.so.cache").st_mtime_ns
@@ -260,8 +271,8 @@ def _cache_key() -> dict | None:
         linker_cache = None
     flags, vendor = _cpu_info()
     return {
-        "version": _CACHE_VERSION, "library": library, "mtime_ns": stat.st_mtime_ns,
-        "size": stat.st_size, "ld_so_cache_mtime_ns": linker_cache,
+        "version": _CACHE_VERSION, "library": library, "mtime_ns": info.st_mtime_ns,
+        "size": info.st_size, "ld_so_cache_mtime_ns": linker_cache,
         "ld_library_path": os.environ.get("LD_LIBRARY_PATH", ""),
         "cpu": _cpu_fields().get("model name", ""), "vendor": vendor,
         "flags": _crc(" ".join(sorted(flags))),
@@ -273,25 +284,45 @@ def _crc(text: str) -> str:
     return f"{zlib.crc32(text.encode()):08x}"
 
 
-def _verdict_path(key: dict) -> Path:
+def _verdict_path(key: dict) -> Path | None:
     """The file of `key`'s verdict (the key inside it is compared in full when read)."""
-    return _cache_folder() / f"core-{_crc(json.dumps(key, sort_keys=True))}.json"
+    folder = _cache_folder()
+    return None if folder is None else folder / f"core-{_crc(json.dumps(key, sort_keys=True))}.json"
+
+
+def _read_small_file(path: Path) -> bytes:
+    """A regular file of this user's, at most VERDICT_BYTES: never a link, a FIFO or a device
+    (which could block or never end), nor a file another user planted (OSError otherwise)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            raise OSError(f"{path}: not a regular file of this user's")
+        return os.read(fd, VERDICT_BYTES + 1)
+    finally:
+        os.close(fd)
 
 
 def _read_verdict(key: dict | None, target: str) -> dict | None:
     """The kept verdict for `key`; None when there is none or it is unusable (a core type
-    other than the CPU's best, `target`, is never one this module chose)."""
-    if key is None:
+    other than the CPU's best, `target`, is never one this module chose; OpenBLAS's pick
+    must read as a core name)."""
+    path = None if key is None else _verdict_path(key)
+    if path is None:
         return None
     try:
-        record = json.loads(_verdict_path(key).read_text())
+        data = _read_small_file(path)
+        if len(data) > VERDICT_BYTES:
+            return None
+        record = json.loads(data)
         verdict = {k: record[k] for k in ("picked", "coretype", "verified")}
         if (record["key"] != key or not isinstance(verdict["picked"], str)
+                or not CORE_NAME.fullmatch(verdict["picked"])
                 or verdict["coretype"] not in (None, target)
                 or verdict["verified"] not in (True, False, None)):
             return None
-    except (OSError, ValueError, TypeError, KeyError):
-        return None  # missing or corrupt: probe again
+    except Exception:  # missing, corrupt or hostile (deep nesting: RecursionError): probe
+        return None
     return verdict
 
 
@@ -300,6 +331,8 @@ def _write_verdict(key: dict, verdict: dict) -> None:
     half-written one); an unwritable folder only costs the next process its probe."""
     import tempfile  # here: only the first process on a machine writes
     path = _verdict_path(key)
+    if path is None:
+        return
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

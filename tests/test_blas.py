@@ -67,7 +67,8 @@ def test_failed_sgemm_check_keeps_openblas_default(monkeypatch):
 
 @needs_openblas
 def test_sgemm_check_passes_on_the_installed_openblas():
-    found = _blas._probe(None, verify=True)
+    # the core this process runs (one we or the user forced), as the child would load it
+    found = _blas._probe(os.environ.get("OPENBLAS_CORETYPE") or None, verify=True)
     assert found["corename"] == _blas.openblas_status()["corename"]
     assert found["verified"] is True
 
@@ -167,6 +168,56 @@ def test_a_corrupt_or_foreign_verdict_is_a_miss(misdetected, tmp_path):
         assert misdetected["choose"]() == "SapphireRapids"
         assert json.loads(kept.read_text())["coretype"] == "SapphireRapids"  # replaced
     assert len(misdetected["probes"]) == 2 * 5
+
+
+def _hostile_files(kept: Path, other: Path):
+    """Ways to plant something at the verdict's path, each of which once crashed or hung
+    `import bonsai_mlx`; yields after each is in place."""
+    def replace(write):
+        kept.unlink(missing_ok=True)
+        write()
+
+    good = json.loads(other.read_text())
+    for picked in ("Prescott\u0000", "x" * 200_000, "Prescott; rm -rf ~"):
+        replace(lambda p=picked: kept.write_text(json.dumps({**good, "picked": p})))
+        yield f"picked {picked[:12]!r}"
+    replace(lambda: kept.write_text("[" * 100_000))
+    yield "nesting"
+    replace(lambda: kept.write_text(json.dumps(good) + " " * 10_000))
+    yield "oversized"
+    replace(lambda: os.mkfifo(kept))
+    yield "fifo"
+    replace(lambda: kept.symlink_to(other))  # a good verdict, but through a link
+    yield "symlink"
+
+
+def test_a_hostile_verdict_file_is_a_miss_and_never_blocks(misdetected, tmp_path):
+    import threading
+
+    misdetected["choose"]()
+    (kept,) = tmp_path.glob("core-*.json")
+    good = tmp_path / "good.json"
+    good.write_text(kept.read_text())
+    for n, what in enumerate(_hostile_files(kept, good), start=1):
+        result = {}
+        reader = threading.Thread(
+            target=lambda r=result: r.update(core=misdetected["choose"]()), daemon=True)
+        reader.start()
+        reader.join(timeout=20)
+        assert not reader.is_alive(), f"{what}: reading the verdict blocked"
+        assert result == {"core": "SapphireRapids"}, what
+        assert len(misdetected["probes"]) == 2 * (n + 1), f"{what}: not probed again"
+        assert os.environ[_blas._PROBE_ENV] == "Prescott"
+        assert kept.is_file() and not kept.is_symlink()  # replaced by a verdict of ours
+
+
+def test_no_home_folder_keeps_nothing(misdetected, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(_blas.CACHE_ENV, "~no-such-user-here/cache")
+    assert misdetected["choose"]() == "SapphireRapids"
+    monkeypatch.setenv(_blas.CACHE_ENV, "relative/cache")
+    assert misdetected["choose"]() == "SapphireRapids"
+    assert not (tmp_path / "relative").exists() and not (tmp_path / "~no-such-user-here").exists()
 
 
 def test_no_verdict_is_kept_for_another_file_or_a_failed_check(misdetected, tmp_path,
