@@ -176,7 +176,11 @@ def _choose_coretype() -> str | None:
         return None
     if _PROBE_ENV in os.environ:  # a parent process asked OpenBLAS already
         return _verdict(target, os.environ[_PROBE_ENV])[0]["coretype"]
+    if getattr(sys, "frozen", False):  # a bundled app: sys.executable is not a Python
+        return None
     key = _cache_key()
+    if key is None:  # no OpenBLAS file where the linker looks: nothing to probe, every time
+        return None
     verdict = _read_verdict(key, target)
     if verdict is None:
         probe = _probe(None, verify=False)
