@@ -20,27 +20,40 @@ from bonsai_mlx.errors import BonsaiError
 import numpy as np
 
 
+def shown(value, limit: int = 60) -> str:
+    """repr(value) for an error message, cut to `limit` characters (an integer too long for
+    Python to print, as a JSON body can hold, reads as its number of digits)."""
+    try:
+        text = repr(value)
+    except ValueError:  # beyond sys.get_int_max_str_digits()
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def integer(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
     """An integer in [low, high] (either bound optional)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise BonsaiError(f"{name} must be an integer, not {value!r}")
+        raise BonsaiError(f"{name} must be an integer, not {shown(value)}")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         span = (f"in {low}..{high}" if low is not None and high is not None
                 else f">= {low}" if low is not None else f"<= {high}")
-        raise BonsaiError(f"{name} must be an integer {span}, not {value}")
+        raise BonsaiError(f"{name} must be an integer {span}, not {shown(value)}")
     return value
 
 
 def number(value, name: str, *, positive: bool = False) -> float:
     """A finite real number (> 0 if `positive`)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise BonsaiError(f"{name} must be a number, not {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        kind = "a positive finite number" if positive else "a finite number"
-        raise BonsaiError(f"{name} must be {kind}, not {value!r}")
-    return value
+        raise BonsaiError(f"{name} must be a number, not {shown(value)}")
+    kind = "a positive finite number" if positive else "a finite number"
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float's range (a JSON body can hold one)
+        raise BonsaiError(f"{name} must be {kind}, not {shown(value)}") from None
+    if not math.isfinite(number) or (positive and number <= 0):
+        raise BonsaiError(f"{name} must be {kind}, not {shown(number)}")
+    return number
 
 
 def flag(value, name: str) -> bool:

@@ -220,6 +220,22 @@ def test_a_job_chooses_loras_like_the_api(server, with_loras):
             "a bonsai", width=32, height=32, steps=STEPS, seed=2))
 
 
+@pytest.mark.parametrize("body, param", [
+    ('"loras": [{"name": "kohya", "scale": 1%s}]' % ("0" * 400), "loras"),  # beyond float
+    ('"guidance": 1%s' % ("0" * 400), "guidance"),
+    ('"seed": 1%s' % ("0" * 5000), None),  # beyond what Python reads as an int by default
+])
+def test_numbers_too_large_for_a_float_are_a_400(server, body, param):
+    raw_body = ('{"prompt": "a bonsai", "size": "32x32", ' + body + "}").encode()
+    for path in ("/v1/images/generations", "/jobs"):
+        status, _, raw = server.request("POST", path, raw_body,
+                                        {"Content-Type": "application/json"})
+        assert status == 400, (path, raw[:300])
+        error = json.loads(raw)["error"]
+        assert len(error["message"]) < 300 and (param is None or error["param"] == param)
+    assert server.healthy()
+
+
 def test_models_lists_the_loras_requests_may_choose(client):
     served = client.models.list().data[0]
     assert served.model_extra["loras"] == [

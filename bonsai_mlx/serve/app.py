@@ -262,7 +262,7 @@ def _check_model(app: FastAPI, model) -> None:
 async def _json(request: Request):
     try:
         return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:  # not JSON, not UTF-8, or an integer too long to read
         raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
 
 

@@ -210,7 +210,7 @@ def _lora_field(form: FormData):
         raise invalid("loras", "loras must be a form field holding JSON, not a file")
     try:
         return json.loads(value)
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or an integer too long to read
         raise invalid("loras", f"loras is not valid JSON: {_short(value)}") from None
 
 
