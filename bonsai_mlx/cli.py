@@ -462,7 +462,7 @@ def _load_pipeline(model_id: str, revision: str | None, dtype: str, request, no_
         root = resolve_model_path(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS)
     check_memory(root, request.width, request.height, dtype=dtype, tiled_vae=request.tiled_vae,
                  vae_tile_size=request.vae_tile_size,
-                 reference_sizes=request.reference_sizes)
+                 reference_sizes=request.reference_sizes, keep_text_encoder=no_offload)
     return Pipeline.from_pretrained(root, dtype=dtype, keep_text_encoder=no_offload,
                                     tensor_parallel=tensor_parallel, vae=vae)
 

@@ -29,6 +29,7 @@ minutes of loading, not to predict the peak to the byte.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -75,6 +76,12 @@ class ModelSizes:
     weights: int  # transformer + VAE decoder, in the compute dtype
     text_encoder: int  # the text encoder layers the pipeline reads
     vae_encoder: int  # loaded only to encode input images
+
+    def text_encoder_kept(self) -> ModelSizes:
+        """These sizes when the text encoder stays loaded between prompts (`--no-offload`,
+        `keep_text_encoder=True`): resident with the weights, no longer a transient."""
+        return dataclasses.replace(self, weights=self.weights + self.text_encoder,
+                                   text_encoder=0)
 
 
 @dataclass(frozen=True)
@@ -344,17 +351,21 @@ def check_memory(
     vae_tile_size: int | None = None,
     reference_sizes: tuple[tuple[int, int], ...] = (),
     available: int | None = None,
+    keep_text_encoder: bool = False,
 ) -> MemoryEstimate | None:
     """Raise a BonsaiError, naming the largest size that fits, when the estimate exceeds
     `available` (default: `available_memory()`); the VAE tiled as `choose_vae_tile` picks,
     so unless tiling is forced off only a request that fits in no tiling is refused.
-    Returns the estimate (None when the check is off or the memory unknown)."""
+    `keep_text_encoder`: it stays loaded (see `ModelSizes.text_encoder_kept`). Returns the
+    estimate (None when the check is off or the memory unknown)."""
     if memory_check_disabled():
         return None
     available = available_memory() if available is None else available
     if available is None:
         return None
     sizes = read_model_sizes(root, dtype)
+    if keep_text_encoder:
+        sizes = sizes.text_encoder_kept()
     kwargs = dict(dtype=dtype, reference_sizes=tuple(reference_sizes))
     forced = dict(tiled_vae=tiled_vae, vae_tile_size=vae_tile_size)
     problem = memory_shortfall(sizes, width, height, available, **forced, **kwargs)

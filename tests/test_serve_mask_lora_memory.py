@@ -324,6 +324,20 @@ def test_the_memory_check_counts_the_input_images():
     assert excinfo.value.status == 400 and "fewer, smaller input images" in excinfo.value.message
 
 
+def test_serve_no_offload_counts_the_text_encoder_as_resident():
+    from bonsai_mlx.memory import estimate_memory
+    from bonsai_mlx.request import GenerationRequest
+    from bonsai_mlx.serve.errors import ApiError
+    from bonsai_mlx.serve.memory_check import MemoryCheck
+
+    request = GenerationRequest.create("x", width=96, height=96, tiled_vae=False)
+    limit = estimate_memory(read_model_sizes(TINY, "auto"), 96, 96, tiled_vae=False).total
+    MemoryCheck(str(TINY), "auto", limit=limit).check(request, None)
+    with pytest.raises(ApiError) as excinfo:
+        MemoryCheck(str(TINY), "auto", limit=limit, keep_text_encoder=True).check(request, None)
+    assert excinfo.value.code == "insufficient_memory"
+
+
 def test_bonsai_no_memory_check_turns_it_off(monkeypatch):
     from bonsai_mlx.request import GenerationRequest
     from bonsai_mlx.serve.memory_check import MemoryCheck

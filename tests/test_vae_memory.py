@@ -187,6 +187,22 @@ def test_check_memory_keeps_a_given_tile_size_and_suggests_choosing_one():
                             available=available)
 
 
+def test_a_text_encoder_kept_loaded_counts_with_the_weights_throughout():
+    """--no-offload: the text encoder is resident beside each step and the VAE, so what fits
+    with it released between prompts does not fit with it kept."""
+    sizes = memory.read_model_sizes(TINY, "float32")
+    kept = sizes.text_encoder_kept()
+    assert kept.weights == sizes.weights + sizes.text_encoder > sizes.weights
+    assert kept.text_encoder == 0
+    untiled = dict(dtype="float32", tiled_vae=False)  # tiles would make room for it here
+    released = tiny_estimate(256, 256, tiled_vae=False)
+    assert sizes.text_encoder > 0 and released.vae > 0
+    memory.check_memory(TINY, 256, 256, available=released.total, **untiled)
+    with pytest.raises(BonsaiError, match="256x256 needs about"):
+        memory.check_memory(TINY, 256, 256, available=released.total, keep_text_encoder=True,
+                            **untiled)
+
+
 # ---- a small machine with the real model ----------------------------------------------
 
 

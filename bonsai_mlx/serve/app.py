@@ -73,6 +73,7 @@ class Settings:
     allow_origins: list[str] = field(default_factory=list)
     dtype: str = "auto"
     max_memory: int | None = None  # bytes a generation may use, the model included
+    keep_text_encoder: bool = False  # --no-offload: it stays loaded between prompts
     loras: list[ServedLora] = field(default_factory=list)  # loaded at start-up (--lora)
 
     @property
@@ -94,7 +95,8 @@ def create_app(settings: Settings, worker: Worker) -> FastAPI:
     app.state.settings = settings
     app.state.worker = worker
     app.state.gallery = Gallery(settings.output)
-    app.state.memory_check = MemoryCheck(settings.model_id, settings.dtype, settings.max_memory)
+    app.state.memory_check = MemoryCheck(settings.model_id, settings.dtype, settings.max_memory,
+                                         keep_text_encoder=settings.keep_text_encoder)
     app.state.started = int(time.time())
     _add_error_handlers(app)
     app.add_middleware(Guard, api_key=settings.api_key, loopback=settings.loopback,

@@ -100,7 +100,7 @@ def serve(model, host, port, api_key, output, preload, max_queue, max_upload_mb,
                         max_pixels=int(max_megapixels * 1_000_000),
                         allow_origins=list(allow_origins), dtype=dtype,
                         max_memory=None if max_memory is None else int(max_memory * 1e9),
-                        loras=served_loras)
+                        loras=served_loras, keep_text_encoder=no_offload)
 
     def load():
         from bonsai_mlx.pipeline import Pipeline

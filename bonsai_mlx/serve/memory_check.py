@@ -26,12 +26,15 @@ from bonsai_mlx.serve.errors import ApiError
 
 class MemoryCheck:
     """Checks one request at a time against the model `model_id` in `dtype`; `limit`
-    (bytes, --max-memory) caps what a generation may use, the model included."""
+    (bytes, --max-memory) caps what a generation may use, the model included;
+    `keep_text_encoder` (--no-offload): the text encoder stays loaded with the model."""
 
-    def __init__(self, model_id: str, dtype: str, limit: int | None = None):
+    def __init__(self, model_id: str, dtype: str, limit: int | None = None, *,
+                 keep_text_encoder: bool = False):
         self.model_id = model_id
         self.dtype = dtype
         self.limit = limit
+        self.keep_text_encoder = keep_text_encoder
         self._sizes: ModelSizes | None = None
         self._lock = threading.Lock()
 
@@ -43,7 +46,8 @@ class MemoryCheck:
             if self._sizes is None:
                 folder = getattr(pipe, "source", None) or Path(self.model_id)
                 if folder.is_dir():
-                    self._sizes = read_model_sizes(folder, self.dtype)
+                    sizes = read_model_sizes(folder, self.dtype)
+                    self._sizes = sizes.text_encoder_kept() if self.keep_text_encoder else sizes
             return self._sizes
 
     def available(self) -> int | None:
