@@ -46,6 +46,26 @@ def keep_freed_memory() -> bool:
     return _KEPT
 
 
+class _Mallinfo2(ctypes.Structure):  # glibc >= 2.33 <malloc.h>
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def free_bytes() -> int:
+    """Bytes glibc holds freed in this process for reuse (mallinfo2's `fordblks`: free
+    chunks and the heap's top), which the next arrays take before asking the system; 0 off
+    glibc >= 2.33. MemAvailable does not count them: they are this process's."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    mallinfo2.restype = _Mallinfo2
+    return int(mallinfo2().fordblks)
+
+
 def malloc_status() -> dict:
     """{"keeps_freed_memory": bool} for diagnostics."""
     return {"keeps_freed_memory": _KEPT}

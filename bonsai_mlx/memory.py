@@ -35,6 +35,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonsai_mlx import _malloc
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import MULTIPLE
 from bonsai_mlx.layout import LAYOUTS, detect_layout
@@ -262,24 +263,30 @@ def estimate_memory(
 def available_memory(include_own: bool = False) -> int | None:
     """Bytes this process may still use: on a GPU what MLX reports for it (CUDA's free
     memory, Metal's recommended working set), elsewhere Linux's MemAvailable (and the
-    cgroup limit); None when unknown. `include_own`: count what MLX already holds in this
-    process (its arrays and its buffer cache) as available too: a server that keeps the
-    model loaded reuses that memory, and its estimate counts the weights again."""
-    own = mx.get_active_memory() + mx.get_cache_memory() if include_own else 0
+    cgroup limit); None when unknown. Memory the process freed but keeps for reuse (MLX's
+    buffer cache; on Linux what glibc keeps, `_malloc.free_bytes`) counts as available:
+    the next arrays take it first. `include_own`: count MLX's live arrays too: a server
+    that keeps the model loaded reuses that memory, and its estimate counts the weights
+    again."""
+    own = mx.get_active_memory() if include_own else 0
     if mx.default_device().type == mx.DeviceType.gpu:
         info = mx.device_info()
         if isinstance(info.get("free_memory"), int):  # CUDA: the device's, ours excluded
-            return info["free_memory"] + own
+            return info["free_memory"] + mx.get_cache_memory() + own
         for key in ("max_recommended_working_set_size", "memory_size"):  # Metal
             if isinstance(info.get(key), int):  # a budget for the process: ours is in it
                 return info[key] - (0 if include_own else mx.get_active_memory())
         return None
     available = _linux_available()
-    return None if available is None else available + own
+    if available is None:
+        return None
+    return available + mx.get_cache_memory() + _malloc.free_bytes() + own
 
 
-def _linux_available() -> int | None:
-    """MemAvailable, or less under a container's memory limit (cgroup v2)."""
+def _linux_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """MemAvailable, or less under a container's memory limit (cgroup v2): the limit less
+    what the container uses, its page cache not counted (the kernel drops clean pages of
+    files read, such as the model's, before it would kill)."""
     try:
         text = Path("/proc/meminfo").read_text()
     except OSError:
@@ -289,9 +296,12 @@ def _linux_available() -> int | None:
         return None
     available = int(m.group(1)) * 1024
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
+            used = int((cgroup / "memory.current").read_text())
+            stat = (cgroup / "memory.stat").read_text()
+            m = re.search(r"^inactive_file (\d+)$", stat, re.MULTILINE)
+            used -= int(m.group(1)) if m else 0
             available = min(available, int(limit) - used)
     except (OSError, ValueError):
         pass

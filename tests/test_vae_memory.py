@@ -6,6 +6,7 @@ machine runs what fits in any way; forced options still win."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import bonsai_mlx.memory as memory
@@ -201,6 +202,35 @@ def test_a_text_encoder_kept_loaded_counts_with_the_weights_throughout():
     with pytest.raises(BonsaiError, match="256x256 needs about"):
         memory.check_memory(TINY, 256, 256, available=released.total, keep_text_encoder=True,
                             **untiled)
+
+
+def test_a_containers_page_cache_is_not_counted_as_used(tmp_path):
+    """Under a cgroup v2 limit, memory.current includes the page cache of the files read
+    (the model's): its inactive part is reclaimable, so available = limit - (current -
+    inactive_file), capped by MemAvailable."""
+    gb = 10**9
+    (tmp_path / "memory.max").write_text(f"{8 * gb}\n")
+    (tmp_path / "memory.current").write_text(f"{7 * gb}\n")
+    (tmp_path / "memory.stat").write_text(f"anon {2 * gb}\nfile {5 * gb}\n"
+                                          f"active_file {gb}\ninactive_file {4 * gb}\n")
+    assert memory._linux_available(tmp_path) == min(8 * gb - 3 * gb,
+                                                     memory._linux_available(tmp_path / "no"))
+    (tmp_path / "memory.max").write_text("max\n")  # no limit: MemAvailable
+    assert memory._linux_available(tmp_path) == memory._linux_available(tmp_path / "no")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
+def test_memory_this_process_freed_and_keeps_counts_as_available():
+    from bonsai_mlx import _malloc
+
+    if not _malloc.malloc_status()["keeps_freed_memory"]:
+        pytest.skip("glibc does not keep freed memory here")
+    with mx.stream(mx.cpu):
+        x = mx.ones((32, 1024, 1024))  # 128 MiB
+        mx.eval(x)
+        before = _malloc.free_bytes()
+        del x
+        assert _malloc.free_bytes() - before >= 0.95 * 128 * 2**20
 
 
 # ---- a small machine with the real model ----------------------------------------------
