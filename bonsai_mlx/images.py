@@ -17,6 +17,7 @@ from bonsai_mlx.errors import BonsaiError
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 MULTIPLE = 16  # VAE factor 8 x 2x2 patch: one token per 16x16 pixels
 MIN_SIZE, MAX_SIZE = 16, 4096  # per side, pixels
@@ -106,6 +107,7 @@ def load_image(image: ImageInput, label: str = "image") -> PIL.Image.Image:
     try:
         img = PIL.Image.open(path)  # refuses a decompression bomb from its header
         img.load()
+        img = upright(img)
     except PIL.Image.DecompressionBombError as e:
         raise BonsaiError(f"{label} {path}: {str(e).rstrip('.')}; use a smaller image") from None
     except (OSError, PIL.UnidentifiedImageError, ValueError, SyntaxError) as e:
@@ -113,6 +115,12 @@ def load_image(image: ImageInput, label: str = "image") -> PIL.Image.Image:
             f"{label} {path} is not a readable image ({e}); give a PNG, JPEG or WebP file"
         ) from e
     return img
+
+
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """The image as a viewer shows it: a photo's EXIF orientation applied (as diffusers'
+    `load_image` does), so a phone's portrait photo is not edited sideways."""
+    return PIL.ImageOps.exif_transpose(image)
 
 
 def prepared_size(width: int, height: int, name: object = None) -> tuple[int, int]:

@@ -119,6 +119,27 @@ def test_an_edit_with_a_mask_is_the_pipelines_inpainting(server, client, pipe, k
     assert server.healthy()
 
 
+def test_a_photo_with_an_exif_rotation_is_edited_upright(client, pipe, tmp_path):
+    """A phone photo stores its pixels sideways with an EXIF orientation; the browser shows
+    (and the studio paints the mask over) it upright, as diffusers' load_image reads it."""
+    from bonsai_mlx.images import load_image
+
+    upright = Image.open(REFERENCE).convert("RGB")  # 100x72, as the mask
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    sideways = tmp_path / "photo.png"
+    upright.transpose(Image.Transpose.ROTATE_90).save(sideways, exif=exif)
+    assert Image.open(sideways).size == (72, 100)
+    assert load_image(sideways).size == (100, 72)  # gen --image reads it upright too
+    result = client.images.edit(image=open(sideways, "rb"), mask=("mask.png",
+                                                                   openai_style_mask()),
+                                prompt="a window", size="64x48",
+                                extra_body={"seed": 3, "steps": STEPS, "loras": "[]"})
+    same_pixels(png(result.data[0].b64_json),
+                pipe.generate("a window", width=64, height=48, steps=STEPS, seed=3,
+                              images=[upright], mask=hole_mask()))
+
+
 def test_a_mask_with_a_second_image_inpaints_the_first(client, pipe):
     from serve_server import REFERENCE2
 

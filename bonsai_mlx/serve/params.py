@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from bonsai_mlx import checks
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.images import parse_size
+from bonsai_mlx.images import parse_size, upright
 from bonsai_mlx.request import GenerationRequest
 from bonsai_mlx.serve.errors import ApiError
 from bonsai_mlx.serve.jobs import ImageRequest
@@ -289,6 +289,7 @@ def decode_upload(data: bytes, label: str, param: str = "image"):
                            f"{MAX_UPLOAD_PIXELS // 1_000_000} megapixels accepted")
             else:
                 image.load()
+                image = upright(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         problem = f"has more than the {MAX_UPLOAD_PIXELS // 1_000_000} megapixels accepted"
     except UnidentifiedImageError:
