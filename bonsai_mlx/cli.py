@@ -325,7 +325,7 @@ def apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
 @tile_vae_option
 @click.option("--vae-tile-size", type=int, default=None, metavar="PIXELS",
               help="Tile side for tiled VAE decoding (implies --tile-vae): a multiple of 8, "
-                   "at least 64 [default: the largest that fits in the memory available].")
+                   "at least 32 [default: the largest that fits in the memory available].")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
               help="LoRA .safetensors file, folder or Hub repo id (owner/name[/file]), scale "

@@ -36,12 +36,25 @@ def mask_image(mask: MaskInput, image_size: tuple[int, int], name: str = "mask"
         mask = load_image(mask, name)
     elif not isinstance(mask, PIL.Image.Image):
         mask = _array_to_image(mask, name)
+    mask = eight_bit(mask)
     if mask.size != tuple(image_size):
         raise BonsaiError(
             f"{name} is {mask.size[0]}x{mask.size[1]} but the image to inpaint is "
             f"{image_size[0]}x{image_size[1]}; give a mask of the image's size"
         )
     return mask
+
+
+def eight_bit(mask: PIL.Image.Image) -> PIL.Image.Image:
+    """A 16-bit (or 32-bit integer) grey-level mask scaled to 8 bits (65535 -> 255);
+    other modes as they are. Pillow's own conversion clips, so a 16-bit mask's faint
+    "keep" grey (1000 of 65535) would read as white, "repaint"."""
+    if not mask.mode.startswith("I"):
+        return mask
+    arr = np.asarray(mask, dtype=np.float64)
+    if mask.mode != "I" or arr.max() > 255:  # "I": 16-bit PNGs open so on older Pillows
+        arr = arr / 257
+    return PIL.Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), mode="L")
 
 
 def _array_to_image(mask, name: str) -> PIL.Image.Image:

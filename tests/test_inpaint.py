@@ -67,6 +67,23 @@ def test_kept_region_is_the_noised_image_after_every_step(pipes, data):
     np.testing.assert_array_equal(seen[-1][0][:, m == 0], z[:, m == 0])
 
 
+def test_a_16_bit_mask_reads_as_its_8_bit_levels(tmp_path):
+    """65535 is white (repaint); a faint grey 1000 of 65535 is dark (keep), as in 8 bits,
+    where Pillow's own conversion would clip it to white."""
+    from bonsai_mlx.inpaint import mask_image
+
+    levels = np.full((64, 80), 1000, np.uint16)
+    levels[16:48, 20:60] = 65535
+    PIL.Image.fromarray(levels).save(tmp_path / "mask16.png")
+    assert PIL.Image.open(tmp_path / "mask16.png").mode.startswith("I")
+    read = mask_image(tmp_path / "mask16.png", (80, 64))
+    assert read.mode == "L"
+    np.testing.assert_array_equal(np.asarray(read), np.round(levels / 257).astype(np.uint8))
+    expected = mask_latents(PIL.Image.fromarray((levels > 1000).astype(np.uint8) * 255), 80, 64)
+    np.testing.assert_array_equal(mask_latents(read, 80, 64), expected)
+    assert 0 < expected.mean() < 1
+
+
 def test_mask_downsampling_samples_the_centre_pixels():
     """torch's bilinear (align_corners=False) at a factor of 16 averages the 2 x 2 pixels
     around each cell's centre; at other factors, the interpolation formula by hand."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from bonsai_mlx import checks
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import parse_size, upright
+from bonsai_mlx.inpaint import eight_bit
 from bonsai_mlx.request import GenerationRequest
 from bonsai_mlx.serve.errors import ApiError
 from bonsai_mlx.serve.jobs import ImageRequest
@@ -265,7 +266,7 @@ def openai_mask(mask: PIL.Image.Image) -> PIL.Image.Image:
         alpha = np.asarray(mask.convert("RGBA").getchannel("A"))
         if (alpha == 0).any():
             return PIL.Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), "L")
-    grey = mask.convert("L")
+    grey = eight_bit(mask).convert("L")
     if np.asarray(grey).max() < 128:  # binarised at 0.5, as the pipeline does
         raise invalid("mask", f"mask marks nothing to edit: {MASK_RULE}", "invalid_mask")
     return grey
