@@ -193,3 +193,17 @@ def test_the_vae_runs_silu_and_attention_through_cpu_ops(counted_ops):
     counted_ops.update(attention=0, silu=0)
     vae.decode(z, tiled=True, tile_size=16)
     assert counted_ops["attention"] == 1 and counted_ops["silu"] > 2 * resnets + 1  # per tile
+
+
+@pytest.mark.parametrize("name", ["silu", "softmax", "swiglu"])
+def test_forward_mode_derivatives_equal_mlx(gate_input, name):
+    plain = {"silu": nn.silu, "softmax": lambda x: mx.softmax(x, axis=-1, precise=True),
+             "swiglu": lambda x: nn.silu(mx.split(x, 2, -1)[0]) * mx.split(x, 2, -1)[1]}[name]
+    x = gate_input / 4
+    tangent = mx.array(np.random.default_rng(3).standard_normal(x.shape, dtype=np.float32))
+    with mx.stream(mx.cpu):
+        (out,), (got,) = mx.jvp(getattr(cpu_ops, name), [x], [tangent])
+        (ref,), (want,) = mx.jvp(plain, [x], [tangent])
+    assert float(mx.abs(want).max()) > 0
+    assert float(mx.abs(out - ref).max()) <= 1e-5 * float(mx.abs(ref).max())
+    assert float(mx.abs(got - want).max()) <= 1e-5 * float(mx.abs(want).max())

@@ -94,6 +94,13 @@ def _silu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
     return cotangent * sig * (1 + x * (1 - sig))
 
 
+# jvps too (forward mode): MLX would differentiate the numpy forward as a constant (zero).
+@silu.jvp
+def _silu_jvp(x: mx.array, tangent: mx.array) -> mx.array:
+    sig = mx.sigmoid(x)
+    return tangent * sig * (1 + x * (1 - sig))
+
+
 @mx.custom_function
 def softmax(x: mx.array) -> mx.array:
     """Softmax over the last axis (max-subtracted, like `mx.softmax(precise=True)`)."""
@@ -106,6 +113,12 @@ def softmax(x: mx.array) -> mx.array:
 @softmax.vjp
 def _softmax_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
     return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
+
+
+@softmax.jvp
+def _softmax_jvp(x: mx.array, tangent: mx.array) -> mx.array:
+    y = mx.softmax(x, axis=-1, precise=True)
+    return y * (tangent - (tangent * y).sum(axis=-1, keepdims=True))
 
 
 @mx.custom_function
@@ -125,6 +138,14 @@ def _swiglu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
     sig = mx.sigmoid(a)
     d_a = cotangent * b * sig * (1 + a * (1 - sig))
     return mx.concatenate([d_a, cotangent * a * sig], axis=-1)
+
+
+@swiglu.jvp
+def _swiglu_jvp(x: mx.array, tangent: mx.array) -> mx.array:
+    a, b = mx.split(x, 2, axis=-1)
+    t_a, t_b = mx.split(tangent, 2, axis=-1)
+    sig = mx.sigmoid(a)
+    return t_a * b * sig * (1 + a * (1 - sig)) + a * sig * t_b
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
