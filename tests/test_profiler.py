@@ -36,6 +36,7 @@ def test_profile_counts_every_layer_of_one_step_by_kind(tiny_binary):
     calls = report["calls"]
     assert calls["linear packed"] == 14
     assert calls["rope"] == 2 * 2  # q and k in each of the 2 attentions
+    assert calls["attention"] == 2  # cpu_ops.attention inside _attention is the same one
     assert calls["step"] == 1
     # dense: x_embedder, context_embedder (no ContextMemo passed), 2 timestep MLP layers,
     # 3 modulations, norm_out, proj_out
