@@ -165,6 +165,33 @@ def test_rescaling_forgets_memoised_text_projections(clean):
     assert np.array_equal(np.array(model(x, ctx, 0.5, *ids)), plain)
 
 
+def test_a_scale_changed_between_steps_reaches_the_text_projection(clean, arrays,
+                                                                   monkeypatch):
+    """Within one generation the text projections are memoised; a callback that turns a
+    LoRA on context_embedder off after the first step must see it off in the later steps,
+    as a run that recomputes them every step does."""
+    from bonsai_mlx.models.transformer import ContextMemo
+
+    cfg = clean.transformer.config
+    a, b = _random((4, cfg.joint_attention_dim), 3) * 3, _random((cfg.inner_dim, 4), 4) * 3
+    load_lora(clean.transformer, parse_lora(
+        {"context_embedder.lora_A.weight": a, "context_embedder.lora_B.weight": b},
+        name="ctx"))
+
+    def run(schedule: bool) -> np.ndarray:
+        clean.set_lora_scales({"ctx": 1.0})
+        off = (lambda i, n, lat: clean.set_lora_scales({"ctx": 0.0})) if schedule else None
+        return np.asarray(clean.generate(
+            META["prompt"], width=META["width"], height=META["height"], steps=3,
+            latents=arrays["diffusers/latents"], output_type="np", callback=off))
+
+    memoised, always_on = run(True), run(False)
+    monkeypatch.setattr(ContextMemo, "get", lambda self, source, version=0: None)
+    recomputed = run(True)
+    assert np.abs(recomputed - always_on).max() > 1e-3  # the change matters
+    np.testing.assert_allclose(memoised, recomputed, atol=1e-6)
+
+
 def test_text_encoder_tensors_are_ignored_with_a_warning(clean):
     with pytest.warns(UserWarning, match=r"2 text-encoder tensors .* ignored"):
         clean.load_lora(LORAS / "diffusers.safetensors")

@@ -172,7 +172,14 @@ def load_lora(model: nn.Module, source: str | Path | LoraFile, *, scale: float =
         adapter.scale = float(scale)
         wrapper.adapters.setdefault(name, []).append(adapter)
     mx.eval(list(cast.values()))
+    _changed(model)
     return name
+
+
+def _changed(model: nn.Module) -> None:
+    """Mark `model`'s layers as changed (`adapters_version`): memoised outputs of a layer
+    (the transformer's text projections within one generation) are computed again."""
+    model.adapters_version = getattr(model, "adapters_version", 0) + 1
 
 
 def _new_name(model: nn.Module, name: str | None, default: str) -> str:
@@ -257,6 +264,7 @@ def set_lora_scales(model: nn.Module, scales: Mapping[str, float]) -> None:
         for name, scale in scales.items():
             for adapter in wrapper.adapters.get(name, []):
                 adapter.scale = float(scale)
+    _changed(model)
 
 
 def unload_lora(model: nn.Module, name: str | None = None) -> None:
@@ -271,6 +279,7 @@ def unload_lora(model: nn.Module, name: str | None = None) -> None:
             wrapper.adapters.pop(name, None)
         if not wrapper.adapters:
             set_module(model, path, wrapper.base)
+    _changed(model)
 
 
 def fuse_lora(model: nn.Module) -> list[str]:
@@ -296,6 +305,7 @@ def fuse_lora(model: nn.Module) -> list[str]:
         wrapper.base.weight = w.astype(wrapper.base.weight.dtype)
         mx.eval(wrapper.base.weight)
         set_module(model, path, wrapper.base)
+    _changed(model)
     return names
 
 

@@ -134,16 +134,19 @@ class ContextMemo:
     """The text projections (`context_embedder` outputs) of one generation, keyed by the
     identity of the (immutable) input array: with classifier-free guidance two prompts
     alternate every step. Make one per generation and pass it to every step's call
-    (`context_memo=`), so a layer changed between generations (a LoRA) is never seen stale."""
+    (`context_memo=`). `version`: the model's `adapters_version` (bumped by every LoRA
+    change), so a LoRA changed between steps (a callback scheduling its scale) is not seen
+    stale."""
 
     def __init__(self) -> None:
-        self._entries: list[tuple[mx.array, mx.array]] = []
+        self._entries: list[tuple[mx.array, int, mx.array]] = []
 
-    def get(self, source: mx.array) -> mx.array | None:
-        return next((value for s, value in self._entries if s is source), None)
+    def get(self, source: mx.array, version: int = 0) -> mx.array | None:
+        return next((value for s, v, value in self._entries if s is source and v == version),
+                    None)
 
-    def put(self, source: mx.array, value: mx.array) -> None:
-        self._entries = [(source, value), *self._entries[:1]]
+    def put(self, source: mx.array, value: mx.array, version: int = 0) -> None:
+        self._entries = [(source, version, value), *self._entries[:1]]
 
 
 class Flux2Transformer(nn.Module):
@@ -306,11 +309,12 @@ class Flux2Transformer(nn.Module):
         return x, c, self.time_guidance_embed(t, g, self.dtype), rope
 
     def _embed_context(self, encoder_hidden_states, memo: ContextMemo | None) -> mx.array:
-        out = memo.get(encoder_hidden_states) if memo is not None else None
+        version = getattr(self, "adapters_version", 0)  # see ContextMemo
+        out = memo.get(encoder_hidden_states, version) if memo is not None else None
         if out is None:
             out = self.context_embedder(to_mx(encoder_hidden_states, self.dtype))
             if memo is not None and isinstance(encoder_hidden_states, mx.array):  # immutable
-                memo.put(encoder_hidden_states, out)
+                memo.put(encoder_hidden_states, out, version)
         return out
 
     # -- loading --------------------------------------------------------------------------
