@@ -460,9 +460,12 @@ class Pipeline:
             return start
         t0 = time.perf_counter()
         if request.strength is not None:
-            # strength > 0 always leaves at least the last step to run
-            schedule = schedule.start_at(img2img_start_index(schedule.num_steps,
-                                                             request.strength))
+            first = img2img_start_index(schedule.num_steps, request.strength)
+            if first >= schedule.num_steps:  # as diffusers refuses it
+                raise BonsaiError(
+                    f"strength {request.strength} leaves none of the {schedule.num_steps} "
+                    "steps to run; use a larger strength or more steps")
+            schedule = schedule.start_at(first)
             start = dataclasses.replace(start, schedule=schedule)
         refs = ref_ids = None
         if request.strength is None or request.mask is not None:  # editing, inpainting

@@ -67,6 +67,15 @@ def test_kept_region_is_the_noised_image_after_every_step(pipes, data):
     np.testing.assert_array_equal(seen[-1][0][:, m == 0], z[:, m == 0])
 
 
+@pytest.mark.parametrize("mask", [None, MASK], ids=["image-to-image", "inpainting"])
+def test_a_strength_that_leaves_no_step_is_an_error(pipes, mask):
+    """1 step at strength 1e-17: diffusers refuses ("the number of pipeline steps is 0");
+    returning the encoded input as if generated would be silent."""
+    with pytest.raises(BonsaiError, match="leaves none of the 1 steps to run"):
+        pipes["distilled"].generate("x", images=[IMAGE], mask=mask, strength=1e-17, steps=1,
+                                    output_type="np")
+
+
 def test_a_16_bit_mask_reads_as_its_8_bit_levels(tmp_path):
     """65535 is white (repaint); a faint grey 1000 of 65535 is dark (keep), as in 8 bits,
     where Pillow's own conversion would clip it to white."""
