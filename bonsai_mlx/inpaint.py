@@ -58,6 +58,8 @@ def eight_bit(mask: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def _array_to_image(mask, name: str) -> PIL.Image.Image:
+    if isinstance(mask, mx.array) and mask.dtype == mx.bfloat16:  # numpy has no bfloat16
+        mask = mask.astype(mx.float32)
     try:
         arr = np.asarray(mask)
     except (TypeError, ValueError):
@@ -66,6 +68,8 @@ def _array_to_image(mask, name: str) -> PIL.Image.Image:
             arr.ndim == 3 and arr.shape[-1] != 1):
         raise BonsaiError(f"{name} must be a PIL image, a path or a (height, width) array, "
                           f"not {type(mask).__name__}")
+    if arr.size == 0:
+        raise BonsaiError(f"{name} is empty ({arr.shape}); give a mask of the image's size")
     arr = arr.reshape(arr.shape[:2])
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255

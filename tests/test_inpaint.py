@@ -76,6 +76,18 @@ def test_a_strength_that_leaves_no_step_is_an_error(pipes, mask):
                                     output_type="np")
 
 
+def test_odd_mask_arrays_are_read_or_named():
+    from bonsai_mlx.inpaint import mask_image
+
+    half = np.zeros((64, 80), np.float32)
+    half[:, 40:] = 1
+    as_bf16 = mask_image(mx.array(half).astype(mx.bfloat16), (80, 64))
+    np.testing.assert_array_equal(np.asarray(as_bf16), half.astype(np.uint8) * 255)
+    for empty in (np.zeros((0, 0), np.uint8), np.zeros((0, 0), np.float32)):
+        with pytest.raises(BonsaiError, match="mask is empty"):
+            mask_image(empty, (80, 64))
+
+
 def test_a_16_bit_mask_reads_as_its_8_bit_levels(tmp_path):
     """65535 is white (repaint); a faint grey 1000 of 65535 is dark (keep), as in 8 bits,
     where Pillow's own conversion would clip it to white."""

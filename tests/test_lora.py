@@ -192,6 +192,21 @@ def test_a_scale_changed_between_steps_reaches_the_text_projection(clean, arrays
     np.testing.assert_allclose(memoised, recomputed, atol=1e-6)
 
 
+def test_numpy_scales_are_numbers_and_rank_zero_is_named(clean, tmp_path):
+    from safetensors.numpy import save_file
+
+    name = clean.load_lora(LORAS / "kohya.safetensors", scale=np.float32(0.5))
+    assert clean.loras[name].scale == 0.5
+    clean.set_lora_scales({name: np.float64(0.25)})
+    with pytest.raises(BonsaiError, match="scale must be a number, not True"):
+        clean.set_lora_scales({name: True})
+    empty = tmp_path / "rank0.safetensors"
+    save_file({"transformer.x_embedder.lora_A.weight": np.zeros((0, 8), np.float32),
+               "transformer.x_embedder.lora_B.weight": np.zeros((8, 0), np.float32)}, empty)
+    with pytest.raises(BonsaiError, match="has rank 0"):
+        read_lora(empty)
+
+
 def test_text_encoder_tensors_are_ignored_with_a_warning(clean):
     with pytest.warns(UserWarning, match=r"2 text-encoder tensors .* ignored"):
         clean.load_lora(LORAS / "diffusers.safetensors")

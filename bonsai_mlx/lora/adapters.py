@@ -15,13 +15,13 @@ the model; removing the last one puts the original layer object back, bit for bi
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from bonsai_mlx import checks
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.lora.files import SINGLE_BLOCK_PARTS, LoraFile, read_lora
 from bonsai_mlx.quant.layers import PACKED_LINEAR
@@ -199,9 +199,8 @@ def _new_name(model: nn.Module, name: str | None, default: str) -> str:
 
 
 def _check_scale(name: str, scale) -> None:
-    if (not isinstance(scale, (int, float)) or isinstance(scale, bool)
-            or not math.isfinite(scale)):
-        raise BonsaiError(f"LoRA {name!r}: scale must be a finite number, not {scale!r}")
+    """A finite real number (numpy's too; not a bool)."""
+    checks.number(scale, f"LoRA {name!r}: scale")
 
 
 def _plan(model, lora: LoraFile, ignore_unmatched: bool):

@@ -325,6 +325,9 @@ def _layers(stem, group, targets, config, source) -> list[LoraLayer]:
         raise BonsaiError(f"{source}: {stem} has A {tuple(down.shape)} and B "
                           f"{tuple(up.shape)}; a LoRA needs A (rank, in) and B (out, rank)")
     rank = down.shape[0]
+    if rank == 0:
+        raise BonsaiError(f"{source}: {stem} has rank 0 (A {tuple(down.shape)}); the file "
+                          "holds no adapter for it")
     alpha = _alpha(group.get("alpha"), targets[0][0], config, rank, stem, source)
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     if up.shape[0] % len(targets):
