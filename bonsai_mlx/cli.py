@@ -43,6 +43,7 @@ CLI_NAMES = {"prompt": "--prompt", "negative_prompt": "--negative-prompt",
              "untiled_vae": "--no-tile-vae", "vae_tile_size": "--vae-tile-size"}
 
 _EXIT_USER_ERROR = 2
+MAX_SEEDS = 10_000  # --seeds N: random seeds, one image each (the list is built up front)
 _EXIT_INTERRUPTED = 130
 # click >= 8.2 raises this for a bare `bonsai-mlx`; older versions print the help themselves
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -118,6 +119,11 @@ class _Cli(click.Group):
         except click.Abort as e:
             _report("interrupted", e)
             sys.exit(_EXIT_INTERRUPTED)
+        except OSError as e:  # a path the system refuses: too long, no permission, disk full
+            where = f"{e.filename}: " if e.filename else ""
+            _report(f"{where}{e.strerror or e}; check the path, its permissions and the free "
+                    "space", e)
+            sys.exit(_EXIT_USER_ERROR)
         if not standalone_mode:
             return rv
         sys.exit(rv if isinstance(rv, int) else 0)
@@ -218,7 +224,12 @@ class _Progress:
         if preview is not None and self.preview_file is not None:
             from bonsai_mlx.outputs import write_preview
 
-            write_preview(preview, self.preview_file, step, total)
+            try:
+                write_preview(preview, self.preview_file, step, total)
+            except OSError as e:  # the images matter more than their previews: go on
+                warnings.warn(f"--preview {self.preview_file}: {e.strerror or e}; no more "
+                              "previews this run", stacklevel=1)
+                self.preview_file = None
         if self._stage != "denoising":
             self._open("denoising", total, "step")
         done = min(int(step), total)
@@ -260,13 +271,16 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 
 def parse_lora_spec(text: str) -> tuple[str, float]:
-    """`PATH[:SCALE]` -> (path, scale); a suffix that is not a number belongs to the path."""
+    """`PATH[:SCALE]` -> (path, scale); a suffix that is not a number belongs to the path
+    (`c:1.safetensors`), unless the part before it is a file and the whole is not."""
     path, sep, tail = text.rpartition(":")
     if sep:
         try:
             return path, float(tail)
         except ValueError:
-            pass
+            if Path(path).expanduser().exists() and not Path(text).expanduser().exists():
+                raise BonsaiError(f"--lora {text}: the scale {tail[:20]!r} is not a number; "
+                                  f"write PATH:SCALE, e.g. {path}:0.8") from None
     return text, 1.0
 
 
@@ -296,7 +310,7 @@ def apply_loras(pipe, lora_files, ignore_unmatched: bool, quiet: bool) -> None:
                    "first --image's size].")
 @click.option("--seed", "seeds", type=click.IntRange(0, 2**64 - 1), multiple=True,
               help="Random seed; repeat for several images.")
-@click.option("--seeds", "n_random", type=click.IntRange(min=1), default=None,
+@click.option("--seeds", "n_random", type=click.IntRange(1, MAX_SEEDS), default=None,
               help="Make N images with random seeds.")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None,
               help="Denoising steps [model default: 4 distilled, 50 base].")
@@ -363,7 +377,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
     from bonsai_mlx.outputs import OutputPlan, check_preview_target, png_size_bound
     from bonsai_mlx.request import GenerationRequest
 
-    width, height = parse_size(size) if size else (None, None)
+    width, height = parse_size(size) if size is not None else (None, None)
     model_id = resolve_model(model)
     request = GenerationRequest.create(
         prompt, width=width, height=height, steps=steps, guidance=guidance,

@@ -49,15 +49,21 @@ def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*[xX×*]\s*(\d+)\s*", text)
     if not m:
         raise BonsaiError(
-            f"{option} {text!r} is not WIDTHxHEIGHT; write it like 1024x1024 or 512x768"
+            f"{option} {text[:40]!r} is not WIDTHxHEIGHT; write it like 1024x1024 or 512x768"
         )
+    if max(len(m.group(1)), len(m.group(2))) > 6:  # far out of range (and slow to read)
+        raise BonsaiError(f"{option} {text[:40]}{'...' if len(text) > 40 else ''}: use "
+                          f"{MIN_SIZE} to {MAX_SIZE} pixels a side")
     width, height = int(m.group(1)), int(m.group(2))
     for name, v in (("width", width), ("height", height)):
         if v < MIN_SIZE:
             raise BonsaiError(f"{option} {text}: {name} {v} is too small; use at least {MIN_SIZE}")
+        if v > MAX_SIZE:
+            raise BonsaiError(f"{option} {text}: {name} {v} is out of range: use {MIN_SIZE} "
+                              f"to {MAX_SIZE} pixels")
         if v % MULTIPLE:
             lo, hi = v // MULTIPLE * MULTIPLE, v // MULTIPLE * MULTIPLE + MULTIPLE
-            options = f"{lo} or {hi}" if lo >= MIN_SIZE else f"{hi}"
+            options = " or ".join(str(o) for o in (lo, hi) if MIN_SIZE <= o <= MAX_SIZE)
             raise BonsaiError(
                 f"{option} {text}: {name} {v} is not a multiple of {MULTIPLE}; use {options} "
                 f"(e.g. {option} {_round(width)}x{_round(height)})"
@@ -67,7 +73,7 @@ def parse_size(text: str, option: str = "--size") -> tuple[int, int]:
 
 
 def _round(v: int) -> int:
-    return max(MIN_SIZE, int(round(v / MULTIPLE)) * MULTIPLE)
+    return min(MAX_SIZE, max(MIN_SIZE, (v + MULTIPLE // 2) // MULTIPLE * MULTIPLE))
 
 
 MAX_REFERENCE_PIXELS = 1024 * 1024  # reference images are shrunk to at most 1 MP

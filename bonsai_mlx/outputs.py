@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bonsai_mlx import __version__
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.weights import atomic_path, normal_mode
+from bonsai_mlx.weights import atomic_path, check_writable, normal_mode
 
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
@@ -170,6 +170,7 @@ def check_preview_target(path: str | Path | None) -> Path | None:
     if path.suffix.lower() != ".png":
         raise BonsaiError(f"--preview {path}: previews are PNG files; use a name ending "
                           "in .png")
+    check_writable(path.parent, hint="choose another --preview")
     if not path.exists() and not path.is_symlink():
         return path
     try:

@@ -93,6 +93,10 @@ def test_parse_size_accepts_width_x_height():
     ("64", "is not WIDTHxHEIGHT"),
     ("big", "is not WIDTHxHEIGHT"),
     ("8192x64", "width 8192 is out of range: use 16 to 4096"),
+    ("4100x16", "width 4100 is out of range: use 16 to 4096"),  # not "use 4096 or 4112"
+    ("4090x16", r"use 4080 or 4096 \(e.g. --size 4096x16\)"),
+    ("9" * 5000 + "x16", "use 16 to 4096 pixels a side"),  # beyond Python's int reading
+    ("", "is not WIDTHxHEIGHT"),
 ])
 def test_parse_size_rejects_bad_sizes_with_a_fix(text, phrase):
     with pytest.raises(BonsaiError, match=phrase):
@@ -138,6 +142,11 @@ def test_write_png_exclusive_numbers_names_and_keeps_existing_files(tmp_path):
     (["-o", "out.jpg"], ["only PNG is written", "out.png"]),
     (["--steps", "0"], ["'--steps'", "bonsai-mlx gen --help"]),
     (["--seed", "-3"], ["'--seed'", "-3 is not in the range"]),
+    (["--size", ""], ["--size '' is not WIDTHxHEIGHT"]),  # not the default size
+    (["--seeds", "99999999999999999999"], ["'--seeds'", "1<=x<=10000"]),
+    (["--preview", "notes.png/preview.png"], ["is a file, not a folder",
+                                               "choose another --preview"]),
+    (["-o", "x" * 300 + ".png"], ["File name too long", "check the path"]),
 ])
 def test_gen_user_errors_exit_2_with_one_line(tmp_path, monkeypatch, args, phrases):
     good, bad = tmp_path / "photo.png", tmp_path / "notes.png"
@@ -147,6 +156,29 @@ def test_gen_user_errors_exit_2_with_one_line(tmp_path, monkeypatch, args, phras
     monkeypatch.chdir(tmp_path)
     result = run("gen", "-p", "a cat", *args)
     assert_user_error(result, *phrases)
+
+
+def test_a_lora_scale_that_is_not_a_number_is_named(tmp_path):
+    lora = Path(__file__).parent / "fixtures" / "lora" / "kohya.safetensors"
+    assert_user_error(run("gen", "-p", "a cat", "--lora", f"{lora}:abc"),
+                      "the scale 'abc' is not a number", f"{lora}:0.8")
+
+
+def test_a_preview_that_cannot_be_written_is_a_warning_and_the_image_is_kept(
+        tmp_path, monkeypatch):
+    needs_pipeline()
+    import bonsai_mlx.outputs as outputs
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outputs, "write_preview", disk_full)
+    result = run("gen", "-m", str(TINY), "-p", "a cat", "--size", "32x32", "--steps", "2",
+                 "-o", str(tmp_path / "cat.png"), "--preview", str(tmp_path / "p.png"), "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("warning: --preview") == 1, result.stderr
+    assert "No space left on device" in result.stderr
+    assert Image.open(tmp_path / "cat.png").size == (32, 32)
 
 
 def test_missing_prompt_is_a_one_line_usage_error():
