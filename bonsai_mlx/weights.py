@@ -97,11 +97,12 @@ def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
         raise BonsaiError(f"{path} does not exist") from None
     except OSError as e:
         raise BonsaiError(f"cannot read {path} ({e.strerror or e})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise BonsaiError(f"{path} is not a regular file (a folder, FIFO or device); "
+                          "replace it with the model's file")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BonsaiError(f"{path} is not a regular file (a folder, FIFO or device); "
-                              "replace it with the model's file")
         data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise BonsaiError(f"{path} is larger than {human_bytes(max_bytes)} "
