@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bonsai_mlx import distributed, lora, memory
-from bonsai_mlx.checks import check_prompts
+from bonsai_mlx.checks import check_prompts, flag
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import LANCZOS, MULTIPLE, ImageInput, image_to_array, to_pil
 from bonsai_mlx.inpaint import KnownRegion, MaskInput
@@ -151,6 +151,10 @@ class Pipeline:
         check_no_custom_code(root, *(root / d for d in (*dirs.values(), *SHARED_DIRS)))
         index_path = root / "model_index.json"
         index = read_json(index_path) if index_path.is_file() else {}
+        # Bonsai packs (of the distilled klein 4B) and the KV pipeline are distilled unsaid
+        is_kv = index.get("_class_name") == KV_PIPELINE_CLASS
+        distilled = flag(index.get("is_distilled", layout == "bonsai-mlx-pack" or is_kv),
+                         f"{index_path}: is_distilled")
         scheduler = SchedulerConfig.from_pretrained(root / "scheduler")
         # dense, or packed (our layout or a Bonsai MLX 1-/2-bit pack, converted exactly)
         transformer = Flux2Transformer.from_pretrained(root / dirs["transformer"], dtype=dtype)
@@ -161,11 +165,7 @@ class Pipeline:
             keep_loaded=keep_text_encoder, cache_dir=prompt_cache_dir,
         )
         _check_fit(root, transformer, vae)
-        # Bonsai packs compress the distilled FLUX.2 [klein] 4B; diffusers' KV pipeline is
-        # distilled without saying so in model_index.json.
-        is_kv = index.get("_class_name") == KV_PIPELINE_CLASS
-        distilled = index.get("is_distilled", layout == "bonsai-mlx-pack" or is_kv)
-        pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=bool(distilled),
+        pipe = cls(transformer, vae, prompt_encoder, scheduler, is_distilled=distilled,
                    reference_kv_cache=is_kv)
         pipe.source = root
         if tensor_parallel:

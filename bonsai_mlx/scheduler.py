@@ -23,6 +23,9 @@ import numpy as np
 MAX_STEPS = 1000  # a bound on work: diffusers' schedules have 1000 training timesteps
 _UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                 "stochastic_sampling")
+# diffusers' fields that FLUX.2's schedule does not read (`compute_empirical_mu` sets the
+# shift): still checked, so that a broken value is an error rather than silently ignored.
+_UNUSED_NUMBERS = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
 
 
 def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
@@ -83,6 +86,9 @@ class SchedulerConfig(BaseConfig):
         used = [k for k in _UNSUPPORTED if d.get(k)]
         if used:
             raise BonsaiError(f"{source}: {', '.join(used)} is not supported; set it to false")
+        for name in _UNUSED_NUMBERS:
+            if d.get(name) is not None:
+                number(d[name], f"{source}: {name}")
         return super().from_dict(d, source)
 
     @classmethod

@@ -12,15 +12,18 @@ import difflib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+from bonsai_mlx.checks import shown
 from bonsai_mlx.errors import BonsaiError
 
 import mlx.core as mx
@@ -50,7 +53,12 @@ SAFETENSORS_DTYPE_NAMES = {  # a header's dtype tag -> the dtype's name
 _SAFETENSORS_DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F8_E8M0": 1, "C64": 8,
 }
+# The largest JSON file read from a model folder. Configs are a few kB and the biggest shard
+# index (a weight_map of thousands of tensors) well under 1 MB; a bigger "config" is an
+# attack (a link to /dev/zero) or not a config.
+MAX_JSON_BYTES = 16 * 1024 * 1024
 
 
 def default_dtype() -> str:
@@ -78,19 +86,63 @@ def parse_dtype(dtype: str | mx.Dtype) -> mx.Dtype:
         ) from None
 
 
-def read_json(path: str | Path) -> dict:
-    """Read a JSON object, with errors that name the file."""
+def read_regular_file(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (a link to one is fine: the
+    Hugging Face cache is made of links). A folder, FIFO or device is a BonsaiError, not a
+    hang or an endless read: the file is opened non-blocking and checked before reading."""
     path = Path(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise BonsaiError(f"{path} does not exist") from None
+    except OSError as e:
+        raise BonsaiError(f"cannot read {path} ({e.strerror or e})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise BonsaiError(f"{path} is not a regular file (a folder, FIFO or device); "
+                          "replace it with the model's file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise BonsaiError(f"{path} is larger than {human_bytes(max_bytes)} "
+                          f"({human_bytes(info.st_size)}); it is not a model's file")
+    return data
+
+
+def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """Read a JSON object from a regular file of at most `max_bytes`, with errors that name
+    the file."""
+    path = Path(path)
+    try:
+        data = json.loads(read_regular_file(path, max_bytes).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BonsaiError(f"{path} is not valid JSON ({e}); re-download or fix the file") from e
+    except RecursionError:  # [[[[...]]]] nested deeper than Python's stack
+        raise BonsaiError(f"{path} is not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise BonsaiError(f"{path} should hold a JSON object, found {type(data).__name__}")
     return data
+
+
+def check_regular_files(folder: str | Path, max_bytes: int) -> None:
+    """A BonsaiError unless every entry directly in `folder` is a folder or a regular file
+    (a link to one is fine) of at most `max_bytes`: for folders another library reads
+    (transformers' tokenizer files), where a FIFO would hang it and /dev/zero fill memory."""
+    folder = Path(folder)
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            info = entry.stat()
+        except OSError:  # a broken link: the library names it if it needs it
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            raise BonsaiError(f"{entry} is not a regular file (a FIFO or device); "
+                              "replace it with the model's file")
+        if info.st_size > max_bytes:
+            raise BonsaiError(f"{entry} is larger than {human_bytes(max_bytes)} "
+                              f"({human_bytes(info.st_size)}); it is not a model's file")
 
 
 # Config keys by which transformers and diffusers import Python files shipped with a model:
@@ -158,27 +210,32 @@ def read_safetensors_header(path: str | Path) -> dict:
             raise BonsaiError(f"{path} is not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):
         raise BonsaiError(f"{path} is not a safetensors file (header is not an object)")
-    end = 0
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, stop = info["data_offsets"]
-            count = 1
-            for d in info["shape"]:
-                count *= d
-            nbytes = count * _SAFETENSORS_DTYPE_BYTES.get(info["dtype"], 0)
-        except (KeyError, TypeError, ValueError):
-            raise BonsaiError(f"{path}: malformed entry for tensor {name!r}") from None
-        if info["dtype"] in _SAFETENSORS_DTYPE_BYTES and stop - start != nbytes:
-            raise BonsaiError(f"{path}: tensor {name!r} has inconsistent byte offsets")
-        end = max(end, stop)
-    if 8 + n + end > size:
-        raise BonsaiError(
-            f"{path} is truncated ({size} bytes, needs {8 + n + end}); "
-            "re-download or re-convert it"
-        )
+        if name != "__metadata__":
+            _check_tensor_entry(path, name, info, size - 8 - n)
     return header
+
+
+def _check_tensor_entry(path: Path, name: str, info, data_bytes: int) -> None:
+    """One tensor of a safetensors header: a known dtype, a shape of non-negative integers,
+    and data offsets inside the file's `data_bytes` that hold exactly its bytes."""
+    where = f"{path}: tensor {shown(name)}"
+    if not isinstance(info, dict):
+        raise BonsaiError(f"{where} has a malformed header entry {shown(info)}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPE_BYTES:
+        raise BonsaiError(f"{where} has an unknown dtype {shown(dtype)}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise BonsaiError(f"{where} has a malformed shape {shown(shape)}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int and o >= 0 for o in offsets) and offsets[0] <= offsets[1]):
+        raise BonsaiError(f"{where} has malformed data_offsets {shown(offsets)}")
+    if offsets[1] > data_bytes:
+        raise BonsaiError(f"{path} is truncated: tensor {shown(name)} ends at byte "
+                          f"{offsets[1]} of {data_bytes}; re-download or re-convert it")
+    if offsets[1] - offsets[0] != math.prod(shape) * _SAFETENSORS_DTYPE_BYTES[dtype]:
+        raise BonsaiError(f"{where}: its data_offsets {offsets} do not hold the bytes of "
+                          f"shape {shape} {dtype}; re-download or re-convert it")
 
 
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}

@@ -40,6 +40,7 @@ from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.prompt_cache import PromptCache
 from bonsai_mlx.weights import (
     check_no_custom_code,
+    check_regular_files,
     checkpoint_float_dtype,
     file_sha256,
     load_into,
@@ -61,6 +62,15 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_OUT_LAYERS = (9, 18, 27)
+# Upper bounds on a Qwen3 config.json's sizes, far above every real Qwen3 (Qwen3-8B: 36
+# layers, hidden 4096, 32 heads of 128, MLP 12288, 151936 tokens): a larger value is a
+# broken or hostile config, refused before mlx-lm builds (and MLX allocates) anything.
+MAX_QWEN3_LAYERS = 512
+MAX_QWEN3_SIZES = {"hidden_size": 65536, "intermediate_size": 262144,
+                   "num_attention_heads": 1024, "num_key_value_heads": 1024,
+                   "head_dim": 1024, "vocab_size": 1 << 20}
+# Qwen3's tokenizer.json is 11 MB; transformers reads these files itself, whole.
+MAX_TOKENIZER_FILE_BYTES = 256 * 1024 * 1024
 # Qwen3-4B, the FLUX.2 [klein] 4B text encoder (Qwen/Qwen3-4B's config.json).
 QWEN3_4B = {
     "model_type": "qwen3", "hidden_size": 2560, "num_hidden_layers": 36,
@@ -256,7 +266,10 @@ def load_qwen3_encoder(
     # A truncated copy's last layer is not the model's last: no final norm after it.
     final_norm = num_layers == args.num_hidden_layers and TRUNCATED_KEY not in config
     args.num_hidden_layers = num_layers
-    model = Qwen3Encoder(args, final_norm=final_norm)
+    try:  # mlx-lm's RoPE refuses a rope_scaling it does not know
+        model = Qwen3Encoder(args, final_norm=final_norm)
+    except (TypeError, ValueError, KeyError) as e:
+        raise BonsaiError(f"{config_path}: cannot build Qwen3 from it ({e})") from e
     # mx.load is lazy: the tensors of skipped layers are never read from disk.
     weights = model.sanitize(load_weights(folder))
     quantization = mlx_quantization(config)
@@ -321,6 +334,11 @@ def qwen3_sizes(config: dict, source: str | Path) -> tuple[int, int]:
             f"{source} is not a complete Qwen3 config: num_hidden_layers and hidden_size "
             f"must be positive integers, not {sizes}"
         )
+    try:
+        integer(sizes[0], "num_hidden_layers", high=MAX_QWEN3_LAYERS)
+        integer(sizes[1], "hidden_size", high=MAX_QWEN3_SIZES["hidden_size"])
+    except BonsaiError as e:
+        raise BonsaiError(f"{source}: {e}") from None
     return sizes
 
 
@@ -331,7 +349,7 @@ def qwen3_args(config: dict, source: str | Path) -> qwen3.ModelArgs:
         for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size",
                      "vocab_size", "head_dim"):
             if name in config or name != "head_dim":
-                integer(config.get(name), name, low=1)
+                integer(config.get(name), name, low=1, high=MAX_QWEN3_SIZES[name])
         number(config.get("rms_norm_eps"), "rms_norm_eps", positive=True)
         if config["num_attention_heads"] % config["num_key_value_heads"]:
             raise BonsaiError("num_attention_heads must be a multiple of num_key_value_heads")
@@ -340,9 +358,14 @@ def qwen3_args(config: dict, source: str | Path) -> qwen3.ModelArgs:
     from mlx_lm.models import qwen3
 
     try:
-        return qwen3.ModelArgs.from_dict(config)
-    except (TypeError, ValueError) as e:
+        args = qwen3.ModelArgs.from_dict(config)
+        # transformers >= 5 nests it in rope_parameters; a string would fail mid-encode
+        args.rope_theta = number(args.rope_theta, "rope_theta", positive=True)
+    except BonsaiError as e:
+        raise BonsaiError(f"{source}: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:
         raise BonsaiError(f"{source} is not a complete Qwen3 config: {e}") from e
+    return args
 
 
 class PromptEncoder:
@@ -489,6 +512,7 @@ class PromptEncoder:
             os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
             from transformers import AutoTokenizer
 
+            check_regular_files(self.tokenizer_dir, MAX_TOKENIZER_FILE_BYTES)
             try:  # never the folder's own Python code, whatever a terminal answers
                 self._tokenizer = AutoTokenizer.from_pretrained(
                     str(self.tokenizer_dir), trust_remote_code=False)

@@ -55,6 +55,14 @@ from mlx.utils import tree_flatten
 
 DIFFUSERS_CLASS = "Flux2Transformer2DModel"
 BFL_PREFIX = "model.diffusion_model."
+# Upper bounds on config.json's sizes, far above every FLUX.2 transformer (klein 4B: 5 + 20
+# blocks, 24 heads of 128; klein 9B: 8 + 24, 32 heads, text width 12288; dev: 8 + 48, 48
+# heads): a larger value is a broken or hostile config, refused before any layer is built.
+MAX_LAYERS = 512  # num_layers, num_single_layers
+MAX_HEADS = 1024  # num_attention_heads
+MAX_WIDTH = 65536  # channels, head and text widths, and heads x head width
+MAX_PATCH_SIZE = 16
+MAX_MLP_RATIO = 16.0
 
 
 @dataclass
@@ -77,14 +85,22 @@ class Flux2TransformerConfig(BaseConfig):
     guidance_embeds: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
-                     "joint_attention_dim", "timestep_guidance_channels", "num_layers",
-                     "num_single_layers", "out_channels"):
+        for name, high in (("patch_size", MAX_PATCH_SIZE), ("in_channels", MAX_WIDTH),
+                           ("attention_head_dim", MAX_WIDTH), ("num_attention_heads", MAX_HEADS),
+                           ("joint_attention_dim", MAX_WIDTH),
+                           ("timestep_guidance_channels", MAX_WIDTH), ("num_layers", MAX_LAYERS),
+                           ("num_single_layers", MAX_LAYERS), ("out_channels", MAX_WIDTH)):
             value = getattr(self, name)
             if not (name == "out_channels" and value is None):
-                setattr(self, name, integer(value, name, low=0 if "layers" in name else 1))
+                low = 0 if "layers" in name else 1
+                setattr(self, name, integer(value, name, low=low, high=high))
         for name in ("mlp_ratio", "rope_theta", "eps"):
             setattr(self, name, number(getattr(self, name), name, positive=True))
+        if self.mlp_ratio > MAX_MLP_RATIO:
+            raise BonsaiError(f"mlp_ratio must be at most {MAX_MLP_RATIO:g}, not {self.mlp_ratio}")
+        if self.inner_dim > MAX_WIDTH:
+            raise BonsaiError(f"num_attention_heads x attention_head_dim must be at most "
+                              f"{MAX_WIDTH}, not {self.inner_dim}")
         self.guidance_embeds = flag(self.guidance_embeds, "guidance_embeds")
         if self.out_channels is None:
             self.out_channels = self.in_channels

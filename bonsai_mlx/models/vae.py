@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from bonsai_mlx.checks import BaseConfig, flag, integer, number
+from bonsai_mlx.checks import BaseConfig, flag, integer, number, shown
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models import vae_tiling
 from bonsai_mlx.models.vae_layers import Decoder, Encoder, LatentBatchNorm
@@ -44,6 +44,13 @@ SMALL_DECODER_CHANNELS = (96, 192, 384, 384)  # its decoder_block_out_channels (
 # The files read from a Hub repo: a pipeline's vae/, or a VAE repo's top-level files.
 HUB_FILES = ["vae/*", "config.json", "diffusion_pytorch_model.safetensors",
              "diffusion_pytorch_model.safetensors.index.json"]
+# Upper bounds on config.json's sizes, far above every FLUX.2 VAE (layers_per_block 2,
+# channels up to 512, 4 blocks, 32 latent channels, 2x2 patches): a larger value is a broken
+# or hostile config, refused before any layer is built.
+MAX_LAYERS_PER_BLOCK = 16
+MAX_CHANNELS = 8192  # every channel count and norm_num_groups
+MAX_BLOCKS = 8  # entries of block_out_channels (the image is 2**(blocks - 1) latent pixels)
+MAX_PATCH = 16
 # Config fields that only the decoder uses: a decoder may differ from its encoder in these.
 DECODER_ONLY_FIELDS = ("decoder_block_out_channels", "out_channels", "use_post_quant_conv")
 
@@ -73,7 +80,8 @@ class VAEConfig(BaseConfig):
     def __post_init__(self) -> None:
         for name in ("in_channels", "out_channels", "layers_per_block", "latent_channels",
                      "norm_num_groups"):
-            setattr(self, name, integer(getattr(self, name), name, low=1))
+            high = MAX_LAYERS_PER_BLOCK if name == "layers_per_block" else MAX_CHANNELS
+            setattr(self, name, integer(getattr(self, name), name, low=1, high=high))
         for name in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
             setattr(self, name, flag(getattr(self, name), name))
         self.batch_norm_eps = number(self.batch_norm_eps, "batch_norm_eps", positive=True)
@@ -81,9 +89,11 @@ class VAEConfig(BaseConfig):
             value = getattr(self, name)
             if value is None and name == "decoder_block_out_channels":
                 continue
-            if not isinstance(value, (list, tuple)) or not value:
-                raise BonsaiError(f"{name} must be a non-empty list, not {value!r}")
-            setattr(self, name, tuple(integer(v, name, low=1) for v in value))
+            if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= MAX_BLOCKS:
+                raise BonsaiError(f"{name} must be a non-empty list of at most {MAX_BLOCKS} "
+                                  f"integers, not {shown(value)}")
+            high = MAX_PATCH if name == "patch_size" else MAX_CHANNELS
+            setattr(self, name, tuple(integer(v, name, low=1, high=high) for v in value))
         if len(self.patch_size) != 2:
             raise BonsaiError(f"patch_size must be two integers, not {list(self.patch_size)}")
         for name in ("block_out_channels", "decoder_block_out_channels"):
