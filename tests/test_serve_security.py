@@ -49,6 +49,41 @@ def test_an_empty_key_is_refused(tmp_path):
         serve("--api-key", " ", "--port", "0", "-o", str(tmp_path / "o")))
 
 
+@pytest.fixture
+def never_listens(monkeypatch):
+    """A refused start must never reach the socket (without the check it would serve)."""
+    def bind(*args):
+        raise AssertionError("serve went on to listen")
+
+    monkeypatch.setattr("bonsai_mlx.serve.command.bind", bind)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--max-upload-mb", "nan"), ("--max-upload-mb", "inf"), ("--max-megapixels", "inf"),
+    ("--max-megapixels", "nan"), ("--max-memory", "inf"), ("--max-memory", "nan"),
+    ("--max-upload-mb", "1e308"),
+])
+def test_limits_that_are_no_finite_number_are_refused(tmp_path, never_listens, option, value):
+    line = one_line_error(serve(option, value, "--port", "0", "-o", str(tmp_path / "o")))
+    assert line.startswith(f"error: {option}") and "finite" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("origin", ["*", "", "null", "http://friend.example/", "friend.example",
+                                    "http://friend.example/page"])
+def test_an_allowed_origin_must_be_one_origin(tmp_path, never_listens, origin):
+    line = one_line_error(serve("--allow-origin", origin, "--port", "0",
+                                "-o", str(tmp_path / "o")))
+    assert f"--allow-origin {origin!r} is not one web page's origin" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_empty_output_folder_is_refused(tmp_path, monkeypatch, never_listens):
+    monkeypatch.chdir(tmp_path)  # "" would be this folder, its files in the gallery
+    line = one_line_error(serve("-o", "", "--port", "0"))
+    assert "-o is empty" in line
+
+
 server = module_server("security", "--api-key", KEY, "--allow-origin",
                        "http://friend.example")
 
@@ -88,6 +123,16 @@ def test_posts_from_another_web_page_are_refused(server):
 def test_no_cors_headers_for_other_origins(server):
     _, headers, _ = server.request("GET", "/health", headers={"Origin": "http://evil.example"})
     assert "access-control-allow-origin" not in headers
+
+
+def test_the_gallery_is_readable_cross_origin_only_by_allowed_origins(server):
+    _, headers, _ = server.request("GET", "/gallery",
+                                   headers={**AUTH, "Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in headers
+    status, headers, _ = server.request("GET", "/gallery",
+                                        headers={**AUTH, "Origin": "http://friend.example"})
+    assert status == 200
+    assert headers["access-control-allow-origin"] == "http://friend.example"
 
 
 def test_the_key_guards_everything_but_the_page_and_health(server):

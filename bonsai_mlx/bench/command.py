@@ -39,7 +39,8 @@ import click
 @tile_vae_option
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=False)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
-              help="Append the records to this file as JSON lines.")
+              help="Append the records as JSON lines to this new file, or to an existing "
+                   ".json / .jsonl file of JSON lines.")
 @click.option("--tensor-parallel", is_flag=True,
               help="Under mlx.launch: shard the transformer across the processes.")
 def bench_command(model, synthetic, sizes, steps, repeats, warmup, dtype, tiny, skip_encode,

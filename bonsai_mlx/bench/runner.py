@@ -36,12 +36,14 @@ from bonsai_mlx.bench.machine import machine_info
 from bonsai_mlx.bench.memory import MemorySampler
 from bonsai_mlx.bench.report import SCHEMA
 from bonsai_mlx.bench.synthetic import synthetic_pipeline
+from bonsai_mlx.checks import integer
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.images import check_size
 from bonsai_mlx.layout import payload
 from bonsai_mlx.pipeline import Pipeline
 from bonsai_mlx.quant import packed_format
-from bonsai_mlx.weights import parse_dtype, read_json
+from bonsai_mlx.scheduler import MAX_STEPS
+from bonsai_mlx.weights import check_writable, parse_dtype, read_json
 
 import click
 import mlx.core as mx
@@ -314,6 +316,8 @@ def run_bench(
         raise BonsaiError("--compare runs in one process; run it without mlx.launch")
     sizes = _checked(sizes if sizes is not None else TINY_SIZES if tiny else DEFAULT_SIZES,
                      steps, repeats, warmup)
+    if json_path is not None and group.rank() == 0:  # before any long work
+        check_json_lines_target(json_path)
     machine = machine_info()
     log(f"machine: {machine['chip']} ({machine['backend']}), MLX {machine['mlx_version']}")
     target = _loaded(log, group if tensor_parallel else None, model, synthetic, dtype, tiny,
@@ -344,18 +348,55 @@ def _loaded(log: Callable[[str], None], shard_over: Any, *args: Any) -> BenchTar
     return target
 
 
+JSON_LINES_SUFFIXES = (".json", ".jsonl")
+
+
+def check_json_lines_target(path: str | Path) -> None:
+    """A BonsaiError unless records can be appended to `path`: a new file in a folder that
+    exists and can be written, or an existing .json / .jsonl file of JSON lines (every line
+    an object), so that no other file of the user's is ever appended to."""
+    path = Path(path)
+    hint = "choose another --json file"
+    if not path.parent.is_dir():
+        raise BonsaiError(f"--json {path}: the folder {path.parent} does not exist; {hint}")
+    check_writable(path.parent, hint=hint)
+    if not path.exists():
+        return
+    if not path.is_file() or path.suffix.lower() not in JSON_LINES_SUFFIXES:
+        raise BonsaiError(f"--json {path} exists and is not a .json / .jsonl file of JSON "
+                          f"lines; records are appended only to such a file or a new one; {hint}")
+    count = 0  # lines read
+    try:
+        with open(path, "rb") as f:  # bytes: a binary file fails as JSON, not as text
+            for line in f:
+                count += 1
+                if line.strip() and not isinstance(json.loads(line), dict):
+                    raise ValueError("not a JSON object")
+    except OSError as e:
+        raise BonsaiError(f"--json {path} cannot be read ({e.strerror or e}); {hint}") from None
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError included
+        raise BonsaiError(f"--json {path}: line {count} is not a JSON object; records are "
+                          f"appended only to a file of JSON lines or a new one; {hint}"
+                          ) from None
+
+
 def _append_json_lines(path: str | Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    except OSError as e:
+        raise BonsaiError(f"--json {path}: cannot append the records ({e.strerror or e})"
+                          ) from None
 
 
 def _checked(sizes: Sequence[tuple[int, int]], steps: int, repeats: int,
              warmup: int) -> Sequence[tuple[int, int]]:
     for w, h in sizes:
         check_size(w, h)
-    if steps < 1 or repeats < 1 or warmup < 0:
-        raise BonsaiError("steps and repeats must be >= 1 and warmup >= 0")
+    integer(steps, "steps", low=1, high=MAX_STEPS)  # as Pipeline.generate, before loading
+    integer(repeats, "repeats", low=1)
+    integer(warmup, "warmup", low=0)
     return sizes
 
 

@@ -28,6 +28,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bonsai_mlx.checks import flag, integer, number, shown
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.models.transformer import (
     DOUBLE_BLOCK_LINEARS,
@@ -134,7 +135,7 @@ def read_lora(source: str | Path, weight_name: str | None = None,
     (`owner/name`, or `owner/name/file.safetensors`; only that file is downloaded)."""
     path = lora_path(source, weight_name, revision)
     header = read_safetensors_header(path)
-    config = _adapter_config(path, header.get("__metadata__") or {})
+    config = _adapter_config(path, header.get("__metadata__"))
     return parse_lora(load_safetensors(path), config, str(path), name=_default_name(source, path))
 
 
@@ -158,7 +159,12 @@ def lora_path(source: str | Path, weight_name: str | None = None,
     if path.is_dir():
         name = weight_name or _pick_file([p.name for p in path.iterdir() if p.is_file()], path)
         return _check_suffix(path / name, must_exist=True)
+    _check_regular(path)
     text = str(source)
+    head, colon, tail = text.rpartition(":")
+    if colon and Path(head).expanduser().exists():  # `--lora PATH:SCALE` with a bad SCALE
+        raise BonsaiError(f"LoRA {source} does not exist; {head} does: if {tail!r} is meant "
+                          "as its scale (PATH:SCALE), the scale must be a number")
     parts = text.split("/")
     if text.endswith(".safetensors") and len(parts) == 3 and weight_name is None:
         text, weight_name = "/".join(parts[:2]), parts[2]  # owner/name/file.safetensors
@@ -174,8 +180,17 @@ def _check_suffix(path: Path, must_exist: bool = False) -> Path:
         raise BonsaiError(f"{path}: only .safetensors LoRA files are read (never pickle); "
                           "convert it to safetensors first")
     if must_exist and not path.is_file():
+        _check_regular(path)
         raise BonsaiError(f"{path} does not exist")
     return path
+
+
+def _check_regular(path: Path) -> None:
+    """Refuse a path that exists but is no file or folder (a FIFO, a device, a socket):
+    reading one would block or never end."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise BonsaiError(f"LoRA {path} is not a regular file (a FIFO, device or socket); "
+                          "give a .safetensors file, a folder holding one, or a repo id")
 
 
 def _pick_file(names: list[str], where: str | Path) -> str:
@@ -216,21 +231,57 @@ def _hub_listing(repo_id: str, revision: str | None) -> list[str]:
     return [p.name for p in folder.iterdir()]
 
 
-def _adapter_config(path: Path, metadata: dict) -> dict:
+def _adapter_config(path: Path, metadata) -> dict:
     """diffusers' LoraConfig from the file's metadata (keys under `transformer.`), else
-    PEFT's adapter_config.json beside the file, else {}."""
+    PEFT's adapter_config.json beside the file, else {}; checked (`check_lora_config`)."""
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict):
+        raise BonsaiError(f"{path}: __metadata__ is {shown(metadata)}, not an object of "
+                          "strings; the file is malformed (re-save it)")
     raw = metadata.get(METADATA_KEY)
-    if raw:
-        try:
-            config = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise BonsaiError(f"{path}: unreadable {METADATA_KEY} metadata ({e})") from None
-        if any(k.startswith("transformer.") for k in config):
-            config = {k.removeprefix("transformer."): v for k, v in config.items()
-                      if k.startswith("transformer.")}
-        return config
-    beside = path.parent / "adapter_config.json"
-    return read_json(beside) if beside.is_file() else {}
+    if raw is None or raw == "":
+        beside = path.parent / "adapter_config.json"
+        return check_lora_config(read_json(beside), beside) if beside.is_file() else {}
+    where = f"{path}: {METADATA_KEY} metadata"
+    if not isinstance(raw, str):  # safetensors metadata values are strings
+        raise BonsaiError(f"{where} is {shown(raw)}, not a JSON string; re-save the file")
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise BonsaiError(f"{path}: unreadable {METADATA_KEY} metadata ({e})") from None
+    if not isinstance(config, dict):
+        raise BonsaiError(f"{where} is {shown(config)}, not a JSON object")
+    if any(k.startswith("transformer.") for k in config):
+        config = {k.removeprefix("transformer."): v for k, v in config.items()
+                  if k.startswith("transformer.")}
+    return check_lora_config(config, where)
+
+
+def check_lora_config(config: dict, where: str | Path) -> dict:
+    """The LoraConfig entries bonsai-mlx reads, checked: `lora_alpha` a finite number,
+    `alpha_pattern` {regex: number}, `rank_pattern` {regex: integer >= 1}, `use_rslora` a flag."""
+    if not isinstance(config, dict):
+        raise BonsaiError(f"{where}: the LoRA config must be an object, not {shown(config)}")
+    if config.get("lora_alpha") is not None:
+        number(config["lora_alpha"], f"{where}: lora_alpha")
+    if config.get("use_rslora") is not None:
+        flag(config["use_rslora"], f"{where}: use_rslora")
+    for key, check in (("alpha_pattern", lambda v, name: number(v, name)),
+                       ("rank_pattern", lambda v, name: integer(v, name, low=1))):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise BonsaiError(f"{where}: {key} must be an object of layer patterns, not "
+                              f"{shown(patterns)}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise BonsaiError(f"{where}: {key} pattern {pattern!r} is no regular "
+                                  f"expression ({e})") from None
+            check(value, f"{where}: {key}[{pattern!r}]")
+    return config
 
 
 # ---- parsing --------------------------------------------------------------------------
@@ -239,6 +290,7 @@ def _adapter_config(path: Path, metadata: dict) -> dict:
 def parse_lora(tensors: dict[str, mx.array], config: dict | None = None,
                source: str = "LoRA", *, name: str = "lora") -> LoraFile:
     """File tensors -> layers in diffusers module names (see the module docstring)."""
+    config = check_lora_config(config or {}, f"{source} config")
     for marker, what in _UNSUPPORTED:
         bad = [k for k in tensors if marker in k]
         if bad:
@@ -264,7 +316,7 @@ def parse_lora(tensors: dict[str, mx.array], config: dict | None = None,
             unknown.extend(keys[stem])
             continue
         formats.add(fmt)
-        layers.extend(_layers(stem, group, targets, config or {}, source))
+        layers.extend(_layers(stem, group, targets, config, source))
     if not layers and not text_encoder:
         raise BonsaiError(f"{source} holds no LoRA layers bonsai-mlx knows (e.g. "
                           f"{(unknown or ['no tensors'])[0]}); is it a FLUX.2 LoRA?")
@@ -275,9 +327,7 @@ def _targets(stem: str) -> tuple[str, list[tuple[str, bool]] | None]:
     """A file's layer name -> (format, [(diffusers module, swap halves), ...]); several
     modules for a fused qkv (B split in as many parts); None for a kohya name that is no
     layer's. Diffusers names pass as they are: the model decides whether it has them."""
-    fmt, prefix = next(((f, p) for p, f in PREFIXES.items() if stem.startswith(p)),
-                       ("diffusers", ""))
-    name = stem[len(prefix):]
+    fmt, name = _split_prefix(stem)
     if fmt == "kohya":
         name = _kohya_name(name)
         if name is None:
@@ -289,6 +339,13 @@ def _targets(stem: str) -> tuple[str, list[tuple[str, bool]] | None]:
             names, swap = mapped
             return fmt, [(n, swap) for n in names]
     return fmt, [(name, False)]  # diffusers names: the model says whether it has them
+
+
+def _split_prefix(stem: str) -> tuple[str, str]:
+    """A file's layer name -> (format, the name without its format's prefix)."""
+    fmt, prefix = next(((f, p) for p, f in PREFIXES.items() if stem.startswith(p)),
+                       ("diffusers", ""))
+    return fmt, stem[len(prefix):]
 
 
 def _underscored(names) -> dict[str, str]:
@@ -328,7 +385,8 @@ def _layers(stem, group, targets, config, source) -> list[LoraLayer]:
     if rank == 0:
         raise BonsaiError(f"{source}: {stem} has rank 0 (A {tuple(down.shape)}); the file "
                           "holds no adapter for it")
-    alpha = _alpha(group.get("alpha"), targets[0][0], config, rank, stem, source)
+    alpha = _alpha(group.get("alpha"), (targets[0][0], _split_prefix(stem)[1]), config, rank,
+                   stem, source)
     scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     if up.shape[0] % len(targets):
         raise BonsaiError(f"{source}: {stem} B has {up.shape[0]} rows, not {len(targets)} "
@@ -342,15 +400,18 @@ def _layers(stem, group, targets, config, source) -> list[LoraLayer]:
     return out
 
 
-def _alpha(tensor, module: str, config: dict, rank: int, stem: str, source: str) -> float:
-    """The `.alpha` tensor, else the config's alpha for this module (PEFT's pattern rule),
-    else the rank (scaling 1)."""
+def _alpha(tensor, names: tuple[str, ...], config: dict, rank: int, stem: str,
+           source: str) -> float:
+    r"""The `.alpha` tensor, else the config's alpha for this layer, else the rank (scaling 1).
+    An `alpha_pattern` key matches as in PEFT (`(.*\.)?(pattern)$`), against the diffusers
+    module name or the file's own name (BFL or kohya, its prefix stripped): PEFT writes the
+    names of the model it trained, which may be either."""
     if tensor is not None:
         if tensor.size != 1:
             raise BonsaiError(f"{source}: {stem}.alpha has {tensor.size} values, not one")
-        return float(tensor.astype(mx.float32).item())
+        return number(tensor.astype(mx.float32).item(), f"{source}: {stem}.alpha")
     for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if any(re.match(rf"(.*\.)?({pattern})$", name) for name in names):
             return float(value)
     alpha = config.get("lora_alpha")
     return float(alpha) if alpha is not None else float(rank)

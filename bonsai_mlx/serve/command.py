@@ -9,7 +9,9 @@ import os
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from bonsai_mlx.checks import number
 from bonsai_mlx.cli import (
     DEFAULT_MODEL,
     apply_loras,
@@ -79,6 +81,10 @@ def serve(model, host, port, api_key, output, preload, max_queue, max_upload_mb,
 
     One worker owns the model: requests run one at a time, in order.
     """
+    limits = {"max_upload_bytes": _limit(max_upload_mb, "--max-upload-mb", 1024 * 1024),
+              "max_pixels": _limit(max_megapixels, "--max-megapixels", 1_000_000),
+              "max_memory": _limit(max_memory, "--max-memory", 1e9)}
+    check_origins(allow_origins)
     model_id = resolve_model(model)
     address = resolve_address(host, port)
     if not _is_loopback(address) and api_key is None and not insecure:
@@ -95,12 +101,9 @@ def serve(model, host, port, api_key, output, preload, max_queue, max_upload_mb,
     from bonsai_mlx.serve.jobs import Worker
 
     settings = Settings(model=model, model_id=model_id, output=folder, api_key=api_key,
-                        loopback=_is_loopback(address),
-                        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                        max_pixels=int(max_megapixels * 1_000_000),
-                        allow_origins=list(allow_origins), dtype=dtype,
-                        max_memory=None if max_memory is None else int(max_memory * 1e9),
-                        loras=served_loras, keep_text_encoder=no_offload)
+                        loopback=_is_loopback(address), allow_origins=list(allow_origins),
+                        dtype=dtype, loras=served_loras, keep_text_encoder=no_offload,
+                        **limits)
 
     def load():
         from bonsai_mlx.pipeline import Pipeline
@@ -150,6 +153,31 @@ def _served_loras(lora_files: list) -> list:
     return list(served.values())
 
 
+def _limit(value: float | None, option: str, unit: float) -> int | None:
+    """A size limit given in `unit`s -> a whole count (None: no limit given). click's
+    FloatRange lets nan and inf through (they compare false with its bounds)."""
+    if value is None:
+        return None
+    amount = number(value, option, positive=True) * unit
+    if not math.isfinite(amount):
+        raise BonsaiError(f"{option} {value:g} is too large; give a finite limit")
+    return int(amount)
+
+
+def check_origins(origins: tuple[str, ...] | list[str]) -> None:
+    """Each --allow-origin must be one web origin, scheme://host[:port], as a browser
+    sends it. `*` would let any web page read the API (the gallery's prompts and files)
+    through CORS while the request guard takes it literally; `null` is what sandboxed
+    pages and local files send: both are refused, as is an empty one."""
+    for origin in origins:
+        parts = urlsplit(origin)
+        if (origin in ("*", "null") or not parts.scheme or not parts.netloc
+                or origin != f"{parts.scheme}://{parts.netloc}"):
+            raise BonsaiError(f"--allow-origin {origin!r} is not one web page's origin; give "
+                              "scheme://host[:port], e.g. http://localhost:3000 ('*' and "
+                              "'null' are refused: any page could then read the gallery)")
+
+
 def resolve_address(host: str, port: int) -> tuple:
     """(family, type, proto, sockaddr) of host:port (its first address)."""
     try:
@@ -182,6 +210,8 @@ def bind(address: tuple, host: str, port: int) -> socket.socket:
 
 
 def output_folder(output: str) -> Path:
+    if not output.strip():  # "" is the current folder: the gallery would serve its files
+        raise BonsaiError("-o is empty; give the folder the images are saved in")
     folder = Path(output).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
