@@ -152,11 +152,13 @@ def test_a_lora_path_that_is_no_regular_file_says_so(tmp_path):
 
 
 def test_a_scale_that_is_no_number_is_named(tmp_path):
-    """`--lora PATH:abc` of a file that exists: the message names the scale, not a missing
-    file (cli.parse_lora_spec keeps a non-number suffix as part of the path)."""
+    """`PATH:abc` of a file that exists: the message names the scale, not a missing file,
+    from the library (read_lora) and from `gen --lora` (cli.parse_lora_spec)."""
     spec = f"{LORAS / 'bfl.safetensors'}:abc"
+    with pytest.raises(BonsaiError, match="as its scale"):
+        read_lora(spec)
     _assert_one_error_line(_cli("gen", "-m", str(DISTILLED), "-p", "x", "-o", str(tmp_path),
-                                "--lora", spec), "'abc' is meant as its scale")
+                                "--lora", spec), "the scale 'abc' is not a number")
 
 
 def _cli(*args):
