@@ -203,17 +203,20 @@ def test_only_the_layers_used_are_needed(tmp_path):
 def test_skipped_layers_are_never_read_from_disk():
     """mx.load is lazy: building 1 layer of 28 touches about 1/28 of the weights."""
     import gc
+    import statistics
 
-    peaks = {}
-    for n in (1, 27):
+    def peak(n: int) -> int:
         gc.collect()  # arrays of earlier tests freed now, not while this one measures
         mx.clear_cache()
         mx.reset_peak_memory()
         before = mx.get_active_memory()
         model = te.load_qwen3_encoder(TEXT_ENCODER, n, "float32")
-        peaks[n] = mx.get_peak_memory() - before
         del model
-    assert peaks[1] < peaks[27] / 5
+        return mx.get_peak_memory() - before
+
+    # the median of three: memory another thread frees or takes meanwhile moves one sample
+    peaks = {n: statistics.median(peak(n) for _ in range(3)) for n in (1, 27)}
+    assert peaks[1] < peaks[27] / 5, peaks
 
 
 def mlx_lm_quantized_copy(dst: Path, bits: int) -> Path:
