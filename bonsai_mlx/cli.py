@@ -385,12 +385,9 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         tiled_vae=tile_vae, vae_tile_size=vae_tile_size, mask=mask,
         reference_kv_cache=reference_kv_cache, names=CLI_NAMES,
     )
-    if loras and tensor_parallel:
-        raise BonsaiError("--lora and --tensor-parallel do not combine yet: a LoRA is not "
-                          "sharded; leave out --tensor-parallel (each process then makes a "
-                          "share of the images with the LoRA)")
+    _check_combinations(loras, tensor_parallel)
     plan = OutputPlan.from_option(output)
-    preview_file = check_preview_target(preview_file)
+    preview_file = check_preview_target(preview_file, plan)
     seed_list = list(seeds) + [secrets.randbelow(2**32) for _ in range(n_random or 0)]
     seed_list = seed_list or [secrets.randbelow(2**32)]
     show = _show_progress(quiet)
@@ -403,6 +400,7 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
                        hint="choose another -o")
     with warnings.catch_warnings(), distributed.peer_errors(group):
         warnings.showwarning = _print_warning
+        _warn_no_effect(request, tensor_parallel and group.size() == 1)
         seed_list = distributed.broadcast_ints(seed_list, group)  # rank 0's random seeds
         t0 = time.perf_counter()
         pipe = _load_pipeline(model_id, revision, dtype, request, no_offload, show,
@@ -414,6 +412,23 @@ def gen(prompt, model, size, seeds, n_random, steps, guidance, negative_prompt, 
         _generate_all(pipe, request, seed_list, plan, fields, group,
                       group.size() > 1 and not tensor_parallel, show,
                       None if quiet else time.perf_counter() - t0, preview_file)
+
+
+def _check_combinations(loras: tuple[str, ...], tensor_parallel: bool) -> None:
+    if loras and tensor_parallel:
+        raise BonsaiError("--lora and --tensor-parallel do not combine yet: a LoRA is not "
+                          "sharded; leave out --tensor-parallel (each process then makes a "
+                          "share of the images with the LoRA)")
+
+
+def _warn_no_effect(request, lone_tensor_parallel: bool) -> None:
+    """Options that would do nothing here, said once instead of silently ignored."""
+    if request.reference_kv_cache and not request.reference_sizes:
+        warnings.warn("--reference-kv-cache has no effect without reference images (--image "
+                      "for editing); generating without it", stacklevel=2)
+    if lone_tensor_parallel:
+        warnings.warn("--tensor-parallel has no effect in a single process; start several "
+                      "with mlx.launch (docs/distributed.md)", stacklevel=2)
 
 
 def _generate_all(pipe, request, seed_list: list[int], plan, fields: dict[str, object], group,

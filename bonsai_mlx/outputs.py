@@ -160,16 +160,21 @@ def read_png_metadata(path: str | Path) -> dict[str, str]:
 # ---- live previews: the one file bonsai-mlx overwrites ---------------------------------
 
 
-def check_preview_target(path: str | Path | None) -> Path | None:
+def check_preview_target(path: str | Path | None, plan: OutputPlan | None = None
+                         ) -> Path | None:
     """`gen --preview FILE` overwrites FILE at every step, so FILE must be a new .png or
-    a preview bonsai-mlx wrote before (marked by its PREVIEW_KEY text chunk); returns it as
-    a Path (None for None)."""
+    a preview bonsai-mlx wrote before (marked by its PREVIEW_KEY text chunk), and not the
+    file `plan` names for the image; returns it as a Path (None for None)."""
     if path is None:
         return None
     path = Path(path).expanduser()
     if path.suffix.lower() != ".png":
         raise BonsaiError(f"--preview {path}: previews are PNG files; use a name ending "
                           "in .png")
+    if plan is not None and plan.stem is not None and (
+            path.absolute() == (plan.folder / plan.name("", 0)).absolute()):
+        raise BonsaiError(f"--preview {path} is the image's own file (-o); give the preview "
+                          "another name")
     check_writable(path.parent, hint="choose another --preview")
     if not path.exists() and not path.is_symlink():
         return path

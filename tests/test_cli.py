@@ -181,6 +181,24 @@ def test_a_preview_that_cannot_be_written_is_a_warning_and_the_image_is_kept(
     assert Image.open(tmp_path / "cat.png").size == (32, 32)
 
 
+def test_a_preview_named_as_the_image_is_refused(tmp_path):
+    out = tmp_path / "fox.png"
+    assert_user_error(run("gen", "-p", "a fox", "-o", str(out), "--preview", str(out)),
+                      "is the image's own file (-o)")
+
+
+def test_options_without_effect_are_a_warning(tmp_path):
+    needs_pipeline()
+    result = run("gen", "-m", str(TINY), "-p", "a cat", "--size", "32x32", "--steps", "1",
+                 "-o", str(tmp_path / "cat.png"), "--reference-kv-cache", "--tensor-parallel",
+                 "-q")
+    assert result.exit_code == 0, result.output
+    assert "warning: --reference-kv-cache has no effect without reference images" in (
+        result.stderr)
+    assert "warning: --tensor-parallel has no effect in a single process" in result.stderr
+    assert Image.open(tmp_path / "cat.png").size == (32, 32)
+
+
 def test_missing_prompt_is_a_one_line_usage_error():
     assert_user_error(run("gen"), "missing option '-p' / '--prompt'")
 
