@@ -376,11 +376,12 @@ def check_memory(
     sizes = read_model_sizes(root, dtype)
     if keep_text_encoder:
         sizes = sizes.text_encoder_kept()
-    kwargs = dict(dtype=dtype, reference_sizes=tuple(reference_sizes))
-    forced = dict(tiled_vae=tiled_vae, vae_tile_size=vae_tile_size)
-    problem = memory_shortfall(sizes, width, height, available, **forced, **kwargs)
-    if problem is None:
-        return estimate_memory(sizes, width, height, available=available, **forced, **kwargs)
+    options = dict(dtype=dtype, tiled_vae=tiled_vae, vae_tile_size=vae_tile_size,
+                   reference_sizes=tuple(reference_sizes))
+    estimate = estimate_memory(sizes, width, height, available=available, **options)
+    if estimate.total <= available:
+        return estimate
+    problem = memory_shortfall(sizes, width, height, available, **options)
     raise BonsaiError(f"{problem} ({NO_CHECK_ENV}=1 skips this check)")
 
 
