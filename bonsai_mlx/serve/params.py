@@ -166,7 +166,7 @@ def lora_scales(value, loaded: Mapping[str, float]) -> dict[str, float] | None:
         return None
     if not isinstance(value, list):
         raise invalid("loras", f"loras must be a list of {{\"name\", \"scale\"}} objects, not "
-                               f"{_short(value)}")
+                               f"{checks.shown(value, 80)}")
     names = ", ".join(loaded) or "none (start the server with --lora PATH[:SCALE])"
     scales = dict.fromkeys(loaded, 0.0)
     chosen: set[str] = set()
@@ -174,7 +174,7 @@ def lora_scales(value, loaded: Mapping[str, float]) -> dict[str, float] | None:
         where = f"loras[{i}]"
         if not isinstance(entry, dict):
             raise invalid("loras", f"{where} must be an object {{\"name\", \"scale\"}}, not "
-                                   f"{_short(entry)}")
+                                   f"{checks.shown(entry, 80)}")
         if "path" in entry:
             raise invalid("loras", f"{where}.path: this server reads no file a request names; "
                                    "its LoRAs are the ones loaded at start-up (bonsai-mlx "
@@ -185,8 +185,9 @@ def lora_scales(value, loaded: Mapping[str, float]) -> dict[str, float] | None:
             raise invalid("loras", f"{where} has unknown fields {extra}; give name and scale")
         name = entry.get("name")
         if not isinstance(name, str) or name not in loaded:
-            raise invalid("loras", f"{where}.name: no LoRA named {_short(name)} is loaded on "
-                                   f"this server; loaded: {names} (GET /v1/models lists them)",
+            raise invalid("loras", f"{where}.name: no LoRA named {checks.shown(name, 80)} is "
+                                   f"loaded on this server; loaded: {names} (GET /v1/models "
+                                   "lists them)",
                           "lora_not_found")
         if name in chosen:
             raise invalid("loras", f"{where}: LoRA {name!r} is listed twice")
@@ -212,12 +213,7 @@ def _lora_field(form: FormData):
     try:
         return json.loads(value)
     except ValueError:  # not JSON, or an integer too long to read
-        raise invalid("loras", f"loras is not valid JSON: {_short(value)}") from None
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+        raise invalid("loras", f"loras is not valid JSON: {checks.shown(value, 80)}") from None
 
 
 def json_fields(body) -> dict:
