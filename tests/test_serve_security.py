@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 from bonsai_mlx.cli import cli
 
@@ -67,6 +68,13 @@ def test_limits_that_are_no_finite_number_are_refused(tmp_path, never_listens, o
     line = one_line_error(serve(option, value, "--port", "0", "-o", str(tmp_path / "o")))
     assert line.startswith(f"error: {option}") and "finite" in line, line
     assert not (tmp_path / "o").exists()
+
+
+def test_a_lora_scale_that_is_no_finite_number_is_refused(tmp_path, never_listens):
+    lora = Path(__file__).parent / "fixtures" / "lora" / "kohya.safetensors"
+    line = one_line_error(serve("--lora", f"{lora}:1e999", "--port", "0",
+                                "-o", str(tmp_path / "o")))
+    assert f"--lora {lora}: the scale must be a finite number, not inf" in line, line
 
 
 @pytest.mark.parametrize("origin", ["*", "", "null", "http://friend.example/", "friend.example",

@@ -147,8 +147,7 @@ def _served_loras(lora_files: list) -> list:
             raise BonsaiError(f"--lora {lora_file.source} and --lora "
                               f"{served[lora_file.name].file} are both named "
                               f"{lora_file.name!r}; rename one of the files")
-        if not math.isfinite(scale):
-            raise BonsaiError(f"--lora {lora_file.source}: the scale must be a finite number")
+        number(scale, f"--lora {lora_file.source}: the scale")
         served[lora_file.name] = ServedLora(lora_file.name, scale, lora_label(lora_file.source))
     return list(served.values())
 
